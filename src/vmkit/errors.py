@@ -1,0 +1,97 @@
+"""One error hierarchy for vmkit; exit codes are mapped here and nowhere else.
+
+    VmkitError (exit 1: the operation failed for a reason outside the request)
+    ├── RequestError (exit 2: the request was wrong; nothing changed)
+    │   ├── InvalidValue        a name, size or option that cannot be accepted
+    │   ├── NotFound            unknown VM or image
+    │   ├── AlreadyExists       a VM or image of that name exists
+    │   ├── InvalidState        the operation is not allowed in the VM's current state
+    │   └── AdmissionRefused    starting would exceed the host's partitioning policy
+    ├── LockTimeout             another vmkit process holds the VM's lock
+    ├── QemuError               QEMU failed to start, died, or refused a command
+    ├── AgentError              the guest agent did not answer or failed
+    ├── OperationTimeout        a wait ran out of time
+    ├── HostError               the host lacks something vmkit needs (QEMU, disk, ...)
+    └── ImageBuildError         building a guest image failed
+
+The SDK raises these classes; the CLI turns them into exit codes via `exit_code_for`.
+"""
+
+from __future__ import annotations
+
+
+class VmkitError(Exception):
+    """Root of every error vmkit raises on purpose."""
+
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None, detail: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+        self.detail = detail
+
+    def __str__(self) -> str:
+        parts = [self.message]
+        if self.hint:
+            parts.append(f"hint: {self.hint}")
+        if self.detail:
+            parts.append(self.detail)
+        return "\n".join(parts)
+
+
+class RequestError(VmkitError):
+    """The request was wrong; vmkit changed nothing."""
+
+    exit_code = 2
+
+
+class InvalidValue(RequestError):
+    pass
+
+
+class NotFound(RequestError):
+    pass
+
+
+class AlreadyExists(RequestError):
+    pass
+
+
+class InvalidState(RequestError):
+    pass
+
+
+class AdmissionRefused(RequestError):
+    pass
+
+
+class LockTimeout(VmkitError):
+    pass
+
+
+class QemuError(VmkitError):
+    pass
+
+
+class AgentError(VmkitError):
+    pass
+
+
+class OperationTimeout(VmkitError):
+    pass
+
+
+class HostError(VmkitError):
+    pass
+
+
+class ImageBuildError(VmkitError):
+    pass
+
+
+def exit_code_for(error: BaseException) -> int:
+    """The process exit code for an error: 2 for a wrong request, 1 for anything else."""
+    if isinstance(error, VmkitError):
+        return error.exit_code
+    return 1

@@ -1,0 +1,596 @@
+"""The engine: every vmkit operation is implemented here, once. CLI, SDK (and later the daemon)
+call `Host` and `VM`; none of them re-implements logic.
+
+Each mutating VM operation holds that VM's lock (locks/vm-NAME.lock); a start also holds the host
+lock while it checks admission, so two starts cannot both take the last share of the host.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import time
+import uuid as uuidlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict
+
+from vmkit.errors import (
+    AlreadyExists, HostError, InvalidState, InvalidValue, LockTimeout, NotFound, QemuError,
+    VmkitError,
+)
+from vmkit.images import catalog
+from vmkit.images.catalog import ImageInfo
+from vmkit.model.names import validate_name
+from vmkit.model.resources import (
+    Allocation, HostCapacity, Policy, admit, check_fits_host, memory_limit, vcpu_limit,
+)
+from vmkit.model.runtime import ExitRecord, Intent, RuntimeRecord, classify_exit
+from vmkit.model.sizes import format_size
+from vmkit.model.spec import BootConfig, HardwareProfile, VmConfig, make_spec, new_mac, new_uuid
+from vmkit.model.state import LIVE_STATES, Operation, VmState, check_transition
+from vmkit.qemu import accel as accel_mod
+from vmkit.qemu import agent, hostinfo, img, process
+from vmkit.qemu.agent import ExecResult
+from vmkit.qemu.argv import LaunchOptions, build_argv
+from vmkit.qemu.qmp import QmpConnection, qmp_execute
+from vmkit.storage.layout import (
+    HomeLayout, VmFolder, default_home, file_lock, lock_is_free, read_json, write_json_atomic,
+)
+
+# Named timeouts (seconds); every wait in the engine uses one of these or a caller's value.
+LOCK_TIMEOUT = 30.0
+QEMU_START_TIMEOUT = 30.0
+AGENT_READY_TIMEOUT = 180.0
+STOP_TIMEOUT = 30.0
+KILL_TIMEOUT = 10.0
+EXEC_TIMEOUT = 60.0
+QMP_TIMEOUT = 5.0
+DEFAULT_MACHINE = "q35"
+
+Progress = Callable[[str], None]
+
+
+class VmStatus(BaseModel):
+    """What `list` and `info` show; the keys are the stable JSON of `--format json`."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    state: VmState
+    cpus: int
+    memory: int
+    disk: int
+    image: str
+    uuid: str
+    mac: str
+    pid: int | None
+    uptime: float | None
+    accel: str | None
+    accel_reason: str | None
+    isolation_note: str | None
+    machine: str
+    cpu_model: str
+    folder: str
+    disk_mode: str
+    last_exit: ExitRecord | None
+    qemu_status: str | None = None
+
+
+class Host:
+    """One host's VMs, images and policy, rooted at VMKIT_HOME."""
+
+    def __init__(self, home: str | Path | None = None, *, lock_timeout: float = LOCK_TIMEOUT):
+        self.layout = HomeLayout(Path(home).absolute() if home else default_home())
+        self.lock_timeout = lock_timeout
+        self.layout.ensure()
+
+    # -- host facts -----------------------------------------------------------------------
+    def capacity(self) -> HostCapacity:
+        return HostCapacity(cores=os.cpu_count() or 1, memory=_mem_total())
+
+    def policy(self) -> Policy:
+        if self.layout.policy_file.exists():
+            return Policy.model_validate(read_json(self.layout.policy_file))
+        return Policy()
+
+    def set_policy(self, policy: Policy) -> None:
+        write_json_atomic(self.layout.policy_file, policy.model_dump(mode="json"))
+
+    def accel(self, *, refresh: bool = False) -> accel_mod.AccelDecision:
+        kernels = sorted(self.layout.images.glob("*/vmlinuz"))
+        return accel_mod.choose(self.layout.cache / "accel.json",
+                                kernels[0] if kernels else None, refresh=refresh)
+
+    def allocated(self, *, exclude: str | None = None) -> Allocation:
+        cpus = memory = 0
+        for vm in self.vms():
+            if vm.name != exclude and vm.state in LIVE_STATES:
+                cpus += vm.config.spec.cpus
+                memory += vm.config.spec.memory
+        return Allocation(cpus=cpus, memory=memory)
+
+    def doctor(self) -> dict[str, Any]:
+        """A report of what this host offers vmkit; `ok` is False when vmkit cannot run VMs."""
+        report: dict[str, Any] = {"ok": True, "problems": []}
+        path = hostinfo.qemu_path()
+        report["qemu"] = {"path": path, "version": None, "supported": False,
+                          "minimum": ".".join(map(str, hostinfo.MIN_QEMU))}
+        if path is None:
+            report["ok"] = False
+            report["problems"].append({"message": f"{hostinfo.QEMU_BINARY} is not installed",
+                                       "hint": hostinfo.INSTALL_HINT})
+        else:
+            version = hostinfo.qemu_version()
+            report["qemu"]["version"] = ".".join(map(str, version))
+            try:
+                hostinfo.require_supported_qemu()
+                report["qemu"]["supported"] = True
+            except HostError as exc:
+                report["ok"] = False
+                report["problems"].append({"message": exc.message, "hint": exc.hint})
+            report["qemu"]["q35"] = hostinfo.machine_aliases().get("q35")
+        report["qemu_img"] = shutil.which("qemu-img")
+        if report["qemu_img"] is None:
+            report["ok"] = False
+            report["problems"].append({"message": "qemu-img is not installed",
+                                       "hint": "apt-get install qemu-utils (make run does it)"})
+        report["qboot"] = Path("/usr/share/qemu/qboot.rom").exists()
+        if path is not None:
+            decision = self.accel()
+            report["accelerator"] = {"chosen": decision.accel, "reason": decision.reason,
+                                     "isolation_note": decision.isolation_note,
+                                     "facts": decision.facts.model_dump()}
+        report["cgroup"] = _cgroup_version()
+        usage = shutil.disk_usage(self.layout.root)
+        report["disk"] = {"home": str(self.layout.root), "free": usage.free, "total": usage.total}
+        cap, pol = self.capacity(), self.policy()
+        alloc = self.allocated()
+        report["capacity"] = {"cores": cap.cores, "memory": cap.memory,
+                              "vcpu_limit": vcpu_limit(cap, pol),
+                              "memory_limit": memory_limit(cap, pol),
+                              "allocated_cpus": alloc.cpus, "allocated_memory": alloc.memory,
+                              "policy": pol.model_dump()}
+        report["images"] = [i.name for i in self.images()]
+        return report
+
+    # -- images ---------------------------------------------------------------------------
+    def images(self) -> list[ImageInfo]:
+        return catalog.list_images(self.layout)
+
+    def image(self, name: str) -> ImageInfo:
+        return catalog.image_info(self.layout, name)
+
+    def build_image(self, name: str, *, force: bool = False,
+                    progress: Progress | None = None) -> tuple[ImageInfo, bool]:
+        validate_name(name, kind="image name")
+        if name != "tiny":
+            raise NotFound(f"no recipe for image {name!r}", hint="known recipes: tiny")
+        from vmkit.images.tiny import build_tiny
+
+        with file_lock(self.layout.locks / f"image-{name}.lock", timeout=600,
+                       what=f"image {name!r}"):
+            return build_tiny(self.layout, force=force, progress=progress)
+
+    # -- VMs ------------------------------------------------------------------------------
+    def vms(self) -> list[VM]:
+        self._sweep_leftovers()
+        result = []
+        for folder in sorted(self.layout.vms.iterdir()):
+            if not folder.name.startswith(".") and (folder / "vm.json").exists():
+                result.append(VM(self, folder.name))
+        return result
+
+    def get(self, name: str) -> VM:
+        validate_name(name)
+        if not (self.layout.vm(name).config_file).exists():
+            known = ", ".join(vm.name for vm in self.vms()) or "none"
+            raise NotFound(f"unknown VM {name!r} (VMs on this host: {known})",
+                           hint="see vmkit list")
+        return VM(self, name)
+
+    def create(self, name: str, *, image: str = "tiny", cpus: int | str = 1,
+               memory: int | str = "256M", disk: int | str = "2G", full_copy: bool = False,
+               accel: str = "auto", start: bool = False, wait: bool = False,
+               timeout: float = AGENT_READY_TIMEOUT) -> VM:
+        """Create a VM folder (complete or not at all); optionally start it."""
+        spec = make_spec(name, image, cpus, memory, disk, full_copy=full_copy, accel=accel)
+        info = self.image(spec.image)
+        check_fits_host(name, spec.cpus, spec.memory, self.capacity(), self.policy())
+        if spec.disk < info.virtual_size:
+            raise InvalidValue(
+                f"invalid disk {format_size(spec.disk)} for VM {name!r}: smaller than image "
+                f"{info.name!r} ({format_size(info.virtual_size)})",
+                hint=f"use --disk {format_size(info.virtual_size)} or more")
+        total = shutil.disk_usage(self.layout.root).total
+        if spec.disk > total:
+            raise InvalidValue(
+                f"invalid disk {format_size(spec.disk)} for VM {name!r}: larger than the host's "
+                f"file system ({format_size(total)})", hint="use a smaller --disk")
+        if spec.accel == "kvm" and not Path("/dev/kvm").exists():
+            raise InvalidValue("invalid accel 'kvm': /dev/kvm does not exist on this host",
+                               hint="use --accel tcg or auto")
+        machine = hostinfo.resolve_machine(DEFAULT_MACHINE)
+        with self._vm_lock(name):
+            self._sweep_leftovers()
+            target = self.layout.vm(name)
+            if target.path.exists():
+                raise AlreadyExists(f"VM {name!r} already exists",
+                                    hint=f"pick another name or delete it: vmkit delete {name}")
+            work = VmFolder(self.layout.vms / f".creating-{name}-{uuidlib.uuid4().hex[:8]}")
+            try:
+                work.path.mkdir()
+                work.make_dirs()
+                image_dir = self.layout.image(info.name)
+                for source, dest in ((info.kernel, "vmlinuz"), (info.initrd, "initrd.img")):
+                    _link_or_copy(image_dir / source, work.boot / dest)
+                disk_path = work.path / "disks/root.qcow2"
+                if spec.full_copy:
+                    img.full_copy(disk_path, image_dir / info.root_disk, spec.disk)
+                else:
+                    img.create_overlay(disk_path, image_dir / info.root_disk, spec.disk)
+                config = VmConfig(
+                    uuid=new_uuid(), mac=new_mac(), created_at=time.time(), spec=spec,
+                    hardware=HardwareProfile(machine=machine),
+                    boot=BootConfig(kernel="boot/vmlinuz", initrd="boot/initrd.img",
+                                    cmdline=f"{info.cmdline} vmkit.hostname={name}"),
+                    base_image_sha256=info.sha256,
+                )
+                write_json_atomic(work.config_file, config.model_dump(mode="json"))
+                write_json_atomic(work.state_file, RuntimeRecord().model_dump(mode="json"))
+                os.rename(work.path, target.path)
+            except BaseException:
+                shutil.rmtree(work.path, ignore_errors=True)
+                raise
+        vm = VM(self, name)
+        if start:
+            vm.start(wait=wait, timeout=timeout)
+        return vm
+
+    # -- internals ------------------------------------------------------------------------
+    def _lock_path(self, name: str) -> Path:
+        return self.layout.locks / f"vm-{name}.lock"
+
+    def _vm_lock(self, name: str, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self._lock_path(name), timeout=self.lock_timeout if timeout is None
+                         else timeout, what=f"VM {name!r}")
+
+    def _host_lock(self) -> contextlib.AbstractContextManager[None]:
+        return file_lock(self.layout.locks / "host.lock", timeout=self.lock_timeout,
+                         what="the host's admission lock")
+
+    def _sweep_leftovers(self) -> None:
+        """Finish what an interrupted create or delete left: remove its hidden folder."""
+        for folder in self.layout.vms.iterdir():
+            if not folder.name.startswith((".creating-", ".deleting-")):
+                continue
+            name = folder.name.split("-", 1)[1].rsplit("-", 1)[0]
+            if folder.name.startswith(".deleting-") or lock_is_free(self._lock_path(name)):
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+class VM:
+    """A handle on one VM. State is observed fresh on every call, never cached."""
+
+    def __init__(self, host: Host, name: str):
+        self.host = host
+        self.name = name
+        self.folder = host.layout.vm(name)
+        self._config: VmConfig | None = None
+
+    def __repr__(self) -> str:
+        return f"VM({self.name!r})"
+
+    @property
+    def config(self) -> VmConfig:
+        if self._config is None:
+            try:
+                self._config = VmConfig.model_validate(read_json(self.folder.config_file))
+            except FileNotFoundError:
+                raise NotFound(f"unknown VM {self.name!r}", hint="see vmkit list") from None
+        return self._config
+
+    # -- observation ----------------------------------------------------------------------
+    @property
+    def state(self) -> VmState:
+        return self._observe(persist=True).state
+
+    def _record(self) -> RuntimeRecord:
+        try:
+            return RuntimeRecord.model_validate(read_json(self.folder.state_file))
+        except FileNotFoundError:
+            return RuntimeRecord()
+
+    def _write(self, record: RuntimeRecord) -> None:
+        write_json_atomic(self.folder.state_file, record.model_dump(mode="json"))
+
+    def _identity(self, record: RuntimeRecord) -> process.ProcessIdentity | None:
+        if record.pid is None or record.start_ticks is None:
+            return None
+        return process.ProcessIdentity(record.pid, record.start_ticks)
+
+    def _alive(self, record: RuntimeRecord) -> bool:
+        identity = self._identity(record)
+        return identity is not None and process.is_alive(identity, self.config.uuid)
+
+    def _observe(self, *, persist: bool, locked: bool = False) -> RuntimeRecord:
+        """The recorded state, corrected when the QEMU process turned out to be gone."""
+        record = self._record()
+        if record.state not in LIVE_STATES or self._alive(record):
+            return record
+        if record.state is VmState.STARTING and record.pid is None:
+            return record  # a start in progress has not written its pid yet
+        final = self._exit_record(record)
+        if persist:
+            if locked:
+                self._write(final)
+                self._clear_run()
+            else:
+                with contextlib.suppress(LockTimeout), self.host._vm_lock(self.name, timeout=0):
+                    if self._record() == record:
+                        self._write(final)
+                        self._clear_run()
+        return final
+
+    def _exit_record(self, record: RuntimeRecord, note: str = "") -> RuntimeRecord:
+        status = process.read_exit_status(self.folder.exit_file)
+        state, reason = classify_exit(record.intent, status)
+        description = {
+            "requested": f"{record.intent} requested by vmkit",
+            "guest-shutdown": "the guest powered off",
+            "crash": f"QEMU exited unexpectedly ({process.describe_exit(status)})",
+        }[reason] + note
+        tail = ""
+        if reason == "crash":
+            tail = process.log_tail(self.folder.qemu_log) or "(QEMU wrote nothing to its log)"
+        return RuntimeRecord(
+            state=state, accel=record.accel, accel_reason=record.accel_reason,
+            last_exit=ExitRecord(at=time.time(), reason=reason, status=status,
+                                 description=description, log_tail=tail),
+        )
+
+    def status(self, *, query_qemu: bool = False) -> VmStatus:
+        record = self._observe(persist=True)
+        cfg = self.config
+        live = record.state in LIVE_STATES
+        qemu_status = None
+        if query_qemu and live:
+            try:
+                qemu_status = qmp_execute(self.folder.qmp_socket, "query-status",
+                                          timeout=2.0)["status"]
+            except VmkitError as exc:
+                qemu_status = f"unknown ({exc.message})"
+        return VmStatus(
+            name=self.name, state=record.state, cpus=cfg.spec.cpus, memory=cfg.spec.memory,
+            disk=cfg.spec.disk, image=cfg.spec.image, uuid=cfg.uuid, mac=cfg.mac,
+            pid=record.pid if live else None,
+            uptime=(time.time() - record.started_at) if live and record.started_at else None,
+            accel=record.accel, accel_reason=record.accel_reason,
+            isolation_note=accel_mod.TCG_ISOLATION_NOTE if record.accel == "tcg" else None,
+            machine=cfg.hardware.machine, cpu_model=cfg.hardware.cpu_model,
+            folder=str(self.folder.path),
+            disk_mode="full-copy" if cfg.spec.full_copy else "overlay",
+            last_exit=record.last_exit, qemu_status=qemu_status,
+        )
+
+    # -- lifecycle ------------------------------------------------------------------------
+    def argv(self, accel: str) -> list[str]:
+        """The QEMU command line this VM runs with (used by start and by benchmarks)."""
+        cfg = self.config
+        paths = self.folder.run_paths(cfg.disk_file, cfg.boot.kernel, cfg.boot.initrd)
+        return build_argv(cfg, paths, LaunchOptions(accel=accel))
+
+    def _choose_accel(self) -> tuple[str, str]:
+        wanted = self.config.spec.accel
+        if wanted == "tcg":
+            return "tcg", "TCG chosen for this VM (--accel tcg)"
+        if wanted == "kvm":
+            return "kvm", "KVM forced for this VM (--accel kvm)"
+        decision = self.host.accel()
+        return decision.accel, decision.reason
+
+    def start(self, *, wait: bool = False, timeout: float = AGENT_READY_TIMEOUT) -> VM:
+        with self.host._vm_lock(self.name):
+            record = self._observe(persist=True, locked=True)
+            check_transition(self.name, record.state, Operation.START)
+            hostinfo.require_supported_qemu()
+            spec = self.config.spec
+            with self.host._host_lock():
+                admit(self.name, Allocation(cpus=spec.cpus, memory=spec.memory),
+                      self.host.allocated(exclude=self.name), self.host.capacity(),
+                      self.host.policy())
+                accel, reason = self._choose_accel()
+                argv = self.argv(accel)
+                self._clear_run()
+                self.folder.run.mkdir(mode=0o700, exist_ok=True)
+                starting = RuntimeRecord(state=VmState.STARTING, accel=accel, accel_reason=reason,
+                                         last_exit=record.last_exit)
+                self._write(starting)
+                process.spawn_detached(argv, self.folder.qemu_log, self.folder.exit_file)
+                try:
+                    identity = process.wait_for_start(
+                        self.folder.pidfile, self.folder.exit_file, self.folder.qemu_log,
+                        self.config.uuid, QEMU_START_TIMEOUT)
+                except VmkitError as exc:
+                    self._write(RuntimeRecord(
+                        state=VmState.CRASHED, accel=accel, accel_reason=reason,
+                        last_exit=ExitRecord(at=time.time(), reason="start-failed",
+                                             status=process.read_exit_status(self.folder.exit_file),
+                                             description=exc.message, log_tail=exc.detail or "")))
+                    raise
+                self._write(starting.model_copy(update={
+                    "state": VmState.RUNNING, "pid": identity.pid,
+                    "start_ticks": identity.start_ticks, "started_at": time.time()}))
+                for sock in (self.folder.qmp_socket, self.folder.serial_socket,
+                             self.folder.agent_socket):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.chmod(sock, 0o600)
+        if wait:
+            self.wait_ready(timeout=timeout)
+        return self
+
+    def wait_ready(self, *, timeout: float = AGENT_READY_TIMEOUT) -> float:
+        """Block until the guest agent answers; returns the seconds waited."""
+        record = self._record()
+        if record.state not in (VmState.RUNNING, VmState.STARTING):
+            check_transition(self.name, self._observe(persist=True).state, Operation.EXEC)
+
+        def alive() -> bool:
+            return self._alive(self._record())
+
+        try:
+            return agent.wait_agent_ready(self.folder.agent_socket, timeout, alive=alive)
+        except VmkitError as exc:
+            final = self._observe(persist=True)
+            if final.state not in LIVE_STATES and final.last_exit is not None:
+                exc.detail = f"{final.last_exit.description}\n{final.last_exit.log_tail}".strip()
+            raise
+
+    def stop(self, *, timeout: float = STOP_TIMEOUT) -> VM:
+        """ACPI power-off; if the guest has not gone within `timeout`, kill QEMU."""
+        with self.host._vm_lock(self.name):
+            record = self._observe(persist=True, locked=True)
+            check_transition(self.name, record.state, Operation.STOP)
+            identity = self._identity(record)
+            assert identity is not None
+            self._write(record.model_copy(update={"state": VmState.STOPPING, "intent": "stop"}))
+            note = ""
+            try:
+                with QmpConnection(self.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+                    if record.state is VmState.PAUSED:
+                        qmp.execute("cont")
+                    qmp.execute("system_powerdown")
+                gone = process.wait_for_exit(identity, self.config.uuid, timeout)
+            except VmkitError as exc:
+                gone, note = False, f" (ACPI power-off failed: {exc.message})"
+            if not gone:
+                note = note or f" (the guest did not power off within {timeout:g}s; killed)"
+                self._kill_process(identity)
+            self._finish(record, "stop", note)
+        return self
+
+    def kill(self) -> VM:
+        """Hard power-off: SIGKILL the VM's QEMU."""
+        with self.host._vm_lock(self.name):
+            record = self._observe(persist=True, locked=True)
+            check_transition(self.name, record.state, Operation.KILL)
+            self._write(record.model_copy(update={"intent": "kill"}))
+            identity = self._identity(record)
+            if identity is not None:
+                self._kill_process(identity)
+            self._finish(record, "kill", "")
+        return self
+
+    def restart(self, *, wait: bool = False, timeout: float = STOP_TIMEOUT) -> VM:
+        check_transition(self.name, self.state, Operation.RESTART)
+        self.stop(timeout=timeout)
+        return self.start(wait=wait)
+
+    def pause(self) -> VM:
+        return self._pause_resume(Operation.PAUSE, "stop", VmState.PAUSED)
+
+    def resume(self) -> VM:
+        return self._pause_resume(Operation.RESUME, "cont", VmState.RUNNING)
+
+    def _pause_resume(self, operation: Operation, command: str, result: VmState) -> VM:
+        with self.host._vm_lock(self.name):
+            record = self._observe(persist=True, locked=True)
+            check_transition(self.name, record.state, operation)
+            qmp_execute(self.folder.qmp_socket, command, timeout=QMP_TIMEOUT)
+            self._write(record.model_copy(update={"state": result}))
+        return self
+
+    def delete(self, *, force: bool = False) -> None:
+        """Remove the VM folder; a live VM only with force (it is killed first)."""
+        with self.host._vm_lock(self.name):
+            record = self._observe(persist=True, locked=True)
+            if record.state in LIVE_STATES:
+                if not force:
+                    check_transition(self.name, record.state, Operation.DELETE)
+                self._write(record.model_copy(update={"intent": "kill"}))
+                identity = self._identity(record)
+                if identity is not None:
+                    self._kill_process(identity)
+            trash = self.host.layout.vms / f".deleting-{self.name}-{uuidlib.uuid4().hex[:8]}"
+            os.rename(self.folder.path, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+
+    def exec(self, argv: list[str], *, timeout: float = EXEC_TIMEOUT,
+             stdin: bytes | None = None) -> ExecResult:
+        """Run a command in the guest through qemu-guest-agent."""
+        check_transition(self.name, self.state, Operation.EXEC)
+        return agent.guest_exec(self.folder.agent_socket, argv, timeout=timeout, stdin=stdin)
+
+    def console_socket(self) -> Path:
+        check_transition(self.name, self.state, Operation.CONSOLE)
+        return self.folder.serial_socket
+
+    def read_log(self, *, follow: bool = False, poll: float = 0.2,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[bytes]:
+        """The serial log; with follow, keep yielding what the guest writes next."""
+        path = self.folder.serial_log
+        position = 0
+        while True:
+            if path.exists():
+                with open(path, "rb") as handle:
+                    handle.seek(position)
+                    data = handle.read()
+                    position = handle.tell()
+                if data:
+                    yield data
+            if not follow or (should_stop is not None and should_stop()):
+                return
+            time.sleep(poll)
+
+    # -- internals ------------------------------------------------------------------------
+    def _kill_process(self, identity: process.ProcessIdentity) -> None:
+        process.send_signal(identity, self.config.uuid, signal.SIGKILL)
+        if not process.wait_for_exit(identity, self.config.uuid, KILL_TIMEOUT):
+            raise QemuError(f"QEMU of VM {self.name!r} (pid {identity.pid}) survived SIGKILL "
+                            f"for {KILL_TIMEOUT:g}s")
+
+    def _finish(self, record: RuntimeRecord, intent: Intent, note: str) -> None:
+        current = self._record()
+        final = self._exit_record(current.model_copy(update={"intent": intent}), note)
+        self._write(final)
+        self._clear_run()
+
+    def _clear_run(self) -> None:
+        """Remove the sockets and pidfile of a finished run (idempotent)."""
+        if self.folder.run.exists():
+            for entry in self.folder.run.iterdir():
+                with contextlib.suppress(FileNotFoundError, IsADirectoryError):
+                    entry.unlink()
+
+
+def _link_or_copy(source: Path, dest: Path) -> None:
+    """Hard-link unchanging image files into the VM folder (copy across file systems)."""
+    try:
+        os.link(source, dest)
+    except OSError:
+        shutil.copyfile(source, dest)
+
+
+def _mem_total() -> int:
+    with open("/proc/meminfo") as handle:
+        for line in handle:
+            if line.startswith("MemTotal:"):
+                return int(line.split()[1]) * 1024
+    raise HostError("cannot read MemTotal from /proc/meminfo")
+
+
+def _cgroup_version() -> str:
+    if Path("/sys/fs/cgroup/cgroup.controllers").exists():
+        return "v2"
+    if Path("/sys/fs/cgroup/unified").exists():
+        return "v1 (hybrid, with a v2 hierarchy at /sys/fs/cgroup/unified)"
+    if Path("/sys/fs/cgroup/memory").exists():
+        return "v1"
+    return "none found"
+
+
+__all__ = ["Host", "VM", "VmStatus", "ExecResult", "InvalidState"]

@@ -1,0 +1,89 @@
+"""Debian packages for image builds: resolve versions, download once into a cache, extract."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmkit.errors import ImageBuildError
+
+
+@dataclass(frozen=True)
+class Package:
+    name: str
+    version: str
+
+
+def _run(argv: list[str], *, cwd: Path | None = None, timeout: float = 600) -> str:
+    try:
+        done = subprocess.run(argv, cwd=cwd, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except FileNotFoundError as exc:
+        raise ImageBuildError(f"{argv[0]} is not installed", hint="run make run (it installs "
+                              "the build tools)") from exc
+    except subprocess.TimeoutExpired as exc:
+        raise ImageBuildError(f"{' '.join(argv[:3])} took longer than {timeout:g}s") from exc
+    if done.returncode != 0:
+        raise ImageBuildError(f"{' '.join(argv[:3])} failed (exit code {done.returncode})",
+                              detail=done.stderr.strip()[-2000:])
+    return done.stdout
+
+
+def resolve_kernel_package(metapackage: str) -> str:
+    """linux-image-cloud-amd64 -> linux-image-6.1.0-NN-cloud-amd64 (what the meta depends on)."""
+    out = _run(["apt-cache", "depends", metapackage])
+    match = re.search(r"Depends: (linux-image-[\w.+-]+)", out)
+    if not match:
+        raise ImageBuildError(f"cannot resolve the kernel package of {metapackage}",
+                              hint="run apt-get update", detail=out)
+    return match.group(1)
+
+
+def library_dependencies(packages: list[str]) -> list[str]:
+    """Shared-library packages the given packages pull in (recursively), from apt's metadata."""
+    out = _run(["apt-cache", "depends", "--recurse", "--no-recommends", "--no-suggests",
+                "--no-conflicts", "--no-breaks", "--no-replaces", "--no-enhances", *packages])
+    names = {line.strip() for line in out.splitlines() if line and not line.startswith(" ")}
+    return sorted(n for n in names if n.startswith("lib") and "perl" not in n and "<" not in n)
+
+
+def candidate_versions(names: list[str]) -> list[Package]:
+    out = _run(["apt-cache", "show", "--no-all-versions", *names])
+    found: dict[str, str] = {}
+    current = ""
+    for line in out.splitlines():
+        if line.startswith("Package: "):
+            current = line.split(": ", 1)[1]
+        elif line.startswith("Version: ") and current and current not in found:
+            found[current] = line.split(": ", 1)[1]
+    missing = [n for n in names if n not in found]
+    if missing:
+        raise ImageBuildError(f"Debian packages not found: {', '.join(missing)}",
+                              hint="run apt-get update")
+    return [Package(n, found[n]) for n in names]
+
+
+def download(packages: list[Package], cache: Path,
+             progress: Callable[[str], None] | None = None) -> list[Path]:
+    """The .deb of each package, downloaded with apt-get into cache/<name>/<version>/ once."""
+    debs: list[Path] = []
+    for pkg in packages:
+        folder = cache / pkg.name / pkg.version.replace(":", "%3a")
+        existing = sorted(folder.glob("*.deb"))
+        if not existing:
+            folder.mkdir(parents=True, exist_ok=True)
+            if progress:
+                progress(f"downloading {pkg.name} {pkg.version}")
+            _run(["apt-get", "download", "-q", f"{pkg.name}={pkg.version}"], cwd=folder)
+            existing = sorted(folder.glob("*.deb"))
+            if not existing:
+                raise ImageBuildError(f"apt-get download {pkg.name} produced no .deb")
+        debs.append(existing[0])
+    return debs
+
+
+def extract(deb: Path, target: Path) -> None:
+    _run(["dpkg-deb", "-x", str(deb), str(target)])

@@ -1,0 +1,242 @@
+"""The `tiny` image: Debian's cloud kernel, a busybox initramfs, a busybox root with qemu-guest-agent.
+
+Everything comes from Debian packages fetched with `apt-get download` (cached). The build is a
+recipe: its hash covers the package versions, the guest files and this builder's version, and a
+rebuild with the same hash is a no-op. The result is written to a temporary folder and renamed
+into place, so an interrupted build never leaves a half image listed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+import subprocess
+import time
+import uuid
+from collections.abc import Callable
+from importlib import resources
+from pathlib import Path
+
+from vmkit.errors import ImageBuildError
+from vmkit.images import debpkg
+from vmkit.images.catalog import ImageInfo, sha256_file
+from vmkit.images.initramfs import (
+    S_IFDIR, S_IFLNK, S_IFREG, CpioEntry, cpio_newc, gzip_reproducible, load_order,
+    parse_modules_dep,
+)
+from vmkit.qemu import img
+from vmkit.storage.layout import HomeLayout, write_json_atomic
+
+RECIPE_VERSION = "tiny-1"
+KERNEL_META = "linux-image-cloud-amd64"
+BASE_PACKAGES = ["busybox-static", "qemu-guest-agent", "e2fsprogs"]
+# Loaded in this order (dependencies resolved from modules.dep); button makes ACPI power-off work.
+MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_balloon",
+           "virtio-rng", "virtio_mem", "button", "evdev"]
+BINARIES = ["usr/sbin/qemu-ga", "sbin/resize2fs"]
+CMDLINE = "console=ttyS0 root=/dev/vda rw quiet loglevel=3 memhp_default_state=online"
+GUEST_FILES = {
+    "tiny-initramfs-init": "init",
+    "tiny-rcS": "etc/init.d/rcS",
+    "tiny-inittab": "etc/inittab",
+    "tiny-acpi-power": "etc/acpi/PWRF/00000080",
+    "tiny-shutdown": "sbin/shutdown",
+    "tiny-udhcpc.script": "etc/udhcpc.script",
+}
+
+Progress = Callable[[str], None]
+
+
+def _guest_file(name: str) -> bytes:
+    return resources.files("vmkit.images").joinpath("files", name).read_bytes()
+
+
+def recipe(packages: list[debpkg.Package]) -> tuple[str, dict[str, str]]:
+    versions = {p.name: p.version for p in packages}
+    digest = hashlib.sha256()
+    digest.update(json.dumps({"recipe": RECIPE_VERSION, "packages": versions, "modules": MODULES,
+                              "cmdline": CMDLINE}, sort_keys=True).encode())
+    for name in sorted(GUEST_FILES):
+        digest.update(name.encode() + b"\0" + _guest_file(name))
+    return digest.hexdigest(), versions
+
+
+def resolve_packages() -> list[debpkg.Package]:
+    kernel = debpkg.resolve_kernel_package(KERNEL_META)
+    libs = debpkg.library_dependencies(["qemu-guest-agent", "e2fsprogs"])
+    names = sorted({kernel, *BASE_PACKAGES, *libs, "libc6", "libgcc-s1"})
+    return debpkg.candidate_versions(names)
+
+
+def build_tiny(home: HomeLayout, *, force: bool = False,
+               progress: Progress | None = None) -> tuple[ImageInfo, bool]:
+    """Build (or keep) images/tiny. Returns the image and whether anything was built."""
+    say = progress or (lambda _msg: None)
+    home.ensure()
+    say("resolving Debian packages")
+    packages = resolve_packages()
+    recipe_hash, versions = recipe(packages)
+    target = home.image("tiny")
+    meta = target / "image.json"
+    if meta.exists() and not force:
+        current = ImageInfo.model_validate_json(meta.read_text())
+        if current.recipe_hash == recipe_hash and (target / current.root_disk).exists():
+            return current, False
+    work = home.images / f".build-tiny-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    work.mkdir(parents=True)
+    try:
+        info = _build(home, work, packages, recipe_hash, versions, say)
+        old = home.images / f".old-tiny-{uuid.uuid4().hex[:8]}"
+        if target.exists():
+            target.rename(old)
+        (work / "out").rename(target)
+        shutil.rmtree(old, ignore_errors=True)
+        return info, True
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def _build(home: HomeLayout, work: Path, packages: list[debpkg.Package], recipe_hash: str,
+           versions: dict[str, str], say: Progress) -> ImageInfo:
+    debs = debpkg.download(packages, home.cache / "debs", progress=say)
+    pkgroot = work / "pkgs"
+    say(f"extracting {len(debs)} packages")
+    for deb in debs:
+        debpkg.extract(deb, pkgroot)
+    kernel_dir = next((pkgroot / "lib/modules").iterdir())
+    kver = kernel_dir.name
+    out = work / "out"
+    out.mkdir()
+    shutil.copyfile(pkgroot / "boot" / f"vmlinuz-{kver}", out / "vmlinuz")
+
+    say("writing the initramfs")
+    (out / "initrd.img").write_bytes(_initramfs(pkgroot, kver))
+
+    say("assembling the root file system")
+    rootfs = work / "rootfs"
+    _assemble_rootfs(pkgroot, rootfs)
+    raw = work / "root.raw"
+    _mkfs(rootfs, raw, recipe_hash)
+    img.create_from_raw(out / "root.qcow2", raw)
+    # create_from_raw compresses; that is fine for the base image (it is read once per block).
+    disk_info = img.info(out / "root.qcow2")
+    info = ImageInfo(
+        name="tiny", os="busybox on Debian's cloud kernel", kernel_version=kver,
+        cmdline=CMDLINE, recipe_hash=recipe_hash, sha256=sha256_file(out / "root.qcow2"),
+        size=sum(f.stat().st_size for f in out.iterdir()),
+        virtual_size=int(disk_info["virtual-size"]), built_at=time.time(), packages=versions,
+    )
+    write_json_atomic(out / "image.json", info.model_dump(mode="json"))
+    return info
+
+
+def _initramfs(pkgroot: Path, kver: str) -> bytes:
+    moddir = pkgroot / "lib/modules" / kver
+    subprocess.run(["depmod", "-b", str(pkgroot), kver], check=True, capture_output=True,
+                   timeout=120)
+    order = load_order(parse_modules_dep((moddir / "modules.dep").read_text()), MODULES)
+    entries = [CpioEntry(d, S_IFDIR | 0o755) for d in
+               ("bin", "etc", "lib", "lib/modules", "proc", "sys", "dev", "newroot")]
+    entries.append(CpioEntry("bin/busybox", S_IFREG | 0o755,
+                             (pkgroot / "bin/busybox").read_bytes()))
+    for applet in ("sh", "mount", "umount", "mkdir", "insmod", "cat", "switch_root", "usleep",
+                   "echo", "poweroff"):
+        entries.append(CpioEntry(f"bin/{applet}", S_IFLNK | 0o777, b"busybox"))
+    flat = []
+    for path in order:
+        base = path.rsplit("/", 1)[-1]
+        entries.append(CpioEntry(f"lib/modules/{base}", S_IFREG | 0o644,
+                                 (moddir / path).read_bytes()))
+        flat.append(base)
+    entries.append(CpioEntry("etc/modules-load-order", S_IFREG | 0o644,
+                             ("\n".join(flat) + "\n").encode()))
+    entries.append(CpioEntry("init", S_IFREG | 0o755, _guest_file("tiny-initramfs-init")))
+    return gzip_reproducible(cpio_newc(entries))
+
+
+def _needed_libraries(binary: Path, pkgroot: Path) -> list[tuple[str, Path]]:
+    """(soname, file in pkgroot) for each library `binary` needs, resolved against pkgroot."""
+    libdirs = [pkgroot / "lib/x86_64-linux-gnu", pkgroot / "usr/lib/x86_64-linux-gnu"]
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+           "LD_LIBRARY_PATH": ":".join(str(d) for d in libdirs)}
+    out = subprocess.run(["ldd", str(binary)], capture_output=True, text=True, env=env,
+                         timeout=60, check=False).stdout
+    found = []
+    for line in out.splitlines():
+        match = re.match(r"\s*(\S+) => (\S+|not found)", line)
+        if not match:
+            continue
+        soname, where = match.groups()
+        if where == "not found":
+            raise ImageBuildError(f"{binary.name} needs {soname}, which no downloaded package has")
+        path = Path(where)
+        if not str(path).startswith(str(pkgroot)):
+            raise ImageBuildError(f"{binary.name}: {soname} resolved outside the packages: {path}")
+        found.append((soname, path))
+    return found
+
+
+def _assemble_rootfs(pkgroot: Path, rootfs: Path) -> None:
+    for folder in ("bin", "sbin", "usr/bin", "usr/sbin", "lib/x86_64-linux-gnu", "lib64", "etc",
+                   "proc", "sys", "dev", "run", "tmp", "root", "var/log", "var/lib", "mnt"):
+        (rootfs / folder).mkdir(parents=True, exist_ok=True)
+    os.chmod(rootfs / "tmp", 0o1777)
+    os.chmod(rootfs / "root", 0o700)
+    (rootfs / "var/run").symlink_to("../run")
+    busybox = rootfs / "bin/busybox"
+    shutil.copyfile(pkgroot / "bin/busybox", busybox)
+    os.chmod(busybox, 0o755)
+    applets = subprocess.run([str(busybox), "--list-full"], capture_output=True, text=True,
+                             timeout=30, check=True).stdout.split()
+    for applet in applets:
+        link = rootfs / applet
+        if link.exists() or link.is_symlink() or applet == "bin/busybox":
+            continue
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to("/bin/busybox")
+    libs: dict[str, Path] = {}
+    for binary in BINARIES:
+        source = pkgroot / binary
+        target = rootfs / binary
+        shutil.copyfile(source, target)
+        os.chmod(target, 0o755)
+        libs.update(_needed_libraries(source, pkgroot))
+    for soname, path in sorted(libs.items()):
+        shutil.copyfile(path, rootfs / "lib/x86_64-linux-gnu" / soname)
+    loader = "ld-linux-x86-64.so.2"
+    shutil.copyfile(pkgroot / "lib/x86_64-linux-gnu" / loader, rootfs / "lib/x86_64-linux-gnu" /
+                    loader)
+    os.chmod(rootfs / "lib/x86_64-linux-gnu" / loader, 0o755)
+    (rootfs / "lib64" / loader).symlink_to(f"/lib/x86_64-linux-gnu/{loader}")
+    for source_name, dest in GUEST_FILES.items():
+        if dest == "init":
+            continue
+        path = rootfs / dest
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(_guest_file(source_name))
+        os.chmod(path, 0o755 if not dest.startswith("etc/inittab") else 0o644)
+    (rootfs / "etc/passwd").write_text("root:x:0:0:root:/root:/bin/sh\n")
+    (rootfs / "etc/group").write_text("root:x:0:\n")
+    (rootfs / "etc/shadow").write_text("root:*:19000:0:99999:7:::\n")
+    os.chmod(rootfs / "etc/shadow", 0o600)
+    (rootfs / "etc/hostname").write_text("tiny\n")
+    (rootfs / "etc/profile").write_text('export PATH=/sbin:/bin:/usr/sbin:/usr/bin\nPS1="\\h:\\w# "\n')
+    (rootfs / "etc/fstab").write_text("/dev/vda / ext4 rw,noatime 0 1\n")
+
+
+def _mkfs(rootfs: Path, raw: Path, recipe_hash: str) -> None:
+    content = sum(f.stat().st_size for f in rootfs.rglob("*") if f.is_file() and
+                  not f.is_symlink())
+    size_mib = max(64, 2 * content // (1 << 20) + 16)
+    fs_uuid = str(uuid.UUID(recipe_hash[:32]))
+    env = {**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"}
+    done = subprocess.run(
+        ["mkfs.ext4", "-q", "-F", "-L", "vmkit-root", "-U", fs_uuid,
+         "-E", f"root_owner=0:0,hash_seed={fs_uuid}", "-d", str(rootfs), str(raw),
+         f"{size_mib}M"],
+        capture_output=True, text=True, env=env, timeout=300, check=False)
+    if done.returncode != 0:
+        raise ImageBuildError("mkfs.ext4 failed", detail=done.stderr.strip())

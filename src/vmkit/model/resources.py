@@ -1,0 +1,80 @@
+"""Partitioning arithmetic: host capacity, the overcommit policy, and the admission decision."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vmkit.errors import AdmissionRefused, InvalidValue
+from vmkit.model.sizes import format_size
+
+
+class HostCapacity(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    cores: int = Field(ge=1)
+    memory: int = Field(gt=0, description="bytes of RAM")
+
+
+class Policy(BaseModel):
+    """How far the host may be promised beyond its hardware (defaults as in the issue)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    vcpu_ratio: float = Field(default=4.0, gt=0)
+    memory_ratio: float = Field(default=1.0, gt=0)
+    memory_reserve: int = Field(default=1 << 30, ge=0, description="bytes kept for the host")
+
+
+class Allocation(BaseModel):
+    model_config = ConfigDict(frozen=True)
+
+    cpus: int = 0
+    memory: int = 0
+
+
+def vcpu_limit(capacity: HostCapacity, policy: Policy) -> int:
+    return int(capacity.cores * policy.vcpu_ratio)
+
+
+def memory_limit(capacity: HostCapacity, policy: Policy) -> int:
+    return max(0, int((capacity.memory - policy.memory_reserve) * policy.memory_ratio))
+
+
+def check_fits_host(name: str, cpus: int, memory: int, capacity: HostCapacity,
+                    policy: Policy) -> None:
+    """A single VM may not be larger than the whole host could ever give it."""
+    if cpus > capacity.cores:
+        raise InvalidValue(
+            f"invalid cpus {cpus} for VM {name!r}: the host has {capacity.cores} cores",
+            hint=f"use --cpus between 1 and {capacity.cores}",
+        )
+    limit = memory_limit(capacity, policy)
+    if memory > limit:
+        raise InvalidValue(
+            f"invalid memory {format_size(memory)} for VM {name!r}: more than the host can give "
+            f"({format_size(limit)} = RAM {format_size(capacity.memory)} minus reserve "
+            f"{format_size(policy.memory_reserve)}, x{policy.memory_ratio})",
+            hint=f"use --memory {format_size(limit)} or less",
+        )
+
+
+def admit(name: str, ask: Allocation, allocated: Allocation, capacity: HostCapacity,
+          policy: Policy) -> None:
+    """Refuse a start that would push the host past its policy, saying by how much."""
+    cpu_cap = vcpu_limit(capacity, policy)
+    if allocated.cpus + ask.cpus > cpu_cap:
+        raise AdmissionRefused(
+            f"cannot start VM {name!r}: vCPUs allocated {allocated.cpus} + asked {ask.cpus} "
+            f"= {allocated.cpus + ask.cpus} > limit {cpu_cap} "
+            f"({capacity.cores} cores x{policy.vcpu_ratio})",
+            hint="stop another VM or give this one fewer vCPUs",
+        )
+    mem_cap = memory_limit(capacity, policy)
+    if allocated.memory + ask.memory > mem_cap:
+        raise AdmissionRefused(
+            f"cannot start VM {name!r}: memory allocated {format_size(allocated.memory)} + asked "
+            f"{format_size(ask.memory)} = {format_size(allocated.memory + ask.memory)} > limit "
+            f"{format_size(mem_cap)} (RAM {format_size(capacity.memory)} minus reserve "
+            f"{format_size(policy.memory_reserve)}, x{policy.memory_ratio})",
+            hint="stop another VM or give this one less memory",
+        )

@@ -1,0 +1,114 @@
+"""What a VM is: its requested share (spec), its identity and its pinned virtual hardware.
+
+`VmConfig` is the versioned content of vm.json. Everything here is pure data plus validation.
+"""
+
+from __future__ import annotations
+
+import random
+import uuid as uuidlib
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from vmkit.errors import InvalidValue
+from vmkit.model.names import validate_name
+from vmkit.model.sizes import parse_size
+
+SCHEMA_VERSION = 1
+Accel = Literal["auto", "kvm", "tcg"]
+
+
+class VmSpec(BaseModel):
+    """The share a user asked for."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    image: str
+    cpus: int = Field(ge=1)
+    memory: int = Field(gt=0, description="bytes")
+    disk: int = Field(gt=0, description="bytes of the VM's disk (virtual size)")
+    full_copy: bool = False
+    accel: Accel = "auto"
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_name(value)
+
+    @field_validator("image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        return validate_name(value, kind="image name")
+
+
+def make_spec(
+    name: str, image: str, cpus: int | str, memory: int | str, disk: int | str,
+    *, full_copy: bool = False, accel: str = "auto",
+) -> VmSpec:
+    """Build a spec from user input, with errors that name the field and the value."""
+    validate_name(name)
+    validate_name(image, kind="image name")
+    try:
+        cpu_count = int(cpus)
+    except (TypeError, ValueError):
+        raise InvalidValue(f"invalid cpus {cpus!r}: not a whole number",
+                           hint="e.g. --cpus 2") from None
+    if cpu_count < 1:
+        raise InvalidValue(f"invalid cpus {cpus!r}: must be at least 1")
+    if accel not in ("auto", "kvm", "tcg"):
+        raise InvalidValue(f"invalid accel {accel!r}", hint="use auto, kvm or tcg")
+    return VmSpec(
+        name=name, image=image, cpus=cpu_count,
+        memory=parse_size(memory, field="memory", default_unit="M"),
+        disk=parse_size(disk, field="disk", default_unit="G"),
+        full_copy=full_copy, accel=accel,  # type: ignore[arg-type]
+    )
+
+
+class HardwareProfile(BaseModel):
+    """Virtual hardware pinned at creation, so the VM sees the same machine on any host."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    machine: str = Field(description="versioned machine type, e.g. pc-q35-10.0")
+    cpu_model: str = "qemu64"
+    firmware: str = "qboot"
+    devices: tuple[str, ...] = (
+        "virtio-blk-pci", "virtio-serial-pci", "virtio-balloon-pci", "virtio-rng-pci", "isa-serial",
+    )
+
+
+class BootConfig(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kernel: str = Field(description="file name inside the VM folder")
+    initrd: str
+    cmdline: str
+
+
+class VmConfig(BaseModel):
+    """The content of vm.json."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    schema_version: int = SCHEMA_VERSION
+    uuid: str
+    mac: str
+    created_at: float
+    spec: VmSpec
+    hardware: HardwareProfile
+    boot: BootConfig
+    disk_file: str = "disks/root.qcow2"
+    base_image_sha256: str | None = None
+
+
+def new_uuid() -> str:
+    return str(uuidlib.uuid4())
+
+
+def new_mac(rng: random.Random | None = None) -> str:
+    """A locally administered unicast MAC in QEMU's 52:54:00 prefix."""
+    r = rng or random.SystemRandom()
+    return "52:54:00:" + ":".join(f"{r.randrange(256):02x}" for _ in range(3))

@@ -1,0 +1,194 @@
+"""Client for qemu-guest-agent on the VM's virtio-serial socket.
+
+The agent protocol is JSON lines without a greeting (so not QMP). Every session starts with
+`guest-sync-delimited` and a random id; replies to earlier, abandoned requests that may still sit
+in the channel are skipped until the matching id comes back.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import random
+import socket
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmkit.errors import AgentError, OperationTimeout
+
+_DELIMITER = b"\xff"
+
+
+@dataclass(frozen=True)
+class ExecResult:
+    """What a command run in the guest produced."""
+
+    exit_code: int | None
+    stdout: str
+    stderr: str
+    signal: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.exit_code == 0
+
+
+class AgentConnection:
+    def __init__(self, socket_path: Path, *, timeout: float = 5.0):
+        self._path = socket_path
+        self._timeout = timeout
+        self._sock: socket.socket | None = None
+        self._buffer = b""
+
+    def __enter__(self) -> AgentConnection:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def connect(self) -> None:
+        self.close()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self._timeout)
+        try:
+            sock.connect(str(self._path))
+        except OSError as exc:
+            sock.close()
+            raise AgentError(f"cannot connect to the guest agent socket {self._path}: {exc}") \
+                from exc
+        self._sock = sock
+        self._buffer = b""
+
+    def sync(self, timeout: float) -> bool:
+        """Send guest-sync-delimited; True when the agent echoed our id within `timeout`."""
+        if self._sock is None:
+            self.connect()
+        token = random.randrange(1, 2**31)
+        self._send({"execute": "guest-sync-delimited", "arguments": {"id": token}})
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                reply = self._read_message(deadline)
+            except OperationTimeout:
+                return False
+            if reply.get("return") == token:
+                return True
+        return False
+
+    def call(self, command: str, arguments: dict[str, Any] | None = None, *,
+             timeout: float | None = None) -> Any:
+        limit = timeout if timeout is not None else self._timeout
+        if self._sock is None:
+            self.connect()
+            if not self.sync(limit):
+                raise AgentError(f"the guest agent did not answer on {self._path} "
+                                 f"within {limit:g}s", hint="is the VM running and booted?")
+        message: dict[str, Any] = {"execute": command}
+        if arguments:
+            message["arguments"] = arguments
+        self._send(message)
+        reply = self._read_message(time.monotonic() + limit)
+        if "error" in reply:
+            error = reply["error"]
+            raise AgentError(f"guest agent command {command} failed: {error.get('desc', error)}",
+                             detail=f"sent: {json.dumps(message)}")
+        return reply.get("return")
+
+    def _send(self, message: dict[str, Any]) -> None:
+        assert self._sock is not None
+        try:
+            # A 0xFF before the sync request makes the agent drop any partial input first.
+            prefix = _DELIMITER if message["execute"] == "guest-sync-delimited" else b""
+            self._sock.sendall(prefix + json.dumps(message).encode() + b"\n")
+        except OSError as exc:
+            raise AgentError(f"guest agent socket {self._path} write failed: {exc}") from exc
+
+    def _read_message(self, deadline: float) -> dict[str, Any]:
+        """Next JSON object from the agent; replies end with a newline, a sync reply starts 0xFF."""
+        assert self._sock is not None
+        while True:
+            while b"\n" in self._buffer:
+                line, self._buffer = self._buffer.split(b"\n", 1)
+                line = line.lstrip(_DELIMITER).strip()
+                if not line:
+                    continue
+                try:
+                    obj = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a fragment cut by an earlier, abandoned session
+                if isinstance(obj, dict):
+                    return obj
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OperationTimeout(f"the guest agent on {self._path} did not reply in time")
+            self._sock.settimeout(remaining)
+            try:
+                chunk = self._sock.recv(65536)
+            except TimeoutError:
+                raise OperationTimeout(
+                    f"the guest agent on {self._path} did not reply in time") from None
+            except OSError as exc:
+                raise AgentError(f"guest agent socket {self._path} read failed: {exc}") from exc
+            if not chunk:
+                raise AgentError(f"the guest agent socket {self._path} closed")
+            self._buffer += chunk
+
+
+def wait_agent_ready(socket_path: Path, timeout: float, *, alive: Any = None) -> float:
+    """Block until the agent answers a sync; returns seconds waited. `alive()` aborts early."""
+    start = time.monotonic()
+    deadline = start + timeout
+    conn = AgentConnection(socket_path, timeout=1.0)
+    try:
+        while time.monotonic() < deadline:
+            if alive is not None and not alive():
+                raise AgentError("the VM stopped before its guest agent answered")
+            try:
+                if conn._sock is None:
+                    conn.connect()
+                if conn.sync(min(0.5, max(0.01, deadline - time.monotonic()))):
+                    return time.monotonic() - start
+            except AgentError:
+                conn.close()
+                time.sleep(0.05)
+        raise OperationTimeout(f"the guest agent did not answer within {timeout:g}s",
+                               hint="look at the serial log: vmkit logs NAME")
+    finally:
+        conn.close()
+
+
+def guest_exec(socket_path: Path, argv: list[str], *, timeout: float,
+               stdin: bytes | None = None) -> ExecResult:
+    """Run argv in the guest, wait for it, and return its exit code and output."""
+    if not argv:
+        raise AgentError("nothing to run: the command is empty")
+    deadline = time.monotonic() + timeout
+    with AgentConnection(socket_path, timeout=min(timeout, 10.0)) as conn:
+        arguments: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
+        if stdin is not None:
+            arguments["input-data"] = base64.b64encode(stdin).decode()
+        started = conn.call("guest-exec", arguments)
+        pid = started["pid"]
+        delay = 0.01
+        while True:
+            status = conn.call("guest-exec-status", {"pid": pid})
+            if status.get("exited"):
+                break
+            if time.monotonic() >= deadline:
+                raise OperationTimeout(f"command {argv[0]!r} in the guest did not finish "
+                                       f"within {timeout:g}s (guest pid {pid})")
+            time.sleep(delay)
+            delay = min(0.2, delay * 2)
+    return ExecResult(
+        exit_code=status.get("exitcode"),
+        signal=status.get("signal"),
+        stdout=base64.b64decode(status.get("out-data", "")).decode(errors="replace"),
+        stderr=base64.b64decode(status.get("err-data", "")).decode(errors="replace"),
+    )

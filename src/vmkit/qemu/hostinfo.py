@@ -1,0 +1,76 @@
+"""Facts about the host's QEMU: binary, version, versioned machine types, firmware."""
+
+from __future__ import annotations
+
+import functools
+import re
+import shutil
+import subprocess
+
+from vmkit.errors import HostError
+
+QEMU_BINARY = "qemu-system-x86_64"
+MIN_QEMU = (10, 0)
+INSTALL_HINT = (
+    "on Debian 12 install QEMU 10 from bookworm-backports (make run does it: "
+    "scripts/install-host-deps.sh); on Debian 13: apt-get install qemu-system-x86 qemu-utils"
+)
+
+
+def qemu_path() -> str | None:
+    return shutil.which(QEMU_BINARY)
+
+
+@functools.cache
+def qemu_version() -> tuple[int, int, int]:
+    path = qemu_path()
+    if path is None:
+        raise HostError(f"{QEMU_BINARY} is not installed", hint=INSTALL_HINT)
+    out = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=30,
+                         check=False).stdout
+    match = re.search(r"version (\d+)\.(\d+)\.(\d+)", out)
+    if not match:
+        raise HostError(f"cannot read the QEMU version from: {out.strip()!r}")
+    return int(match.group(1)), int(match.group(2)), int(match.group(3))
+
+
+def require_supported_qemu() -> tuple[int, int, int]:
+    version = qemu_version()
+    if version[:2] < MIN_QEMU:
+        shown = ".".join(map(str, version))
+        raise HostError(
+            f"QEMU {shown} is not supported: vmkit needs QEMU >= {MIN_QEMU[0]}.{MIN_QEMU[1]} "
+            "(older QEMU loses guest memory in live migration under TCG)",
+            hint=INSTALL_HINT,
+        )
+    return version
+
+
+@functools.cache
+def machine_aliases() -> dict[str, str]:
+    """alias -> versioned machine type, e.g. q35 -> pc-q35-10.0, from `-machine help`."""
+    path = qemu_path()
+    if path is None:
+        raise HostError(f"{QEMU_BINARY} is not installed", hint=INSTALL_HINT)
+    out = subprocess.run([path, "-machine", "help"], capture_output=True, text=True, timeout=30,
+                         check=False).stdout
+    return parse_machine_help(out)
+
+
+def parse_machine_help(text: str) -> dict[str, str]:
+    aliases: dict[str, str] = {}
+    for line in text.splitlines():
+        name = line.split(" ", 1)[0]
+        match = re.search(r"\(alias of ([\w.-]+)\)", line)
+        if match:
+            aliases[name] = match.group(1)
+        elif name and not line.startswith("Supported"):
+            aliases.setdefault(name, name)
+    return aliases
+
+
+def resolve_machine(machine: str) -> str:
+    aliases = machine_aliases()
+    if machine not in aliases:
+        raise HostError(f"QEMU does not know machine type {machine!r}")
+    return aliases[machine]

@@ -1,0 +1,161 @@
+"""Detached QEMU processes: launch, adoption by pidfile checked against /proc, exit status.
+
+QEMU runs in its own session so it outlives the CLI. Its parent is a few-line POSIX shell
+"waiter" (not Python: ~1 MB) whose only job is to record QEMU's exit status in run/exit-status,
+because nobody else can learn how a detached process ended (signal vs exit code). The script is a
+constant; QEMU's argv is passed as positional parameters, never interpolated into a string.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from vmkit.errors import OperationTimeout, QemuError
+
+_WAITER_SCRIPT = 'f=$1; shift; "$@"; rc=$?; echo "$rc" > "$f.tmp"; mv -f "$f.tmp" "$f"'
+
+
+@dataclass(frozen=True)
+class ProcessIdentity:
+    """A pid plus what makes it unique over time: its start time in clock ticks since boot."""
+
+    pid: int
+    start_ticks: int
+
+
+def waiter_argv(exit_file: Path, qemu_argv: list[str]) -> list[str]:
+    return ["/bin/sh", "-c", _WAITER_SCRIPT, "vmkit-waiter", str(exit_file), *qemu_argv]
+
+
+def spawn_detached(argv: list[str], log_file: Path, exit_file: Path) -> subprocess.Popen[bytes]:
+    """Start QEMU under the waiter in a new session; output goes to the QEMU log."""
+    exit_file.unlink(missing_ok=True)
+    log_file.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_file, "ab") as log:
+        try:
+            return subprocess.Popen(
+                waiter_argv(exit_file, argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                start_new_session=True, close_fds=True,
+            )
+        except OSError as exc:
+            raise QemuError(f"cannot start QEMU: {exc}") from exc
+
+
+def start_ticks(pid: int) -> int | None:
+    """Field 22 of /proc/PID/stat; None when the process does not exist."""
+    try:
+        with open(f"/proc/{pid}/stat") as handle:
+            data = handle.read()
+    except (FileNotFoundError, ProcessLookupError):
+        return None
+    fields = data[data.rindex(")") + 2:].split()
+    # fields[0] is field 3 (state); field 22 is at index 19. A zombie has exited already.
+    if fields[0] == "Z":
+        return None
+    return int(fields[19])
+
+
+def cmdline(pid: int) -> list[str]:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as handle:
+            return [part.decode(errors="replace") for part in handle.read().split(b"\0") if part]
+    except (FileNotFoundError, ProcessLookupError):
+        return []
+
+
+def is_alive(identity: ProcessIdentity, vm_uuid: str) -> bool:
+    """The recorded process still runs and is this VM's QEMU (not a recycled pid)."""
+    ticks = start_ticks(identity.pid)
+    if ticks is None or ticks != identity.start_ticks:
+        return False
+    argv = cmdline(identity.pid)
+    return "-uuid" in argv and vm_uuid in argv
+
+
+def read_pidfile(pidfile: Path) -> int | None:
+    try:
+        text = pidfile.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def read_exit_status(exit_file: Path) -> int | None:
+    try:
+        text = exit_file.read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.lstrip("-").isdigit() else None
+
+
+def log_tail(path: Path, lines: int = 15) -> str:
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(0, os.SEEK_END)
+            size = handle.tell()
+            handle.seek(max(0, size - 8192))
+            text = handle.read().decode(errors="replace")
+    except FileNotFoundError:
+        return ""
+    return "\n".join(text.splitlines()[-lines:])
+
+
+def wait_for_start(pidfile: Path, exit_file: Path, log_file: Path, vm_uuid: str,
+                   timeout: float) -> ProcessIdentity:
+    """Wait for QEMU to write its pidfile; fail with the log tail if it exits first."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = read_exit_status(exit_file)
+        if status is not None:
+            raise QemuError(
+                f"QEMU exited during start-up ({describe_exit(status)})",
+                detail=f"QEMU log ({log_file}):\n{log_tail(log_file)}",
+            )
+        pid = read_pidfile(pidfile)
+        if pid is not None:
+            ticks = start_ticks(pid)
+            if ticks is not None and vm_uuid in cmdline(pid):
+                return ProcessIdentity(pid, ticks)
+        time.sleep(0.005)
+    raise OperationTimeout(f"QEMU did not write its pidfile within {timeout:g}s",
+                           detail=log_tail(log_file))
+
+
+def wait_for_exit(identity: ProcessIdentity, vm_uuid: str, timeout: float) -> bool:
+    """True if the process is gone within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not is_alive(identity, vm_uuid):
+            return True
+        time.sleep(0.02)
+    return not is_alive(identity, vm_uuid)
+
+
+def send_signal(identity: ProcessIdentity, vm_uuid: str, sig: signal.Signals) -> bool:
+    """Signal the VM's QEMU only after checking it is still that process."""
+    if not is_alive(identity, vm_uuid):
+        return False
+    try:
+        os.kill(identity.pid, sig)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def describe_exit(status: int | None) -> str:
+    """Human text for a waiter-recorded status (the shell reports signal N as 128+N)."""
+    if status is None:
+        return "exit status unknown"
+    if status > 128:
+        signum = status - 128
+        try:
+            name = signal.Signals(signum).name
+        except ValueError:
+            name = f"signal {signum}"
+        return f"killed by {name}"
+    return f"exit code {status}"

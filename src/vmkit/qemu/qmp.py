@@ -1,0 +1,81 @@
+"""Synchronous QMP over the VM's UNIX socket, built on the `qemu.qmp` library.
+
+Each `QmpConnection` owns a private event loop so the engine stays synchronous; every connect and
+command has a timeout. Errors keep what was sent and what came back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from qemu.qmp import ExecuteError, QMPClient
+
+from vmkit.errors import OperationTimeout, QemuError
+
+logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
+
+
+class QmpConnection:
+    def __init__(self, socket_path: Path, *, timeout: float = 5.0, name: str = "vmkit"):
+        self._path = socket_path
+        self._timeout = timeout
+        self._loop = asyncio.new_event_loop()
+        self._client = QMPClient(name)
+
+    def __enter__(self) -> QmpConnection:
+        try:
+            self._run(self._client.connect(str(self._path)), what="connect")
+        except BaseException:
+            self._loop.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._loop.is_closed():
+            return
+        try:
+            self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 2.0))
+        except (TimeoutError, OSError, Exception):  # noqa: BLE001 - teardown must not mask the cause
+            pass
+        finally:
+            self._loop.close()
+
+    def execute(self, command: str, arguments: dict[str, Any] | None = None, *,
+                timeout: float | None = None) -> Any:
+        coro = self._client.execute(command, arguments)
+        try:
+            return self._run(coro, what=command, timeout=timeout)
+        except ExecuteError as exc:
+            raise QemuError(f"QMP command {command} failed: {exc.error.desc}",
+                            detail=f"sent: {command} {arguments or {}}") from exc
+
+    def _run(self, coro: Any, *, what: str, timeout: float | None = None) -> Any:
+        limit = timeout if timeout is not None else self._timeout
+        try:
+            return self._loop.run_until_complete(asyncio.wait_for(coro, limit))
+        except TimeoutError:
+            raise OperationTimeout(f"QMP {what} on {self._path} took longer than {limit:g}s") \
+                from None
+        except (OSError, EOFError) as exc:
+            raise QemuError(f"QMP {what} on {self._path} failed: {exc}") from exc
+        except ExecuteError:
+            raise
+        except Exception as exc:  # qemu.qmp raises its own ConnectError/StateError family
+            if type(exc).__module__.startswith("qemu.qmp"):
+                raise QemuError(f"QMP {what} on {self._path} failed: {exc}") from exc
+            raise
+
+
+def qmp_execute(socket_path: Path, command: str, arguments: dict[str, Any] | None = None, *,
+                timeout: float = 5.0) -> Any:
+    """One command on a fresh connection."""
+    with QmpConnection(socket_path, timeout=timeout) as conn:
+        return conn.execute(command, arguments)

@@ -1,0 +1,232 @@
+"""Where everything lives under VMKIT_HOME, atomic metadata writes, and fcntl locks.
+
+    $VMKIT_HOME/
+      images/<image>/         image.json, vmlinuz, initrd.img, root.qcow2
+      vms/<vm>/               vm.json, state.json, boot/, disks/, run/ (0700), logs/
+      vms/.creating-<vm>-*    a create in progress (renamed into place when complete)
+      vms/.deleting-<vm>-*    a delete in progress (removed by the next call)
+      locks/                  vm-<name>.lock, host.lock
+      cache/                  downloaded packages, accelerator probe
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vmkit.errors import LockTimeout
+from vmkit.qemu.argv import RunPaths
+
+
+def default_home() -> Path:
+    env = os.environ.get("VMKIT_HOME")
+    if env:
+        return Path(env).expanduser().absolute()
+    if os.geteuid() == 0:
+        return Path("/var/lib/vmkit")
+    return Path.home() / ".local/share/vmkit"
+
+
+@dataclass(frozen=True)
+class HomeLayout:
+    root: Path
+
+    @property
+    def images(self) -> Path:
+        return self.root / "images"
+
+    @property
+    def vms(self) -> Path:
+        return self.root / "vms"
+
+    @property
+    def locks(self) -> Path:
+        return self.root / "locks"
+
+    @property
+    def cache(self) -> Path:
+        return self.root / "cache"
+
+    @property
+    def policy_file(self) -> Path:
+        return self.root / "policy.json"
+
+    def ensure(self) -> None:
+        for folder in (self.images, self.vms, self.locks, self.cache):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def vm(self, name: str) -> VmFolder:
+        return VmFolder(self.vms / name)
+
+    def image(self, name: str) -> Path:
+        return self.images / name
+
+
+@dataclass(frozen=True)
+class VmFolder:
+    """One VM's folder: everything the VM is, so it can be copied, backed up or moved."""
+
+    path: Path
+
+    @property
+    def config_file(self) -> Path:
+        return self.path / "vm.json"
+
+    @property
+    def state_file(self) -> Path:
+        return self.path / "state.json"
+
+    @property
+    def run(self) -> Path:
+        return self.path / "run"
+
+    @property
+    def logs(self) -> Path:
+        return self.path / "logs"
+
+    @property
+    def disks(self) -> Path:
+        return self.path / "disks"
+
+    @property
+    def boot(self) -> Path:
+        return self.path / "boot"
+
+    @property
+    def qmp_socket(self) -> Path:
+        return self.run / "qmp.sock"
+
+    @property
+    def serial_socket(self) -> Path:
+        return self.run / "serial.sock"
+
+    @property
+    def agent_socket(self) -> Path:
+        return self.run / "agent.sock"
+
+    @property
+    def pidfile(self) -> Path:
+        return self.run / "qemu.pid"
+
+    @property
+    def exit_file(self) -> Path:
+        return self.run / "exit-status"
+
+    @property
+    def serial_log(self) -> Path:
+        return self.logs / "serial.log"
+
+    @property
+    def qemu_log(self) -> Path:
+        return self.logs / "qemu.log"
+
+    def run_paths(self, disk_file: str, kernel: str, initrd: str) -> RunPaths:
+        return RunPaths(
+            folder=str(self.path),
+            qmp_socket=str(self.qmp_socket),
+            serial_socket=str(self.serial_socket),
+            agent_socket=str(self.agent_socket),
+            pidfile=str(self.pidfile),
+            serial_log=str(self.serial_log),
+            disk=str(self.path / disk_file),
+            kernel=str(self.path / kernel),
+            initrd=str(self.path / initrd),
+        )
+
+    def make_dirs(self) -> None:
+        for folder in (self.disks, self.boot, self.logs):
+            folder.mkdir(parents=True, exist_ok=True)
+        self.run.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(self.run, 0o700)
+
+
+def write_json_atomic(path: Path, data: Any, *, mode: int = 0o644) -> None:
+    """Write JSON so a reader sees the old file or the new one, never half of either."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as handle:
+            json.dump(data, handle, indent=2, sort_keys=True)
+            handle.write("\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.chmod(tmp, mode)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def read_json(path: Path) -> Any:
+    with open(path) as handle:
+        return json.load(handle)
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, *, timeout: float, what: str) -> Iterator[None]:
+    """Hold an exclusive fcntl lock on `path`; wait up to `timeout` seconds, then LockTimeout."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as exc:
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                if time.monotonic() >= deadline:
+                    holder = _read_holder(fd)
+                    raise LockTimeout(
+                        f"{what} is busy: another vmkit command holds its lock{holder} "
+                        f"(waited {timeout:g}s)",
+                        hint="wait for that command to finish, or raise --lock-timeout",
+                    ) from None
+                time.sleep(0.05)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        yield
+    finally:
+        os.close(fd)
+
+
+def _read_holder(fd: int) -> str:
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+    except OSError:
+        return ""
+    return f" (pid {text})" if text.isdigit() else ""
+
+
+def lock_is_free(path: Path) -> bool:
+    """True when nobody holds the lock (used before clearing leftovers of an interrupted call)."""
+    if not path.exists():
+        return True
+    fd = os.open(path, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
+    return True
