@@ -7,8 +7,19 @@
 """
 
 from vmkit.errors import (
-    AdmissionRefused, AgentError, AlreadyExists, HostError, ImageBuildError, InvalidState,
-    InvalidValue, LockTimeout, NotFound, OperationTimeout, QemuError, RequestError, VmkitError,
+    AdmissionRefused,
+    AgentError,
+    AlreadyExists,
+    HostError,
+    ImageBuildError,
+    InvalidState,
+    InvalidValue,
+    LockTimeout,
+    NotFound,
+    OperationTimeout,
+    QemuError,
+    RequestError,
+    VmkitError,
 )
 from vmkit.host import VM, Host, VmStatus
 from vmkit.model.state import VmState

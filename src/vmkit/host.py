@@ -20,18 +20,38 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict
 
 from vmkit.errors import (
-    AlreadyExists, HostError, InvalidState, InvalidValue, LockTimeout, NotFound, QemuError,
+    AlreadyExists,
+    HostError,
+    InvalidState,
+    InvalidValue,
+    LockTimeout,
+    NotFound,
+    QemuError,
     VmkitError,
 )
 from vmkit.images import catalog
 from vmkit.images.catalog import ImageInfo
 from vmkit.model.names import validate_name
 from vmkit.model.resources import (
-    Allocation, HostCapacity, Policy, admit, check_fits_host, memory_limit, vcpu_limit,
+    Allocation,
+    HostCapacity,
+    Policy,
+    admit,
+    check_fits_host,
+    memory_limit,
+    vcpu_limit,
 )
 from vmkit.model.runtime import ExitRecord, Intent, RuntimeRecord, classify_exit
 from vmkit.model.sizes import format_size
-from vmkit.model.spec import BootConfig, HardwareProfile, VmConfig, make_spec, new_mac, new_uuid
+from vmkit.model.spec import (
+    ROOT_DISK_FILE,
+    BootConfig,
+    HardwareProfile,
+    VmConfig,
+    make_spec,
+    new_mac,
+    new_uuid,
+)
 from vmkit.model.state import LIVE_STATES, Operation, VmState, check_transition
 from vmkit.qemu import accel as accel_mod
 from vmkit.qemu import agent, hostinfo, img, process
@@ -39,7 +59,13 @@ from vmkit.qemu.agent import ExecResult
 from vmkit.qemu.argv import LaunchOptions, build_argv
 from vmkit.qemu.qmp import QmpConnection, qmp_execute
 from vmkit.storage.layout import (
-    HomeLayout, VmFolder, default_home, file_lock, lock_is_free, read_json, write_json_atomic,
+    HomeLayout,
+    VmFolder,
+    default_home,
+    file_lock,
+    lock_is_free,
+    read_json,
+    write_json_atomic,
 )
 
 # Named timeouts (seconds); every wait in the engine uses one of these or a caller's value.
@@ -172,9 +198,11 @@ class Host:
             raise NotFound(f"no recipe for image {name!r}", hint="known recipes: tiny")
         from vmkit.images.tiny import build_tiny
 
+        in_use = frozenset(Path(vm.config.backing_file) for vm in self.vms()
+                           if vm.config.backing_file)
         with file_lock(self.layout.locks / f"image-{name}.lock", timeout=600,
                        what=f"image {name!r}"):
-            return build_tiny(self.layout, force=force, progress=progress)
+            return build_tiny(self.layout, force=force, progress=progress, in_use=in_use)
 
     # -- VMs ------------------------------------------------------------------------------
     def vms(self) -> list[VM]:
@@ -228,7 +256,7 @@ class Host:
                 image_dir = self.layout.image(info.name)
                 for source, dest in ((info.kernel, "vmlinuz"), (info.initrd, "initrd.img")):
                     _link_or_copy(image_dir / source, work.boot / dest)
-                disk_path = work.path / "disks/root.qcow2"
+                disk_path = work.path / ROOT_DISK_FILE
                 if spec.full_copy:
                     img.full_copy(disk_path, image_dir / info.root_disk, spec.disk)
                 else:
@@ -238,6 +266,7 @@ class Host:
                     hardware=HardwareProfile(machine=machine),
                     boot=BootConfig(kernel="boot/vmlinuz", initrd="boot/initrd.img",
                                     cmdline=f"{info.cmdline} vmkit.hostname={name}"),
+                    backing_file=None if spec.full_copy else str(image_dir / info.root_disk),
                     base_image_sha256=info.sha256,
                 )
                 write_json_atomic(work.config_file, config.model_dump(mode="json"))
@@ -255,9 +284,10 @@ class Host:
     def _lock_path(self, name: str) -> Path:
         return self.layout.locks / f"vm-{name}.lock"
 
-    def _vm_lock(self, name: str, timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
-        return file_lock(self._lock_path(name), timeout=self.lock_timeout if timeout is None
-                         else timeout, what=f"VM {name!r}")
+    def _vm_lock(self, name: str,
+                 timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
+        wait = self.lock_timeout if timeout is None else timeout
+        return file_lock(self._lock_path(name), timeout=wait, what=f"VM {name!r}")
 
     def _host_lock(self) -> contextlib.AbstractContextManager[None]:
         return file_lock(self.layout.locks / "host.lock", timeout=self.lock_timeout,
@@ -593,4 +623,4 @@ def _cgroup_version() -> str:
     return "none found"
 
 
-__all__ = ["Host", "VM", "VmStatus", "ExecResult", "InvalidState"]
+__all__ = ["VM", "ExecResult", "Host", "InvalidState", "VmStatus"]

@@ -23,7 +23,7 @@ class ImageInfo(BaseModel):
     kernel_version: str
     kernel: str = "vmlinuz"
     initrd: str = "initrd.img"
-    root_disk: str = "root.qcow2"
+    root_disk: str
     cmdline: str
     recipe_hash: str
     sha256: str

@@ -1,4 +1,4 @@
-"""The `tiny` image: Debian's cloud kernel, a busybox initramfs, a busybox root with qemu-guest-agent.
+"""The `tiny` image: Debian's cloud kernel, a busybox initramfs, a busybox root with the agent.
 
 Everything comes from Debian packages fetched with `apt-get download` (cached). The build is a
 recipe: its hash covers the package versions, the guest files and this builder's version, and a
@@ -24,18 +24,24 @@ from vmkit.errors import ImageBuildError
 from vmkit.images import debpkg
 from vmkit.images.catalog import ImageInfo, sha256_file
 from vmkit.images.initramfs import (
-    S_IFDIR, S_IFLNK, S_IFREG, CpioEntry, cpio_newc, gzip_reproducible, load_order,
+    S_IFDIR,
+    S_IFLNK,
+    S_IFREG,
+    CpioEntry,
+    cpio_newc,
+    gzip_reproducible,
+    load_order,
     parse_modules_dep,
 )
 from vmkit.qemu import img
 from vmkit.storage.layout import HomeLayout, write_json_atomic
 
-RECIPE_VERSION = "tiny-1"
+RECIPE_VERSION = "tiny-2"
 KERNEL_META = "linux-image-cloud-amd64"
 BASE_PACKAGES = ["busybox-static", "qemu-guest-agent", "e2fsprogs"]
 # Loaded in this order (dependencies resolved from modules.dep); button makes ACPI power-off work.
 MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_balloon",
-           "virtio-rng", "virtio_mem", "button", "evdev"]
+           "virtio-rng", "virtio_mem", "virtio_mmio", "button", "evdev"]
 BINARIES = ["usr/sbin/qemu-ga", "sbin/resize2fs"]
 CMDLINE = "console=ttyS0 root=/dev/vda rw quiet loglevel=3 memhp_default_state=online"
 GUEST_FILES = {
@@ -71,9 +77,13 @@ def resolve_packages() -> list[debpkg.Package]:
     return debpkg.candidate_versions(names)
 
 
-def build_tiny(home: HomeLayout, *, force: bool = False,
-               progress: Progress | None = None) -> tuple[ImageInfo, bool]:
-    """Build (or keep) images/tiny. Returns the image and whether anything was built."""
+def build_tiny(home: HomeLayout, *, force: bool = False, progress: Progress | None = None,
+               in_use: frozenset[Path] = frozenset()) -> tuple[ImageInfo, bool]:
+    """Build (or keep) images/tiny. Returns the image and whether anything was built.
+
+    Root disks are named by recipe hash and never rewritten: a rebuild carries over every older
+    root disk in `in_use` (the backing file of some VM's overlay), so no VM loses its base.
+    """
     say = progress or (lambda _msg: None)
     home.ensure()
     say("resolving Debian packages")
@@ -91,6 +101,10 @@ def build_tiny(home: HomeLayout, *, force: bool = False,
         info = _build(home, work, packages, recipe_hash, versions, say)
         old = home.images / f".old-tiny-{uuid.uuid4().hex[:8]}"
         if target.exists():
+            for disk in target.glob("root-*.qcow2"):
+                keep = work / "out" / disk.name
+                if disk in in_use and not keep.exists():
+                    os.link(disk, keep)
             target.rename(old)
         (work / "out").rename(target)
         shutil.rmtree(old, ignore_errors=True)
@@ -120,13 +134,13 @@ def _build(home: HomeLayout, work: Path, packages: list[debpkg.Package], recipe_
     _assemble_rootfs(pkgroot, rootfs)
     raw = work / "root.raw"
     _mkfs(rootfs, raw, recipe_hash)
-    img.create_from_raw(out / "root.qcow2", raw)
-    # create_from_raw compresses; that is fine for the base image (it is read once per block).
-    disk_info = img.info(out / "root.qcow2")
+    root_disk = f"root-{recipe_hash[:12]}.qcow2"
+    img.create_from_raw(out / root_disk, raw)
+    disk_info = img.info(out / root_disk)
     info = ImageInfo(
         name="tiny", os="busybox on Debian's cloud kernel", kernel_version=kver,
-        cmdline=CMDLINE, recipe_hash=recipe_hash, sha256=sha256_file(out / "root.qcow2"),
-        size=sum(f.stat().st_size for f in out.iterdir()),
+        cmdline=CMDLINE, recipe_hash=recipe_hash, sha256=sha256_file(out / root_disk),
+        root_disk=root_disk, size=sum(f.stat().st_size for f in out.iterdir()),
         virtual_size=int(disk_info["virtual-size"]), built_at=time.time(), packages=versions,
     )
     write_json_atomic(out / "image.json", info.model_dump(mode="json"))
@@ -223,7 +237,8 @@ def _assemble_rootfs(pkgroot: Path, rootfs: Path) -> None:
     (rootfs / "etc/shadow").write_text("root:*:19000:0:99999:7:::\n")
     os.chmod(rootfs / "etc/shadow", 0o600)
     (rootfs / "etc/hostname").write_text("tiny\n")
-    (rootfs / "etc/profile").write_text('export PATH=/sbin:/bin:/usr/sbin:/usr/bin\nPS1="\\h:\\w# "\n')
+    (rootfs / "etc/profile").write_text(
+        'export PATH=/sbin:/bin:/usr/sbin:/usr/bin\nPS1="\\h:\\w# "\n')
     (rootfs / "etc/fstab").write_text("/dev/vda / ext4 rw,noatime 0 1\n")
 
 

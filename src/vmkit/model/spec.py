@@ -16,6 +16,7 @@ from vmkit.model.names import validate_name
 from vmkit.model.sizes import parse_size
 
 SCHEMA_VERSION = 1
+ROOT_DISK_FILE = "disks/root.qcow2"
 Accel = Literal["auto", "kvm", "tcg"]
 
 
@@ -63,7 +64,7 @@ def make_spec(
         name=name, image=image, cpus=cpu_count,
         memory=parse_size(memory, field="memory", default_unit="M"),
         disk=parse_size(disk, field="disk", default_unit="G"),
-        full_copy=full_copy, accel=accel,  # type: ignore[arg-type]
+        full_copy=full_copy, accel=accel,
     )
 
 
@@ -100,7 +101,8 @@ class VmConfig(BaseModel):
     spec: VmSpec
     hardware: HardwareProfile
     boot: BootConfig
-    disk_file: str = "disks/root.qcow2"
+    disk_file: str = ROOT_DISK_FILE
+    backing_file: str | None = Field(default=None, description="base image disk of an overlay")
     base_image_sha256: str | None = None
 
 

@@ -40,7 +40,7 @@ def full_copy(path: Path, source: Path, size: int, *, timeout: float = 600) -> N
 
 
 def create_from_raw(path: Path, raw: Path, *, timeout: float = 600) -> None:
-    _run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", "-c", str(raw), str(path)],
+    _run([QEMU_IMG, "convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)],
          timeout=timeout)
 
 

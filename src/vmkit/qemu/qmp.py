@@ -43,8 +43,8 @@ class QmpConnection:
             return
         try:
             self._loop.run_until_complete(asyncio.wait_for(self._client.disconnect(), 2.0))
-        except (TimeoutError, OSError, Exception):  # noqa: BLE001 - teardown must not mask the cause
-            pass
+        except (TimeoutError, OSError, EOFError):
+            pass  # teardown must not mask the error that brought us here
         finally:
             self._loop.close()
 
@@ -54,7 +54,7 @@ class QmpConnection:
         try:
             return self._run(coro, what=command, timeout=timeout)
         except ExecuteError as exc:
-            raise QemuError(f"QMP command {command} failed: {exc.error.desc}",
+            raise QemuError(f"QMP command {command} failed: {exc.error_class}: {exc}",
                             detail=f"sent: {command} {arguments or {}}") from exc
 
     def _run(self, coro: Any, *, what: str, timeout: float | None = None) -> Any:

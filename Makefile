@@ -1,0 +1,46 @@
+# Two entry points on a fresh Debian 12 (root): `make run` and `make test`.
+# Both install what they need first (apt packages, the virtualenv, the tiny image) and are
+# idempotent: a second run only does what is missing.
+
+PYTHON ?= python3
+VENV := .venv
+VMKIT := $(VENV)/bin/vmkit
+export VMKIT_HOME ?= /var/lib/vmkit
+
+.PHONY: run test setup deps venv image lint unit integration bench clean
+
+run: setup
+	$(VENV)/bin/python scripts/demo.py
+
+test: setup lint
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+
+setup: deps venv image
+
+deps:
+	bash scripts/install-host-deps.sh
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip
+	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+image: venv
+	$(VMKIT) image build tiny
+
+lint: venv
+	$(VENV)/bin/ruff check src tests bench scripts
+	$(VENV)/bin/mypy
+
+unit: venv
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/golden
+
+bench: setup
+	$(VENV)/bin/python bench/boot.py
+	$(VENV)/bin/python bench/machine_types.py
+
+clean:
+	rm -rf $(VENV) build src/*.egg-info

@@ -1,0 +1,1 @@
+"""Command-line front end: parse, call the engine, render. No VM logic lives here."""

@@ -1,0 +1,347 @@
+"""`vmkit` commands. Each one parses its input, calls Host/VM, and renders the result.
+
+Errors: every VmkitError is caught in `main`, printed to stderr with its hint, and mapped to an
+exit code by vmkit.errors.exit_code_for (2 = wrong request, nothing changed; 1 = failed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections.abc import Iterator
+from enum import StrEnum
+from typing import Annotated
+
+import typer
+
+from vmkit.cli import render
+from vmkit.cli.console import DETACH_KEY, attach
+from vmkit.errors import VmkitError, exit_code_for
+from vmkit.host import AGENT_READY_TIMEOUT, EXEC_TIMEOUT, LOCK_TIMEOUT, STOP_TIMEOUT, Host
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
+                  pretty_exceptions_enable=False,
+                  help="vmkit: virtual machines on QEMU. Example: vmkit create web --start --wait")
+image_app = typer.Typer(no_args_is_help=True, help="Build and list guest images.")
+app.add_typer(image_app, name="image")
+
+
+class Format(StrEnum):
+    table = "table"
+    json = "json"
+
+
+FormatOpt = Annotated[Format, typer.Option("--format", help="table for people, json for scripts")]
+NameArg = Annotated[str, typer.Argument(help="VM name (a DNS label)")]
+_state: dict[str, float] = {"lock_timeout": LOCK_TIMEOUT}
+
+
+@app.callback()
+def _main(lock_timeout: Annotated[float, typer.Option(
+        help="seconds to wait for another vmkit command working on the same VM")] = LOCK_TIMEOUT,
+) -> None:
+    _state["lock_timeout"] = lock_timeout
+
+
+def _host() -> Host:
+    return Host(lock_timeout=_state["lock_timeout"])
+
+
+@contextlib.contextmanager
+def _status(message: str) -> Iterator[None]:
+    """A spinner on stderr while something slow runs, only when stderr is a terminal."""
+    if sys.stderr.isatty():
+        with render.err.status(message):
+            yield
+    else:
+        yield
+
+
+# -- host ---------------------------------------------------------------------------------
+@app.command()
+def doctor(format: FormatOpt = Format.table) -> None:
+    """Report what this host offers: QEMU, accelerator and why, cgroups, disk, capacity.
+
+    Example: vmkit doctor --format json
+    """
+    report = _host().doctor()
+    if format is Format.json:
+        render.print_json(report)
+    else:
+        qemu = report["qemu"]
+        rows = [["QEMU", f"{qemu['version'] or 'missing'} at {qemu['path'] or '-'} "
+                 f"(supported: {'yes' if qemu['supported'] else 'no'}, need >= {qemu['minimum']})"]]
+        if "accelerator" in report:
+            acc = report["accelerator"]
+            rows.append(["accelerator", f"{acc['chosen']}: {acc['reason']}"])
+            if acc["isolation_note"]:
+                rows.append(["isolation", acc["isolation_note"]])
+        cap = report["capacity"]
+        rows += [
+            ["machine", f"{qemu.get('q35') or '-'} with qboot "
+                        f"{'present' if report['qboot'] else 'missing (SeaBIOS)'}"],
+            ["cgroup", report["cgroup"]],
+            ["disk", f"{render.size(report['disk']['free'])} free of "
+                     f"{render.size(report['disk']['total'])} at {report['disk']['home']}"],
+            ["capacity", f"{cap['cores']} cores, {render.size(cap['memory'])} RAM"],
+            ["policy", f"vCPU limit {cap['vcpu_limit']} (allocated {cap['allocated_cpus']}), "
+                       f"memory limit {render.size(cap['memory_limit'])} "
+                       f"(allocated {render.size(cap['allocated_memory'])})"],
+            ["images", ", ".join(report["images"]) or "none (vmkit image build tiny)"],
+        ]
+        render.table(["", ""], rows)
+        for problem in report["problems"]:
+            render.err.print(f"problem: {problem['message']}\nhint: {problem['hint']}")
+    if not report["ok"]:
+        raise typer.Exit(1)
+
+
+# -- images -------------------------------------------------------------------------------
+@image_app.command("build")
+def image_build(name: Annotated[str, typer.Argument(help="image recipe: tiny")],
+                force: Annotated[bool, typer.Option(help="rebuild even if up to date")] = False,
+                ) -> None:
+    """Build a guest image from Debian packages (cached: a second run is a no-op).
+
+    Example: vmkit image build tiny
+    """
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    with Progress(SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(),
+                  console=render.err, disable=not sys.stderr.isatty()) as bar:
+        task = bar.add_task(f"image {name}", total=None)
+        info, built = _host().build_image(
+            name, force=force, progress=lambda msg: bar.update(task, description=msg))
+    verb = "built" if built else "up to date"
+    render.err.print(f"image {info.name} {verb}: kernel {info.kernel_version}, "
+                     f"{render.size(info.size)}, sha256 {info.sha256[:16]}...")
+
+
+@image_app.command("list")
+def image_list(format: FormatOpt = Format.table) -> None:
+    """List built images: name, OS, kernel version, size, sha256.
+
+    Example: vmkit image list --format json
+    """
+    images = _host().images()
+    if format is Format.json:
+        render.print_json([i.model_dump(mode="json") for i in images])
+        return
+    render.table(["NAME", "OS", "KERNEL", "SIZE", "SHA256"],
+                 [[i.name, i.os, i.kernel_version, render.size(i.size), i.sha256[:16]]
+                  for i in images])
+
+
+# -- VMs ----------------------------------------------------------------------------------
+@app.command()
+def create(
+    name: NameArg,
+    image: Annotated[str, typer.Option(help="image to base the VM on")] = "tiny",
+    cpus: Annotated[str, typer.Option(help="vCPUs")] = "1",
+    memory: Annotated[str, typer.Option(help="memory, e.g. 512M or 2G")] = "256M",
+    disk: Annotated[str, typer.Option(help="disk size, e.g. 2G")] = "2G",
+    full_copy: Annotated[bool, typer.Option(
+        "--full-copy", help="copy the image instead of a qcow2 overlay on it")] = False,
+    accel: Annotated[str, typer.Option(help="auto, kvm or tcg")] = "auto",
+    start: Annotated[bool, typer.Option("--start", help="start it once created")] = False,
+    wait: Annotated[bool, typer.Option("--wait", help="with --start: until the agent answers")
+                    ] = False,
+    timeout: Annotated[float, typer.Option(help="seconds --wait may take")] = AGENT_READY_TIMEOUT,
+) -> None:
+    """Create a VM (a folder under VMKIT_HOME/vms).
+
+    Example: vmkit create web --image tiny --cpus 2 --memory 512M --disk 2G --start --wait
+    """
+    host = _host()
+    with _status(f"creating {name}"):
+        vm = host.create(name, image=image, cpus=cpus, memory=memory, disk=disk,
+                         full_copy=full_copy, accel=accel)
+    render.err.print(f"created VM {name}")
+    if start:
+        _start(vm.name, wait, timeout)
+
+
+def _start(name: str, wait: bool, timeout: float) -> None:
+    vm = _host().get(name)
+    with _status(f"starting {name}"):
+        vm.start()
+    render.err.print(f"started VM {name} (pid {vm.status().pid})")
+    if wait:
+        with _status(f"waiting for the guest agent of {name}"):
+            waited = vm.wait_ready(timeout=timeout)
+        render.err.print(f"VM {name} is ready (agent answered after {waited:.1f}s)")
+
+
+@app.command()
+def start(name: NameArg,
+          wait: Annotated[bool, typer.Option("--wait", help="until the guest agent answers")
+                          ] = False,
+          timeout: Annotated[float, typer.Option(help="seconds --wait may take")
+                             ] = AGENT_READY_TIMEOUT) -> None:
+    """Start a VM (QEMU runs detached and outlives this command).
+
+    Example: vmkit start web --wait
+    """
+    _start(name, wait, timeout)
+
+
+@app.command()
+def stop(name: NameArg,
+         timeout: Annotated[float, typer.Option(help="seconds before the VM is killed")
+                            ] = STOP_TIMEOUT) -> None:
+    """ACPI power-off; kill the VM if it is still running after --timeout.
+
+    Example: vmkit stop web --timeout 10
+    """
+    vm = _host().get(name)
+    with _status(f"stopping {name}"):
+        vm.stop(timeout=timeout)
+    exit_record = vm.status().last_exit
+    render.err.print(f"stopped VM {name}" + (f": {exit_record.description}" if exit_record else ""))
+
+
+@app.command()
+def kill(name: NameArg) -> None:
+    """Hard power-off (SIGKILL to the VM's QEMU). Example: vmkit kill web"""
+    _host().get(name).kill()
+    render.err.print(f"killed VM {name}")
+
+
+@app.command()
+def restart(name: NameArg,
+            wait: Annotated[bool, typer.Option("--wait")] = False,
+            timeout: Annotated[float, typer.Option(help="seconds the stop may take")
+                               ] = STOP_TIMEOUT) -> None:
+    """Stop (ACPI, then kill after --timeout) and start again. Example: vmkit restart web --wait"""
+    vm = _host().get(name)
+    with _status(f"restarting {name}"):
+        vm.restart(wait=wait, timeout=timeout)
+    render.err.print(f"restarted VM {name}")
+
+
+@app.command()
+def pause(name: NameArg) -> None:
+    """Freeze the VM's vCPUs (it keeps its memory). Example: vmkit pause web"""
+    _host().get(name).pause()
+    render.err.print(f"paused VM {name}")
+
+
+@app.command()
+def resume(name: NameArg) -> None:
+    """Continue a paused VM. Example: vmkit resume web"""
+    _host().get(name).resume()
+    render.err.print(f"resumed VM {name}")
+
+
+@app.command()
+def delete(name: NameArg,
+           force: Annotated[bool, typer.Option("--force", help="kill it first if it runs")
+                            ] = False) -> None:
+    """Delete a VM and its folder; refuses a running VM unless --force.
+
+    Example: vmkit delete web --force
+    """
+    _host().get(name).delete(force=force)
+    render.err.print(f"deleted VM {name}")
+
+
+@app.command("list")
+def list_vms(format: FormatOpt = Format.table) -> None:
+    """List VMs: name, state, vCPUs, memory, disk, uptime, pid, accelerator.
+
+    Example: vmkit list --format json
+    """
+    statuses = [vm.status() for vm in _host().vms()]
+    if format is Format.json:
+        render.print_json([s.model_dump(mode="json") for s in statuses])
+        return
+    render.table(
+        ["NAME", "STATE", "VCPUS", "MEMORY", "DISK", "UPTIME", "PID", "ACCEL"],
+        [[s.name, s.state.value, str(s.cpus), render.size(s.memory), render.size(s.disk),
+          render.format_uptime(s.uptime), str(s.pid or "-"), s.accel or "-"] for s in statuses])
+
+
+@app.command()
+def info(name: NameArg, format: FormatOpt = Format.table) -> None:
+    """Everything about one VM, including why its accelerator was chosen.
+
+    Example: vmkit info web --format json
+    """
+    status = _host().get(name).status(query_qemu=True)
+    if format is Format.json:
+        render.print_json(status.model_dump(mode="json"))
+        return
+    rows = [
+        ["name", status.name], ["state", status.state.value],
+        ["qemu status", status.qemu_status or "-"],
+        ["vCPUs", str(status.cpus)], ["memory", render.size(status.memory)],
+        ["disk", f"{render.size(status.disk)} ({status.disk_mode} on image {status.image})"],
+        ["uuid", status.uuid], ["MAC", status.mac], ["pid", str(status.pid or "-")],
+        ["uptime", render.format_uptime(status.uptime)],
+        ["hardware", f"{status.machine}, CPU {status.cpu_model}"],
+        ["accelerator", f"{status.accel or '-'}: {status.accel_reason or 'not started yet'}"],
+        ["folder", status.folder],
+    ]
+    if status.isolation_note:
+        rows.append(["isolation", status.isolation_note])
+    if status.last_exit:
+        rows.append(["last exit", status.last_exit.description])
+        if status.last_exit.log_tail:
+            rows.append(["log tail", status.last_exit.log_tail])
+    render.table(["", ""], rows)
+
+
+@app.command(help=f"Attach to the VM's serial console; {DETACH_KEY} detaches. "
+             "Example: vmkit console web")
+def console(name: NameArg) -> None:
+    path = _host().get(name).console_socket()
+    render.err.print(f"connected to {name}'s serial console; {DETACH_KEY} detaches")
+    attach(path)
+    render.err.print(f"\ndetached from {name}")
+
+
+@app.command()
+def logs(name: NameArg,
+         follow: Annotated[bool, typer.Option("--follow", "-f", help="keep printing")] = False,
+         ) -> None:
+    """Print the VM's serial log. Example: vmkit logs web --follow"""
+    vm = _host().get(name)
+    with contextlib.suppress(KeyboardInterrupt, BrokenPipeError):
+        for chunk in vm.read_log(follow=follow):
+            sys.stdout.buffer.write(chunk)
+            sys.stdout.buffer.flush()
+
+
+@app.command("exec", context_settings={"allow_interspersed_args": False})
+def exec_(name: NameArg,
+          command: Annotated[list[str], typer.Argument(help="command and arguments, after --")],
+          timeout: Annotated[float, typer.Option(help="seconds the command may run")
+                             ] = EXEC_TIMEOUT) -> None:
+    """Run a command in the guest (qemu-guest-agent) and return its exit code.
+
+    Example: vmkit exec web -- uname -a
+    """
+    if command and command[0] == "--":
+        command = command[1:]
+    result = _host().get(name).exec(command, timeout=timeout)
+    sys.stdout.write(result.stdout)
+    sys.stderr.write(result.stderr)
+    sys.stdout.flush()
+    if result.exit_code is None:
+        raise typer.Exit(128 + (result.signal or 0))
+    raise typer.Exit(result.exit_code)
+
+
+def main() -> None:
+    """Run the CLI; usage errors exit 2 (typer), vmkit errors by exit_code_for."""
+    try:
+        app()
+    except VmkitError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(exit_code_for(exc))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()
