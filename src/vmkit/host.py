@@ -57,7 +57,7 @@ from vmkit.qemu import accel as accel_mod
 from vmkit.qemu import agent, hostinfo, img, process
 from vmkit.qemu.agent import ExecResult
 from vmkit.qemu.argv import LaunchOptions, build_argv
-from vmkit.qemu.qmp import QmpConnection, qmp_execute
+from vmkit.qemu.qmp import QmpConnection, qmp_execute, wait_qmp_ready
 from vmkit.storage.layout import (
     HomeLayout,
     VmFolder,
@@ -76,7 +76,9 @@ STOP_TIMEOUT = 30.0
 KILL_TIMEOUT = 10.0
 EXEC_TIMEOUT = 60.0
 QMP_TIMEOUT = 5.0
+EXIT_STATUS_WAIT = 1.0  # the waiter writes QEMU's exit status a moment after QEMU is gone
 DEFAULT_MACHINE = "q35"
+_UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
 Progress = Callable[[str], None]
 
@@ -242,6 +244,12 @@ class Host:
         if spec.accel == "kvm" and not Path("/dev/kvm").exists():
             raise InvalidValue("invalid accel 'kvm': /dev/kvm does not exist on this host",
                                hint="use --accel tcg or auto")
+        longest = self.layout.vm(name).serial_socket
+        if len(str(longest)) > _UNIX_PATH_MAX:
+            raise InvalidValue(
+                f"VMKIT_HOME {self.layout.root} is too long: the VM's socket path {longest} "
+                f"exceeds {_UNIX_PATH_MAX} bytes, the UNIX socket limit",
+                hint="use a shorter VMKIT_HOME (or a shorter VM name)")
         machine = hostinfo.resolve_machine(DEFAULT_MACHINE)
         with self._vm_lock(name):
             self._sweep_leftovers()
@@ -367,7 +375,7 @@ class VM:
         return final
 
     def _exit_record(self, record: RuntimeRecord, note: str = "") -> RuntimeRecord:
-        status = process.read_exit_status(self.folder.exit_file)
+        status = process.wait_exit_status(self.folder.exit_file, EXIT_STATUS_WAIT)
         state, reason = classify_exit(record.intent, status)
         description = {
             "requested": f"{record.intent} requested by vmkit",
@@ -376,7 +384,9 @@ class VM:
         }[reason] + note
         tail = ""
         if reason == "crash":
-            tail = process.log_tail(self.folder.qemu_log) or "(QEMU wrote nothing to its log)"
+            qemu_tail = process.log_tail(self.folder.qemu_log) or "(QEMU wrote nothing)"
+            serial_tail = process.log_tail(self.folder.serial_log, lines=5) or "(empty)"
+            tail = f"QEMU log:\n{qemu_tail}\nserial log:\n{serial_tail}"
         return RuntimeRecord(
             state=state, accel=record.accel, accel_reason=record.accel_reason,
             last_exit=ExitRecord(at=time.time(), reason=reason, status=status,
@@ -441,11 +451,17 @@ class VM:
                                          last_exit=record.last_exit)
                 self._write(starting)
                 process.spawn_detached(argv, self.folder.qemu_log, self.folder.exit_file)
+                identity: process.ProcessIdentity | None = None
                 try:
                     identity = process.wait_for_start(
                         self.folder.pidfile, self.folder.exit_file, self.folder.qemu_log,
                         self.config.uuid, QEMU_START_TIMEOUT)
+                    started = identity
+                    wait_qmp_ready(self.folder.qmp_socket, QEMU_START_TIMEOUT,
+                                   alive=lambda: process.is_alive(started, self.config.uuid))
                 except VmkitError as exc:
+                    if identity is not None:  # never leave a QEMU behind that vmkit disowns
+                        self._kill_process(identity)
                     self._write(RuntimeRecord(
                         state=VmState.CRASHED, accel=accel, accel_reason=reason,
                         last_exit=ExitRecord(at=time.time(), reason="start-failed",

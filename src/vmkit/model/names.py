@@ -11,7 +11,7 @@ _DNS_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 def validate_name(value: str, *, kind: str = "VM name") -> str:
     """Return `value` if it is a DNS label: safe as a hostname, a folder and a QEMU option."""
-    if not isinstance(value, str) or not _DNS_LABEL.match(value):
+    if not isinstance(value, str) or not _DNS_LABEL.fullmatch(value):
         shown = value if isinstance(value, str) else repr(value)
         too_long = isinstance(value, str) and len(value) > 63
         reason = "too long (63 characters at most)" if too_long else "not a DNS label"

@@ -40,7 +40,7 @@ def spawn_detached(argv: list[str], log_file: Path, exit_file: Path) -> subproce
         try:
             return subprocess.Popen(
                 waiter_argv(exit_file, argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, close_fds=True,
+                start_new_session=True, close_fds=True, umask=0o077,
             )
         except OSError as exc:
             raise QemuError(f"cannot start QEMU: {exc}") from exc
@@ -91,6 +91,16 @@ def read_exit_status(exit_file: Path) -> int | None:
     except FileNotFoundError:
         return None
     return int(text) if text.lstrip("-").isdigit() else None
+
+
+def wait_exit_status(exit_file: Path, timeout: float) -> int | None:
+    """The recorded exit status, waiting briefly for the waiter to write it."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = read_exit_status(exit_file)
+        if status is not None or time.monotonic() >= deadline:
+            return status
+        time.sleep(0.01)
 
 
 def log_tail(path: Path, lines: int = 15) -> str:

@@ -8,13 +8,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
+from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from qemu.qmp import ExecuteError, QMPClient
 
-from vmkit.errors import OperationTimeout, QemuError
+from vmkit.errors import OperationTimeout, QemuError, VmkitError
 
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
@@ -72,6 +74,22 @@ class QmpConnection:
             if type(exc).__module__.startswith("qemu.qmp"):
                 raise QemuError(f"QMP {what} on {self._path} failed: {exc}") from exc
             raise
+
+
+def wait_qmp_ready(socket_path: Path, timeout: float, *,
+                   alive: Callable[[], bool] | None = None) -> str:
+    """Wait until QEMU answers QMP on `socket_path`; returns its run status."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            status: str = qmp_execute(socket_path, "query-status", timeout=2.0)["status"]
+            return status
+        except VmkitError:
+            if time.monotonic() >= deadline:
+                raise
+            if alive is not None and not alive():
+                raise QemuError(f"QEMU exited before it answered QMP on {socket_path}") from None
+            time.sleep(0.01)
 
 
 def qmp_execute(socket_path: Path, command: str, arguments: dict[str, Any] | None = None, *,

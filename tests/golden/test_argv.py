@@ -1,0 +1,68 @@
+"""Golden tests: the QEMU argv for a fixed VM must not change without a reviewed golden update.
+
+Regenerate after an intended change with: VMKIT_UPDATE_GOLDEN=1 pytest tests/golden
+"""
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from vmkit.model.spec import BootConfig, HardwareProfile, VmConfig, VmSpec
+from vmkit.qemu.argv import LaunchOptions, build_argv, escape_opt
+from vmkit.storage.layout import VmFolder
+
+HERE = Path(__file__).parent
+
+
+def _config(name: str = "web") -> VmConfig:
+    return VmConfig(
+        uuid="0b0c5d2e-1111-4222-8333-444455556666", mac="52:54:00:12:34:56", created_at=0.0,
+        spec=VmSpec(name=name, image="tiny", cpus=2, memory=512 << 20, disk=2 << 30),
+        hardware=HardwareProfile(machine="pc-q35-10.0"),
+        boot=BootConfig(kernel="boot/vmlinuz", initrd="boot/initrd.img",
+                        cmdline="console=ttyS0 root=/dev/vda rw vmkit.hostname=web"),
+    )
+
+
+def _argv(folder: str, accel: str) -> list[str]:
+    config = _config()
+    paths = VmFolder(Path(folder)).run_paths(config.disk_file, config.boot.kernel,
+                                             config.boot.initrd)
+    return build_argv(config, paths, LaunchOptions(accel=accel))
+
+
+def _check(name: str, argv: list[str]) -> None:
+    golden = HERE / name
+    if os.environ.get("VMKIT_UPDATE_GOLDEN") == "1":
+        golden.write_text(json.dumps(argv, indent=1) + "\n")
+    assert argv == json.loads(golden.read_text())
+
+
+@pytest.mark.parametrize("accel", ["tcg", "kvm"])
+def test_q35_argv(accel: str) -> None:
+    _check(f"argv_q35_{accel}.json", _argv("/var/lib/vmkit/vms/web", accel))
+
+
+def test_commas_in_paths_are_escaped() -> None:
+    argv = _argv("/srv/a,b/vms/web", "tcg")
+    _check("argv_comma_path.json", argv)
+    chardevs = [argv[i + 1] for i, a in enumerate(argv) if a == "-chardev"]
+    assert all("/srv/a,,b/vms/web/run/" in c for c in chardevs)
+    assert "logfile=/srv/a,,b/vms/web/logs/serial.log" in chardevs[1]
+    blockdev = json.loads(argv[argv.index("-blockdev") + 1])
+    assert blockdev["file"]["filename"] == "/srv/a,b/vms/web/disks/root.qcow2"  # JSON: no escaping
+    assert argv[argv.index("-kernel") + 1] == "/srv/a,b/vms/web/boot/vmlinuz"  # plain file arg
+
+
+def test_escape_opt() -> None:
+    assert escape_opt("a,b,,c") == "a,,b,,,,c"
+    assert escape_opt("plain") == "plain"
+
+
+def test_disk_format_is_explicit_and_accel_as_asked() -> None:
+    argv = _argv("/x", "tcg")
+    assert json.loads(argv[argv.index("-blockdev") + 1])["driver"] == "qcow2"
+    assert argv[argv.index("-accel") + 1] == "tcg,thread=multi"
+    assert "-nodefaults" in argv

@@ -1,0 +1,59 @@
+import json
+import multiprocessing
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from vmkit.errors import LockTimeout
+from vmkit.qemu.process import ProcessIdentity, describe_exit, is_alive, start_ticks
+from vmkit.storage.layout import file_lock, lock_is_free, write_json_atomic
+
+
+def test_atomic_write_replaces_whole_file(tmp_path: Path) -> None:
+    target = tmp_path / "vm.json"
+    write_json_atomic(target, {"a": 1})
+    write_json_atomic(target, {"b": 2})
+    assert json.loads(target.read_text()) == {"b": 2}
+    assert [p.name for p in tmp_path.iterdir()] == ["vm.json"]
+
+
+def _hold(path: str, seconds: float) -> None:
+    with file_lock(Path(path), timeout=1, what="test"):
+        time.sleep(seconds)
+
+
+def test_second_locker_waits_then_fails_clearly(tmp_path: Path) -> None:
+    lock = tmp_path / "vm-web.lock"
+    holder = multiprocessing.get_context("fork").Process(target=_hold, args=(str(lock), 3))
+    holder.start()
+    try:
+        deadline = time.monotonic() + 5
+        while lock_is_free(lock) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        started = time.monotonic()
+        with pytest.raises(LockTimeout) as info, file_lock(lock, timeout=0.5, what="VM 'web'"):
+            pass
+        assert time.monotonic() - started >= 0.5
+        assert "VM 'web' is busy" in info.value.message
+        assert f"pid {holder.pid}" in info.value.message
+    finally:
+        holder.join()
+    assert lock_is_free(lock)  # released when its holder exited
+
+
+def test_recycled_pid_is_not_taken_for_the_vm() -> None:
+    me = os.getpid()
+    ticks = start_ticks(me)
+    assert ticks is not None
+    # our own process is alive, but its argv has no -uuid: not a VM
+    assert not is_alive(ProcessIdentity(me, ticks), "some-uuid")
+    # right pid, wrong start time: a recycled pid
+    assert not is_alive(ProcessIdentity(me, ticks + 1), "some-uuid")
+
+
+def test_exit_descriptions() -> None:
+    assert describe_exit(137) == "killed by SIGKILL"
+    assert describe_exit(1) == "exit code 1"
+    assert describe_exit(None) == "exit status unknown"
