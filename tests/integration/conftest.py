@@ -17,7 +17,8 @@ from pathlib import Path
 import pytest
 
 from vmkit import Host
-from vmkit.storage.layout import default_home
+from vmkit.images.catalog import link_image
+from vmkit.storage.layout import HomeLayout, default_home
 
 pytestmark = pytest.mark.integration
 
@@ -32,15 +33,7 @@ def image_home() -> Path:
 @pytest.fixture
 def home(image_home: Path) -> Iterator[Path]:
     root = Path(tempfile.mkdtemp(prefix="vmk-", dir="/tmp"))
-    source = image_home / "images" / "tiny"
-    target = root / "images" / "tiny"
-    target.mkdir(parents=True)
-    for item in source.iterdir():
-        os.link(item, target / item.name)
-    cache = image_home / "cache" / "accel.json"
-    if cache.exists():
-        (root / "cache").mkdir()
-        shutil.copyfile(cache, root / "cache" / "accel.json")
+    link_image(HomeLayout(image_home), HomeLayout(root), "tiny")
     try:
         yield root
     finally:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
 from pathlib import Path
 
 from pydantic import BaseModel, ConfigDict
@@ -49,6 +51,21 @@ def image_info(home: HomeLayout, name: str) -> ImageInfo:
         raise NotFound(f"unknown image {name!r} (built images: {known})",
                        hint=f"build it: vmkit image build {name}")
     return ImageInfo.model_validate(read_json(path))
+
+
+def link_image(source: HomeLayout, target: HomeLayout, name: str) -> None:
+    """Make image `name` of another VMKIT_HOME available here: hard links (copies across file
+    systems). Image files are never rewritten in place, so sharing them is safe."""
+    image_info(source, name)
+    destination = target.image(name)
+    destination.mkdir(parents=True, exist_ok=True)
+    for item in source.image(name).iterdir():
+        if (destination / item.name).exists():
+            continue
+        try:
+            os.link(item, destination / item.name)
+        except OSError:
+            shutil.copyfile(item, destination / item.name)
 
 
 def list_images(home: HomeLayout) -> list[ImageInfo]:
