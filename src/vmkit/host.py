@@ -361,18 +361,36 @@ class VM:
         if record.state not in LIVE_STATES or self._alive(record):
             return record
         if record.state is VmState.STARTING and record.pid is None:
-            return record  # a start in progress has not written its pid yet
-        final = self._exit_record(record)
+            if not locked and not lock_is_free(self.host._lock_path(self.name)):
+                return record  # a start in progress has not written its pid yet
+            # the starting command died before it recorded QEMU's pid: adopt QEMU if it runs
+            final = self._adopt_running_qemu(record) or RuntimeRecord(
+                state=VmState.CRASHED, accel=record.accel, accel_reason=record.accel_reason,
+                last_exit=ExitRecord(at=time.time(), reason="start-failed",
+                                     description="the start was interrupted before QEMU ran "
+                                                 "(the starting command died)"))
+        else:
+            final = self._exit_record(record)
         if persist:
             if locked:
                 self._write(final)
-                self._clear_run()
+                if final.state not in LIVE_STATES:
+                    self._clear_run()
             else:
                 with contextlib.suppress(LockTimeout), self.host._vm_lock(self.name, timeout=0):
                     if self._record() == record:
                         self._write(final)
-                        self._clear_run()
+                        if final.state not in LIVE_STATES:
+                            self._clear_run()
         return final
+
+    def _adopt_running_qemu(self, record: RuntimeRecord) -> RuntimeRecord | None:
+        identity = process.find_vm_qemu(self.config.uuid)
+        if identity is None:
+            return None
+        return record.model_copy(update={
+            "state": VmState.RUNNING, "pid": identity.pid, "start_ticks": identity.start_ticks,
+            "started_at": process.started_at(identity)})
 
     def _exit_record(self, record: RuntimeRecord, note: str = "") -> RuntimeRecord:
         status = process.wait_exit_status(self.folder.exit_file, EXIT_STATUS_WAIT)

@@ -156,3 +156,47 @@ def test_cli_killed_during_create_leaves_a_consistent_listing(home: Path) -> Non
         if f"k{index}" not in listed:  # an interrupted create can simply be run again
             assert run_cli(home, "create", f"k{index}").returncode == 0
     assert len(json.loads(run_cli(home, "list", "--format", "json").stdout)) == len(delays)
+
+
+def _wait_for_recorded_state(state_file: Path, state: str, timeout: float) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if json.loads(state_file.read_text())["state"] == state:
+                return True
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.001)
+    return False
+
+
+def test_cli_killed_during_start_leaves_a_vm_that_can_be_handled(home: Path) -> None:
+    env = {**os.environ, "VMKIT_HOME": str(home)}
+    outcomes = set()
+    for index, extra in enumerate([0.0, 0.005, 0.01, 0.02, 0.03, 0.05]):
+        name = f"s{index}"
+        assert run_cli(home, "create", name).returncode == 0
+        proc = subprocess.Popen([sys.executable, "-m", "vmkit.cli.main", "start", name],
+                                env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        # kill the CLI inside its start: after it recorded `starting`, before `running`
+        assert _wait_for_recorded_state(home / "vms" / name / "state.json", "starting", 30)
+        time.sleep(extra)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        time.sleep(0.5)  # a QEMU spawned just before the kill has started by now
+        vm = Host(home).get(name)
+        state = vm.state
+        uuid = vm.config.uuid
+        outcomes.add(state)
+        if state is VmState.RUNNING:  # the QEMU it had spawned was found and adopted
+            assert _qemu_count(uuid) == 1 and vm.status().pid is not None
+            vm.kill()
+        else:
+            assert state is VmState.CRASHED, state
+            last = vm.status().last_exit
+            assert last is not None and last.reason == "start-failed"
+        assert _qemu_count(uuid) == 0  # nothing left running that vmkit does not know of
+        vm.start(wait=False)  # and the VM can be started again
+        vm.kill()
+        vm.delete()
+    assert VmState.RUNNING in outcomes  # the adoption path really ran

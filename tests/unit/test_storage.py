@@ -57,3 +57,13 @@ def test_exit_descriptions() -> None:
     assert describe_exit(137) == "killed by SIGKILL"
     assert describe_exit(1) == "exit code 1"
     assert describe_exit(None) == "exit status unknown"
+
+
+def test_only_the_vms_qemu_counts_not_its_waiter() -> None:
+    from vmkit.qemu.process import is_vm_qemu, waiter_argv
+
+    qemu = ["/usr/bin/qemu-system-x86_64", "-name", "guest=web", "-uuid", "u-1", "-m", "256M"]
+    assert is_vm_qemu(qemu, "u-1")
+    assert not is_vm_qemu(qemu, "u-2")
+    assert not is_vm_qemu(waiter_argv(Path("/run/exit"), qemu), "u-1")
+    assert not is_vm_qemu(["/usr/bin/qemu-system-x86_64", "-name", "u-1"], "u-1")

@@ -8,6 +8,7 @@ constant; QEMU's argv is passed as positional parameters, never interpolated int
 
 from __future__ import annotations
 
+import itertools
 import os
 import signal
 import subprocess
@@ -68,13 +69,36 @@ def cmdline(pid: int) -> list[str]:
         return []
 
 
+def is_vm_qemu(argv: list[str], vm_uuid: str) -> bool:
+    """argv is a QEMU (not its waiter, whose argv also carries QEMU's) for this VM's uuid."""
+    if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
+        return False
+    return any(a == "-uuid" and b == vm_uuid for a, b in itertools.pairwise(argv))
+
+
 def is_alive(identity: ProcessIdentity, vm_uuid: str) -> bool:
     """The recorded process still runs and is this VM's QEMU (not a recycled pid)."""
     ticks = start_ticks(identity.pid)
     if ticks is None or ticks != identity.start_ticks:
         return False
-    argv = cmdline(identity.pid)
-    return "-uuid" in argv and vm_uuid in argv
+    return is_vm_qemu(cmdline(identity.pid), vm_uuid)
+
+
+def find_vm_qemu(vm_uuid: str) -> ProcessIdentity | None:
+    """Scan /proc for the VM's QEMU (used when a start was interrupted before it recorded it)."""
+    for entry in os.listdir("/proc"):
+        if entry.isdigit() and is_vm_qemu(cmdline(int(entry)), vm_uuid):
+            ticks = start_ticks(int(entry))
+            if ticks is not None:
+                return ProcessIdentity(int(entry), ticks)
+    return None
+
+
+def started_at(identity: ProcessIdentity) -> float:
+    """Wall-clock start time of a process, from boot time and its start ticks."""
+    with open("/proc/stat") as handle:
+        btime = next(int(line.split()[1]) for line in handle if line.startswith("btime"))
+    return btime + identity.start_ticks / os.sysconf("SC_CLK_TCK")
 
 
 def read_pidfile(pidfile: Path) -> int | None:
@@ -129,7 +153,7 @@ def wait_for_start(pidfile: Path, exit_file: Path, log_file: Path, vm_uuid: str,
         pid = read_pidfile(pidfile)
         if pid is not None:
             ticks = start_ticks(pid)
-            if ticks is not None and vm_uuid in cmdline(pid):
+            if ticks is not None and is_vm_qemu(cmdline(pid), vm_uuid):
                 return ProcessIdentity(pid, ticks)
         time.sleep(0.005)
     raise OperationTimeout(f"QEMU did not write its pidfile within {timeout:g}s",
