@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from vmkit import snapshots as snapshot_ops
 from vmkit.errors import (
     AlreadyExists,
     HostError,
@@ -54,7 +55,7 @@ from vmkit.model.spec import (
 )
 from vmkit.model.state import LIVE_STATES, Operation, VmState, check_transition
 from vmkit.qemu import accel as accel_mod
-from vmkit.qemu import agent, hostinfo, img, process
+from vmkit.qemu import agent, blockops, hostinfo, img, process
 from vmkit.qemu.agent import ExecResult
 from vmkit.qemu.argv import LaunchOptions, build_argv
 from vmkit.qemu.qmp import QmpConnection, qmp_execute, wait_qmp_ready
@@ -76,6 +77,7 @@ STOP_TIMEOUT = 30.0
 KILL_TIMEOUT = 10.0
 EXEC_TIMEOUT = 60.0
 QMP_TIMEOUT = 5.0
+MEMORY_STATE_TIMEOUT = 300.0  # saving or loading a memory state (GiBs at disk speed)
 EXIT_STATUS_WAIT = 1.0  # the waiter writes QEMU's exit status a moment after QEMU is gone
 DEFAULT_MACHINE = "q35"
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
@@ -436,11 +438,16 @@ class VM:
         )
 
     # -- lifecycle ------------------------------------------------------------------------
-    def argv(self, accel: str) -> list[str]:
+    def argv(self, accel: str, *, incoming: bool = False) -> list[str]:
         """The QEMU command line this VM runs with (used by start and by benchmarks)."""
         cfg = self.config
-        paths = self.folder.run_paths(cfg.disk_file, cfg.boot.kernel, cfg.boot.initrd)
-        return build_argv(cfg, paths, LaunchOptions(accel=accel))
+        paths = self.folder.run_paths(self.active_layer(), cfg.boot.kernel, cfg.boot.initrd)
+        argv = build_argv(cfg, paths, LaunchOptions(accel=accel))
+        return [*argv, "-incoming", "defer"] if incoming else argv
+
+    def active_layer(self) -> str:
+        """The disk layer the guest writes to (relative to the folder); snapshots move it."""
+        return snapshot_ops.load_tree(self).active_layer or self.config.disk_file
 
     def _choose_accel(self) -> tuple[str, str]:
         wanted = self.config.spec.accel
@@ -455,47 +462,60 @@ class VM:
         with self.host._vm_lock(self.name):
             record = self._observe(persist=True, locked=True)
             check_transition(self.name, record.state, Operation.START)
-            hostinfo.require_supported_qemu()
-            spec = self.config.spec
-            with self.host._host_lock():
-                admit(self.name, Allocation(cpus=spec.cpus, memory=spec.memory),
-                      self.host.allocated(exclude=self.name), self.host.capacity(),
-                      self.host.policy())
-                accel, reason = self._choose_accel()
-                argv = self.argv(accel)
-                self._clear_run()
-                self.folder.run.mkdir(mode=0o700, exist_ok=True)
-                starting = RuntimeRecord(state=VmState.STARTING, accel=accel, accel_reason=reason,
-                                         last_exit=record.last_exit)
-                self._write(starting)
-                process.spawn_detached(argv, self.folder.qemu_log, self.folder.exit_file)
-                identity: process.ProcessIdentity | None = None
-                try:
-                    identity = process.wait_for_start(
-                        self.folder.pidfile, self.folder.exit_file, self.folder.qemu_log,
-                        self.config.uuid, QEMU_START_TIMEOUT)
-                    started = identity
-                    wait_qmp_ready(self.folder.qmp_socket, QEMU_START_TIMEOUT,
-                                   alive=lambda: process.is_alive(started, self.config.uuid))
-                except VmkitError as exc:
-                    if identity is not None:  # never leave a QEMU behind that vmkit disowns
-                        self._kill_process(identity)
-                    self._write(RuntimeRecord(
-                        state=VmState.CRASHED, accel=accel, accel_reason=reason,
-                        last_exit=ExitRecord(at=time.time(), reason="start-failed",
-                                             status=process.read_exit_status(self.folder.exit_file),
-                                             description=exc.message, log_tail=exc.detail or "")))
-                    raise
-                self._write(starting.model_copy(update={
-                    "state": VmState.RUNNING, "pid": identity.pid,
-                    "start_ticks": identity.start_ticks, "started_at": time.time()}))
-                for sock in (self.folder.qmp_socket, self.folder.serial_socket,
-                             self.folder.agent_socket):
-                    with contextlib.suppress(FileNotFoundError):
-                        os.chmod(sock, 0o600)
+            self._start_locked(record)
         if wait:
             self.wait_ready(timeout=timeout)
         return self
+
+    def _start_locked(self, record: RuntimeRecord, *, memory_state: Path | None = None,
+                      resume: bool = True) -> None:
+        """Spawn QEMU (the caller holds the VM lock); with `memory_state`, continue from it."""
+        hostinfo.require_supported_qemu()
+        spec = self.config.spec
+        with self.host._host_lock():
+            admit(self.name, Allocation(cpus=spec.cpus, memory=spec.memory),
+                  self.host.allocated(exclude=self.name), self.host.capacity(),
+                  self.host.policy())
+            accel, reason = self._choose_accel()
+            argv = self.argv(accel, incoming=memory_state is not None)
+            self._clear_run()
+            self.folder.run.mkdir(mode=0o700, exist_ok=True)
+            starting = RuntimeRecord(state=VmState.STARTING, accel=accel, accel_reason=reason,
+                                     last_exit=record.last_exit)
+            self._write(starting)
+            process.spawn_detached(argv, self.folder.qemu_log, self.folder.exit_file)
+            identity: process.ProcessIdentity | None = None
+            state = VmState.RUNNING
+            try:
+                identity = process.wait_for_start(
+                    self.folder.pidfile, self.folder.exit_file, self.folder.qemu_log,
+                    self.config.uuid, QEMU_START_TIMEOUT)
+                started = identity
+                wait_qmp_ready(self.folder.qmp_socket, QEMU_START_TIMEOUT,
+                               alive=lambda: process.is_alive(started, self.config.uuid))
+                if memory_state is not None:
+                    with QmpConnection(self.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+                        blockops.load_memory(qmp, memory_state, MEMORY_STATE_TIMEOUT)
+                        if resume:
+                            qmp.execute("cont")
+                        else:
+                            state = VmState.PAUSED
+            except VmkitError as exc:
+                if identity is not None:  # never leave a QEMU behind that vmkit disowns
+                    self._kill_process(identity)
+                self._write(RuntimeRecord(
+                    state=VmState.CRASHED, accel=accel, accel_reason=reason,
+                    last_exit=ExitRecord(at=time.time(), reason="start-failed",
+                                         status=process.read_exit_status(self.folder.exit_file),
+                                         description=exc.message, log_tail=exc.detail or "")))
+                raise
+            self._write(starting.model_copy(update={
+                "state": state, "pid": identity.pid,
+                "start_ticks": identity.start_ticks, "started_at": time.time()}))
+            for sock in (self.folder.qmp_socket, self.folder.serial_socket,
+                         self.folder.agent_socket):
+                with contextlib.suppress(FileNotFoundError):
+                    os.chmod(sock, 0o600)
 
     def wait_ready(self, *, timeout: float = AGENT_READY_TIMEOUT) -> float:
         """Block until the guest agent answers; returns the seconds waited."""
@@ -542,12 +562,15 @@ class VM:
         with self.host._vm_lock(self.name):
             record = self._observe(persist=True, locked=True)
             check_transition(self.name, record.state, Operation.KILL)
-            self._write(record.model_copy(update={"intent": "kill"}))
-            identity = self._identity(record)
-            if identity is not None:
-                self._kill_process(identity)
-            self._finish(record, "kill", "")
+            self._kill_locked(record)
         return self
+
+    def _kill_locked(self, record: RuntimeRecord, note: str = "") -> None:
+        self._write(record.model_copy(update={"intent": "kill"}))
+        identity = self._identity(record)
+        if identity is not None:
+            self._kill_process(identity)
+        self._finish(record, "kill", note)
 
     def restart(self, *, wait: bool = False, timeout: float = STOP_TIMEOUT) -> VM:
         check_transition(self.name, self.state, Operation.RESTART)
@@ -575,10 +598,7 @@ class VM:
             if record.state in LIVE_STATES:
                 if not force:
                     check_transition(self.name, record.state, Operation.DELETE)
-                self._write(record.model_copy(update={"intent": "kill"}))
-                identity = self._identity(record)
-                if identity is not None:
-                    self._kill_process(identity)
+                self._kill_locked(record)
             trash = self.host.layout.vms / f".deleting-{self.name}-{uuidlib.uuid4().hex[:8]}"
             os.rename(self.folder.path, trash)
             shutil.rmtree(trash, ignore_errors=True)
@@ -588,6 +608,22 @@ class VM:
         """Run a command in the guest through qemu-guest-agent."""
         check_transition(self.name, self.state, Operation.EXEC)
         return agent.guest_exec(self.folder.agent_socket, argv, timeout=timeout, stdin=stdin)
+
+    # -- snapshots (implemented in vmkit.snapshots) --------------------------------------
+    def snapshot(self, name: str, *, disk_only: bool = False) -> snapshot_ops.SnapshotInfo:
+        """Take a snapshot: with memory when the VM runs (unless disk_only), else of the disk."""
+        snapshot_ops.take(self, name, disk_only=disk_only)
+        return next(s for s in self.snapshots() if s.name == name)
+
+    def snapshots(self) -> list[snapshot_ops.SnapshotInfo]:
+        return snapshot_ops.listing(self)
+
+    def restore(self, name: str) -> VM:
+        snapshot_ops.restore(self, name)
+        return self
+
+    def delete_snapshot(self, name: str) -> None:
+        snapshot_ops.delete(self, name)
 
     def console_socket(self) -> Path:
         check_transition(self.name, self.state, Operation.CONSOLE)

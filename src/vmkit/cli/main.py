@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections.abc import Iterator
 from enum import StrEnum
 from typing import Annotated
@@ -24,6 +25,10 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=N
                   help="vmkit: virtual machines on QEMU. Example: vmkit create web --start --wait")
 image_app = typer.Typer(no_args_is_help=True, help="Build and list guest images.")
 app.add_typer(image_app, name="image")
+
+
+snapshot_app = typer.Typer(no_args_is_help=True, help="Snapshots of a VM: a tree.")
+app.add_typer(snapshot_app, name="snapshot")
 
 
 class Format(StrEnum):
@@ -330,6 +335,66 @@ def exec_(name: NameArg,
     if result.exit_code is None:
         raise typer.Exit(128 + (result.signal or 0))
     raise typer.Exit(result.exit_code)
+
+
+# -- snapshots ----------------------------------------------------------------------------
+SnapArg = Annotated[str, typer.Argument(help="snapshot name (a DNS label)")]
+
+
+@snapshot_app.command("create")
+def snapshot_create(name: NameArg, snapshot: SnapArg,
+                    disk_only: Annotated[bool, typer.Option(
+                        "--disk-only", help="disk only (crash-consistent, quiesced by the agent "
+                        "where possible); no memory")] = False) -> None:
+    """Snapshot a VM; a running VM's memory and device state too, and it keeps running.
+
+    Example: vmkit snapshot create web before-upgrade
+    """
+    with _status(f"snapshotting {name}"):
+        info = _host().get(name).snapshot(snapshot, disk_only=disk_only)
+    kind = "disk + memory" if info.with_memory else "disk only"
+    render.err.print(f"snapshot {snapshot} of {name} taken ({kind})")
+
+
+@snapshot_app.command("list")
+def snapshot_list(name: NameArg, format: FormatOpt = Format.table) -> None:
+    """The snapshot tree: name, parent, created, size, with/without memory, current position.
+
+    Example: vmkit snapshot list web
+    """
+    rows = _host().get(name).snapshots()
+    if format is Format.json:
+        render.print_json([r.model_dump(mode="json") for r in rows])
+        return
+    render.table(
+        ["SNAPSHOT", "PARENT", "CREATED", "DISK", "MEMORY", "TAKEN", ""],
+        [["  " * r.depth + r.name, r.parent or "-",
+          time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)),
+          render.size(r.disk_bytes), render.size(r.memory_bytes) if r.with_memory else "no",
+          r.taken_in, "<- current" if r.current else ""] for r in rows])
+
+
+@snapshot_app.command("restore")
+def snapshot_restore(name: NameArg, snapshot: SnapArg) -> None:
+    """Go back to a snapshot; with memory the VM continues from that moment.
+
+    Example: vmkit snapshot restore web before-upgrade
+    """
+    vm = _host().get(name)
+    with _status(f"restoring {name} to {snapshot}"):
+        vm.restore(snapshot)
+    render.err.print(f"VM {name} restored to {snapshot} ({vm.state.value})")
+
+
+@snapshot_app.command("delete")
+def snapshot_delete(name: NameArg, snapshot: SnapArg) -> None:
+    """Delete any snapshot of the tree; its data is merged so the others stay restorable.
+
+    Example: vmkit snapshot delete web before-upgrade
+    """
+    with _status(f"deleting snapshot {snapshot}"):
+        _host().get(name).delete_snapshot(snapshot)
+    render.err.print(f"snapshot {snapshot} of {name} deleted")
 
 
 def main() -> None:

@@ -26,16 +26,33 @@ def _run(argv: list[str], *, timeout: float) -> str:
     return done.stdout
 
 
-def create_overlay(path: Path, backing: Path, size: int, *, timeout: float = 60) -> None:
-    """A qcow2 whose unchanged blocks are read from `backing` (a qcow2): O(1) in disk size."""
-    _run([QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing),
-          "-o", "cluster_size=65536", str(path), str(size)], timeout=timeout)
+def create_overlay(path: Path, backing: Path | str, size: int | None = None, *,
+                   timeout: float = 60) -> None:
+    """A qcow2 whose unchanged blocks are read from `backing` (a qcow2): O(1) in disk size.
+
+    A relative `backing` is resolved from the overlay's own folder and stored relative, so the
+    folder can move. Without `size` the overlay takes the backing file's size.
+    """
+    argv = [QEMU_IMG, "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing),
+            "-o", "cluster_size=65536", str(path)]
+    _run(argv + ([str(size)] if size is not None else []), timeout=timeout)
+
+
+def rebase(path: Path, backing: Path | str | None, *, timeout: float = 3600) -> None:
+    """Give `path` a new backing file, copying whatever differs (safe mode); None flattens it."""
+    target = ["-F", "qcow2", "-b", str(backing)] if backing is not None else ["-b", ""]
+    _run([QEMU_IMG, "rebase", "-q", "-f", "qcow2", *target, str(path)], timeout=timeout)
+
+
+def convert_flat(source: Path, dest: Path, *, timeout: float = 3600) -> None:
+    """A standalone qcow2 with the content of `source` and its whole backing chain."""
+    _run([QEMU_IMG, "convert", "-q", "-f", "qcow2", "-O", "qcow2", str(source), str(dest)],
+         timeout=timeout)
 
 
 def full_copy(path: Path, source: Path, size: int, *, timeout: float = 600) -> None:
     """An independent qcow2 with the content of `source`, grown to `size`."""
-    _run([QEMU_IMG, "convert", "-q", "-f", "qcow2", "-O", "qcow2", str(source), str(path)],
-         timeout=timeout)
+    convert_flat(source, path, timeout=timeout)
     resize(path, size, timeout=timeout)
 
 
