@@ -19,6 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
+from vmkit import clones
 from vmkit import snapshots as snapshot_ops
 from vmkit.errors import (
     AlreadyExists,
@@ -52,10 +53,11 @@ from vmkit.model.spec import (
     make_spec,
     new_mac,
     new_uuid,
+    with_hostname,
 )
 from vmkit.model.state import LIVE_STATES, Operation, VmState, check_transition
 from vmkit.qemu import accel as accel_mod
-from vmkit.qemu import agent, blockops, hostinfo, img, process
+from vmkit.qemu import agent, hostinfo, img, process
 from vmkit.qemu.agent import ExecResult
 from vmkit.qemu.argv import LaunchOptions, build_argv
 from vmkit.qemu.qmp import QmpConnection, qmp_execute, wait_qmp_ready
@@ -77,7 +79,6 @@ STOP_TIMEOUT = 30.0
 KILL_TIMEOUT = 10.0
 EXEC_TIMEOUT = 60.0
 QMP_TIMEOUT = 5.0
-MEMORY_STATE_TIMEOUT = 300.0  # saving or loading a memory state (GiBs at disk speed)
 EXIT_STATUS_WAIT = 1.0  # the waiter writes QEMU's exit status a moment after QEMU is gone
 DEFAULT_MACHINE = "q35"
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
@@ -246,13 +247,40 @@ class Host:
         if spec.accel == "kvm" and not Path("/dev/kvm").exists():
             raise InvalidValue("invalid accel 'kvm': /dev/kvm does not exist on this host",
                                hint="use --accel tcg or auto")
+        machine = hostinfo.resolve_machine(DEFAULT_MACHINE)
+        image_dir = self.layout.image(info.name)
+
+        def build(work: VmFolder) -> VmConfig:
+            for source, dest in ((info.kernel, "vmlinuz"), (info.initrd, "initrd.img")):
+                _link_or_copy(image_dir / source, work.boot / dest)
+            disk_path = work.path / ROOT_DISK_FILE
+            if spec.full_copy:
+                img.full_copy(disk_path, image_dir / info.root_disk, spec.disk)
+            else:
+                img.create_overlay(disk_path, image_dir / info.root_disk, spec.disk)
+            return VmConfig(
+                uuid=new_uuid(), mac=new_mac(), created_at=time.time(), spec=spec,
+                hardware=HardwareProfile(machine=machine),
+                boot=BootConfig(kernel="boot/vmlinuz", initrd="boot/initrd.img",
+                                cmdline=with_hostname(info.cmdline, name)),
+                backing_file=None if spec.full_copy else str(image_dir / info.root_disk),
+                base_image_sha256=info.sha256,
+            )
+
+        vm = self._new_vm_folder(name, build)
+        if start:
+            vm.start(wait=wait, timeout=timeout)
+        return vm
+
+    def _new_vm_folder(self, name: str, build: Callable[[VmFolder], VmConfig]) -> VM:
+        """Make vms/NAME complete or not at all: `build` fills a hidden folder, then one rename
+        publishes it. The caller has validated the request; this holds the name's lock."""
         longest = self.layout.vm(name).serial_socket
         if len(str(longest)) > _UNIX_PATH_MAX:
             raise InvalidValue(
                 f"VMKIT_HOME {self.layout.root} is too long: the VM's socket path {longest} "
                 f"exceeds {_UNIX_PATH_MAX} bytes, the UNIX socket limit",
                 hint="use a shorter VMKIT_HOME (or a shorter VM name)")
-        machine = hostinfo.resolve_machine(DEFAULT_MACHINE)
         with self._vm_lock(name):
             self._sweep_leftovers()
             target = self.layout.vm(name)
@@ -263,32 +291,21 @@ class Host:
             try:
                 work.path.mkdir()
                 work.make_dirs()
-                image_dir = self.layout.image(info.name)
-                for source, dest in ((info.kernel, "vmlinuz"), (info.initrd, "initrd.img")):
-                    _link_or_copy(image_dir / source, work.boot / dest)
-                disk_path = work.path / ROOT_DISK_FILE
-                if spec.full_copy:
-                    img.full_copy(disk_path, image_dir / info.root_disk, spec.disk)
-                else:
-                    img.create_overlay(disk_path, image_dir / info.root_disk, spec.disk)
-                config = VmConfig(
-                    uuid=new_uuid(), mac=new_mac(), created_at=time.time(), spec=spec,
-                    hardware=HardwareProfile(machine=machine),
-                    boot=BootConfig(kernel="boot/vmlinuz", initrd="boot/initrd.img",
-                                    cmdline=f"{info.cmdline} vmkit.hostname={name}"),
-                    backing_file=None if spec.full_copy else str(image_dir / info.root_disk),
-                    base_image_sha256=info.sha256,
-                )
+                config = build(work)
                 write_json_atomic(work.config_file, config.model_dump(mode="json"))
                 write_json_atomic(work.state_file, RuntimeRecord().model_dump(mode="json"))
                 os.rename(work.path, target.path)
             except BaseException:
                 shutil.rmtree(work.path, ignore_errors=True)
                 raise
-        vm = VM(self, name)
-        if start:
-            vm.start(wait=wait, timeout=timeout)
-        return vm
+        return VM(self, name)
+
+    def _discard_vm_folder(self, name: str) -> None:
+        """Remove vms/NAME (the caller holds its lock): rename away first, so it is never seen
+        half-deleted; an interrupted removal is finished by the next listing."""
+        trash = self.layout.vms / f".deleting-{name}-{uuidlib.uuid4().hex[:8]}"
+        os.rename(self.layout.vm(name).path, trash)
+        shutil.rmtree(trash, ignore_errors=True)
 
     # -- internals ------------------------------------------------------------------------
     def _lock_path(self, name: str) -> Path:
@@ -467,9 +484,11 @@ class VM:
             self.wait_ready(timeout=timeout)
         return self
 
-    def _start_locked(self, record: RuntimeRecord, *, memory_state: Path | None = None,
+    def _start_locked(self, record: RuntimeRecord, *,
+                      incoming: Callable[[QmpConnection], None] | None = None,
                       resume: bool = True) -> None:
-        """Spawn QEMU (the caller holds the VM lock); with `memory_state`, continue from it."""
+        """Spawn QEMU (the caller holds the VM lock). With `incoming`, QEMU waits for a memory
+        state that `incoming(qmp)` feeds it (a file or another QEMU), then continues from it."""
         hostinfo.require_supported_qemu()
         spec = self.config.spec
         with self.host._host_lock():
@@ -477,7 +496,7 @@ class VM:
                   self.host.allocated(exclude=self.name), self.host.capacity(),
                   self.host.policy())
             accel, reason = self._choose_accel()
-            argv = self.argv(accel, incoming=memory_state is not None)
+            argv = self.argv(accel, incoming=incoming is not None)
             self._clear_run()
             self.folder.run.mkdir(mode=0o700, exist_ok=True)
             starting = RuntimeRecord(state=VmState.STARTING, accel=accel, accel_reason=reason,
@@ -493,9 +512,9 @@ class VM:
                 started = identity
                 wait_qmp_ready(self.folder.qmp_socket, QEMU_START_TIMEOUT,
                                alive=lambda: process.is_alive(started, self.config.uuid))
-                if memory_state is not None:
+                if incoming is not None:
                     with QmpConnection(self.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
-                        blockops.load_memory(qmp, memory_state, MEMORY_STATE_TIMEOUT)
+                        incoming(qmp)
                         if resume:
                             qmp.execute("cont")
                         else:
@@ -595,13 +614,22 @@ class VM:
         """Remove the VM folder; a live VM only with force (it is killed first)."""
         with self.host._vm_lock(self.name):
             record = self._observe(persist=True, locked=True)
+            users = self.linked_clones()
+            if users:
+                raise InvalidState(
+                    f"cannot delete VM {self.name!r}: linked clones use its disk layers "
+                    f"({', '.join(users)})", hint="delete those clones first")
             if record.state in LIVE_STATES:
                 if not force:
                     check_transition(self.name, record.state, Operation.DELETE)
                 self._kill_locked(record)
-            trash = self.host.layout.vms / f".deleting-{self.name}-{uuidlib.uuid4().hex[:8]}"
-            os.rename(self.folder.path, trash)
-            shutil.rmtree(trash, ignore_errors=True)
+            self.host._discard_vm_folder(self.name)
+
+    def linked_clones(self) -> list[str]:
+        """VMs whose disk is an overlay on one of this VM's layers."""
+        inside = str(self.folder.path) + os.sep
+        return [vm.name for vm in self.host.vms()
+                if vm.name != self.name and (vm.config.backing_file or "").startswith(inside)]
 
     def exec(self, argv: list[str], *, timeout: float = EXEC_TIMEOUT,
              stdin: bytes | None = None) -> ExecResult:
@@ -624,6 +652,11 @@ class VM:
 
     def delete_snapshot(self, name: str) -> None:
         snapshot_ops.delete(self, name)
+
+    def clone(self, target: str, *, linked: bool = False, from_snapshot: str | None = None,
+              live: bool = False) -> VM:
+        """A new VM from this one (new uuid, MAC, hostname); see vmkit.clones."""
+        return clones.clone(self, target, linked=linked, from_snapshot=from_snapshot, live=live)
 
     def console_socket(self) -> Path:
         check_transition(self.name, self.state, Operation.CONSOLE)

@@ -212,8 +212,10 @@ def restore(vm: VM, name: str) -> None:
         if old_active not in {n.layer for n in tree.nodes.values()}:
             (vm.folder.path / old_active).unlink(missing_ok=True)  # the discarded present
         if node.memory is not None:
-            vm._start_locked(record, memory_state=vm.folder.path / node.memory,
-                             resume=node.taken_in == "running")
+            state_file = vm.folder.path / node.memory
+            vm._start_locked(
+                record, resume=node.taken_in == "running",
+                incoming=lambda qmp: blockops.load_memory(qmp, state_file, MEMORY_STATE_TIMEOUT))
 
 
 # -- delete -------------------------------------------------------------------------------

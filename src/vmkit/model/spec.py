@@ -77,7 +77,8 @@ class HardwareProfile(BaseModel):
     cpu_model: str = "qemu64"
     firmware: str = "qboot"
     devices: tuple[str, ...] = (
-        "virtio-blk-pci", "virtio-serial-pci", "virtio-balloon-pci", "virtio-rng-pci", "isa-serial",
+        "virtio-blk-pci", "virtio-serial-pci", "virtio-net-pci", "virtio-balloon-pci",
+        "virtio-rng-pci", "isa-serial",
     )
 
 
@@ -114,3 +115,9 @@ def new_mac(rng: random.Random | None = None) -> str:
     """A locally administered unicast MAC in QEMU's 52:54:00 prefix."""
     r = rng or random.SystemRandom()
     return "52:54:00:" + ":".join(f"{r.randrange(256):02x}" for _ in range(3))
+
+
+def with_hostname(cmdline: str, hostname: str) -> str:
+    """The guest kernel command line with `vmkit.hostname=` set to `hostname` (and only once)."""
+    words = [w for w in cmdline.split() if not w.startswith("vmkit.hostname=")]
+    return " ".join([*words, f"vmkit.hostname={hostname}"])

@@ -87,6 +87,11 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
         "-chardev", _chardev_socket("agent0", paths.agent_socket),
         "-device",
         "virtserialport,bus=virtio-serial0.0,chardev=agent0,name=org.qemu.guest_agent.0",
+        # User-mode NIC with restrict=on: the guest has a MAC and DHCP but no path out of its
+        # QEMU until virtual networks exist; addresses from the benchmarking range.
+        "-netdev", "user,id=net0,restrict=on,net=198.18.0.0/24,host=198.18.0.2,"
+                   "dhcpstart=198.18.0.15",
+        "-device", f"virtio-net-pci,netdev=net0,id=nic0,mac={config.mac}",
         "-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=rng0",

@@ -3,6 +3,8 @@ memory state, stream a layer away. Each one waits with a timeout and reports QEM
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
 from pathlib import Path
 from typing import Any
@@ -25,10 +27,19 @@ def top_node(qmp: QmpConnection, device: str = DISK_DEVICE) -> str:
 def node_for_file(qmp: QmpConnection, filename: Path) -> str:
     """The format node whose image is `filename` (layers opened as backing get generated names)."""
     for node in qmp.execute("query-named-block-nodes", {"flat": True}):
-        if node.get("drv") == "qcow2" and Path(node.get("file", "")) == filename:
+        if node.get("drv") == "qcow2" and _image_file(node.get("file", "")) == filename:
             name: str = node["node-name"]
             return name
     raise QemuError(f"no open qcow2 node for {filename}")
+
+
+def _image_file(described: str) -> Path:
+    """The image file of a node; QEMU describes overlays whose backing was set at run time as
+    json:{...,"file": {"filename": ...}}."""
+    if described.startswith("json:"):
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            return Path(json.loads(described[5:])["file"]["filename"])
+    return Path(described)
 
 
 def add_overlay_on_top(qmp: QmpConnection, overlay: Path, node_name: str) -> None:
@@ -91,3 +102,19 @@ def run_job(qmp: QmpConnection, command: str, arguments: dict[str, Any], job_id:
     qmp.execute("job-dismiss", {"id": job_id})
     if job is not None and job.get("error"):
         raise QemuError(f"block job {job_id} failed: {job['error']}")
+
+
+def _unix_channel(path: Path) -> list[dict[str, Any]]:
+    return [{"channel-type": "main",
+             "addr": {"transport": "socket", "type": "unix", "path": str(path)}}]
+
+
+def listen_incoming(qmp: QmpConnection, socket_path: Path) -> None:
+    """Make a QEMU started with `-incoming defer` wait for a memory state on a UNIX socket."""
+    qmp.execute("migrate-incoming", {"channels": _unix_channel(socket_path)})
+
+
+def send_memory(qmp: QmpConnection, socket_path: Path, timeout: float) -> None:
+    """Stream this QEMU's memory and device state to another QEMU listening on the socket."""
+    qmp.execute("migrate", {"channels": _unix_channel(socket_path)})
+    wait_migration(qmp, timeout, f"sending memory to {socket_path}")

@@ -1,0 +1,177 @@
+"""Clone use cases of the engine: full, linked, from a snapshot, and instant (live).
+
+- full: a standalone qcow2 flattened from the chosen point (`qemu-img convert`).
+- linked: a qcow2 overlay on an immutable snapshot layer of the source: O(1) in disk size. Without
+  --from-snapshot an automatic disk-only snapshot `clone-TARGET` of the source is that layer.
+- instant (--live): the running source is paused for a moment, its disk frozen by a snapshot, its
+  memory streamed straight into the clone's new QEMU over a UNIX socket; both then run. The guest
+  is told its new identity through the agent: hostname, MAC address, a reseeded RNG.
+
+Every clone gets a new identity: uuid, MAC, hostname (kernel command line) — never the source's.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from vmkit import snapshots as snapshot_ops
+from vmkit.errors import AlreadyExists, InvalidState, VmkitError
+from vmkit.model.names import validate_name
+from vmkit.model.runtime import RuntimeRecord
+from vmkit.model.snapshots import SnapshotNode
+from vmkit.model.spec import ROOT_DISK_FILE, VmConfig, new_mac, new_uuid, with_hostname
+from vmkit.model.state import LIVE_STATES, VmState
+from vmkit.qemu import agent, blockops, img
+from vmkit.qemu.qmp import QmpConnection, qmp_execute
+from vmkit.storage.layout import VmFolder
+
+if TYPE_CHECKING:
+    from vmkit.host import VM
+
+MIGRATE_TIMEOUT = 300.0
+IDENTITY_TIMEOUT = 30.0
+
+
+def _identity(source: VmConfig, target: str, *, backing: Path | None) -> VmConfig:
+    return source.model_copy(update={
+        "uuid": new_uuid(), "mac": new_mac(), "created_at": time.time(),
+        "spec": source.spec.model_copy(update={"name": target, "full_copy": backing is None}),
+        "boot": source.boot.model_copy(update={
+            "cmdline": with_hostname(source.boot.cmdline, target)}),
+        "disk_file": ROOT_DISK_FILE,
+        "backing_file": str(backing) if backing is not None else None,
+    })
+
+
+def _link_boot(source: VM, work: VmFolder) -> None:
+    for item in source.folder.boot.iterdir():
+        try:
+            os.link(item, work.boot / item.name)
+        except OSError:
+            work.boot.joinpath(item.name).write_bytes(item.read_bytes())
+
+
+def clone(source: VM, target: str, *, linked: bool = False, from_snapshot: str | None = None,
+          live: bool = False) -> VM:
+    validate_name(target)
+    host = source.host
+    if live:
+        if from_snapshot is not None:
+            raise InvalidState("an instant clone starts from the source's present state",
+                               hint="drop --from-snapshot, or clone without --live")
+        return instant_clone(source, target)
+    _check_free(source, target)
+    with host._vm_lock(source.name):
+        record = source._observe(persist=True, locked=True)
+        tree = snapshot_ops.load_tree(source)
+        automatic: str | None = None
+        node: SnapshotNode | None = None
+        if from_snapshot is not None:
+            node = tree.get(source.name, from_snapshot)
+        elif linked or record.state in LIVE_STATES:
+            automatic = f"clone-{target}"[:63]
+            node = snapshot_ops.take_locked(source, record, automatic, disk_only=True)
+        point = source.folder.path / (node.layer if node else source.active_layer())
+        try:
+            def build(work: VmFolder) -> VmConfig:
+                _link_boot(source, work)
+                disk = work.path / ROOT_DISK_FILE
+                if linked:
+                    img.create_overlay(disk, point)
+                else:
+                    img.convert_flat(point, disk)
+                return _identity(source.config, target, backing=point if linked else None)
+
+            vm = host._new_vm_folder(target, build)
+        except BaseException:
+            if automatic is not None:
+                snapshot_ops.delete_locked(source, source._record(), automatic)
+            raise
+        if automatic is not None and not linked:
+            # a full clone only needed a still point; give the layer back to the source
+            snapshot_ops.delete_locked(source, source._record(), automatic)
+    return vm
+
+
+def _check_free(source: VM, target: str) -> None:
+    """Refuse an existing target before touching the source (the builder checks again)."""
+    if source.host.layout.vm(target).config_file.exists():
+        raise AlreadyExists(f"VM {target!r} already exists",
+                            hint=f"pick another name or delete it: vmkit delete {target}")
+
+
+def instant_clone(source: VM, target: str) -> VM:
+    """A running copy of a running VM; the source keeps running."""
+    host = source.host
+    _check_free(source, target)
+    with host._vm_lock(source.name):
+        record = source._observe(persist=True, locked=True)
+        if record.state is not VmState.RUNNING:
+            raise InvalidState(f"cannot instant-clone VM {source.name!r}: it is "
+                               f"{record.state.value} (an instant clone needs a running VM)",
+                               hint=f"start it first (vmkit start {source.name})")
+        qmp_execute(source.folder.qmp_socket, "stop")
+        paused = record.model_copy(update={"state": VmState.PAUSED})
+        node: SnapshotNode | None = None
+        try:
+            node = snapshot_ops.take_locked(source, paused, f"clone-{target}"[:63],
+                                            disk_only=True)
+            layer = source.folder.path / node.layer
+
+            def build(work: VmFolder) -> VmConfig:
+                _link_boot(source, work)
+                img.create_overlay(work.path / ROOT_DISK_FILE, layer)
+                return _identity(source.config, target, backing=layer)
+
+            clone_vm = host._new_vm_folder(target, build)
+            with host._vm_lock(target):
+                socket_path = clone_vm.folder.run / "incoming.sock"
+
+                def receive(qmp: QmpConnection) -> None:
+                    blockops.listen_incoming(qmp, socket_path)
+                    with QmpConnection(source.folder.qmp_socket, timeout=10) as sq:
+                        blockops.send_memory(sq, socket_path, MIGRATE_TIMEOUT)
+                        sq.execute("cont")
+                    blockops.wait_migration(qmp, MIGRATE_TIMEOUT, "receiving memory")
+
+                try:
+                    clone_vm._start_locked(RuntimeRecord(), incoming=receive)
+                except BaseException:
+                    host._discard_vm_folder(target)  # no half clone stays listed
+                    raise
+        except BaseException:
+            _resume(source)
+            if node is not None and not host.layout.vm(target).path.exists():
+                snapshot_ops.delete_locked(source, source._record(), node.name)
+            raise
+        _resume(source)
+    tell_new_identity(clone_vm)
+    return clone_vm
+
+
+def _resume(vm: VM) -> None:
+    """Let the source run again whatever state the clone left it in (paused or postmigrate)."""
+    try:
+        status = qmp_execute(vm.folder.qmp_socket, "query-status")["status"]
+        if status != "running":
+            qmp_execute(vm.folder.qmp_socket, "cont")
+    except VmkitError:
+        pass
+
+
+def tell_new_identity(vm: VM) -> None:
+    """Inside the cloned guest: its hostname, its MAC (the NIC follows), a reseeded RNG."""
+    sock = vm.folder.agent_socket
+    agent.wait_agent_ready(sock, IDENTITY_TIMEOUT)
+    script = (
+        f"hostname {vm.name}; "
+        f"for nic in /sys/class/net/eth0; do [ -e $nic ] && ip link set dev eth0 address "
+        f"{vm.config.mac}; done; cat > /dev/urandom"
+    )
+    result = agent.guest_exec(sock, ["sh", "-c", script], timeout=IDENTITY_TIMEOUT,
+                              stdin=os.urandom(64))
+    if result.exit_code != 0:
+        raise VmkitError(f"could not give clone {vm.name!r} its new identity: {result.stderr}")
