@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from vmkit import clones
+from vmkit import bundles, clones
 from vmkit import snapshots as snapshot_ops
 from vmkit.errors import (
     AlreadyExists,
@@ -208,6 +208,11 @@ class Host:
         with file_lock(self.layout.locks / f"image-{name}.lock", timeout=600,
                        what=f"image {name!r}"):
             return build_tiny(self.layout, force=force, progress=progress, in_use=in_use)
+
+    def import_bundle(self, path: str | Path, *, name: str | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> VM:
+        """Register a VM from a bundle after checking every byte of it."""
+        return bundles.import_bundle(self, Path(path), name=name, progress=progress)
 
     # -- VMs ------------------------------------------------------------------------------
     def vms(self) -> list[VM]:
@@ -657,6 +662,11 @@ class VM:
               live: bool = False) -> VM:
         """A new VM from this one (new uuid, MAC, hostname); see vmkit.clones."""
         return clones.clone(self, target, linked=linked, from_snapshot=from_snapshot, live=live)
+
+    def export(self, path: str | Path, *,
+               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        """Write this VM — disks, snapshot tree, memory states — as one checked bundle file."""
+        return bundles.export(self, Path(path), progress=progress)
 
     def console_socket(self) -> Path:
         check_transition(self.name, self.state, Operation.CONSOLE)

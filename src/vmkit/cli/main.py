@@ -11,7 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -335,6 +335,71 @@ def exec_(name: NameArg,
     if result.exit_code is None:
         raise typer.Exit(128 + (result.signal or 0))
     raise typer.Exit(result.exit_code)
+
+
+# -- clones and bundles -------------------------------------------------------------------
+@app.command()
+def clone(
+    name: NameArg,
+    target: Annotated[str, typer.Argument(help="name of the new VM")],
+    linked: Annotated[bool, typer.Option("--linked", help="a qcow2 overlay on the source's "
+                                         "snapshot layer: instant, shares unchanged data")] = False,
+    from_snapshot: Annotated[str | None, typer.Option(help="clone this snapshot's disk")] = None,
+    live: Annotated[bool, typer.Option("--live", help="instant clone: a running copy of the "
+                                       "running VM, from its memory")] = False,
+) -> None:
+    """Clone a VM (new uuid, MAC and hostname).
+
+    Example: vmkit clone web web2 --linked --from-snapshot before-upgrade
+    """
+    with _status(f"cloning {name} to {target}"):
+        vm = _host().get(name).clone(target, linked=linked, from_snapshot=from_snapshot,
+                                     live=live)
+    render.err.print(f"cloned {name} to {target} ({vm.state.value})")
+
+
+def _bytes_progress(label: str) -> tuple[Any, Any]:
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TransferSpeedColumn,
+    )
+
+    bar = Progress(label, BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                   console=render.err, disable=not sys.stderr.isatty())
+    task = bar.add_task(label, total=None)
+    return bar, lambda done, total: bar.update(task, completed=done, total=total)
+
+
+@app.command("export")
+def export_(name: NameArg,
+            path: Annotated[str, typer.Argument(help="bundle file to write, e.g. web.vmkit")]
+            ) -> None:
+    """Write a VM (config, disks, snapshot tree, memory states, checksums) as one file.
+
+    Example: vmkit export web web.vmkit
+    """
+    vm = _host().get(name)
+    bar, progress = _bytes_progress(f"export {name}")
+    with bar:
+        result = vm.export(path, progress=progress)
+    render.err.print(f"exported {name} to {result['path']} ({render.size(result['bytes'])})")
+
+
+@app.command("import")
+def import_(path: Annotated[str, typer.Argument(help="bundle file, e.g. web.vmkit")],
+            name: Annotated[str | None, typer.Option(help="register it under another name "
+                                                     "(then with a new identity)")] = None,
+            ) -> None:
+    """Import a bundle; every checksum and disk is checked before the VM is registered.
+
+    Example: vmkit import web.vmkit --name web-copy
+    """
+    bar, progress = _bytes_progress("import")
+    with bar:
+        vm = _host().import_bundle(path, name=name, progress=progress)
+    render.err.print(f"imported VM {vm.name}")
 
 
 # -- snapshots ----------------------------------------------------------------------------
