@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
 from vmkit import snapshots as snapshot_ops
-from vmkit.errors import InvalidValue, NotFound, VmkitError
+from vmkit.errors import InvalidValue, NotFound, VmkitError, os_errors
 from vmkit.model.names import validate_name
 from vmkit.model.spec import VmConfig, new_mac, new_uuid, with_hostname
 from vmkit.model.state import LIVE_STATES
@@ -85,7 +85,8 @@ def export(vm: VM, path: Path, *, progress: Progress | None = None) -> dict[str,
             snapshot_ops.take_locked(vm, record, point, disk_only=True)
         staging = vm.host.layout.cache / f"export-{uuidlib.uuid4().hex[:8]}"
         try:
-            return _write_bundle(vm, path, point, staging, progress)
+            with os_errors(f"exporting VM {vm.name!r} to {path}"):
+                return _write_bundle(vm, path, point, staging, progress)
         except BaseException:
             path.unlink(missing_ok=True)
             raise
@@ -191,7 +192,8 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
             expected = {e["path"]: e for e in manifest["files"]}
 
             def build(work: VmFolder) -> VmConfig:
-                _extract_checked(tar, work.path, expected, path, progress)
+                with os_errors(f"importing {path}"):
+                    _extract_checked(tar, work.path, expected, path, progress)
                 _check_disks(work.path, path)
                 config = VmConfig.model_validate_json((work.path / "vm.json").read_bytes())
                 if target != original:  # a copy: a new identity, never the source's

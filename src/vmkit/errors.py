@@ -19,6 +19,9 @@ The SDK raises these classes; the CLI turns them into exit codes via `exit_code_
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
+
 
 class VmkitError(Exception):
     """Root of every error vmkit raises on purpose."""
@@ -95,3 +98,15 @@ def exit_code_for(error: BaseException) -> int:
     if isinstance(error, VmkitError):
         return error.exit_code
     return 1
+
+
+@contextlib.contextmanager
+def os_errors(what: str) -> Iterator[None]:
+    """Turn an OSError (disk full, permission denied, ...) into a HostError that says what
+    vmkit was doing and which file failed."""
+    try:
+        yield
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise HostError(f"{what} failed: {exc.strerror or exc}{where}",
+                        hint="free some space and retry" if exc.errno == 28 else None) from exc

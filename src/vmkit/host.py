@@ -30,6 +30,7 @@ from vmkit.errors import (
     NotFound,
     QemuError,
     VmkitError,
+    os_errors,
 )
 from vmkit.images import catalog
 from vmkit.images.catalog import ImageInfo
@@ -294,12 +295,13 @@ class Host:
                                     hint=f"pick another name or delete it: vmkit delete {name}")
             work = VmFolder(self.layout.vms / f".creating-{name}-{uuidlib.uuid4().hex[:8]}")
             try:
-                work.path.mkdir()
-                work.make_dirs()
-                config = build(work)
-                write_json_atomic(work.config_file, config.model_dump(mode="json"))
-                write_json_atomic(work.state_file, RuntimeRecord().model_dump(mode="json"))
-                os.rename(work.path, target.path)
+                with os_errors(f"creating VM {name!r}"):
+                    work.path.mkdir()
+                    work.make_dirs()
+                    config = build(work)
+                    write_json_atomic(work.config_file, config.model_dump(mode="json"))
+                    write_json_atomic(work.state_file, RuntimeRecord().model_dump(mode="json"))
+                    os.rename(work.path, target.path)
             except BaseException:
                 shutil.rmtree(work.path, ignore_errors=True)
                 raise

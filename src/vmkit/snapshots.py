@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
-from vmkit.errors import AgentError, InvalidState, OperationTimeout, VmkitError
+from vmkit.errors import AgentError, InvalidState, OperationTimeout, VmkitError, os_errors
 from vmkit.model.runtime import RuntimeRecord
 from vmkit.model.snapshots import SnapshotNode, SnapshotTree
 from vmkit.model.state import LIVE_STATES, VmState
@@ -96,7 +96,7 @@ def listing(vm: VM) -> list[SnapshotInfo]:
 
 # -- take ---------------------------------------------------------------------------------
 def take(vm: VM, name: str, *, disk_only: bool = False) -> SnapshotNode:
-    with vm.host._vm_lock(vm.name):
+    with vm.host._vm_lock(vm.name), os_errors(f"snapshot {name!r} of VM {vm.name!r}"):
         record = vm._observe(persist=True, locked=True)
         return take_locked(vm, record, name, disk_only=disk_only)
 

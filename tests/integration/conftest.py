@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from vmkit import Host
+from vmkit import VM, Host
 from vmkit.images.catalog import link_image
 from vmkit.storage.layout import HomeLayout, default_home
 
@@ -37,10 +37,20 @@ def home(image_home: Path) -> Iterator[Path]:
     try:
         yield root
     finally:
-        leftover = Host(root)
-        for vm in leftover.vms():
-            vm.delete(force=True)
+        delete_all(Host(root))
         shutil.rmtree(root, ignore_errors=True)
+
+
+def delete_all(host: Host) -> None:
+    """Delete every VM, linked clones before the VMs they lean on."""
+    for _ in range(10):
+        remaining = host.vms()
+        if not remaining:
+            return
+        for vm in remaining:
+            if not vm.linked_clones():
+                vm.delete(force=True)
+    raise AssertionError(f"could not delete {[vm.name for vm in host.vms()]}")
 
 
 @pytest.fixture
@@ -56,3 +66,21 @@ def run_cli(home: Path, *args: str, timeout: float = 300,
     if check and done.returncode != 0:
         raise AssertionError(f"vmkit {' '.join(args)} -> {done.returncode}\n{done.stderr}")
     return done
+
+
+COUNTER = ("sh -c 'echo $$ > /run/counter.pid; i=0; "
+           "while true; do i=$((i+1)); echo $i > /run/counter; usleep 20000; done' "
+           ">/dev/null 2>&1 </dev/null &")
+
+
+def sh(vm: VM, script: str) -> str:
+    result = vm.exec(["sh", "-c", script], timeout=120)
+    assert result.exit_code == 0, result.stderr
+    return result.stdout.strip()
+
+
+def chain_is_sound(folder: Path) -> None:
+    """Every layer opens with its whole backing chain: no dangling backing file anywhere."""
+    for layer in (folder / "disks").glob("*.qcow2"):
+        subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "-f", "qcow2", str(layer)],
+                       check=True, capture_output=True)

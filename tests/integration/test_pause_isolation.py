@@ -7,12 +7,9 @@ import signal
 import time
 from pathlib import Path
 
-from tests.integration.conftest import run_cli
+from tests.integration.conftest import COUNTER, run_cli
 from vmkit import Host, VmState
 from vmkit.qemu.qmp import qmp_execute
-
-COUNTER = ("i=0; while true; do i=$((i+1)); echo $i > /run/counter; usleep 20000; done "
-           ">/dev/null 2>&1 </dev/null &")
 
 
 def _count(vm) -> int:  # type: ignore[no-untyped-def]

@@ -1,0 +1,163 @@
+"""Clones (full, linked, from a snapshot, instant) and bundles (export, checked import)."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import COUNTER, chain_is_sound, run_cli, sh
+from vmkit import Host, InvalidState, InvalidValue, VmState
+from vmkit.images.catalog import link_image
+from vmkit.storage.layout import HomeLayout
+
+
+def test_full_linked_and_snapshot_clones_have_new_identities(host: Host, home: Path) -> None:
+    source = host.create("origin")
+    source.start(wait=True)
+    sh(source, "echo v1 > /root/f; sync")
+    source.snapshot("v1")
+    sh(source, "echo v2 > /root/f; sync")
+    linked = source.clone("linked", linked=True)
+    full = source.clone("full")
+    old = source.clone("old", linked=True, from_snapshot="v1")
+    assert (home / "vms/linked/disks/root.qcow2").stat().st_size < 1 << 20  # an overlay
+    for clone, content in ((linked, "v2"), (full, "v2"), (old, "v1")):
+        assert clone.config.uuid != source.config.uuid and clone.config.mac != source.config.mac
+        clone.start(wait=True)
+        assert sh(clone, "cat /root/f; hostname").split() == [content, clone.name]
+    sh(linked, "echo changed-in-clone > /root/f; sync")
+    assert sh(source, "cat /root/f") == "v2"  # clone writes never reach the source
+    with pytest.raises(InvalidState, match="linked clones"):
+        source.delete(force=True)
+    linked.delete(force=True)
+    old.delete(force=True)
+    source.delete(force=True)  # a full clone does not depend on its source
+    full.stop()
+    full.start(wait=True)
+    assert sh(full, "cat /root/f") == "v2"
+
+
+def test_instant_clone_runs_from_the_sources_memory(host: Host, home: Path) -> None:
+    source = host.create("busy", memory="256M")
+    source.start(wait=True)
+    sh(source, COUNTER)
+    time.sleep(1)
+    before = int(sh(source, "cat /run/counter"))
+    loop_pid = sh(source, "cat /run/counter.pid")
+    started = time.monotonic()
+    done = run_cli(home, "clone", "busy", "twin", "--live")
+    elapsed = time.monotonic() - started
+    assert done.returncode == 0, done.stderr
+    twin = host.get("twin")
+    assert twin.state is VmState.RUNNING and source.state is VmState.RUNNING
+    value = int(sh(twin, "cat /run/counter"))
+    assert value >= before  # its memory came from the source: the counter went on from there
+    assert "counter" in sh(twin, f"cat /proc/{loop_pid}/cmdline")  # the same process runs on
+    assert sh(twin, "hostname") == "twin" and sh(source, "hostname") == "busy"
+    twin_mac = sh(twin, "cat /sys/class/net/eth0/address")
+    assert twin_mac == twin.config.mac != sh(source, "cat /sys/class/net/eth0/address")
+    time.sleep(1)
+    assert int(sh(twin, "cat /run/counter")) > value and int(sh(source, "cat /run/counter")) > 0
+    print(f"instant clone via CLI: {elapsed:.2f}s")
+
+
+def _second_home(image_home: Path) -> Path:
+    import tempfile
+
+    root = Path(tempfile.mkdtemp(prefix="vmk-", dir="/tmp"))
+    link_image(HomeLayout(image_home), HomeLayout(root), "tiny")
+    return root
+
+
+def test_export_import_round_trip_with_snapshots(host: Host, home: Path,
+                                                 image_home: Path) -> None:
+    vm = host.create("travel", memory="256M")
+    vm.start(wait=True)
+    sh(vm, "echo at-snapshot > /root/f; sync; dd if=/dev/urandom of=/run/blob bs=1M count=8 "
+           "2>/dev/null")
+    blob = sh(vm, "sha256sum /run/blob")
+    vm.snapshot("mem")
+    sh(vm, "echo at-export > /root/f; sync")
+    bundle = home / "travel.vmkit"
+    done = run_cli(home, "export", "travel", str(bundle))  # a running VM: consistent point
+    assert done.returncode == 0, done.stderr
+    assert vm.state is VmState.RUNNING and [s.name for s in vm.snapshots()] == ["mem"]
+    elsewhere = _second_home(image_home)
+    try:
+        other = Host(elsewhere)
+        done = run_cli(elsewhere, "import", str(bundle))
+        assert done.returncode == 0, done.stderr
+        copy = other.get("travel")
+        assert copy.config.uuid == vm.config.uuid
+        assert copy.config.hardware == vm.config.hardware
+        copy.start(wait=True)
+        assert sh(copy, "cat /root/f") == "at-export"
+        copy.restore("mem")
+        assert sh(copy, "cat /root/f") == "at-snapshot" and sh(copy, "sha256sum /run/blob") == blob
+        chain_is_sound(copy.folder.path)
+        renamed = other.import_bundle(bundle, name="travel-copy")
+        assert renamed.config.uuid != vm.config.uuid and renamed.config.mac != vm.config.mac
+        for item in other.vms():
+            item.delete(force=True)
+    finally:
+        subprocess.run(["rm", "-rf", str(elsewhere)], check=False)
+
+
+def _rewrite_bundle(source: Path, target: Path, replace: dict[str, bytes]) -> None:
+    """A bundle with some members replaced and a manifest that matches them (a forgery)."""
+    with tarfile.open(source) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # type: ignore[union-attr]
+    members.update(replace)
+    manifest = json.loads(members.pop("manifest.json"))
+    manifest["files"] = [{"path": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+                         for n, d in members.items()]
+    members["manifest.json"] = json.dumps(manifest).encode()
+    with tarfile.open(target, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+
+
+def test_tampered_truncated_and_malicious_bundles_are_refused(host: Host, home: Path,
+                                                              tmp_path: Path) -> None:
+    vm = host.create("sealed")
+    bundle = tmp_path / "sealed.vmkit"
+    vm.export(bundle)
+    vm.delete()
+    data = bytearray(bundle.read_bytes())
+    offset = data.index(b"QFI\xfb")  # inside the first disk image
+    data[offset + 200000] ^= 0xFF
+    tampered = tmp_path / "tampered.vmkit"
+    tampered.write_bytes(bytes(data))
+    truncated = tmp_path / "truncated.vmkit"
+    truncated.write_bytes(bundle.read_bytes()[: len(data) // 2])
+    evil_disk = tmp_path / "evil.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/shadow",
+                    str(evil_disk), "1M"], check=True)
+    with tarfile.open(bundle) as tar:
+        disk_name = next(m.name for m in tar if m.name.startswith("disks/"))
+    malicious = tmp_path / "malicious.vmkit"
+    _rewrite_bundle(bundle, malicious, {disk_name: evil_disk.read_bytes()})
+    escape = tmp_path / "escape.vmkit"
+    _rewrite_bundle(bundle, escape, {"../../etc/evil": b"x"})
+    cases = [(tampered, "does not match its checksum"), (truncated, "truncated"),
+             (malicious, "/etc/shadow"), (escape, "unexpected member")]
+    for path, message in cases:
+        done = run_cli(home, "import", str(path))
+        assert done.returncode == 2, (path, done.stderr)
+        assert message in done.stderr, (path, done.stderr)
+        with pytest.raises(InvalidValue):
+            host.import_bundle(path, name="again")
+    assert sorted(os.listdir(home / "vms")) == []  # nothing registered, nothing half-made
+    assert not Path("/etc/evil").exists()
+    host.import_bundle(bundle)  # the genuine bundle still imports
+    assert host.get("sealed").state is VmState.DEFINED

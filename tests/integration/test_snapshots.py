@@ -1,0 +1,99 @@
+"""Snapshots on real tiny guests: disk and memory restored exactly, a real tree, deletes merge."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from tests.integration.conftest import COUNTER, chain_is_sound, run_cli, sh
+from vmkit import Host, VmState
+
+
+def test_live_snapshot_restores_disk_ram_and_processes(host: Host) -> None:
+    vm = host.create("snap", memory="256M")
+    vm.start(wait=True)
+    sh(vm, "head -c 1000000 /dev/urandom > /root/data; sync")
+    sh(vm, "dd if=/dev/urandom of=/run/blob bs=1M count=64 2>/dev/null")
+    disk_sum = sh(vm, "sha256sum /root/data")
+    ram_sum = sh(vm, "sha256sum /run/blob")  # /run is tmpfs: this lives only in guest RAM
+    sh(vm, COUNTER)
+    time.sleep(1)
+    before = int(sh(vm, "cat /run/counter"))
+    info = vm.snapshot("before-upgrade")
+    after = int(sh(vm, "cat /run/counter"))
+    assert info.with_memory and info.taken_in == "running" and info.current
+    assert vm.state is VmState.RUNNING  # the VM kept running
+    sh(vm, "head -c 1000000 /dev/urandom > /root/data; sync; "
+           "dd if=/dev/urandom of=/run/blob bs=1M count=64 2>/dev/null")
+    assert sh(vm, "sha256sum /root/data") != disk_sum
+    time.sleep(4)
+    later = int(sh(vm, "cat /run/counter"))
+    for _ in range(2):  # restorable any number of times
+        vm.restore("before-upgrade")
+        assert vm.state is VmState.RUNNING
+        resumed = int(sh(vm, "cat /run/counter"))
+        # the counter continues from its value at the snapshot, not from where it had got to
+        assert before <= resumed < after + (later - after) // 2, (before, after, resumed, later)
+        assert sh(vm, "sha256sum /root/data") == disk_sum
+        assert sh(vm, "sha256sum /run/blob") == ram_sum
+        time.sleep(1)
+        assert int(sh(vm, "cat /run/counter")) > resumed  # and it runs on
+    chain_is_sound(vm.folder.path)
+
+
+def test_tree_branches_and_deleting_the_middle_keeps_the_rest(host: Host, home: Path) -> None:
+    vm = host.create("tree")
+    vm.start(wait=True)
+    sh(vm, "echo one > /root/f; sync")
+    vm.snapshot("s1")
+    sh(vm, "echo two > /root/f; sync")
+    vm.snapshot("s2")
+    vm.restore("s1")
+    assert sh(vm, "cat /root/f") == "one"
+    sh(vm, "echo three > /root/f; sync")
+    vm.snapshot("s3")  # a branch: s2 and s3 are both children of s1
+    tree = {s.name: s for s in vm.snapshots()}
+    assert tree["s2"].parent == "s1" and tree["s3"].parent == "s1"
+    assert tree["s3"].current and not tree["s2"].current
+    listing = json.loads(run_cli(home, "snapshot", "list", "tree", "--format", "json").stdout)
+    assert [(r["name"], r["depth"]) for r in listing] == [("s1", 0), ("s2", 1), ("s3", 1)]
+    human = run_cli(home, "snapshot", "list", "tree").stdout
+    assert "<- current" in human
+
+    s1_layer = home / "vms/tree" / json.loads(
+        (home / "vms/tree/snapshots.json").read_text())["nodes"]["s1"]["layer"]
+    vm.delete_snapshot("s1")  # the middle node, while its branch runs on top of it
+    assert not s1_layer.exists()
+    assert {s.name: s.parent for s in vm.snapshots()} == {"s2": None, "s3": None}
+    chain_is_sound(vm.folder.path)
+    vm.restore("s2")
+    assert sh(vm, "cat /root/f") == "two"
+    vm.restore("s3")
+    assert sh(vm, "cat /root/f") == "three"
+    vm.delete_snapshot("s3")  # the current node: the running disk absorbs it
+    assert sh(vm, "cat /root/f") == "three"
+    vm.stop()
+    vm.start(wait=True)
+    assert sh(vm, "cat /root/f") == "three"
+    chain_is_sound(vm.folder.path)
+
+
+def test_disk_only_snapshots_of_running_and_stopped_vms(host: Host, home: Path) -> None:
+    vm = host.create("disky")
+    vm.start(wait=True)
+    sh(vm, "echo quiet > /root/f")
+    done = run_cli(home, "snapshot", "create", "disky", "d1", "--disk-only")
+    assert done.returncode == 0, done.stderr
+    info = next(s for s in vm.snapshots() if s.name == "d1")
+    assert not info.with_memory and info.quiesced is True  # frozen through the agent
+    sh(vm, "echo later > /root/f; sync")
+    vm.restore("d1")  # a disk-only snapshot is a powered-off state
+    assert vm.state is VmState.STOPPED
+    vm.snapshot("d2")  # of a stopped VM: disk only
+    assert not next(s for s in vm.snapshots() if s.name == "d2").with_memory
+    vm.start(wait=True)
+    assert sh(vm, "cat /root/f") == "quiet"
+    assert run_cli(home, "snapshot", "create", "disky", "d1").returncode == 2  # exists
+    assert run_cli(home, "snapshot", "restore", "disky", "nope").returncode == 2
+    assert run_cli(home, "snapshot", "create", "disky", "Bad_Name").returncode == 2
