@@ -41,6 +41,7 @@ unit: venv
 bench: setup
 	$(VENV)/bin/python bench/boot.py
 	$(VENV)/bin/python bench/machine_types.py
+	$(VENV)/bin/python bench/snapshot.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

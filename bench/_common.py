@@ -27,8 +27,7 @@ def scratch_host() -> Host:
 
 
 def drop(host: Host) -> None:
-    for vm in host.vms():
-        vm.delete(force=True)
+    host.delete_all()
     shutil.rmtree(host.layout.root, ignore_errors=True)
 
 

@@ -2,8 +2,8 @@
 
 A bundle holds manifest.json (format, version, and size + sha256 of every other member),
 vm.json, snapshots.json, boot/ (kernel, initrd), disks/*.qcow2 (every layer; a base outside the
-VM folder — the image, or a linked clone's source — is flattened into disks/base.qcow2 and the
-layers that used it are re-pointed at it) and snapshots/*.state (memory states).
+VM folder — the image, or a linked clone's source — is flattened into disks/base.qcow2; the
+manifest's `repoint` tells import which backing name to rewrite to it) and snapshots/*.state.
 
 Import trusts nothing: member names must be plain paths in the known folders, every member must
 be listed with the right size and sha256 (a tampered or truncated bundle is refused), and every
@@ -113,16 +113,14 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
     for node in tree.nodes.values():
         if node.memory:
             files[node.memory] = folder / node.memory
+    repoint: dict[str, str] = {}
     if config.backing_file is not None and Path(config.backing_file).is_absolute():
+        # the base outside the folder travels flattened; the layers keep their bytes and the
+        # manifest says which backing name import re-points at it (no copy of big layers here)
         staging.mkdir(parents=True)
         files[BASE_LAYER] = staging / "base.qcow2"
         img.convert_flat(Path(config.backing_file), files[BASE_LAYER])
-        for layer in sorted(layers):
-            if img.info(folder / layer).get("backing-filename") == config.backing_file:
-                copy = staging / Path(layer).name
-                shutil.copyfile(folder / layer, copy)
-                img.rebase_unsafe(copy, Path(BASE_LAYER).name)
-                files[layer] = copy
+        repoint = {"from": config.backing_file, "to": Path(BASE_LAYER).name}
         config = config.model_copy(update={"backing_file": Path(BASE_LAYER).name})
     metadata = {
         "vm.json": json.dumps(config.model_dump(mode="json"), indent=2).encode(),
@@ -141,7 +139,8 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
     started = time.monotonic()
     with open(path, "xb") as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            _fill_tar(tar, vm.name, metadata, files, entries, advance)
+            _fill_tar(tar, {"vm": vm.name, "repoint": repoint}, metadata, files, entries,
+                      advance)
         raw.flush()
         os.fsync(raw.fileno())
     elapsed = time.monotonic() - started
@@ -149,7 +148,7 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
             "seconds": elapsed}
 
 
-def _fill_tar(tar: tarfile.TarFile, vm_name: str, metadata: dict[str, bytes],
+def _fill_tar(tar: tarfile.TarFile, about: dict[str, Any], metadata: dict[str, bytes],
               files: dict[str, Path], entries: list[dict[str, Any]],
               advance: Callable[[int], None]) -> None:
     tar.copybufsize = _CHUNK  # type: ignore[attr-defined]  # bigger copies: ~2x faster
@@ -166,7 +165,7 @@ def _fill_tar(tar: tarfile.TarFile, vm_name: str, metadata: dict[str, bytes],
             tar.addfile(info, reader)
         entries.append({"path": name, "size": info.size,
                         "sha256": reader.digest.hexdigest()})
-    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, "vm": vm_name,
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **about,
                 "created_at": time.time(), "files": entries}
     _add_bytes(tar, "manifest.json", json.dumps(manifest, indent=2).encode())
 
@@ -194,8 +193,9 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
             def build(work: VmFolder) -> VmConfig:
                 with os_errors(f"importing {path}"):
                     _extract_checked(tar, work.path, expected, path, progress)
+                _repoint(work.path, manifest.get("repoint") or {}, path)
                 _check_disks(work.path, path)
-                config = VmConfig.model_validate_json((work.path / "vm.json").read_bytes())
+                config = _check_metadata(work.path, path)
                 if target != original:  # a copy: a new identity, never the source's
                     config = config.model_copy(update={
                         "uuid": new_uuid(), "mac": new_mac(), "created_at": time.time(),
@@ -270,15 +270,66 @@ def _extract_checked(tar: tarfile.TarFile, dest: Path, expected: dict[str, dict[
                           hint="was it truncated in transfer?")
 
 
+def _repoint(folder: Path, repoint: dict[str, str], path: Path) -> None:
+    """Re-point layers that named the exporter's base at the bundle's flattened base. Only the
+    header is rewritten (`rebase -u`): the old name is never opened."""
+    if not repoint:
+        return
+    old, new = repoint.get("from"), repoint.get("to")
+    if not isinstance(old, str) or not isinstance(new, str) or \
+            not re.fullmatch(r"[\w.-]+\.qcow2", new) or not (folder / "disks" / new).is_file():
+        raise BundleError(f"bundle {path}: its manifest re-points disks at {new!r}, which is "
+                          "not a disk of the bundle; refused")
+    for disk in sorted((folder / "disks").glob("*.qcow2")):
+        if disk.name != new and _disk_info(disk, path).get("backing-filename") == old:
+            img.rebase_unsafe(disk, new)
+
+
+def _disk_info(disk: Path, path: Path) -> dict[str, Any]:
+    try:
+        return img.info(disk)
+    except VmkitError as exc:
+        raise BundleError(f"bundle {path}: {disk.name} is not a valid qcow2 image",
+                          detail=str(exc)) from exc
+
+
+def _check_metadata(folder: Path, path: Path) -> VmConfig:
+    """vm.json and snapshots.json may only name files of this bundle, in their own folders."""
+    try:
+        config = VmConfig.model_validate_json((folder / "vm.json").read_bytes())
+        tree = snapshot_ops.DiskState.model_validate_json(
+            (folder / "snapshots.json").read_bytes())
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"bundle {path}: unreadable vm.json or snapshots.json",
+                          detail=str(exc)) from exc
+    named: list[tuple[str, str | None, str]] = [
+        ("disk_file", config.disk_file, r"disks/[\w.-]+\.qcow2"),
+        ("kernel", config.boot.kernel, r"boot/[\w.-]+"),
+        ("initrd", config.boot.initrd, r"boot/[\w.-]+"),
+        ("active_layer", tree.active_layer, r"disks/[\w.-]+\.qcow2"),
+    ]
+    if config.backing_file is not None:
+        named.append(("backing_file", f"disks/{config.backing_file}", r"disks/[\w.-]+\.qcow2"))
+    for node in tree.nodes.values():
+        validate_name(node.name, kind="snapshot name")
+        named.append((f"snapshot {node.name} layer", node.layer, r"disks/[\w.-]+\.qcow2"))
+        if node.memory is not None:
+            named.append((f"snapshot {node.name} memory", node.memory,
+                          r"snapshots/[\w.-]+\.state"))
+    for field, value, pattern in named:
+        if field == "disk_file" and tree.active_layer is not None:
+            continue  # superseded by the active layer
+        if value is None or not re.fullmatch(pattern, value) or not (folder / value).is_file():
+            raise BundleError(f"bundle {path}: {field} {value!r} is not a file of the bundle; "
+                              "refused")
+    return config
+
+
 def _check_disks(folder: Path, path: Path) -> None:
     """Every qcow2 may only lean on another disk of the bundle (no /etc/shadow as backing)."""
     disks = {p.name for p in (folder / "disks").glob("*.qcow2")}
     for disk in sorted((folder / "disks").glob("*.qcow2")):
-        try:
-            info = img.info(disk)
-        except VmkitError as exc:
-            raise BundleError(f"bundle {path}: {disk.name} is not a valid qcow2 image",
-                              detail=str(exc)) from exc
+        info = _disk_info(disk, path)
         backing = info.get("backing-filename")
         if backing is not None and (backing not in disks or "/" in backing
                                     or info.get("backing-filename-format") != "qcow2"):

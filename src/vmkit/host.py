@@ -224,6 +224,15 @@ class Host:
                 result.append(VM(self, folder.name))
         return result
 
+    def delete_all(self) -> None:
+        """Delete every VM (running ones too), linked clones before the VMs they lean on."""
+        while remaining := self.vms():
+            leaves = [vm for vm in remaining if not vm.linked_clones()]
+            if not leaves:
+                raise InvalidState("cannot order the deletes: linked clones form a cycle")
+            for vm in leaves:
+                vm.delete(force=True)
+
     def get(self, name: str) -> VM:
         validate_name(name)
         if not (self.layout.vm(name).config_file).exists():

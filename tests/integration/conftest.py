@@ -37,20 +37,8 @@ def home(image_home: Path) -> Iterator[Path]:
     try:
         yield root
     finally:
-        delete_all(Host(root))
+        Host(root).delete_all()
         shutil.rmtree(root, ignore_errors=True)
-
-
-def delete_all(host: Host) -> None:
-    """Delete every VM, linked clones before the VMs they lean on."""
-    for _ in range(10):
-        remaining = host.vms()
-        if not remaining:
-            return
-        for vm in remaining:
-            if not vm.linked_clones():
-                vm.delete(force=True)
-    raise AssertionError(f"could not delete {[vm.name for vm in host.vms()]}")
 
 
 @pytest.fixture

@@ -149,8 +149,14 @@ def test_tampered_truncated_and_malicious_bundles_are_refused(host: Host, home: 
     _rewrite_bundle(bundle, malicious, {disk_name: evil_disk.read_bytes()})
     escape = tmp_path / "escape.vmkit"
     _rewrite_bundle(bundle, escape, {"../../etc/evil": b"x"})
+    with tarfile.open(bundle) as tar:
+        tree = json.loads(tar.extractfile("snapshots.json").read())  # type: ignore[union-attr]
+    tree["active_layer"] = "../../../etc/hostname"
+    pointer = tmp_path / "pointer.vmkit"
+    _rewrite_bundle(bundle, pointer, {"snapshots.json": json.dumps(tree).encode()})
     cases = [(tampered, "does not match its checksum"), (truncated, "truncated"),
-             (malicious, "/etc/shadow"), (escape, "unexpected member")]
+             (malicious, "/etc/shadow"), (escape, "unexpected member"),
+             (pointer, "is not a file of the bundle")]
     for path, message in cases:
         done = run_cli(home, "import", str(path))
         assert done.returncode == 2, (path, done.stderr)

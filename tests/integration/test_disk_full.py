@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import delete_all, sh
+from tests.integration.conftest import sh
 from vmkit import Host, VmkitError, VmState
 from vmkit.images.catalog import link_image
 from vmkit.storage.layout import HomeLayout
@@ -29,7 +29,7 @@ def small_home(image_home: Path) -> Iterator[Path]:
         link_image(HomeLayout(image_home), HomeLayout(root), "tiny")
         yield root
     finally:
-        delete_all(Host(root))
+        Host(root).delete_all()
         subprocess.run(["umount", "-l", str(root)], check=False)
         shutil.rmtree(root, ignore_errors=True)
 

@@ -73,8 +73,18 @@ def wait_migration(qmp: QmpConnection, timeout: float, what: str) -> dict[str, A
         delay = min(0.05, delay * 2)
 
 
+# QEMU throttles migration to 128 MiB/s by default (to spare a network); a local file or
+# socket should go at memory/disk speed.
+_UNTHROTTLED = 1 << 40
+
+
+def _unthrottle(qmp: QmpConnection) -> None:
+    qmp.execute("migrate-set-parameters", {"max-bandwidth": _UNTHROTTLED})
+
+
 def save_memory(qmp: QmpConnection, path: Path, timeout: float) -> dict[str, Any]:
     """Write the VM's memory and device state to `path` (the VM must be paused)."""
+    _unthrottle(qmp)
     qmp.execute("migrate", {"channels": _file_channel(path)})
     return wait_migration(qmp, timeout, f"saving memory to {path}")
 
@@ -116,5 +126,6 @@ def listen_incoming(qmp: QmpConnection, socket_path: Path) -> None:
 
 def send_memory(qmp: QmpConnection, socket_path: Path, timeout: float) -> None:
     """Stream this QEMU's memory and device state to another QEMU listening on the socket."""
+    _unthrottle(qmp)
     qmp.execute("migrate", {"channels": _unix_channel(socket_path)})
     wait_migration(qmp, timeout, f"sending memory to {socket_path}")
