@@ -23,6 +23,7 @@ import tarfile
 import time
 import uuid as uuidlib
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
@@ -249,19 +250,12 @@ def _extract_checked(tar: tarfile.TarFile, dest: Path, expected: dict[str, dict[
         seen.add(member.name)
         target = dest / member.name
         target.parent.mkdir(parents=True, exist_ok=True)
-        digest = hashlib.sha256()
-        size = 0
         source = tar.extractfile(member)
         assert source is not None
         with open(target, "wb") as out:
-            while chunk := source.read(_CHUNK):
-                digest.update(chunk)
-                out.write(chunk)
-                size += len(chunk)
-                done += len(chunk)
-                if progress:
-                    progress(done, total)
-        if size != int(entry["size"]) or digest.hexdigest() != entry["sha256"]:
+            size, digest = _copy_hashing(source, out, done, total, progress)
+        done += size
+        if size != int(entry["size"]) or digest != entry["sha256"]:
             raise BundleError(f"bundle {path}: {member.name} does not match its checksum "
                               "(tampered with or damaged)")
     missing = sorted(set(expected) - seen)
@@ -291,6 +285,27 @@ def _disk_info(disk: Path, path: Path) -> dict[str, Any]:
     except VmkitError as exc:
         raise BundleError(f"bundle {path}: {disk.name} is not a valid qcow2 image",
                           detail=str(exc)) from exc
+
+
+def _copy_hashing(source: IO[bytes], out: IO[bytes], done: int, total: int,
+                  progress: Progress | None) -> tuple[int, str]:
+    """Copy while hashing; the hash of one chunk runs in a thread while the next is read and
+    written (hashlib and file I/O release the GIL), so checking costs little extra time."""
+    digest = hashlib.sha256()
+    size = 0
+    with ThreadPoolExecutor(max_workers=1) as hasher:
+        pending: Future[None] | None = None
+        while chunk := source.read(_CHUNK):
+            out.write(chunk)
+            if pending is not None:
+                pending.result()
+            pending = hasher.submit(digest.update, chunk)
+            size += len(chunk)
+            if progress:
+                progress(done + size, total)
+        if pending is not None:
+            pending.result()
+    return size, digest.hexdigest()
 
 
 def _check_metadata(folder: Path, path: Path) -> VmConfig:

@@ -6,6 +6,7 @@ into each test's home. Teardown kills and deletes every VM the test left, so no 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -30,8 +31,10 @@ def image_home() -> Path:
     return home.layout.root
 
 
-@pytest.fixture
-def home(image_home: Path) -> Iterator[Path]:
+@contextlib.contextmanager
+def new_home(image_home: Path) -> Iterator[Path]:
+    """A fresh VMKIT_HOME under /tmp (short: UNIX socket paths) with the tiny image; on exit
+    every VM in it is deleted and the folder removed."""
     root = Path(tempfile.mkdtemp(prefix="vmk-", dir="/tmp"))
     link_image(HomeLayout(image_home), HomeLayout(root), "tiny")
     try:
@@ -39,6 +42,12 @@ def home(image_home: Path) -> Iterator[Path]:
     finally:
         Host(root).delete_all()
         shutil.rmtree(root, ignore_errors=True)
+
+
+@pytest.fixture
+def home(image_home: Path) -> Iterator[Path]:
+    with new_home(image_home) as root:
+        yield root
 
 
 @pytest.fixture

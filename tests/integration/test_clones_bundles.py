@@ -13,10 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import COUNTER, chain_is_sound, run_cli, sh
+from tests.integration.conftest import COUNTER, chain_is_sound, new_home, run_cli, sh
 from vmkit import Host, InvalidState, InvalidValue, VmState
-from vmkit.images.catalog import link_image
-from vmkit.storage.layout import HomeLayout
 
 
 def test_full_linked_and_snapshot_clones_have_new_identities(host: Host, home: Path) -> None:
@@ -69,14 +67,6 @@ def test_instant_clone_runs_from_the_sources_memory(host: Host, home: Path) -> N
     print(f"instant clone via CLI: {elapsed:.2f}s")
 
 
-def _second_home(image_home: Path) -> Path:
-    import tempfile
-
-    root = Path(tempfile.mkdtemp(prefix="vmk-", dir="/tmp"))
-    link_image(HomeLayout(image_home), HomeLayout(root), "tiny")
-    return root
-
-
 def test_export_import_round_trip_with_snapshots(host: Host, home: Path,
                                                  image_home: Path) -> None:
     vm = host.create("travel", memory="256M")
@@ -90,8 +80,7 @@ def test_export_import_round_trip_with_snapshots(host: Host, home: Path,
     done = run_cli(home, "export", "travel", str(bundle))  # a running VM: consistent point
     assert done.returncode == 0, done.stderr
     assert vm.state is VmState.RUNNING and [s.name for s in vm.snapshots()] == ["mem"]
-    elsewhere = _second_home(image_home)
-    try:
+    with new_home(image_home) as elsewhere:
         other = Host(elsewhere)
         done = run_cli(elsewhere, "import", str(bundle))
         assert done.returncode == 0, done.stderr
@@ -105,10 +94,6 @@ def test_export_import_round_trip_with_snapshots(host: Host, home: Path,
         chain_is_sound(copy.folder.path)
         renamed = other.import_bundle(bundle, name="travel-copy")
         assert renamed.config.uuid != vm.config.uuid and renamed.config.mac != vm.config.mac
-        for item in other.vms():
-            item.delete(force=True)
-    finally:
-        subprocess.run(["rm", "-rf", str(elsewhere)], check=False)
 
 
 def _rewrite_bundle(source: Path, target: Path, replace: dict[str, bytes]) -> None:
