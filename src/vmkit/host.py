@@ -8,6 +8,7 @@ lock while it checks admission, so two starts cannot both take the last share of
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import signal
@@ -34,6 +35,8 @@ from vmkit.errors import (
 )
 from vmkit.images import catalog
 from vmkit.images.catalog import ImageInfo
+from vmkit.isolation import cgroups as cgroups_mod
+from vmkit.isolation.cgroups import CgroupLimits
 from vmkit.model.names import validate_name
 from vmkit.model.resources import (
     Allocation,
@@ -45,7 +48,7 @@ from vmkit.model.resources import (
     vcpu_limit,
 )
 from vmkit.model.runtime import ExitRecord, Intent, RuntimeRecord, classify_exit
-from vmkit.model.sizes import format_size
+from vmkit.model.sizes import format_size, parse_count, parse_size
 from vmkit.model.spec import (
     ROOT_DISK_FILE,
     BootConfig,
@@ -80,6 +83,7 @@ STOP_TIMEOUT = 30.0
 KILL_TIMEOUT = 10.0
 EXEC_TIMEOUT = 60.0
 QMP_TIMEOUT = 5.0
+QEMU_MEMORY_OVERHEAD = 512 << 20  # cgroup memory limit = guest RAM ceiling + this (QEMU, TCG)
 EXIT_STATUS_WAIT = 1.0  # the waiter writes QEMU's exit status a moment after QEMU is gone
 DEFAULT_MACHINE = "q35"
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
@@ -122,6 +126,11 @@ class Host:
         self.layout.ensure()
 
     # -- host facts -----------------------------------------------------------------------
+    @functools.cached_property
+    def cgroups(self) -> cgroups_mod.Driver | None:
+        """The cgroup tree VMs are fenced in, or None (not root / none mounted)."""
+        return cgroups_mod.detect()
+
     def capacity(self) -> HostCapacity:
         return HostCapacity(cores=os.cpu_count() or 1, memory=_mem_total())
 
@@ -177,7 +186,10 @@ class Host:
             report["accelerator"] = {"chosen": decision.accel, "reason": decision.reason,
                                      "isolation_note": decision.isolation_note,
                                      "facts": decision.facts.model_dump()}
-        report["cgroup"] = _cgroup_version()
+        driver = self.cgroups
+        report["cgroup"] = {"mounted": _cgroup_version(),
+                            "used": driver.version if driver else None,
+                            "note": None if driver else cgroups_mod.why_not()}
         usage = shutil.disk_usage(self.layout.root)
         report["disk"] = {"home": str(self.layout.root), "free": usage.free, "total": usage.total}
         cap, pol = self.capacity(), self.policy()
@@ -244,11 +256,27 @@ class Host:
     def create(self, name: str, *, image: str = "tiny", cpus: int | str = 1,
                memory: int | str = "256M", disk: int | str = "2G", full_copy: bool = False,
                accel: str = "auto", start: bool = False, wait: bool = False,
-               timeout: float = AGENT_READY_TIMEOUT) -> VM:
-        """Create a VM folder (complete or not at all); optionally start it."""
+               timeout: float = AGENT_READY_TIMEOUT, max_cpus: int | str | None = None,
+               max_memory: int | str | None = None) -> VM:
+        """Create a VM folder (complete or not at all); optionally start it.
+
+        Maxima (room to hot-add) default to the host's cores and 4x the memory, within what
+        the host can give one VM."""
         spec = make_spec(name, image, cpus, memory, disk, full_copy=full_copy, accel=accel)
+        capacity, policy = self.capacity(), self.policy()
+        check_fits_host(name, spec.cpus, spec.memory, capacity, policy)
+        ceiling_cpus = parse_count(max_cpus, "max-cpus") if max_cpus is not None \
+            else max(spec.cpus, capacity.cores)
+        ceiling_memory = parse_size(max_memory, field="max-memory", default_unit="M") \
+            if max_memory is not None \
+            else max(spec.memory, min(4 * spec.memory, memory_limit(capacity, policy)))
+        if ceiling_cpus < spec.cpus or ceiling_memory < spec.memory:
+            raise InvalidValue(f"invalid maxima for VM {name!r}: max-cpus {ceiling_cpus} and "
+                               f"max-memory {format_size(ceiling_memory)} must not be below "
+                               f"cpus {spec.cpus} and memory {format_size(spec.memory)}")
+        check_fits_host(name, ceiling_cpus, ceiling_memory, capacity, policy)
+        spec = spec.model_copy(update={"max_cpus": ceiling_cpus, "max_memory": ceiling_memory})
         info = self.image(spec.image)
-        check_fits_host(name, spec.cpus, spec.memory, self.capacity(), self.policy())
         if spec.disk < info.virtual_size:
             raise InvalidValue(
                 f"invalid disk {format_size(spec.disk)} for VM {name!r}: smaller than image "
@@ -518,7 +546,13 @@ class VM:
             starting = RuntimeRecord(state=VmState.STARTING, accel=accel, accel_reason=reason,
                                      last_exit=record.last_exit)
             self._write(starting)
-            process.spawn_detached(argv, self.folder.qemu_log, self.folder.exit_file)
+            driver = self.host.cgroups
+            before_exec = None
+            if driver is not None:
+                driver.apply(self.name, self.cgroup_limits())
+                before_exec = functools.partial(driver.attach_self, self.name)
+            process.spawn_detached(argv, self.folder.qemu_log, self.folder.exit_file,
+                                   before_exec=before_exec)
             identity: process.ProcessIdentity | None = None
             state = VmState.RUNNING
             try:
@@ -714,11 +748,19 @@ class VM:
         self._clear_run()
 
     def _clear_run(self) -> None:
-        """Remove the sockets and pidfile of a finished run (idempotent)."""
+        """Remove the sockets, pidfile and cgroup of a finished run (idempotent)."""
         if self.folder.run.exists():
             for entry in self.folder.run.iterdir():
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError):
                     entry.unlink()
+        if self.host.cgroups is not None:
+            self.host.cgroups.remove(self.name)
+
+    def cgroup_limits(self) -> CgroupLimits:
+        spec = self.config.spec
+        return CgroupLimits(cpu_weight=spec.limits.cpu_weight, cpu_limit=spec.limits.cpu_limit,
+                            memory=spec.memory_ceiling + QEMU_MEMORY_OVERHEAD,
+                            pids=spec.limits.pids)
 
 
 def _link_or_copy(source: Path, dest: Path) -> None:

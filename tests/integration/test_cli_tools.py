@@ -30,7 +30,8 @@ def test_doctor_reports_qemu_accelerator_and_capacity(home: Path) -> None:
         assert "PVM" in report["accelerator"]["reason"]
     if report["accelerator"]["chosen"] == "tcg":
         assert "no hardware isolation guarantee" in report["accelerator"]["isolation_note"]
-    assert report["cgroup"].startswith(("v1", "v2"))
+    assert report["cgroup"]["mounted"].startswith(("v1", "v2"))
+    assert report["cgroup"]["used"] in ("v1", "v2")  # root: every VM gets its own cgroup
     human = run_cli(home, "doctor")
     assert "accelerator" in human.stdout and "capacity" in human.stdout
 

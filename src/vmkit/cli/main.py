@@ -85,7 +85,7 @@ def doctor(format: FormatOpt = Format.table) -> None:
         rows += [
             ["machine", f"{qemu.get('q35') or '-'} with qboot "
                         f"{'present' if report['qboot'] else 'missing (SeaBIOS)'}"],
-            ["cgroup", report["cgroup"]],
+            ["cgroup", _cgroup_line(report["cgroup"])],
             ["disk", f"{render.size(report['disk']['free'])} free of "
                      f"{render.size(report['disk']['total'])} at {report['disk']['home']}"],
             ["capacity", f"{cap['cores']} cores, {render.size(cap['memory'])} RAM"],
@@ -99,6 +99,11 @@ def doctor(format: FormatOpt = Format.table) -> None:
             render.err.print(f"problem: {problem['message']}\nhint: {problem['hint']}")
     if not report["ok"]:
         raise typer.Exit(1)
+
+
+def _cgroup_line(cgroup: dict[str, Any]) -> str:
+    used = cgroup["used"] or f"none ({cgroup['note']})"
+    return f"{cgroup['mounted']}; vmkit uses {used}"
 
 
 # -- images -------------------------------------------------------------------------------

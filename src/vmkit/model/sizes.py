@@ -50,3 +50,14 @@ def format_size(num_bytes: int) -> str:
             text = f"{value:.1f}".rstrip("0").rstrip(".")
             return f"{text}{unit}"
     return f"{num_bytes}B"
+
+
+def parse_count(value: int | str, field: str) -> int:
+    """A whole number >= 1 (vCPUs and the like), with an error that names the field."""
+    try:
+        count = int(value)
+    except (TypeError, ValueError):
+        raise InvalidValue(f"invalid {field} {value!r}: not a whole number") from None
+    if count < 1:
+        raise InvalidValue(f"invalid {field} {value!r}: must be at least 1")
+    return count

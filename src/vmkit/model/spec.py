@@ -13,11 +13,23 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vmkit.errors import InvalidValue
 from vmkit.model.names import validate_name
-from vmkit.model.sizes import parse_size
+from vmkit.model.sizes import parse_count, parse_size
 
 SCHEMA_VERSION = 1
 ROOT_DISK_FILE = "disks/root.qcow2"
 Accel = Literal["auto", "kvm", "tcg"]
+
+
+class Limits(BaseModel):
+    """Shares and caps that can change while the VM runs (cgroups, I/O throttling)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    cpu_weight: int = Field(default=100, ge=1, le=10000, description="share under contention")
+    cpu_limit: float | None = Field(default=None, gt=0, description="percent of one host core")
+    disk_iops: int | None = Field(default=None, gt=0)
+    disk_bps: int | None = Field(default=None, gt=0)
+    pids: int = Field(default=512, ge=32, description="tasks in the VM's cgroup (QEMU threads)")
 
 
 class VmSpec(BaseModel):
@@ -32,6 +44,17 @@ class VmSpec(BaseModel):
     disk: int = Field(gt=0, description="bytes of the VM's disk (virtual size)")
     full_copy: bool = False
     accel: Accel = "auto"
+    max_cpus: int | None = Field(default=None, ge=1, description="room to hot-add vCPUs")
+    max_memory: int | None = Field(default=None, gt=0, description="room to hot-add memory")
+    limits: Limits = Limits()
+
+    @property
+    def cpu_ceiling(self) -> int:
+        return max(self.cpus, self.max_cpus or self.cpus)
+
+    @property
+    def memory_ceiling(self) -> int:
+        return max(self.memory, self.max_memory or self.memory)
 
     @field_validator("name")
     @classmethod
@@ -51,13 +74,7 @@ def make_spec(
     """Build a spec from user input, with errors that name the field and the value."""
     validate_name(name)
     validate_name(image, kind="image name")
-    try:
-        cpu_count = int(cpus)
-    except (TypeError, ValueError):
-        raise InvalidValue(f"invalid cpus {cpus!r}: not a whole number",
-                           hint="e.g. --cpus 2") from None
-    if cpu_count < 1:
-        raise InvalidValue(f"invalid cpus {cpus!r}: must be at least 1")
+    cpu_count = parse_count(cpus, "cpus")
     if accel not in ("auto", "kvm", "tcg"):
         raise InvalidValue(f"invalid accel {accel!r}", hint="use auto, kvm or tcg")
     return VmSpec(

@@ -41,6 +41,17 @@ class LaunchOptions:
     qemu_binary: str = "qemu-system-x86_64"
 
 
+MEMORY_SLOTS = 8
+
+
+def memory_option(memory: int, ceiling: int) -> str:
+    """-m value: the boot RAM, plus DIMM slots up to `ceiling` when memory may be hot-added."""
+    size = f"{max(1, memory >> 20)}M"
+    if ceiling <= memory:
+        return size
+    return f"size={size},slots={MEMORY_SLOTS},maxmem={ceiling >> 20}M"
+
+
 def _chardev_socket(chardev_id: str, path: str, extra: str = "") -> str:
     return f"socket,id={chardev_id},path={escape_opt(path)},server=on,wait=off{extra}"
 
@@ -48,7 +59,6 @@ def _chardev_socket(chardev_id: str, path: str, extra: str = "") -> str:
 def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> list[str]:
     """The complete QEMU command line for one VM."""
     spec, hw = config.spec, config.hardware
-    memory_mib = max(1, spec.memory // (1 << 20))
     accel = "kvm" if options.accel == "kvm" else "tcg,thread=multi"
     machine = hw.machine
     if machine.startswith(("pc-q35", "pc-i440fx")):
@@ -61,8 +71,8 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
         "-machine", machine,
         "-accel", accel,
         "-cpu", hw.cpu_model,
-        "-smp", f"cpus={spec.cpus},maxcpus={spec.cpus}",
-        "-m", f"{memory_mib}M",
+        "-smp", f"cpus={spec.cpus},maxcpus={spec.cpu_ceiling}",
+        "-m", memory_option(spec.memory, spec.memory_ceiling),
         "-msg", "timestamp=on",
     ]
     firmware = FIRMWARE_FILES.get(hw.firmware)

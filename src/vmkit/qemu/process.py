@@ -13,6 +13,7 @@ import os
 import signal
 import subprocess
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,15 +34,22 @@ def waiter_argv(exit_file: Path, qemu_argv: list[str]) -> list[str]:
     return ["/bin/sh", "-c", _WAITER_SCRIPT, "vmkit-waiter", str(exit_file), *qemu_argv]
 
 
-def spawn_detached(argv: list[str], log_file: Path, exit_file: Path) -> subprocess.Popen[bytes]:
-    """Start QEMU under the waiter in a new session; output goes to the QEMU log."""
+CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
+
+
+def spawn_detached(argv: list[str], log_file: Path, exit_file: Path, *,
+                   before_exec: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
+    """Start QEMU under the waiter in a new session, with a clean environment and no inherited
+    file descriptors; output goes to the QEMU log. `before_exec` runs in the child (e.g. to
+    join the VM's cgroup, so QEMU is charged there from its first page)."""
     exit_file.unlink(missing_ok=True)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
         try:
             return subprocess.Popen(
                 waiter_argv(exit_file, argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, close_fds=True, umask=0o077,
+                start_new_session=True, close_fds=True, umask=0o077, env=CLEAN_ENV,
+                preexec_fn=before_exec,
             )
         except OSError as exc:
             raise QemuError(f"cannot start QEMU: {exc}") from exc
