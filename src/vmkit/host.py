@@ -20,7 +20,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from vmkit import bundles, clones
+from vmkit import bundles, clones, live
 from vmkit import snapshots as snapshot_ops
 from vmkit.errors import (
     AlreadyExists,
@@ -54,6 +54,7 @@ from vmkit.model.spec import (
     BootConfig,
     HardwareProfile,
     VmConfig,
+    VmSpec,
     make_spec,
     new_mac,
     new_uuid,
@@ -562,6 +563,10 @@ class VM:
                 started = identity
                 wait_qmp_ready(self.folder.qmp_socket, QEMU_START_TIMEOUT,
                                alive=lambda: process.is_alive(started, self.config.uuid))
+                io_limits = spec.limits.disk_iops, spec.limits.disk_bps
+                if io_limits != (None, None):
+                    with QmpConnection(self.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+                        live.apply_io_throttle(qmp, *io_limits)
                 if incoming is not None:
                     with QmpConnection(self.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
                         incoming(qmp)
@@ -687,6 +692,11 @@ class VM:
         check_transition(self.name, self.state, Operation.EXEC)
         return agent.guest_exec(self.folder.agent_socket, argv, timeout=timeout, stdin=stdin)
 
+    def set(self, **changes: Any) -> live.SetResult:
+        """Change vCPUs, memory, maxima, disk size, CPU weight/limit or I/O limits; live where
+        the VM runs (see vmkit.live), else for the next start."""
+        return live.set_resources(self, **changes)
+
     # -- snapshots (implemented in vmkit.snapshots) --------------------------------------
     def snapshot(self, name: str, *, disk_only: bool = False) -> snapshot_ops.SnapshotInfo:
         """Take a snapshot: with memory when the VM runs (unless disk_only), else of the disk."""
@@ -756,8 +766,8 @@ class VM:
         if self.host.cgroups is not None:
             self.host.cgroups.remove(self.name)
 
-    def cgroup_limits(self) -> CgroupLimits:
-        spec = self.config.spec
+    def cgroup_limits(self, spec: VmSpec | None = None) -> CgroupLimits:
+        spec = spec or self.config.spec
         return CgroupLimits(cpu_weight=spec.limits.cpu_weight, cpu_limit=spec.limits.cpu_limit,
                             memory=spec.memory_ceiling + QEMU_MEMORY_OVERHEAD,
                             pids=spec.limits.pids)

@@ -44,7 +44,8 @@ def test_policy_ratio_applies() -> None:
 
 
 def test_single_vm_larger_than_host_is_invalid() -> None:
-    with pytest.raises(InvalidValue, match="the host has 2 cores"):
-        check_fits_host("big", 3, 1 << 30, CAP, Policy())
+    with pytest.raises(InvalidValue, match="the host has 2 cores and allows 8 vCPUs"):
+        check_fits_host("big", 9, 1 << 30, CAP, Policy())
+    check_fits_host("overcommitted", 3, 1 << 30, CAP, Policy())  # 3 vCPUs on 2 cores is fine
     with pytest.raises(InvalidValue, match="more than the host can give"):
         check_fits_host("big", 1, 8 << 30, CAP, Policy())

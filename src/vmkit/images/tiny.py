@@ -51,6 +51,7 @@ GUEST_FILES = {
     "tiny-acpi-power": "etc/acpi/PWRF/00000080",
     "tiny-shutdown": "sbin/shutdown",
     "tiny-udhcpc.script": "etc/udhcpc.script",
+    "tiny-hotplug": "sbin/vmkit-hotplug",
 }
 
 Progress = Callable[[str], None]

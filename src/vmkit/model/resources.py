@@ -43,10 +43,12 @@ def memory_limit(capacity: HostCapacity, policy: Policy) -> int:
 def check_fits_host(name: str, cpus: int, memory: int, capacity: HostCapacity,
                     policy: Policy) -> None:
     """A single VM may not be larger than the whole host could ever give it."""
-    if cpus > capacity.cores:
+    cpu_cap = vcpu_limit(capacity, policy)
+    if cpus > cpu_cap:
         raise InvalidValue(
-            f"invalid cpus {cpus} for VM {name!r}: the host has {capacity.cores} cores",
-            hint=f"use --cpus between 1 and {capacity.cores}",
+            f"invalid cpus {cpus} for VM {name!r}: the host has {capacity.cores} cores and "
+            f"allows {cpu_cap} vCPUs (x{policy.vcpu_ratio})",
+            hint=f"use --cpus between 1 and {cpu_cap}",
         )
     limit = memory_limit(capacity, policy)
     if memory > limit:

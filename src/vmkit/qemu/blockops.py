@@ -15,13 +15,24 @@ from vmkit.qemu.qmp import QmpConnection
 DISK_DEVICE = "virtio-disk0"
 
 
-def top_node(qmp: QmpConnection, device: str = DISK_DEVICE) -> str:
-    """The node name at the top of the disk's chain (what the guest writes to)."""
+def _disk_entry(qmp: QmpConnection, device: str) -> dict[str, Any]:
     for entry in qmp.execute("query-block"):
         if device in (entry.get("qdev") or "") or entry.get("device") == device:
-            node: str = entry["inserted"]["node-name"]
-            return node
+            found: dict[str, Any] = entry
+            return found
     raise QemuError(f"no block device {device!r} in query-block")
+
+
+def top_node(qmp: QmpConnection, device: str = DISK_DEVICE) -> str:
+    """The node name at the top of the disk's chain (what the guest writes to)."""
+    node: str = _disk_entry(qmp, device)["inserted"]["node-name"]
+    return node
+
+
+def disk_qdev(qmp: QmpConnection, device: str = DISK_DEVICE) -> str:
+    """The QOM path of the guest's disk device (what I/O throttling is set on)."""
+    path: str = _disk_entry(qmp, device)["qdev"]
+    return path
 
 
 def node_for_file(qmp: QmpConnection, filename: Path) -> str:
