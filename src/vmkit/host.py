@@ -18,7 +18,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field
 
 from vmkit import bundles, clones, live
 from vmkit import snapshots as snapshot_ops
@@ -53,6 +53,7 @@ from vmkit.model.spec import (
     ROOT_DISK_FILE,
     BootConfig,
     HardwareProfile,
+    Limits,
     VmConfig,
     VmSpec,
     make_spec,
@@ -116,6 +117,26 @@ class VmStatus(BaseModel):
     disk_mode: str
     last_exit: ExitRecord | None
     qemu_status: str | None = None
+    max_cpus: int
+    max_memory: int
+    limits: Limits
+    usage: Usage | None = None
+
+
+class Usage(BaseModel):
+    """Live use of a running VM, read from /proc, its cgroup and QMP (no helper process)."""
+
+    model_config = ConfigDict(frozen=True)
+
+    cpu_seconds: float
+    cpu_percent_avg: float = Field(description="since start, percent of one host core")
+    rss: int
+    cgroup_memory: int | None
+    vcpus: int
+    memory_plugged: int = Field(description="boot RAM + hot-added DIMMs")
+    memory_actual: int = Field(description="what the guest has after the balloon")
+    disk_read: int
+    disk_written: int
 
 
 class Host:
@@ -480,10 +501,12 @@ class VM:
         cfg = self.config
         live = record.state in LIVE_STATES
         qemu_status = None
+        usage = None
         if query_qemu and live:
             try:
                 qemu_status = qmp_execute(self.folder.qmp_socket, "query-status",
                                           timeout=2.0)["status"]
+                usage = self.usage(record)
             except VmkitError as exc:
                 qemu_status = f"unknown ({exc.message})"
         return VmStatus(
@@ -497,7 +520,36 @@ class VM:
             folder=str(self.folder.path),
             disk_mode="full-copy" if cfg.spec.full_copy else "overlay",
             last_exit=record.last_exit, qemu_status=qemu_status,
+            max_cpus=cfg.spec.cpu_ceiling, max_memory=cfg.spec.memory_ceiling,
+            limits=cfg.spec.limits, usage=usage,
         )
+
+    def usage(self, record: RuntimeRecord | None = None) -> Usage | None:
+        """Live use of a running VM: CPU time and RSS from /proc, memory from its cgroup, what
+        the guest has from QMP (vCPUs, DIMMs, balloon) and disk bytes from blockstats."""
+        record = record or self._observe(persist=True)
+        if record.state not in LIVE_STATES or record.pid is None:
+            return None
+        cpu = process.cpu_seconds(record.pid)
+        rss = process.rss_bytes(record.pid)
+        if cpu is None or rss is None:
+            return None
+        elapsed = max(1e-3, time.time() - (record.started_at or time.time()))
+        with QmpConnection(self.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+            vcpus = len(qmp.execute("query-cpus-fast"))
+            summary = qmp.execute("query-memory-size-summary")
+            plugged = int(summary["base-memory"]) + int(summary.get("plugged-memory", 0))
+            actual = int(qmp.execute("query-balloon")["actual"])
+            blockstats: list[dict[str, Any]] = qmp.execute("query-blockstats")
+        stats: dict[str, Any] = blockstats[0].get("stats", {}) if blockstats else {}
+        cgroup_memory = None
+        if self.host.cgroups is not None:
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                cgroup_memory = self.host.cgroups.usage(self.name).memory
+        return Usage(cpu_seconds=cpu, cpu_percent_avg=100 * cpu / elapsed, rss=rss,
+                     cgroup_memory=cgroup_memory, vcpus=vcpus, memory_plugged=plugged,
+                     memory_actual=actual, disk_read=int(stats.get("rd_bytes", 0)),
+                     disk_written=int(stats.get("wr_bytes", 0)))
 
     # -- lifecycle ------------------------------------------------------------------------
     def argv(self, accel: str, *, incoming: bool = False) -> list[str]:

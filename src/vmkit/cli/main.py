@@ -157,6 +157,10 @@ def create(
     wait: Annotated[bool, typer.Option("--wait", help="with --start: until the agent answers")
                     ] = False,
     timeout: Annotated[float, typer.Option(help="seconds --wait may take")] = AGENT_READY_TIMEOUT,
+    max_cpus: Annotated[str | None, typer.Option(help="room to hot-add vCPUs (default: host "
+                                                 "cores)")] = None,
+    max_memory: Annotated[str | None, typer.Option(help="room to hot-add memory (default: 4x "
+                                                   "--memory)")] = None,
 ) -> None:
     """Create a VM (a folder under VMKIT_HOME/vms).
 
@@ -165,7 +169,8 @@ def create(
     host = _host()
     with _status(f"creating {name}"):
         vm = host.create(name, image=image, cpus=cpus, memory=memory, disk=disk,
-                         full_copy=full_copy, accel=accel)
+                         full_copy=full_copy, accel=accel, max_cpus=max_cpus,
+                         max_memory=max_memory)
     render.err.print(f"created VM {name}")
     if start:
         _start(vm.name, wait, timeout)
@@ -292,6 +297,21 @@ def info(name: NameArg, format: FormatOpt = Format.table) -> None:
         ["accelerator", f"{status.accel or '-'}: {status.accel_reason or 'not started yet'}"],
         ["folder", status.folder],
     ]
+    limits = status.limits
+    rows += [
+        ["maxima", f"{status.max_cpus} vCPUs, {render.size(status.max_memory)} (room to hot-add)"],
+        ["limits", f"cpu weight {limits.cpu_weight}, cpu limit "
+                   f"{f'{limits.cpu_limit:g}%' if limits.cpu_limit else 'none'}, disk iops "
+                   f"{limits.disk_iops or 'none'}, disk bps "
+                   f"{render.size(limits.disk_bps) if limits.disk_bps else 'none'}"],
+    ]
+    if status.usage:
+        use = status.usage
+        rows.append(["live usage",
+                     f"{use.vcpus} vCPUs online, memory {render.size(use.memory_actual)} in the "
+                     f"guest ({render.size(use.memory_plugged)} plugged), CPU "
+                     f"{use.cpu_percent_avg:.0f}% avg, QEMU RSS {render.size(use.rss)}, disk "
+                     f"read {render.size(use.disk_read)} written {render.size(use.disk_written)}"])
     if status.isolation_note:
         rows.append(["isolation", status.isolation_note])
     if status.last_exit:
@@ -299,6 +319,94 @@ def info(name: NameArg, format: FormatOpt = Format.table) -> None:
         if status.last_exit.log_tail:
             rows.append(["log tail", status.last_exit.log_tail])
     render.table(["", ""], rows)
+
+
+@app.command("set")
+def set_(
+    name: NameArg,
+    cpus: Annotated[str | None, typer.Option(help="vCPUs (hot-added if running)")] = None,
+    memory: Annotated[str | None, typer.Option(help="memory: grows by DIMM, shrinks by the "
+                                               "balloon if running")] = None,
+    max_cpus: Annotated[str | None, typer.Option(help="room to hot-add vCPUs (next start)")
+                        ] = None,
+    max_memory: Annotated[str | None, typer.Option(help="room to hot-add memory (next start)")
+                          ] = None,
+    disk_size: Annotated[str | None, typer.Option(help="grow the disk (online)")] = None,
+    cpu_weight: Annotated[str | None, typer.Option(help="share under contention, 1-10000, "
+                                                   "default 100")] = None,
+    cpu_limit: Annotated[str | None, typer.Option(help="hard cap, percent of one host core "
+                                                  "(e.g. 50%), or none")] = None,
+    disk_iops: Annotated[str | None, typer.Option(help="I/O operations per second, or none")
+                         ] = None,
+    disk_bps: Annotated[str | None, typer.Option(help="I/O bytes per second (e.g. 20M), or "
+                                                 "none")] = None,
+) -> None:
+    """Change a VM's share; live where it runs, else at its next start.
+
+    Example: vmkit set web --cpus 4 --memory 2G --cpu-weight 200 --cpu-limit 50%
+    """
+    changes = {k: v for k, v in {
+        "cpus": cpus, "memory": memory, "max_cpus": max_cpus, "max_memory": max_memory,
+        "disk_size": disk_size, "cpu_weight": cpu_weight, "cpu_limit": cpu_limit,
+        "disk_iops": disk_iops, "disk_bps": disk_bps}.items() if v is not None}
+    if not changes:
+        raise typer.BadParameter("nothing to change: give at least one option (see --help)")
+    result = _host().get(name).set(**changes)
+    for line in [*result.now, *result.at_restart]:
+        render.err.print(f"{name}: {line}")
+
+
+@app.command()
+def top(interval: Annotated[float, typer.Option(help="seconds between refreshes")] = 2.0,
+        once: Annotated[bool, typer.Option("--once", help="one sample, then exit")] = False,
+        format: FormatOpt = Format.table) -> None:
+    """Live CPU, memory and disk use of every running VM, refreshing like top.
+
+    Example: vmkit top --interval 1
+    """
+    from rich.live import Live
+
+    host = _host()
+
+    def sample() -> list[dict[str, Any]]:
+        first = {vm.name: vm.usage() for vm in host.vms()}
+        time.sleep(interval)
+        rows = []
+        for vm in host.vms():
+            before, after = first.get(vm.name), vm.usage()
+            if before is None or after is None:
+                continue
+            rows.append({"name": vm.name, "cpu_percent": round(
+                100 * (after.cpu_seconds - before.cpu_seconds) / interval, 1),
+                "vcpus": after.vcpus, "memory_guest": after.memory_actual, "rss": after.rss,
+                "cgroup_memory": after.cgroup_memory,
+                "disk_read_per_s": (after.disk_read - before.disk_read) / interval,
+                "disk_write_per_s": (after.disk_written - before.disk_written) / interval})
+        return rows
+
+    def table(rows: list[dict[str, Any]]) -> Any:
+        from rich.table import Table
+
+        out = Table(box=None, header_style="bold")
+        for column in ("NAME", "CPU%", "VCPUS", "GUEST MEM", "QEMU RSS", "DISK R/s", "DISK W/s"):
+            out.add_column(column)
+        for row in rows:
+            out.add_row(row["name"], f"{row['cpu_percent']:.1f}", str(row["vcpus"]),
+                        render.size(row["memory_guest"]), render.size(row["rss"]),
+                        render.size(int(row["disk_read_per_s"])),
+                        render.size(int(row["disk_write_per_s"])))
+        return out
+
+    if once or format is Format.json:
+        rows = sample()
+        if format is Format.json:
+            render.print_json(rows)
+        else:
+            render.out.print(table(rows))
+        return
+    with contextlib.suppress(KeyboardInterrupt), Live(table([]), console=render.out) as screen:
+        while True:
+            screen.update(table(sample()))
 
 
 @app.command(help=f"Attach to the VM's serial console; {DETACH_KEY} detaches. "
