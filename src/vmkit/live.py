@@ -95,7 +95,9 @@ def set_resources(vm: VM, *, cpus: int | str | None = None, memory: int | str | 
             "max_memory": max(want_max_memory or spec.memory_ceiling, want_memory or 0),
             "disk": want_disk or spec.disk,
         }
-        check_fits_host(vm.name, new["max_cpus"], new["max_memory"], capacity, policy)
+        check_fits_host(vm.name, new["cpus"], new["memory"], capacity, policy)
+        if want_max_cpus is not None or want_max_memory is not None:
+            check_fits_host(vm.name, new["max_cpus"], new["max_memory"], capacity, policy)
         if want_disk is not None and want_disk < spec.disk:
             raise InvalidValue(f"invalid disk-size {format_size(want_disk)} for VM {vm.name!r}: "
                                f"smaller than its disk ({format_size(spec.disk)}); disks only "
