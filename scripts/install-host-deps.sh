@@ -71,4 +71,8 @@ if [ "$missing" = 1 ]; then
   # shellcheck disable=SC2086
   apt-get install -y -q --no-install-recommends $tools
 fi
+# QEMU runs as this unprivileged user when vmkit runs as root (the jailer model).
+if ! getent passwd vmkit >/dev/null; then
+  useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin vmkit
+fi
 qemu-system-x86_64 --version | head -n1

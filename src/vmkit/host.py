@@ -36,6 +36,7 @@ from vmkit.errors import (
 from vmkit.images import catalog
 from vmkit.images.catalog import ImageInfo
 from vmkit.isolation import cgroups as cgroups_mod
+from vmkit.isolation import jail
 from vmkit.isolation.cgroups import CgroupLimits
 from vmkit.model.names import validate_name
 from vmkit.model.resources import (
@@ -149,6 +150,11 @@ class Host:
 
     # -- host facts -----------------------------------------------------------------------
     @functools.cached_property
+    def run_as(self) -> jail.RunAs | None:
+        """The unprivileged account QEMU runs as (root only), or None."""
+        return jail.run_as()
+
+    @functools.cached_property
     def cgroups(self) -> cgroups_mod.Driver | None:
         """The cgroup tree VMs are fenced in, or None (not root / none mounted)."""
         return cgroups_mod.detect()
@@ -209,6 +215,10 @@ class Host:
                                      "isolation_note": decision.isolation_note,
                                      "facts": decision.facts.model_dump()}
         driver = self.cgroups
+        owner = self.run_as
+        report["isolation"] = {
+            "qemu_user": jail.RUN_USER if owner else None, "sandbox": jail.SANDBOX,
+            "note": None if owner else jail.why_not()}
         report["cgroup"] = {"mounted": _cgroup_version(),
                             "used": driver.version if driver else None,
                             "note": None if driver else cgroups_mod.why_not()}
@@ -600,12 +610,14 @@ class VM:
                                      last_exit=record.last_exit)
             self._write(starting)
             driver = self.host.cgroups
-            before_exec = None
+            join = None
             if driver is not None:
                 driver.apply(self.name, self.cgroup_limits())
-                before_exec = functools.partial(driver.attach_self, self.name)
+                join = functools.partial(driver.attach_self, self.name)
+            owner = self.host.run_as
+            jail.hand_over(owner, [self.folder.path])
             process.spawn_detached(argv, self.folder.qemu_log, self.folder.exit_file,
-                                   before_exec=before_exec)
+                                   before_exec=jail.child_setup(join, owner))
             identity: process.ProcessIdentity | None = None
             state = VmState.RUNNING
             try:

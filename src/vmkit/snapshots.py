@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from pydantic import BaseModel, ConfigDict
 
 from vmkit.errors import AgentError, InvalidState, OperationTimeout, VmkitError, os_errors
+from vmkit.isolation import jail
 from vmkit.model.runtime import RuntimeRecord
 from vmkit.model.snapshots import SnapshotNode, SnapshotTree
 from vmkit.model.state import LIVE_STATES, VmState
@@ -135,9 +136,11 @@ def take_locked(vm: VM, record: RuntimeRecord, name: str, *, disk_only: bool) ->
             memory_size = 0
             if memory_path is not None:
                 memory_path.parent.mkdir(exist_ok=True)
+                jail.hand_over(vm.host.run_as, [memory_path.parent])  # QEMU writes the state
                 blockops.save_memory(qmp, memory_path, MEMORY_STATE_TIMEOUT)
                 memory_size = memory_path.stat().st_size
             img.create_overlay(new_path, Path(active).name)
+            jail.hand_over(vm.host.run_as, [new_path])  # QEMU opens it as its own user
             node = SnapshotNode(
                 name=name, parent=tree.current, created_at=time.time(), layer=active,
                 memory=memory_rel, memory_size=memory_size, taken_in=taken_in,

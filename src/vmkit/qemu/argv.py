@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from vmkit.model.spec import VmConfig
 
+# QEMU's seccomp filter: no obsolete calls, no privilege elevation, no exec, no resource control
+SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
 FIRMWARE_FILES = {"qboot": "qboot.rom", "seabios": "bios-256k.bin", "microvm": "bios-microvm.bin"}
 
 
@@ -74,6 +76,7 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
         "-smp", f"cpus={spec.cpus},maxcpus={spec.cpu_ceiling}",
         "-m", memory_option(spec.memory, spec.memory_ceiling),
         "-msg", "timestamp=on",
+        "-sandbox", SANDBOX,
     ]
     firmware = FIRMWARE_FILES.get(hw.firmware)
     if firmware:

@@ -48,7 +48,7 @@ def spawn_detached(argv: list[str], log_file: Path, exit_file: Path, *,
         try:
             return subprocess.Popen(
                 waiter_argv(exit_file, argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
-                start_new_session=True, close_fds=True, umask=0o077, env=CLEAN_ENV,
+                start_new_session=True, close_fds=True, umask=0o077, env=CLEAN_ENV, cwd="/",
                 preexec_fn=before_exec,
             )
         except OSError as exc:

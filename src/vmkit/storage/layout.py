@@ -63,6 +63,12 @@ class HomeLayout:
     def ensure(self) -> None:
         for folder in (self.images, self.vms, self.locks, self.cache):
             folder.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            # QEMU runs as an unprivileged user: it must reach images/ and its own VM folder
+            # (VM folders themselves stay 0700, owned by that user)
+            for folder in (self.root, self.images, self.vms):
+                if folder.stat().st_mode & 0o755 != 0o755:
+                    os.chmod(folder, folder.stat().st_mode | 0o755)
 
     def vm(self, name: str) -> VmFolder:
         return VmFolder(self.vms / name)
@@ -143,7 +149,8 @@ class VmFolder:
         )
 
     def make_dirs(self) -> None:
-        for folder in (self.disks, self.boot, self.logs):
+        os.chmod(self.path, 0o700)
+        for folder in (self.disks, self.boot, self.logs, self.path / "snapshots"):
             folder.mkdir(parents=True, exist_ok=True)
         self.run.mkdir(mode=0o700, exist_ok=True)
         os.chmod(self.run, 0o700)
