@@ -42,6 +42,7 @@ bench: setup
 	$(VENV)/bin/python bench/boot.py
 	$(VENV)/bin/python bench/machine_types.py
 	$(VENV)/bin/python bench/snapshot.py
+	$(VENV)/bin/python bench/density.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
