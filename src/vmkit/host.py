@@ -616,8 +616,8 @@ class VM:
                 join = functools.partial(driver.attach_self, self.name)
             owner = self.host.run_as
             jail.hand_over(owner, [self.folder.path])
-            process.spawn_detached(argv, self.folder.qemu_log, self.folder.exit_file,
-                                   before_exec=jail.child_setup(join, owner))
+            process.spawn_detached(jail.drop_to(owner, argv), self.folder.qemu_log,
+                                   self.folder.exit_file, before_exec=join)
             identity: process.ProcessIdentity | None = None
             state = VmState.RUNNING
             try:

@@ -68,3 +68,42 @@ def test_a_guest_that_allocates_beyond_its_ram_is_contained(host: Host) -> None:
     assert hog.status().pid is not None
     assert sh(calm, "echo fine") == "fine"
     assert "survived" not in sh(hog, "cat /run/hog.out || true")
+
+
+def test_a_normal_user_still_runs_vms_without_root_features(image_home: Path) -> None:
+    """As a normal user: no cgroups, no user switch (doctor says so), and VMs still run."""
+    import pwd
+    import subprocess
+    import sys
+    import tempfile
+
+    from vmkit.images.catalog import link_image
+    from vmkit.storage.layout import HomeLayout
+
+    user = pwd.getpwnam("vmkit")
+    root = Path(tempfile.mkdtemp(prefix="vmku-", dir="/tmp"))
+    link_image(HomeLayout(image_home), HomeLayout(root), "tiny")
+    for path in [root, *root.rglob("*")]:
+        os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
+    as_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",
+               "--inh-caps=-all", sys.executable, "-m", "vmkit.cli.main"]
+    env = {**os.environ, "VMKIT_HOME": str(root), "HOME": str(root)}
+
+    def vmkit(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([*as_user, *args], env=env, capture_output=True, text=True,
+                              timeout=300, check=False)
+
+    try:
+        doctor = vmkit("doctor", "--format", "json")
+        assert doctor.returncode == 0, doctor.stderr
+        assert '"used": null' in doctor.stdout and "normal user" in doctor.stdout
+        assert vmkit("create", "mine", "--start", "--wait").returncode == 0
+        done = vmkit("exec", "mine", "--", "sh", "-c", "ip -4 addr show eth0 | grep -c inet")
+        assert (done.returncode, done.stdout.strip()) == (0, "1")  # user-mode networking
+        pid = int(vmkit("info", "mine", "--format", "json").stdout.split('"pid": ')[1]
+                  .split(",")[0])
+        assert _status_fields(pid)["Uid"].split()[0] == str(user.pw_uid)
+        assert vmkit("stop", "mine").returncode == 0
+    finally:
+        vmkit("delete", "mine", "--force")
+        subprocess.run(["rm", "-rf", str(root)], check=False)

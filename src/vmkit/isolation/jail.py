@@ -2,16 +2,16 @@
 user, joins its cgroup before exec, and is started with QEMU's seccomp sandbox denying obsolete
 system calls, privilege elevation, spawning processes and resource control.
 
-Privileges are dropped in the child right before exec (not with QEMU's -runas: that conflicts
-with the full sandbox, measured in shared/DESIGN.md). The VM folder is handed to that user; the
-folder stays 0700, so other users and other VMs' QEMUs of other owners cannot read it.
+Privileges are dropped by exec'ing QEMU through util-linux `setpriv` (not with QEMU's -runas:
+that conflicts with the full sandbox, measured in shared/DESIGN.md); the cgroup is joined before
+that, as root. The VM folder is handed to that user and stays 0700.
 """
 
 from __future__ import annotations
 
 import os
 import pwd
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,18 +59,11 @@ def hand_over(owner: RunAs | None, paths: Iterable[Path]) -> None:
                              follow_symlinks=False)
 
 
-def child_setup(join_cgroup: Callable[[], None] | None,
-                owner: RunAs | None) -> Callable[[], None] | None:
-    """What the child runs before exec: join the cgroup (needs root), then drop to the user."""
-    if join_cgroup is None and owner is None:
-        return None
-
-    def setup() -> None:
-        if join_cgroup is not None:
-            join_cgroup()
-        if owner is not None:
-            os.setgroups([])
-            os.setgid(owner.gid)
-            os.setuid(owner.uid)
-
-    return setup
+def drop_to(owner: RunAs | None, argv: list[str]) -> list[str]:
+    """QEMU's argv, exec'd through setpriv as the unprivileged user (no extra process: setpriv
+    execs QEMU). QEMU's parent, vmkit's exit-status waiter, stays root, so a compromised QEMU
+    can neither ptrace nor signal it."""
+    if owner is None:
+        return argv
+    return ["setpriv", f"--reuid={owner.uid}", f"--regid={owner.gid}", "--clear-groups",
+            "--no-new-privs", "--inh-caps=-all", "--", *argv]
