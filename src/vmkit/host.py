@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vmkit import bundles, clones, live
 from vmkit import snapshots as snapshot_ops
 from vmkit.errors import (
+    AgentError,
     AlreadyExists,
     HostError,
     InvalidState,
@@ -85,6 +86,7 @@ AGENT_READY_TIMEOUT = 180.0
 STOP_TIMEOUT = 30.0
 KILL_TIMEOUT = 10.0
 EXEC_TIMEOUT = 60.0
+COPY_TIMEOUT = 600.0
 QMP_TIMEOUT = 5.0
 QEMU_MEMORY_OVERHEAD = 512 << 20  # cgroup memory limit = guest RAM ceiling + this (QEMU, TCG)
 EXIT_STATUS_WAIT = 1.0  # the waiter writes QEMU's exit status a moment after QEMU is gone
@@ -122,6 +124,7 @@ class VmStatus(BaseModel):
     max_memory: int
     limits: Limits
     usage: Usage | None = None
+    guest: dict[str, Any] | None = Field(default=None, description="what the guest agent says")
 
 
 class Usage(BaseModel):
@@ -512,6 +515,7 @@ class VM:
         live = record.state in LIVE_STATES
         qemu_status = None
         usage = None
+        guest: dict[str, Any] | None = None
         if query_qemu and live:
             try:
                 qemu_status = qmp_execute(self.folder.qmp_socket, "query-status",
@@ -519,6 +523,9 @@ class VM:
                 usage = self.usage(record)
             except VmkitError as exc:
                 qemu_status = f"unknown ({exc.message})"
+            if qemu_status == "running":
+                with contextlib.suppress(VmkitError):
+                    guest = agent.guest_facts(self.folder.agent_socket, timeout=3.0)
         return VmStatus(
             name=self.name, state=record.state, cpus=cfg.spec.cpus, memory=cfg.spec.memory,
             disk=cfg.spec.disk, image=cfg.spec.image, uuid=cfg.uuid, mac=cfg.mac,
@@ -531,7 +538,7 @@ class VM:
             disk_mode="full-copy" if cfg.spec.full_copy else "overlay",
             last_exit=record.last_exit, qemu_status=qemu_status,
             max_cpus=cfg.spec.cpu_ceiling, max_memory=cfg.spec.memory_ceiling,
-            limits=cfg.spec.limits, usage=usage,
+            limits=cfg.spec.limits, usage=usage, guest=guest,
         )
 
     def usage(self, record: RuntimeRecord | None = None) -> Usage | None:
@@ -786,6 +793,44 @@ class VM:
                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         """Write this VM — disks, snapshot tree, memory states — as one checked bundle file."""
         return bundles.export(self, Path(path), progress=progress)
+
+    def copy_in(self, source: str | Path, dest: str, *, timeout: float = COPY_TIMEOUT) -> int:
+        """Copy a host file into the guest through the agent, keeping its permission bits."""
+        check_transition(self.name, self.state, Operation.EXEC)
+        source = Path(source)
+        if not source.is_file():
+            raise InvalidValue(f"cannot copy {source}: not a file on the host")
+        partial = f"{dest}.vmkit-part"
+        size = agent.copy_to_guest(self.folder.agent_socket, source, partial, timeout=timeout)
+        mode = f"{source.stat().st_mode & 0o7777:o}"
+        done = agent.guest_exec(self.folder.agent_socket, ["sh", "-c",
+                                'chmod "$1" "$2" && mv -f "$2" "$3"', "cp", mode, partial, dest],
+                                timeout=timeout)
+        if done.exit_code != 0:
+            raise AgentError(f"cannot put {dest} in place in the guest: {done.stderr.strip()}")
+        return size
+
+    def copy_out(self, source: str, dest: str | Path, *, timeout: float = COPY_TIMEOUT) -> int:
+        """Copy a guest file to the host through the agent, keeping its permission bits."""
+        check_transition(self.name, self.state, Operation.EXEC)
+        dest = Path(dest)
+        if dest.is_dir():
+            dest = dest / Path(source).name
+        mode = agent.guest_exec(self.folder.agent_socket, ["stat", "-c", "%a", source],
+                                timeout=timeout)
+        if mode.exit_code != 0:
+            raise InvalidValue(f"cannot copy {self.name}:{source}: {mode.stderr.strip()}")
+        partial = dest.with_name(f".{dest.name}.vmkit-part")
+        try:
+            with os_errors(f"copying {self.name}:{source} to {dest}"):
+                size = agent.copy_from_guest(self.folder.agent_socket, source, partial,
+                                             timeout=timeout)
+                os.chmod(partial, int(mode.stdout.strip(), 8))
+                os.replace(partial, dest)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return size
 
     def console_socket(self) -> Path:
         check_transition(self.name, self.state, Operation.CONSOLE)

@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from enum import StrEnum
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -312,6 +313,12 @@ def info(name: NameArg, format: FormatOpt = Format.table) -> None:
                      f"guest ({render.size(use.memory_plugged)} plugged), CPU "
                      f"{use.cpu_percent_avg:.0f}% avg, QEMU RSS {render.size(use.rss)}, disk "
                      f"read {render.size(use.disk_read)} written {render.size(use.disk_written)}"])
+    if status.guest:
+        os_info = status.guest.get("os") or {}
+        rows.append(["guest", f"{os_info.get('pretty-name') or os_info.get('name') or '?'}, "
+                              f"kernel {os_info.get('kernel-release', '?')}, hostname "
+                              f"{status.guest.get('hostname', '?')}, addresses "
+                              f"{status.guest.get('addresses', {})}"])
     if status.isolation_note:
         rows.append(["isolation", status.isolation_note])
     if status.last_exit:
@@ -354,6 +361,27 @@ def set_(
     result = _host().get(name).set(**changes)
     for line in [*result.now, *result.at_restart]:
         render.err.print(f"{name}: {line}")
+
+
+@app.command()
+def cp(source: Annotated[str, typer.Argument(help="FILE or VM:PATH")],
+       dest: Annotated[str, typer.Argument(help="VM:PATH or FILE")]) -> None:
+    """Copy a file into or out of a running guest (through the agent, permissions kept).
+
+    Example: vmkit cp ./backup.sql db:/root/ ; vmkit cp db:/etc/os-release .
+    """
+    host = _host()
+    if ":" in dest and ":" not in source:
+        name, path = dest.split(":", 1)
+        if path.endswith("/"):
+            path += Path(source).name
+        size = host.get(name).copy_in(source, path)
+    elif ":" in source and ":" not in dest:
+        name, path = source.split(":", 1)
+        size = host.get(name).copy_out(path, dest)
+    else:
+        raise typer.BadParameter("exactly one side must be VM:PATH (e.g. web:/root/file)")
+    render.err.print(f"copied {render.size(size)}")
 
 
 @app.command()
@@ -532,6 +560,9 @@ def snapshot_create(name: NameArg, snapshot: SnapArg,
         info = _host().get(name).snapshot(snapshot, disk_only=disk_only)
     kind = "disk + memory" if info.with_memory else "disk only"
     render.err.print(f"snapshot {snapshot} of {name} taken ({kind})")
+    if info.quiesced is False:
+        render.err.print("warning: the guest agent did not freeze the file systems; the "
+                         "snapshot is crash-consistent only")
 
 
 @snapshot_app.command("list")

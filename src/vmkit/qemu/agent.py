@@ -192,3 +192,67 @@ def guest_exec(socket_path: Path, argv: list[str], *, timeout: float,
         stdout=base64.b64decode(status.get("out-data", "")).decode(errors="replace"),
         stderr=base64.b64decode(status.get("err-data", "")).decode(errors="replace"),
     )
+
+
+COPY_CHUNK = 1 << 20  # bytes per guest-file-read/write (1.4 MB of base64 per message)
+
+
+def copy_to_guest(socket_path: Path, source: Path, dest: str, *, timeout: float,
+                  progress: Any = None) -> int:
+    """Stream a host file into the guest in chunks; returns bytes written."""
+    written = 0
+    with AgentConnection(socket_path, timeout=timeout) as conn, open(source, "rb") as handle:
+        guest = conn.call("guest-file-open", {"path": dest, "mode": "wb"})
+        try:
+            while chunk := handle.read(COPY_CHUNK):
+                conn.call("guest-file-write",
+                          {"handle": guest, "buf-b64": base64.b64encode(chunk).decode()})
+                written += len(chunk)
+                if progress:
+                    progress(written)
+        finally:
+            conn.call("guest-file-close", {"handle": guest})
+    return written
+
+
+def copy_from_guest(socket_path: Path, source: str, dest: Path, *, timeout: float,
+                    progress: Any = None) -> int:
+    """Stream a guest file to the host in chunks; returns bytes read."""
+    read = 0
+    with AgentConnection(socket_path, timeout=timeout) as conn, open(dest, "wb") as handle:
+        guest = conn.call("guest-file-open", {"path": source, "mode": "rb"})
+        try:
+            while True:
+                reply = conn.call("guest-file-read", {"handle": guest, "count": COPY_CHUNK})
+                data = base64.b64decode(reply.get("buf-b64", ""))
+                handle.write(data)
+                read += len(data)
+                if progress:
+                    progress(read)
+                if reply.get("eof") or not data:
+                    break
+        finally:
+            conn.call("guest-file-close", {"handle": guest})
+    return read
+
+
+def guest_facts(socket_path: Path, *, timeout: float = 10.0) -> dict[str, Any]:
+    """OS, hostname and network addresses as the guest itself reports them."""
+    facts: dict[str, Any] = {}
+    with AgentConnection(socket_path, timeout=timeout) as conn:
+        for key, command in (("os", "guest-get-osinfo"), ("hostname", "guest-get-host-name"),
+                             ("interfaces", "guest-network-get-interfaces")):
+            try:
+                facts[key] = conn.call(command)
+            except (AgentError, OperationTimeout) as exc:
+                facts[key] = {"error": exc.message}
+                break  # an agent that does not answer will not answer the next question
+    hostname = facts.get("hostname")
+    if isinstance(hostname, dict) and "host-name" in hostname:
+        facts["hostname"] = hostname["host-name"]
+    interfaces = facts.get("interfaces")
+    if isinstance(interfaces, list):
+        facts["addresses"] = {
+            nic["name"]: [a["ip-address"] for a in nic.get("ip-addresses", [])]
+            for nic in interfaces if nic.get("name") != "lo"}
+    return facts
