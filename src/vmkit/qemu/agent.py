@@ -8,10 +8,12 @@ in the channel are skipped until the matching id comes back.
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import random
 import socket
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -201,17 +203,14 @@ def copy_to_guest(socket_path: Path, source: Path, dest: str, *, timeout: float,
                   progress: Any = None) -> int:
     """Stream a host file into the guest in chunks; returns bytes written."""
     written = 0
-    with AgentConnection(socket_path, timeout=timeout) as conn, open(source, "rb") as handle:
-        guest = conn.call("guest-file-open", {"path": dest, "mode": "wb"})
-        try:
-            while chunk := handle.read(COPY_CHUNK):
-                conn.call("guest-file-write",
-                          {"handle": guest, "buf-b64": base64.b64encode(chunk).decode()})
-                written += len(chunk)
-                if progress:
-                    progress(written)
-        finally:
-            conn.call("guest-file-close", {"handle": guest})
+    with AgentConnection(socket_path, timeout=timeout) as conn, open(source, "rb") as handle, \
+            _guest_file(conn, dest, "wb") as guest:
+        while chunk := handle.read(COPY_CHUNK):
+            conn.call("guest-file-write",
+                      {"handle": guest, "buf-b64": base64.b64encode(chunk).decode()})
+            written += len(chunk)
+            if progress:
+                progress(written)
     return written
 
 
@@ -219,21 +218,28 @@ def copy_from_guest(socket_path: Path, source: str, dest: Path, *, timeout: floa
                     progress: Any = None) -> int:
     """Stream a guest file to the host in chunks; returns bytes read."""
     read = 0
-    with AgentConnection(socket_path, timeout=timeout) as conn, open(dest, "wb") as handle:
-        guest = conn.call("guest-file-open", {"path": source, "mode": "rb"})
-        try:
-            while True:
-                reply = conn.call("guest-file-read", {"handle": guest, "count": COPY_CHUNK})
-                data = base64.b64decode(reply.get("buf-b64", ""))
-                handle.write(data)
-                read += len(data)
-                if progress:
-                    progress(read)
-                if reply.get("eof") or not data:
-                    break
-        finally:
-            conn.call("guest-file-close", {"handle": guest})
+    with AgentConnection(socket_path, timeout=timeout) as conn, open(dest, "wb") as handle, \
+            _guest_file(conn, source, "rb") as guest:
+        while True:
+            reply = conn.call("guest-file-read", {"handle": guest, "count": COPY_CHUNK})
+            data = base64.b64decode(reply.get("buf-b64", ""))
+            handle.write(data)
+            read += len(data)
+            if progress:
+                progress(read)
+            if reply.get("eof") or not data:
+                break
     return read
+
+
+@contextlib.contextmanager
+def _guest_file(conn: AgentConnection, path: str, mode: str) -> Iterator[int]:
+    """A file handle in the guest, closed whatever happens."""
+    handle: int = conn.call("guest-file-open", {"path": path, "mode": mode})
+    try:
+        yield handle
+    finally:
+        conn.call("guest-file-close", {"handle": handle})
 
 
 def guest_facts(socket_path: Path, *, timeout: float = 10.0) -> dict[str, Any]:
