@@ -43,7 +43,8 @@ BASE_PACKAGES = ["busybox-static", "qemu-guest-agent", "e2fsprogs"]
 MODULES = ["virtio_pci", "virtio_blk", "virtio_net", "virtio_console", "virtio_balloon",
            "virtio-rng", "virtio_mem", "virtio_mmio", "button", "evdev"]
 BINARIES = ["usr/sbin/qemu-ga", "sbin/resize2fs"]
-CMDLINE = "console=ttyS0 root=/dev/vda rw quiet loglevel=3 memhp_default_state=online"
+CMDLINE = ("console=ttyS0 root=/dev/vda rw quiet loglevel=3 memhp_default_state=online "
+           "swiotlb=noforce")
 GUEST_FILES = {
     "tiny-initramfs-init": "init",
     "tiny-rcS": "etc/init.d/rcS",
