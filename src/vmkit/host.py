@@ -699,7 +699,7 @@ class VM:
             if not gone:
                 note = note or f" (the guest did not power off within {timeout:g}s; killed)"
                 self._kill_process(identity)
-            self._finish(record, "stop", note)
+            self._finish("stop", note)
         return self
 
     def kill(self) -> VM:
@@ -715,7 +715,7 @@ class VM:
         identity = self._identity(record)
         if identity is not None:
             self._kill_process(identity)
-        self._finish(record, "kill", note)
+        self._finish("kill", note)
 
     def restart(self, *, wait: bool = False, timeout: float = STOP_TIMEOUT) -> VM:
         check_transition(self.name, self.state, Operation.RESTART)
@@ -860,7 +860,8 @@ class VM:
             raise QemuError(f"QEMU of VM {self.name!r} (pid {identity.pid}) survived SIGKILL "
                             f"for {KILL_TIMEOUT:g}s")
 
-    def _finish(self, record: RuntimeRecord, intent: Intent, note: str) -> None:
+    def _finish(self, intent: Intent, note: str) -> None:
+        """Record the end of a run vmkit asked for, and clear what the run left."""
         current = self._record()
         final = self._exit_record(current.model_copy(update={"intent": intent}), note)
         self._write(final)

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
-from vmkit.errors import AgentError, InvalidState, OperationTimeout, VmkitError, os_errors
+from vmkit.errors import AgentError, InvalidState, OperationTimeout, os_errors
 from vmkit.isolation import jail
 from vmkit.model.runtime import RuntimeRecord
 from vmkit.model.snapshots import SnapshotNode, SnapshotTree
@@ -288,4 +288,4 @@ def _stream_into(vm: VM, child: Path, active: Path, backing: str | None) -> None
                          MERGE_TIMEOUT)
 
 
-__all__ = ["SnapshotInfo", "VmkitError", "delete", "listing", "load_tree", "restore", "take"]
+__all__ = ["SnapshotInfo", "delete", "listing", "load_tree", "restore", "take"]
