@@ -8,7 +8,9 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 from vmkit import Host
 from vmkit.images.catalog import link_image
@@ -16,13 +18,14 @@ from vmkit.qemu import agent, img
 from vmkit.storage.layout import default_home
 
 
-def scratch_host() -> Host:
-    """A throw-away VMKIT_HOME with the default home's tiny image hard-linked in."""
+def scratch_host(images: tuple[str, ...] = ("tiny",)) -> Host:
+    """A throw-away VMKIT_HOME with the default home's images hard-linked in (built if not)."""
     source = Host(default_home())
-    source.build_image("tiny")
     root = Path(tempfile.mkdtemp(prefix="vmkb-", dir="/tmp"))
     host = Host(root)
-    link_image(source.layout, host.layout, "tiny")
+    for image in images:
+        source.build_image(image)
+        link_image(source.layout, host.layout, image)
     return host
 
 
@@ -38,12 +41,16 @@ def rss_mib(pid: int) -> float:
     raise RuntimeError(f"no VmRSS for pid {pid}")
 
 
-def bare_boot(host: Host, name: str, argv: list[str], *, timeout: float = 180,
-              keep: float = 0.0) -> tuple[float, float | None]:
-    """Boot a VM folder's argv with plain QEMU: fresh overlay, spawn, wait for the agent.
+class BareRun(NamedTuple):
+    agent_s: float  # spawn to guest agent answering
+    rss_mib: float | None  # after `keep` idle seconds
+    then_s: float | None  # spawn to the end of `then` (e.g. ssh answering)
 
-    Returns (seconds to agent-ready, RSS MiB after `keep` idle seconds, or None).
-    """
+
+def bare_boot(host: Host, name: str, argv: list[str], *, timeout: float = 180,
+              keep: float = 0.0, then: Callable[[], None] | None = None) -> BareRun:
+    """Boot a VM folder's argv with plain QEMU: fresh overlay, spawn, wait for the agent (and
+    for `then`, when given). The run folder must hold what the argv names (e.g. a seed)."""
     vm = host.get(name)
     info = host.image(vm.config.spec.image)
     disk = vm.folder.path / vm.config.disk_file
@@ -57,11 +64,15 @@ def bare_boot(host: Host, name: str, argv: list[str], *, timeout: float = 180,
         agent.wait_agent_ready(vm.folder.agent_socket, timeout,
                                alive=lambda: proc.poll() is None)
         elapsed = time.monotonic() - start
+        then_s = None
+        if then is not None:
+            then()
+            then_s = time.monotonic() - start
         rss = None
         if keep:
             time.sleep(keep)
             rss = rss_mib(proc.pid)
-        return elapsed, rss
+        return BareRun(elapsed, rss, then_s)
     finally:
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)

@@ -39,7 +39,7 @@ def main() -> int:
             vm.delete()
 
             twin = host.create(f"bq{run}", memory="256M")
-            elapsed, _ = bare_boot(host, twin.name, twin.argv(accel))
+            elapsed = bare_boot(host, twin.name, twin.argv(accel)).agent_s
             qemu_times.append(elapsed)
             twin.delete()
             print(f"run {run}: vmkit {vmkit_times[-1]:.2f}s  qemu {qemu_times[-1]:.2f}s",
@@ -53,7 +53,7 @@ def main() -> int:
         rss_vmkit = rss_mib(pid)
         vm.kill()
         twin = host.create("rss-qemu", memory="256M")
-        _, rss_qemu = bare_boot(host, twin.name, twin.argv(accel), keep=args.idle)
+        rss_qemu = bare_boot(host, twin.name, twin.argv(accel), keep=args.idle).rss_mib
     finally:
         drop(host)
     result = {

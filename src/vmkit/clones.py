@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from vmkit import snapshots as snapshot_ops
 from vmkit.errors import AlreadyExists, InvalidState, VmkitError
+from vmkit.model.cloudinit import instance_id_for
 from vmkit.model.names import validate_name
 from vmkit.model.runtime import RuntimeRecord
 from vmkit.model.snapshots import SnapshotNode
@@ -36,8 +37,13 @@ IDENTITY_TIMEOUT = 30.0
 
 
 def _identity(source: VmConfig, target: str, *, backing: Path | None) -> VmConfig:
+    vm_uuid = new_uuid()
+    seed = source.cloud_init
+    if seed is not None:  # a new instance-id: cloud-init re-identifies the clone when it boots
+        seed = seed.model_copy(update={"instance_id": instance_id_for(vm_uuid),
+                                       "hostname": target})
     return source.model_copy(update={
-        "uuid": new_uuid(), "mac": new_mac(), "created_at": time.time(),
+        "uuid": vm_uuid, "mac": new_mac(), "created_at": time.time(), "cloud_init": seed,
         "spec": source.spec.model_copy(update={"name": target, "full_copy": backing is None}),
         "boot": source.boot.model_copy(update={
             "cmdline": with_hostname(source.boot.cmdline, target)}),
@@ -167,9 +173,9 @@ def tell_new_identity(vm: VM) -> None:
     sock = vm.folder.agent_socket
     agent.wait_agent_ready(sock, IDENTITY_TIMEOUT)
     script = (
-        f"hostname {vm.name}; "
-        f"for nic in /sys/class/net/eth0; do [ -e $nic ] && ip link set dev eth0 address "
-        f"{vm.config.mac}; done; cat > /dev/urandom"
+        f"hostname {vm.name}; [ -w /etc/hostname ] && echo {vm.name} > /etc/hostname; "
+        f"for nic in /sys/class/net/*; do n=${{nic##*/}}; [ \"$n\" = lo ] || "
+        f"ip link set dev \"$n\" address {vm.config.mac}; done; cat > /dev/urandom"
     )
     result = agent.guest_exec(sock, ["sh", "-c", script], timeout=IDENTITY_TIMEOUT,
                               stdin=os.urandom(64))

@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import shlex
 import shutil
 import signal
+import socket
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +38,19 @@ from vmkit.errors import (
 )
 from vmkit.images import catalog
 from vmkit.images.catalog import ImageInfo
+from vmkit.images.seed import write_seed
 from vmkit.isolation import cgroups as cgroups_mod
 from vmkit.isolation import jail
 from vmkit.isolation.cgroups import CgroupLimits
+from vmkit.model.cloudinit import (
+    KEY_TYPES,
+    CloudInit,
+    check_user_data,
+    instance_id_for,
+    parse_ssh_public_keys,
+    seed_files,
+    validate_hostname,
+)
 from vmkit.model.names import validate_name
 from vmkit.model.resources import (
     Allocation,
@@ -58,6 +70,7 @@ from vmkit.model.spec import (
     Limits,
     VmConfig,
     VmSpec,
+    hostname_in,
     make_spec,
     new_mac,
     new_uuid,
@@ -68,6 +81,7 @@ from vmkit.qemu import accel as accel_mod
 from vmkit.qemu import agent, hostinfo, img, process
 from vmkit.qemu.agent import ExecResult
 from vmkit.qemu.argv import LaunchOptions, build_argv
+from vmkit.qemu.blockops import DISK_DEVICE
 from vmkit.qemu.qmp import QmpConnection, qmp_execute, wait_qmp_ready
 from vmkit.storage.layout import (
     HomeLayout,
@@ -125,6 +139,8 @@ class VmStatus(BaseModel):
     limits: Limits
     usage: Usage | None = None
     guest: dict[str, Any] | None = Field(default=None, description="what the guest agent says")
+    hostname: str | None = None
+    ssh: str | None = Field(default=None, description="user@127.0.0.1:port while running")
 
 
 class Usage(BaseModel):
@@ -244,17 +260,26 @@ class Host:
     def image(self, name: str) -> ImageInfo:
         return catalog.image_info(self.layout, name)
 
-    def build_image(self, name: str, *, force: bool = False,
-                    progress: Progress | None = None) -> tuple[ImageInfo, bool]:
+    def build_image(self, name: str, *, force: bool = False, progress: Progress | None = None,
+                    packages: list[str] | None = None) -> tuple[ImageInfo, bool]:
+        """Build an image from its recipe (a no-op when its inputs have not changed).
+        `packages` adds Debian packages to images that have a package manager (debian-12)."""
         validate_name(name, kind="image name")
-        if name != "tiny":
-            raise NotFound(f"no recipe for image {name!r}", hint="known recipes: tiny")
+        if name not in ("tiny", "debian-12"):
+            raise NotFound(f"no recipe for image {name!r}", hint="known recipes: tiny, debian-12")
+        if packages and name != "debian-12":
+            raise InvalidValue(f"image {name!r} takes no extra packages",
+                               hint="use --packages with debian-12")
+        from vmkit.images.debian import build_debian
         from vmkit.images.tiny import build_tiny
 
         in_use = frozenset(Path(vm.config.backing_file) for vm in self.vms()
                            if vm.config.backing_file)
-        with file_lock(self.layout.locks / f"image-{name}.lock", timeout=600,
+        with file_lock(self.layout.locks / f"image-{name}.lock", timeout=3600,
                        what=f"image {name!r}"):
+            if name == "debian-12":
+                return build_debian(self.layout, packages=packages, force=force,
+                                    progress=progress, in_use=in_use)
             return build_tiny(self.layout, force=force, progress=progress, in_use=in_use)
 
     def import_bundle(self, path: str | Path, *, name: str | None = None,
@@ -292,12 +317,15 @@ class Host:
                memory: int | str = "256M", disk: int | str = "2G", full_copy: bool = False,
                accel: str = "auto", start: bool = False, wait: bool = False,
                timeout: float = AGENT_READY_TIMEOUT, max_cpus: int | str | None = None,
-               max_memory: int | str | None = None) -> VM:
+               max_memory: int | str | None = None, hostname: str | None = None,
+               ssh_keys: Iterable[str | Path] = (), user_data: str | None = None) -> VM:
         """Create a VM folder (complete or not at all); optionally start it.
 
         Maxima (room to hot-add) default to the host's cores and 4x the memory, within what
-        the host can give one VM."""
+        the host can give one VM. `ssh_keys` are public-key files (or key lines) and
+        `user_data` the user's own cloud-init user-data; both need a cloud-init image."""
         spec = make_spec(name, image, cpus, memory, disk, full_copy=full_copy, accel=accel)
+        hostname = validate_hostname(hostname) if hostname is not None else name
         capacity, policy = self.capacity(), self.policy()
         check_fits_host(name, spec.cpus, spec.memory, capacity, policy)
         ceiling_cpus = parse_count(max_cpus, "max-cpus") if max_cpus is not None \
@@ -312,6 +340,13 @@ class Host:
         check_fits_host(name, ceiling_cpus, ceiling_memory, capacity, policy)
         spec = spec.model_copy(update={"max_cpus": ceiling_cpus, "max_memory": ceiling_memory})
         info = self.image(spec.image)
+        keys, identity = _read_ssh_keys(ssh_keys)
+        if (keys or user_data is not None) and not info.cloud_init:
+            raise InvalidValue(f"image {info.name!r} has no cloud-init: --ssh-key and "
+                               "--user-data need an image that reads a NoCloud seed",
+                               hint="use --image debian-12 (vmkit image build debian-12)")
+        if user_data is not None:
+            user_data = check_user_data(user_data, "the user-data")
         if spec.disk < info.virtual_size:
             raise InvalidValue(
                 f"invalid disk {format_size(spec.disk)} for VM {name!r}: smaller than image "
@@ -336,13 +371,17 @@ class Host:
                 img.full_copy(disk_path, image_dir / info.root_disk, spec.disk)
             else:
                 img.create_overlay(disk_path, image_dir / info.root_disk, spec.disk)
+            vm_uuid = new_uuid()
+            seed = CloudInit(instance_id=instance_id_for(vm_uuid), hostname=hostname,
+                             ssh_keys=keys, user_data=user_data) if info.cloud_init else None
             return VmConfig(
-                uuid=new_uuid(), mac=new_mac(), created_at=time.time(), spec=spec,
+                uuid=vm_uuid, mac=new_mac(), created_at=time.time(), spec=spec,
                 hardware=HardwareProfile(machine=machine),
                 boot=BootConfig(kernel="boot/vmlinuz", initrd="boot/initrd.img",
-                                cmdline=with_hostname(info.cmdline, name)),
+                                cmdline=with_hostname(info.cmdline, hostname)),
                 backing_file=None if spec.full_copy else str(image_dir / info.root_disk),
-                base_image_sha256=info.sha256,
+                base_image_sha256=info.sha256, cloud_init=seed, ssh_user=info.ssh_user,
+                ssh_identity=identity if info.ssh_user else None,
             )
 
         vm = self._new_vm_folder(name, build)
@@ -539,7 +578,34 @@ class VM:
             last_exit=record.last_exit, qemu_status=qemu_status,
             max_cpus=cfg.spec.cpu_ceiling, max_memory=cfg.spec.memory_ceiling,
             limits=cfg.spec.limits, usage=usage, guest=guest,
+            hostname=cfg.cloud_init.hostname if cfg.cloud_init else hostname_in(cfg.boot.cmdline),
+            ssh=f"{cfg.ssh_user}@127.0.0.1:{record.ssh_port}"
+            if live and cfg.ssh_user and record.ssh_port else None,
         )
+
+    def ssh_argv(self, command: list[str] | None = None, *,
+                 batch: bool = False) -> list[str]:
+        """The ssh command line that logs in to this running VM (through its port forward), or
+        runs `command` there with its arguments as given (like exec). Host keys are remembered
+        per VM in its folder, accepted on first use."""
+        cfg, record = self.config, self._observe(persist=True)
+        if cfg.ssh_user is None:
+            raise InvalidState(f"VM {self.name!r} runs no ssh server (image "
+                               f"{cfg.spec.image!r})",
+                               hint=f"use vmkit console {self.name} or vmkit exec {self.name}")
+        if record.state is not VmState.RUNNING or record.ssh_port is None:
+            raise InvalidState(f"cannot ssh to VM {self.name!r}: it is {record.state.value}",
+                               hint=f"start it first: vmkit start {self.name} --wait")
+        argv = ["ssh", "-p", str(record.ssh_port), "-l", cfg.ssh_user,
+                "-o", f"UserKnownHostsFile={self.folder.path / 'ssh_known_hosts'}",
+                "-o", "StrictHostKeyChecking=accept-new",
+                "-o", f"HostKeyAlias=vmkit-{cfg.uuid}"]
+        if cfg.ssh_identity:
+            argv += ["-i", cfg.ssh_identity]
+        if batch:
+            argv += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+        # the remote side runs one shell string: quote so the guest sees exactly `command`
+        return [*argv, "127.0.0.1", *([shlex.join(command)] if command else [])]
 
     def usage(self, record: RuntimeRecord | None = None) -> Usage | None:
         """Live use of a running VM: CPU time and RSS from /proc, memory from its cgroup, what
@@ -558,7 +624,8 @@ class VM:
             plugged = int(summary["base-memory"]) + int(summary.get("plugged-memory", 0))
             actual = int(qmp.execute("query-balloon")["actual"])
             blockstats: list[dict[str, Any]] = qmp.execute("query-blockstats")
-        stats: dict[str, Any] = blockstats[0].get("stats", {}) if blockstats else {}
+        stats: dict[str, Any] = next((entry.get("stats", {}) for entry in blockstats
+                                      if DISK_DEVICE in (entry.get("qdev") or "")), {})
         cgroup_memory = None
         if self.host.cgroups is not None:
             with contextlib.suppress(OSError, ValueError, KeyError):
@@ -569,11 +636,13 @@ class VM:
                      disk_written=int(stats.get("wr_bytes", 0)))
 
     # -- lifecycle ------------------------------------------------------------------------
-    def argv(self, accel: str, *, incoming: bool = False) -> list[str]:
+    def argv(self, accel: str, *, incoming: bool = False,
+             ssh_port: int | None = None) -> list[str]:
         """The QEMU command line this VM runs with (used by start and by benchmarks)."""
         cfg = self.config
-        paths = self.folder.run_paths(self.active_layer(), cfg.boot.kernel, cfg.boot.initrd)
-        argv = build_argv(cfg, paths, LaunchOptions(accel=accel))
+        paths = self.folder.run_paths(self.active_layer(), cfg.boot.kernel, cfg.boot.initrd,
+                                      seed=cfg.cloud_init is not None)
+        argv = build_argv(cfg, paths, LaunchOptions(accel=accel, ssh_port=ssh_port))
         return [*argv, "-incoming", "defer"] if incoming else argv
 
     def active_layer(self) -> str:
@@ -610,11 +679,15 @@ class VM:
                   self.host.allocated(exclude=self.name), self.host.capacity(),
                   self.host.policy())
             accel, reason = self._choose_accel()
-            argv = self.argv(accel, incoming=incoming is not None)
+            ssh_port = _free_local_port() if self.config.ssh_user else None
+            argv = self.argv(accel, incoming=incoming is not None, ssh_port=ssh_port)
             self._clear_run()
             self.folder.run.mkdir(mode=0o700, exist_ok=True)
+            if self.config.cloud_init is not None:
+                with os_errors(f"writing the cloud-init seed of VM {self.name!r}"):
+                    write_seed(self.folder.seed_file, seed_files(self.config.cloud_init))
             starting = RuntimeRecord(state=VmState.STARTING, accel=accel, accel_reason=reason,
-                                     last_exit=record.last_exit)
+                                     last_exit=record.last_exit, ssh_port=ssh_port)
             self._write(starting)
             driver = self.host.cgroups
             join = None
@@ -881,6 +954,39 @@ class VM:
         return CgroupLimits(cpu_weight=spec.limits.cpu_weight, cpu_limit=spec.limits.cpu_limit,
                             memory=spec.memory_ceiling + QEMU_MEMORY_OVERHEAD,
                             pids=spec.limits.pids)
+
+
+def _read_ssh_keys(sources: Iterable[str | Path]) -> tuple[tuple[str, ...], str | None]:
+    """The public keys of `sources` (files, or key lines), and the private key next to the
+    first .pub file (what `vmkit ssh` logs in with)."""
+    keys: list[str] = []
+    identity: str | None = None
+    for source in sources:
+        text = str(source)
+        if text.split(" ", 1)[0] in KEY_TYPES:
+            keys += parse_ssh_public_keys(text, "the ssh key")
+            continue
+        path = Path(text).expanduser()
+        try:
+            content = path.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidValue(f"cannot read ssh key {text!r}: "
+                               f"{getattr(exc, 'strerror', None) or exc}",
+                               hint="pass a public key file such as ~/.ssh/id_ed25519.pub") \
+                from exc
+        keys += parse_ssh_public_keys(content, f"ssh key file {text!r}")
+        private = path.with_suffix("") if path.suffix == ".pub" else None
+        if identity is None and private is not None and private.exists():
+            identity = str(private.resolve())
+    return tuple(dict.fromkeys(keys)), identity
+
+
+def _free_local_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (QEMU binds it right after)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def _link_or_copy(source: Path, dest: Path) -> None:

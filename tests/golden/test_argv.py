@@ -66,3 +66,21 @@ def test_disk_format_is_explicit_and_accel_as_asked() -> None:
     assert json.loads(argv[argv.index("-blockdev") + 1])["driver"] == "qcow2"
     assert argv[argv.index("-accel") + 1] == "tcg,thread=multi"
     assert "-nodefaults" in argv
+
+
+def test_cloud_init_vm_gets_a_read_only_seed_and_an_ssh_forward() -> None:
+    config = _config()
+    paths = VmFolder(Path("/var/lib/vmkit/vms/db")).run_paths(
+        config.disk_file, config.boot.kernel, config.boot.initrd, seed=True)
+    argv = build_argv(config, paths, LaunchOptions(accel="tcg", ssh_port=40022))
+    _check("argv_cloud_init.json", argv)
+    blockdevs = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-blockdev"]
+    seed = blockdevs[1]
+    assert seed["driver"] == "raw" and seed["read-only"] and seed["file"]["read-only"]
+    assert seed["file"]["filename"] == "/var/lib/vmkit/vms/db/run/seed.iso"
+    netdev = argv[argv.index("-netdev") + 1]
+    assert netdev.endswith(",hostfwd=tcp:127.0.0.1:40022-:22") and "restrict=on" in netdev
+    # the root disk stays the first virtio disk (the guest's vda)
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices.index("virtio-blk-pci,drive=disk0,id=virtio-disk0,bootindex=1") < \
+        devices.index("virtio-blk-pci,drive=seed0,id=virtio-seed0")

@@ -31,12 +31,20 @@ def image_home() -> Path:
     return home.layout.root
 
 
+@pytest.fixture(scope="session")
+def debian_home(image_home: Path) -> Path:
+    """The debian-12 image too (debootstrap: minutes the first time, a no-op after)."""
+    Host(image_home).build_image("debian-12")
+    return image_home
+
+
 @contextlib.contextmanager
 def new_home(image_home: Path) -> Iterator[Path]:
-    """A fresh VMKIT_HOME under /tmp (short: UNIX socket paths) with the tiny image; on exit
-    every VM in it is deleted and the folder removed."""
+    """A fresh VMKIT_HOME under /tmp (short: UNIX socket paths) with the images built so far;
+    on exit every VM in it is deleted and the folder removed."""
     root = Path(tempfile.mkdtemp(prefix="vmk-", dir="/tmp"))
-    link_image(HomeLayout(image_home), HomeLayout(root), "tiny")
+    for image in Host(image_home).images():
+        link_image(HomeLayout(image_home), HomeLayout(root), image.name)
     try:
         yield root
     finally:

@@ -7,6 +7,7 @@ exit code by vmkit.errors.exit_code_for (2 = wrong request, nothing changed; 1 =
 from __future__ import annotations
 
 import contextlib
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -18,7 +19,7 @@ import typer
 
 from vmkit.cli import render
 from vmkit.cli.console import DETACH_KEY, attach
-from vmkit.errors import VmkitError, exit_code_for
+from vmkit.errors import InvalidValue, VmkitError, exit_code_for
 from vmkit.host import AGENT_READY_TIMEOUT, EXEC_TIMEOUT, LOCK_TIMEOUT, STOP_TIMEOUT, Host
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -109,12 +110,15 @@ def _cgroup_line(cgroup: dict[str, Any]) -> str:
 
 # -- images -------------------------------------------------------------------------------
 @image_app.command("build")
-def image_build(name: Annotated[str, typer.Argument(help="image recipe: tiny")],
+def image_build(name: Annotated[str, typer.Argument(help="image recipe: tiny or debian-12")],
                 force: Annotated[bool, typer.Option(help="rebuild even if up to date")] = False,
+                packages: Annotated[str | None, typer.Option(
+                    help="debian-12: extra Debian packages, comma-separated (e.g. nginx,curl)")
+                                    ] = None,
                 ) -> None:
     """Build a guest image from Debian packages (cached: a second run is a no-op).
 
-    Example: vmkit image build tiny
+    Example: vmkit image build debian-12 --packages nginx,curl
     """
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 
@@ -122,7 +126,8 @@ def image_build(name: Annotated[str, typer.Argument(help="image recipe: tiny")],
                   console=render.err, disable=not sys.stderr.isatty()) as bar:
         task = bar.add_task(f"image {name}", total=None)
         info, built = _host().build_image(
-            name, force=force, progress=lambda msg: bar.update(task, description=msg))
+            name, force=force, progress=lambda msg: bar.update(task, description=msg),
+            packages=[p.strip() for p in packages.split(",") if p.strip()] if packages else [])
     verb = "built" if built else "up to date"
     render.err.print(f"image {info.name} {verb}: kernel {info.kernel_version}, "
                      f"{render.size(info.size)}, sha256 {info.sha256[:16]}...")
@@ -162,16 +167,32 @@ def create(
                                                  "cores)")] = None,
     max_memory: Annotated[str | None, typer.Option(help="room to hot-add memory (default: 4x "
                                                    "--memory)")] = None,
+    hostname: Annotated[str | None, typer.Option(help="guest host name (default: the VM name)")
+                        ] = None,
+    ssh_key: Annotated[list[Path] | None, typer.Option(
+        help="public key allowed to log in (cloud-init images; repeatable)")] = None,
+    user_data: Annotated[Path | None, typer.Option(
+        help="your cloud-init user-data file, passed to the guest unchanged")] = None,
 ) -> None:
     """Create a VM (a folder under VMKIT_HOME/vms).
 
-    Example: vmkit create web --image tiny --cpus 2 --memory 512M --disk 2G --start --wait
+    Example: vmkit create db --image debian-12 --cpus 2 --memory 1G --disk 8G
+    --ssh-key ~/.ssh/id_ed25519.pub --start --wait
     """
     host = _host()
+    text = None
+    if user_data is not None:
+        try:
+            text = user_data.read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidValue(f"cannot read user-data file {str(user_data)!r}: "
+                             f"{getattr(exc, 'strerror', None) or exc}",
+                             hint="pass a readable cloud-config file") from exc
     with _status(f"creating {name}"):
         vm = host.create(name, image=image, cpus=cpus, memory=memory, disk=disk,
                          full_copy=full_copy, accel=accel, max_cpus=max_cpus,
-                         max_memory=max_memory)
+                         max_memory=max_memory, hostname=hostname, ssh_keys=ssh_key or [],
+                         user_data=text)
     render.err.print(f"created VM {name}")
     if start:
         _start(vm.name, wait, timeout)
@@ -297,7 +318,10 @@ def info(name: NameArg, format: FormatOpt = Format.table) -> None:
         ["hardware", f"{status.machine}, CPU {status.cpu_model}"],
         ["accelerator", f"{status.accel or '-'}: {status.accel_reason or 'not started yet'}"],
         ["folder", status.folder],
+        ["hostname", status.hostname or "-"],
     ]
+    if status.ssh:
+        rows.append(["ssh", f"{status.ssh} (vmkit ssh {status.name})"])
     limits = status.limits
     rows += [
         ["maxima", f"{status.max_cpus} vCPUs, {render.size(status.max_memory)} (room to hot-add)"],
@@ -318,7 +342,8 @@ def info(name: NameArg, format: FormatOpt = Format.table) -> None:
         rows.append(["guest", f"{os_info.get('pretty-name') or os_info.get('name') or '?'}, "
                               f"kernel {os_info.get('kernel-release', '?')}, hostname "
                               f"{status.guest.get('hostname', '?')}, addresses "
-                              f"{status.guest.get('addresses', {})}"])
+                              f"{status.guest.get('addresses', {})}, up "
+                              f"{render.format_uptime(status.guest.get('uptime'))}"])
     if status.isolation_note:
         rows.append(["isolation", status.isolation_note])
     if status.last_exit:
@@ -476,6 +501,25 @@ def exec_(name: NameArg,
     if result.exit_code is None:
         raise typer.Exit(128 + (result.signal or 0))
     raise typer.Exit(result.exit_code)
+
+
+@app.command(context_settings={"allow_interspersed_args": False})
+def ssh(name: NameArg,
+        command: Annotated[list[str] | None, typer.Argument(
+            help="command to run instead of a login shell, after --")] = None) -> None:
+    """Open ssh to the guest through its port forward on 127.0.0.1 (cloud-init images).
+
+    Example: vmkit ssh db            Example: vmkit ssh db -- systemctl status
+    """
+    if command and command[0] == "--":
+        command = command[1:]
+    argv = _host().get(name).ssh_argv(command)
+    sys.stdout.flush()
+    try:
+        os.execvp(argv[0], argv)
+    except OSError as exc:
+        raise VmkitError(f"cannot run ssh: {exc.strerror}",
+                         hint="install an ssh client (apt-get install openssh-client)") from exc
 
 
 # -- clones and bundles -------------------------------------------------------------------

@@ -33,6 +33,9 @@ class ImageInfo(BaseModel):
     virtual_size: int
     built_at: float
     packages: dict[str, str]
+    cloud_init: bool = False  # reads a NoCloud seed (hostname, ssh keys, user-data)
+    ssh_user: str | None = None  # runs an ssh server; the login keys are given to
+    build_seconds: float | None = None
 
 
 def sha256_file(path: Path) -> str:

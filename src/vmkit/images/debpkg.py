@@ -66,6 +66,17 @@ def candidate_versions(names: list[str]) -> list[Package]:
     return [Package(n, found[n]) for n in names]
 
 
+def unknown_packages(names: list[str]) -> list[str]:
+    """The names apt has no installable version of."""
+    if not names:
+        return []
+    done = subprocess.run(["apt-cache", "policy", *names], capture_output=True, text=True,
+                          timeout=120, check=False)
+    known = {m.group(1) for m in re.finditer(r"^(\S+):\n\s+Installed: .*\n\s+Candidate: "
+                                              r"(?!\(none\))", done.stdout, re.M)}
+    return [n for n in names if n not in known]
+
+
 def download(packages: list[Package], cache: Path,
              progress: Callable[[str], None] | None = None) -> list[Path]:
     """The .deb of each package, downloaded with apt-get into cache/<name>/<version>/ once."""
@@ -87,3 +98,39 @@ def download(packages: list[Package], cache: Path,
 
 def extract(deb: Path, target: Path) -> None:
     _run(["dpkg-deb", "-x", str(deb), str(target)])
+
+
+def parse_mirrors(texts: list[str], suite: str) -> list[str]:
+    """Mirror URIs offering `suite` with component main, from sources.list / deb822 texts."""
+    found: list[str] = []
+    for text in texts:
+        for stanza in re.split(r"\n\s*\n", text):
+            fields: dict[str, str] = {}
+            for line in stanza.splitlines():
+                line = line.split("#", 1)[0].rstrip()
+                one_line = re.match(r"^deb\s+(?:\[[^\]]*\]\s+)?(\S+)\s+(\S+)\s+(.*)$", line)
+                if one_line:
+                    uri, line_suite, components = one_line.groups()
+                    if line_suite == suite and "main" in components.split():
+                        found.append(uri.rstrip("/"))
+                elif ":" in line and not line.startswith((" ", "\t")):
+                    key, _, value = line.partition(":")
+                    fields[key.strip().lower()] = value.strip()
+            if "deb" in fields.get("types", "").split() and \
+                    suite in fields.get("suites", "").split() and \
+                    "main" in fields.get("components", "").split():
+                found += [uri.rstrip("/") for uri in fields.get("uris", "").split()]
+    return list(dict.fromkeys(found))
+
+
+def host_mirror(suite: str = "bookworm") -> str:
+    """The Debian mirror this machine's apt already uses for `suite` (nothing hard-coded)."""
+    sources = [Path("/etc/apt/sources.list"),
+               *sorted(Path("/etc/apt/sources.list.d").glob("*.list")),
+               *sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))]
+    texts = [p.read_text() for p in sources if p.is_file()]
+    mirrors = parse_mirrors(texts, suite)
+    if not mirrors:
+        raise ImageBuildError(f"no Debian mirror for {suite} main in /etc/apt/sources.list(.d)",
+                              hint=f"add a 'deb <mirror> {suite} main' line")
+    return mirrors[0]

@@ -15,13 +15,12 @@ import re
 import shutil
 import subprocess
 import time
-import uuid
-from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 
 from vmkit.errors import ImageBuildError
 from vmkit.images import debpkg
+from vmkit.images.builder import Progress, build_cached, make_ext4, tree_bytes
 from vmkit.images.catalog import ImageInfo, sha256_file
 from vmkit.images.initramfs import (
     S_IFDIR,
@@ -55,8 +54,6 @@ GUEST_FILES = {
     "tiny-hotplug": "sbin/vmkit-hotplug",
 }
 
-Progress = Callable[[str], None]
-
 
 def _guest_file(name: str) -> bytes:
     return resources.files("vmkit.images").joinpath("files", name).read_bytes()
@@ -81,42 +78,20 @@ def resolve_packages() -> list[debpkg.Package]:
 
 def build_tiny(home: HomeLayout, *, force: bool = False, progress: Progress | None = None,
                in_use: frozenset[Path] = frozenset()) -> tuple[ImageInfo, bool]:
-    """Build (or keep) images/tiny. Returns the image and whether anything was built.
-
-    Root disks are named by recipe hash and never rewritten: a rebuild carries over every older
-    root disk in `in_use` (the backing file of some VM's overlay), so no VM loses its base.
-    """
+    """Build (or keep) images/tiny. Returns the image and whether anything was built."""
     say = progress or (lambda _msg: None)
     home.ensure()
     say("resolving Debian packages")
     packages = resolve_packages()
     recipe_hash, versions = recipe(packages)
-    target = home.image("tiny")
-    meta = target / "image.json"
-    if meta.exists() and not force:
-        current = ImageInfo.model_validate_json(meta.read_text())
-        if current.recipe_hash == recipe_hash and (target / current.root_disk).exists():
-            return current, False
-    work = home.images / f".build-tiny-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    work.mkdir(parents=True)
-    try:
-        info = _build(home, work, packages, recipe_hash, versions, say)
-        old = home.images / f".old-tiny-{uuid.uuid4().hex[:8]}"
-        if target.exists():
-            for disk in target.glob("root-*.qcow2"):
-                keep = work / "out" / disk.name
-                if disk in in_use and not keep.exists():
-                    os.link(disk, keep)
-            target.rename(old)
-        (work / "out").rename(target)
-        shutil.rmtree(old, ignore_errors=True)
-        return info, True
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+    return build_cached(
+        home, "tiny", recipe_hash,
+        lambda work, out: _build(home, work, out, packages, recipe_hash, versions, say),
+        force=force, in_use=in_use)
 
 
-def _build(home: HomeLayout, work: Path, packages: list[debpkg.Package], recipe_hash: str,
-           versions: dict[str, str], say: Progress) -> ImageInfo:
+def _build(home: HomeLayout, work: Path, out: Path, packages: list[debpkg.Package],
+           recipe_hash: str, versions: dict[str, str], say: Progress) -> ImageInfo:
     debs = debpkg.download(packages, home.cache / "debs", progress=say)
     pkgroot = work / "pkgs"
     say(f"extracting {len(debs)} packages")
@@ -124,8 +99,6 @@ def _build(home: HomeLayout, work: Path, packages: list[debpkg.Package], recipe_
         debpkg.extract(deb, pkgroot)
     kernel_dir = next((pkgroot / "lib/modules").iterdir())
     kver = kernel_dir.name
-    out = work / "out"
-    out.mkdir()
     shutil.copyfile(pkgroot / "boot" / f"vmlinuz-{kver}", out / "vmlinuz")
 
     say("writing the initramfs")
@@ -135,7 +108,7 @@ def _build(home: HomeLayout, work: Path, packages: list[debpkg.Package], recipe_
     rootfs = work / "rootfs"
     _assemble_rootfs(pkgroot, rootfs)
     raw = work / "root.raw"
-    _mkfs(rootfs, raw, recipe_hash)
+    make_ext4(rootfs, raw, recipe_hash, max(64, 2 * tree_bytes(rootfs) // (1 << 20) + 16))
     root_disk = f"root-{recipe_hash[:12]}.qcow2"
     img.create_from_raw(out / root_disk, raw)
     disk_info = img.info(out / root_disk)
@@ -242,18 +215,3 @@ def _assemble_rootfs(pkgroot: Path, rootfs: Path) -> None:
     (rootfs / "etc/profile").write_text(
         'export PATH=/sbin:/bin:/usr/sbin:/usr/bin\nPS1="\\h:\\w# "\n')
     (rootfs / "etc/fstab").write_text("/dev/vda / ext4 rw,noatime 0 1\n")
-
-
-def _mkfs(rootfs: Path, raw: Path, recipe_hash: str) -> None:
-    content = sum(f.stat().st_size for f in rootfs.rglob("*") if f.is_file() and
-                  not f.is_symlink())
-    size_mib = max(64, 2 * content // (1 << 20) + 16)
-    fs_uuid = str(uuid.UUID(recipe_hash[:32]))
-    env = {**os.environ, "E2FSPROGS_FAKE_TIME": "1700000000"}
-    done = subprocess.run(
-        ["mkfs.ext4", "-q", "-F", "-L", "vmkit-root", "-U", fs_uuid,
-         "-E", f"root_owner=0:0,hash_seed={fs_uuid}", "-d", str(rootfs), str(raw),
-         f"{size_mib}M"],
-        capture_output=True, text=True, env=env, timeout=300, check=False)
-    if done.returncode != 0:
-        raise ImageBuildError("mkfs.ext4 failed", detail=done.stderr.strip())

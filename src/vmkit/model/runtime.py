@@ -34,6 +34,7 @@ class RuntimeRecord(BaseModel):
     accel: str | None = None
     accel_reason: str | None = None
     intent: Intent | None = None
+    ssh_port: int | None = None  # 127.0.0.1 port forwarded to the guest's ssh server
     last_exit: ExitRecord | None = None
 
 

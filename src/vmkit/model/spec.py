@@ -12,6 +12,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vmkit.errors import InvalidValue
+from vmkit.model.cloudinit import CloudInit
 from vmkit.model.names import validate_name
 from vmkit.model.sizes import parse_count, parse_size
 
@@ -122,6 +123,9 @@ class VmConfig(BaseModel):
     disk_file: str = ROOT_DISK_FILE
     backing_file: str | None = Field(default=None, description="base image disk of an overlay")
     base_image_sha256: str | None = None
+    cloud_init: CloudInit | None = Field(default=None, description="NoCloud seed inputs")
+    ssh_user: str | None = Field(default=None, description="login of `vmkit ssh`; None: no sshd")
+    ssh_identity: str | None = Field(default=None, description="host private key for vmkit ssh")
 
 
 def new_uuid() -> str:
@@ -138,3 +142,11 @@ def with_hostname(cmdline: str, hostname: str) -> str:
     """The guest kernel command line with `vmkit.hostname=` set to `hostname` (and only once)."""
     words = [w for w in cmdline.split() if not w.startswith("vmkit.hostname=")]
     return " ".join([*words, f"vmkit.hostname={hostname}"])
+
+
+def hostname_in(cmdline: str) -> str | None:
+    """The `vmkit.hostname=` a kernel command line carries, if any."""
+    for word in cmdline.split():
+        if word.startswith("vmkit.hostname="):
+            return word.split("=", 1)[1]
+    return None

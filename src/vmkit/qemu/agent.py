@@ -253,6 +253,10 @@ def guest_facts(socket_path: Path, *, timeout: float = 10.0) -> dict[str, Any]:
             except (AgentError, OperationTimeout) as exc:
                 facts[key] = {"error": exc.message}
                 break  # an agent that does not answer will not answer the next question
+    if not any(isinstance(v, dict) and "error" in v for v in facts.values()):
+        with contextlib.suppress(AgentError, OperationTimeout, ValueError, IndexError):
+            uptime = guest_exec(socket_path, ["cat", "/proc/uptime"], timeout=timeout)
+            facts["uptime"] = float(uptime.stdout.split()[0])
     hostname = facts.get("hostname")
     if isinstance(hostname, dict) and "host-name" in hostname:
         facts["hostname"] = hostname["host-name"]

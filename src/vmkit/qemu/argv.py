@@ -34,6 +34,7 @@ class RunPaths:
     disk: str
     kernel: str
     initrd: str
+    seed: str | None = None  # cloud-init NoCloud seed (read-only)
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,7 @@ class LaunchOptions:
     accel: str  # "kvm" or "tcg"
     firmware_dir: str = "/usr/share/qemu"
     qemu_binary: str = "qemu-system-x86_64"
+    ssh_port: int | None = None  # host port on 127.0.0.1 forwarded to the guest's port 22
 
 
 MEMORY_SLOTS = 8
@@ -96,14 +98,26 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
             "file": {"driver": "file", "filename": paths.disk, "discard": "unmap"},
         }, separators=(",", ":")),
         "-device", "virtio-blk-pci,drive=disk0,id=virtio-disk0,bootindex=1",
+    ]
+    if paths.seed is not None:
+        argv += [
+            "-blockdev", json.dumps({
+                "driver": "raw", "node-name": "seed0", "read-only": True,
+                "file": {"driver": "file", "filename": paths.seed, "read-only": True},
+            }, separators=(",", ":")),
+            "-device", "virtio-blk-pci,drive=seed0,id=virtio-seed0",
+        ]
+    # User-mode NIC with restrict=on: the guest has a MAC and DHCP but no path out of its QEMU
+    # until virtual networks exist; the host reaches in only through the ssh forward.
+    netdev = "user,id=net0,restrict=on,net=198.18.0.0/24,host=198.18.0.2,dhcpstart=198.18.0.15"
+    if options.ssh_port is not None:
+        netdev += f",hostfwd=tcp:127.0.0.1:{options.ssh_port}-:22"
+    argv += [
         "-device", "virtio-serial-pci,id=virtio-serial0",
         "-chardev", _chardev_socket("agent0", paths.agent_socket),
         "-device",
         "virtserialport,bus=virtio-serial0.0,chardev=agent0,name=org.qemu.guest_agent.0",
-        # User-mode NIC with restrict=on: the guest has a MAC and DHCP but no path out of its
-        # QEMU until virtual networks exist; addresses from the benchmarking range.
-        "-netdev", "user,id=net0,restrict=on,net=198.18.0.0/24,host=198.18.0.2,"
-                   "dhcpstart=198.18.0.15",
+        "-netdev", netdev,
         "-device", f"virtio-net-pci,netdev=net0,id=nic0,mac={config.mac}",
         "-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",

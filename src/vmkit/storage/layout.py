@@ -135,7 +135,13 @@ class VmFolder:
     def qemu_log(self) -> Path:
         return self.logs / "qemu.log"
 
-    def run_paths(self, disk_file: str, kernel: str, initrd: str) -> RunPaths:
+    @property
+    def seed_file(self) -> Path:
+        """The cloud-init seed, written from vm.json at every start."""
+        return self.run / "seed.iso"
+
+    def run_paths(self, disk_file: str, kernel: str, initrd: str, *,
+                  seed: bool = False) -> RunPaths:
         return RunPaths(
             folder=str(self.path),
             qmp_socket=str(self.qmp_socket),
@@ -146,6 +152,7 @@ class VmFolder:
             disk=str(self.path / disk_file),
             kernel=str(self.path / kernel),
             initrd=str(self.path / initrd),
+            seed=str(self.seed_file) if seed else None,
         )
 
     def make_dirs(self) -> None:

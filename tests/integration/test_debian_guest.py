@@ -1,0 +1,247 @@
+"""A real Debian 12 guest under TCG: systemd, cloud-init identity, ssh, the agent, clean stops.
+
+One VM is booted for the module (a Debian boot under TCG is the expensive part); the tests run
+in order against it and leave it running for the next, except where a test says otherwise.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.integration.conftest import new_home, run_cli
+from vmkit import VM, Host, VmState
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+BOOT_TIMEOUT = 300.0
+USER_DATA = """#cloud-config
+runcmd:
+  - [sh, -c, 'echo "ran as $(id -un)" > /root/runcmd-ok']
+write_files:
+  - path: /etc/vmkit-test
+    content: written by cloud-init
+"""
+
+
+def sh(vm: VM, script: str, timeout: float = 120) -> str:
+    result = vm.exec(["sh", "-c", script], timeout=timeout)
+    assert result.exit_code == 0, f"{script}: {result.stderr}{result.stdout}"
+    return result.stdout.strip()
+
+
+def wait_booted(vm: VM) -> str:
+    """systemd's own verdict once boot has finished: running or degraded (failed units)."""
+    vm.wait_ready(timeout=BOOT_TIMEOUT)
+    state = vm.exec(["systemctl", "is-system-running", "--wait"], timeout=BOOT_TIMEOUT)
+    verdict = state.stdout.strip()
+    assert verdict in ("running", "degraded"), verdict
+    if verdict == "degraded":
+        failed = sh(vm, "systemctl --failed --no-legend --plain")
+        print(f"degraded: {failed}")
+    return verdict
+
+
+def unclean_messages(vm: VM) -> str:
+    """Journal lines of this boot that tell of an unclean file system (the agent logs each
+    command it runs, this one included: those lines are left out)."""
+    return sh(vm, "journalctl -b -o cat | grep -v guest-exec | grep -i -e 'recovering journal' "
+                  "-e 'not cleanly unmounted' -e 'orphan' -e 'EXT4-fs error' || true")
+
+
+def fsck_clean(disk: Path, scratch: Path) -> str:
+    """e2fsck -fn over a copy of the disk chain: exit 0 means the file system is clean."""
+    raw = scratch / "fsck.raw"
+    subprocess.run(["qemu-img", "convert", "-U", "-f", "qcow2", "-O", "raw", str(disk),
+                    str(raw)], check=True, capture_output=True, timeout=300)
+    try:
+        done = subprocess.run(["e2fsck", "-fn", str(raw)], capture_output=True, text=True,
+                              timeout=300, check=False)
+    finally:
+        raw.unlink()
+    assert done.returncode == 0, f"e2fsck found problems:\n{done.stdout}{done.stderr}"
+    return done.stdout
+
+
+@pytest.fixture(scope="module")
+def key(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("ssh")
+    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "vmkit-test",
+                    "-f", str(folder / "id_ed25519")], check=True, timeout=30)
+    return folder / "id_ed25519"
+
+
+@pytest.fixture(scope="module")
+def deb(debian_home: Path, key: Path) -> Iterator[VM]:
+    with new_home(debian_home) as root:
+        host = Host(root, lock_timeout=120)
+        vm = host.create("db", image="debian-12", cpus=2, memory="1G", disk="4G",
+                         hostname="db1", ssh_keys=[f"{key}.pub"], user_data=USER_DATA,
+                         start=True)
+        yield vm
+
+
+def test_debian_boots_to_systemd_running_with_cloud_init_identity(deb: VM) -> None:
+    started = time.monotonic()
+    wait_booted(deb)
+    print(f"boot to is-system-running: {time.monotonic() - started:.1f}s")
+    assert sh(deb, "cloud-init status --wait", timeout=BOOT_TIMEOUT).endswith("done")
+    assert sh(deb, "hostname") == "db1"
+    assert sh(deb, "cat /root/runcmd-ok") == "ran as root"  # the user's runcmd took effect
+    assert sh(deb, "cat /etc/vmkit-test") == "written by cloud-init"
+    assert sh(deb, "cloud-init query instance_id") == f"vmkit-{deb.config.uuid}"
+    # resizefs grew the image's root file system to the VM's 4G disk
+    assert int(sh(deb, "df --output=size -B1M / | tail -1")) > 3500
+
+
+def test_ssh_login_with_the_given_key(deb: VM, key: Path) -> None:
+    argv = deb.ssh_argv(["sh", "-c", "echo $(id -un)@$(hostname)"], batch=True)
+    assert "-i" in argv and str(key) in argv  # the private key next to the .pub
+    deadline, done = time.monotonic() + 120, None
+    while time.monotonic() < deadline:
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+        if done.returncode == 0:
+            break
+        time.sleep(2)
+    assert done is not None and done.returncode == 0, done.stderr if done else "no attempt"
+    assert done.stdout.strip() == "root@db1"
+    # the host key was remembered in the VM's folder; a second login checks it strictly
+    assert (deb.folder.path / "ssh_known_hosts").read_text().count("ssh-") >= 1
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=60, check=False)
+    assert again.returncode == 0 and again.stdout.strip() == "root@db1"
+    # without the key, no way in
+    denied = subprocess.run([*argv[:argv.index("-i")], *argv[argv.index("-i") + 2:]],
+                            capture_output=True, text=True, timeout=60, check=False,
+                            env={**os.environ, "HOME": str(key.parent), "SSH_AUTH_SOCK": ""})
+    assert denied.returncode != 0
+
+
+def test_info_reports_what_the_agent_says(deb: VM) -> None:
+    status = deb.status(query_qemu=True)
+    assert status.guest is not None
+    assert "Debian GNU/Linux 12" in status.guest["os"]["pretty-name"]
+    assert status.guest["hostname"] == "db1"
+    assert any("198.18.0.15" in addrs for addrs in status.guest["addresses"].values())
+    assert status.guest["uptime"] > 0
+    assert status.ssh is not None and status.ssh.startswith("root@127.0.0.1:")
+    shown = run_cli(Path(deb.host.layout.root), "info", "db", check=True).stdout
+    assert "Debian GNU/Linux 12" in shown and "vmkit ssh db" in shown
+
+
+def test_copy_50_mib_in_and_out(deb: VM, tmp_path: Path) -> None:
+    source = tmp_path / "blob"
+    source.write_bytes(os.urandom(50 << 20))
+    os.chmod(source, 0o640)
+    deb.copy_in(source, "/root/blob")
+    assert sh(deb, "stat -c %a /root/blob") == "640"
+    back = tmp_path / "back"
+    deb.copy_out("/root/blob", back)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    assert sh(deb, "sha256sum /root/blob | cut -d' ' -f1") == digest
+    assert hashlib.sha256(back.read_bytes()).hexdigest() == digest
+    sh(deb, "rm /root/blob")
+
+
+def test_disk_snapshot_during_writes_is_consistent(deb: VM, tmp_path: Path) -> None:
+    sh(deb, "nohup sh -c 'i=0; while :; do i=$((i+1)); dd if=/dev/urandom of=/var/tmp/w$((i%8)) "
+            "bs=64k count=32 conv=fsync 2>/dev/null; echo $i > /var/tmp/count; done' "
+            ">/dev/null 2>&1 </dev/null &")
+    time.sleep(3)
+    info = deb.snapshot("busy", disk_only=True)
+    assert info.quiesced is True  # frozen through the agent: application-consistent
+    assert int(sh(deb, "cat /var/tmp/count")) > 0
+    assert [s.name for s in deb.snapshots()] == ["busy"]
+    fsck_clean(_snapshot_layer(deb, "busy"), tmp_path)  # frozen point: no replay, no repair
+    deb.restore("busy")  # a disk-only snapshot: the VM is powered off at that disk
+    assert deb.state is VmState.STOPPED
+    deb.start()
+    wait_booted(deb)
+    assert unclean_messages(deb) == ""
+
+
+def _snapshot_layer(vm: VM, name: str) -> Path:
+    from vmkit import snapshots
+
+    return vm.folder.path / snapshots.load_tree(vm).get(vm.name, name).layer
+
+
+def test_graceful_stop_then_clean_start(deb: VM, tmp_path: Path) -> None:
+    started = time.monotonic()
+    deb.stop(timeout=120)
+    took = time.monotonic() - started
+    status = deb.status()
+    assert status.state is VmState.STOPPED
+    assert status.last_exit is not None and "killed" not in status.last_exit.description
+    print(f"graceful stop took {took:.1f}s")
+    assert "files" in fsck_clean(deb.folder.path / deb.active_layer(), tmp_path)
+    deb.start()
+    wait_booted(deb)
+    assert unclean_messages(deb) == ""
+    # the boot's own check of the root file system found it clean (nothing to repair)
+    fsck_log = sh(deb, "journalctl -b -o cat -u systemd-fsck-root.service")
+    assert "vmkit-root: clean," in fsck_log, fsck_log
+
+
+def test_a_tiny_guest_runs_beside_it(deb: VM) -> None:
+    tiny = deb.host.create("box", image="tiny", start=True, wait=True)
+    try:
+        assert "Debian" in sh(deb, "grep PRETTY_NAME /etc/os-release")
+        assert tiny.exec(["cat", "/proc/version"]).exit_code == 0
+        assert deb.state is VmState.RUNNING and tiny.state is VmState.RUNNING
+    finally:
+        tiny.delete(force=True)
+
+
+def test_a_clone_is_re_identified_by_cloud_init(deb: VM) -> None:
+    source_keys = sh(deb, "cat /etc/ssh/ssh_host_ed25519_key.pub")
+    deb.stop(timeout=120)
+    clone = deb.clone("db-copy", linked=True)
+    assert clone.config.cloud_init is not None and deb.config.cloud_init is not None
+    assert clone.config.cloud_init.instance_id != deb.config.cloud_init.instance_id
+    clone.start()
+    try:
+        wait_booted(clone)
+        assert sh(clone, "cloud-init status --wait", timeout=BOOT_TIMEOUT).endswith("done")
+        assert sh(clone, "hostname") == "db-copy"
+        assert sh(clone, "cloud-init query instance_id") == f"vmkit-{clone.config.uuid}"
+        assert sh(clone, "cat /etc/ssh/ssh_host_ed25519_key.pub") != source_keys  # new host keys
+    finally:
+        clone.delete(force=True)
+
+
+def test_bad_cloud_init_input_is_refused_and_nothing_is_created(debian_home: Path,
+                                                                 key: Path,
+                                                                 tmp_path: Path) -> None:
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("#cloud-config\nruncmd: [unclosed\n")
+    with new_home(debian_home) as root:
+        cases = [
+            (["--image", "tiny", "--ssh-key", f"{key}.pub"], "has no cloud-init"),
+            (["--image", "debian-12", "--ssh-key", str(tmp_path / "missing.pub")],
+             "cannot read ssh key"),
+            (["--image", "debian-12", "--ssh-key", str(key)], "is a private key"),
+            (["--image", "debian-12", "--user-data", str(bad_yaml)], "not valid YAML"),
+            (["--image", "debian-12", "--hostname", "Bad_Name"], "invalid hostname"),
+        ]
+        for args, message in cases:
+            done = run_cli(root, "create", "x", *args)
+            assert done.returncode == 2, (args, done.stderr)
+            assert message in done.stderr, (args, done.stderr)
+        assert not (root / "vms" / "x").exists()
+        assert run_cli(root, "list", "--format", "json", check=True).stdout.strip() == "[]"
+        done = run_cli(root, "image", "build", "tiny", "--packages", "curl")
+        assert done.returncode == 2 and "takes no extra packages" in done.stderr
+        done = run_cli(root, "image", "build", "debian-12", "--packages", "curl;rm")
+        assert done.returncode == 2 and "invalid Debian package name" in done.stderr
+        done = run_cli(root, "image", "build", "debian-12", "--packages", "curl,no-such-pkg-x")
+        assert done.returncode == 2 and "unknown Debian package(s): no-such-pkg-x" in done.stderr
+        tiny = Host(root).create("t", image="tiny")
+        done = run_cli(root, "ssh", "t")
+        assert done.returncode == 2 and "runs no ssh server" in done.stderr
+        assert tiny.state is VmState.DEFINED
