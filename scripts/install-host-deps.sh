@@ -11,7 +11,7 @@ fi
 
 . /etc/os-release
 codename=${VERSION_CODENAME:-}
-tools="qemu-utils busybox-static cpio zstd xz-utils kmod e2fsprogs debootstrap python3-venv iproute2 socat openssh-client"
+tools="qemu-utils busybox-static cpio zstd xz-utils kmod e2fsprogs debootstrap python3-venv iproute2 socat openssh-client nftables dnsmasq-base"
 
 first_debian_uri() {
   # Reads the first Debian archive URI from deb822 sources, then from one-line sources.

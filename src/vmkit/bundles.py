@@ -30,7 +30,7 @@ from typing import IO, TYPE_CHECKING, Any
 from vmkit import snapshots as snapshot_ops
 from vmkit.errors import InvalidValue, NotFound, VmkitError, os_errors
 from vmkit.model.names import validate_name
-from vmkit.model.spec import VmConfig, new_mac, new_uuid, with_hostname
+from vmkit.model.spec import VmConfig, as_new_machine
 from vmkit.model.state import LIVE_STATES
 from vmkit.qemu import img
 from vmkit.storage.layout import VmFolder
@@ -198,11 +198,7 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
                 _check_disks(work.path, path)
                 config = _check_metadata(work.path, path)
                 if target != original:  # a copy: a new identity, never the source's
-                    config = config.model_copy(update={
-                        "uuid": new_uuid(), "mac": new_mac(), "created_at": time.time(),
-                        "spec": config.spec.model_copy(update={"name": target}),
-                        "boot": config.boot.model_copy(update={
-                            "cmdline": with_hostname(config.boot.cmdline, target)})})
+                    config = as_new_machine(config, target, created_at=time.time())
                 return config
 
             vm = host._new_vm_folder(target, build)

@@ -19,11 +19,10 @@ from typing import TYPE_CHECKING
 
 from vmkit import snapshots as snapshot_ops
 from vmkit.errors import AlreadyExists, InvalidState, VmkitError
-from vmkit.model.cloudinit import instance_id_for
 from vmkit.model.names import validate_name
 from vmkit.model.runtime import RuntimeRecord
 from vmkit.model.snapshots import SnapshotNode
-from vmkit.model.spec import ROOT_DISK_FILE, VmConfig, new_mac, new_uuid, with_hostname
+from vmkit.model.spec import ROOT_DISK_FILE, VmConfig, as_new_machine
 from vmkit.model.state import LIVE_STATES, VmState
 from vmkit.qemu import agent, blockops, img
 from vmkit.qemu.qmp import QmpConnection, qmp_execute
@@ -37,16 +36,9 @@ IDENTITY_TIMEOUT = 30.0
 
 
 def _identity(source: VmConfig, target: str, *, backing: Path | None) -> VmConfig:
-    vm_uuid = new_uuid()
-    seed = source.cloud_init
-    if seed is not None:  # a new instance-id: cloud-init re-identifies the clone when it boots
-        seed = seed.model_copy(update={"instance_id": instance_id_for(vm_uuid),
-                                       "hostname": target})
-    return source.model_copy(update={
-        "uuid": vm_uuid, "mac": new_mac(), "created_at": time.time(), "cloud_init": seed,
-        "spec": source.spec.model_copy(update={"name": target, "full_copy": backing is None}),
-        "boot": source.boot.model_copy(update={
-            "cmdline": with_hostname(source.boot.cmdline, target)}),
+    config = as_new_machine(source, target, created_at=time.time())
+    return config.model_copy(update={
+        "spec": config.spec.model_copy(update={"full_copy": backing is None}),
         "disk_file": ROOT_DISK_FILE,
         "backing_file": str(backing) if backing is not None else None,
     })
@@ -172,10 +164,17 @@ def tell_new_identity(vm: VM) -> None:
     """Inside the cloned guest: its hostname, its MAC (the NIC follows), a reseeded RNG."""
     sock = vm.folder.agent_socket
     agent.wait_agent_ready(sock, IDENTITY_TIMEOUT)
+    macs = [n.mac for n in vm.config.nics] or [vm.config.mac]
+    # NICs in the guest appear in the order of the VM's NICs; each takes its new MAC and asks
+    # for the lease that goes with it (busybox udhcpc: release + renew; systemd: networkctl)
     script = (
         f"hostname {vm.name}; [ -w /etc/hostname ] && echo {vm.name} > /etc/hostname; "
-        f"for nic in /sys/class/net/*; do n=${{nic##*/}}; [ \"$n\" = lo ] || "
-        f"ip link set dev \"$n\" address {vm.config.mac}; done; cat > /dev/urandom"
+        f"set -- {' '.join(macs)}; "
+        "for nic in /sys/class/net/*; do n=${nic##*/}; [ \"$n\" = lo ] && continue; "
+        "[ $# -gt 0 ] || break; ip link set dev \"$n\" address \"$1\"; shift; "
+        "command -v networkctl >/dev/null && networkctl renew \"$n\"; done; "
+        "for p in $(pidof udhcpc); do kill -USR2 $p; kill -USR1 $p; done; "
+        "cat > /dev/urandom"
     )
     result = agent.guest_exec(sock, ["sh", "-c", script], timeout=IDENTITY_TIMEOUT,
                               stdin=os.urandom(64))

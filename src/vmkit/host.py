@@ -23,6 +23,8 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from vmkit import bundles, clones, live
+from vmkit import networks as net_ops
+from vmkit import nics as nic_ops
 from vmkit import snapshots as snapshot_ops
 from vmkit.errors import (
     AgentError,
@@ -52,6 +54,7 @@ from vmkit.model.cloudinit import (
     validate_hostname,
 )
 from vmkit.model.names import validate_name
+from vmkit.model.network import USER_NETWORK, Nic
 from vmkit.model.resources import (
     Allocation,
     HostCapacity,
@@ -140,7 +143,8 @@ class VmStatus(BaseModel):
     usage: Usage | None = None
     guest: dict[str, Any] | None = Field(default=None, description="what the guest agent says")
     hostname: str | None = None
-    ssh: str | None = Field(default=None, description="user@127.0.0.1:port while running")
+    ssh: str | None = Field(default=None, description="user@host:port while running")
+    nics: list[Nic] = Field(default_factory=list, description="none: one restricted user NIC")
 
 
 class Usage(BaseModel):
@@ -287,6 +291,29 @@ class Host:
         """Register a VM from a bundle after checking every byte of it."""
         return bundles.import_bundle(self, Path(path), name=name, progress=progress)
 
+    # -- networks -------------------------------------------------------------------------
+    def create_network(self, name: str, *, subnet: str | None = None,
+                       mode: str = "nat") -> net_ops.NetworkInfo:
+        """A bridge with DHCP/DNS; `nat` reaches out through the host, `isolated` does not."""
+        if mode not in ("nat", "isolated"):
+            raise InvalidValue(f"invalid network mode {mode!r}", hint="use nat or isolated")
+        spec = net_ops.create(self, name, subnet=subnet, mode="nat" if mode == "nat"
+                              else "isolated")
+        return net_ops.info(self, spec.name)
+
+    def networks(self) -> list[net_ops.NetworkInfo]:
+        return net_ops.list_networks(self)
+
+    def network(self, name: str) -> net_ops.NetworkInfo:
+        return net_ops.info(self, name)
+
+    def delete_network(self, name: str) -> None:
+        net_ops.delete(self, name)
+
+    def reconcile_networks(self) -> None:
+        """Re-create bridges, dnsmasq and rules from the definitions (e.g. after a reboot)."""
+        net_ops.reconcile(self)
+
     # -- VMs ------------------------------------------------------------------------------
     def vms(self) -> list[VM]:
         self._sweep_leftovers()
@@ -318,12 +345,15 @@ class Host:
                accel: str = "auto", start: bool = False, wait: bool = False,
                timeout: float = AGENT_READY_TIMEOUT, max_cpus: int | str | None = None,
                max_memory: int | str | None = None, hostname: str | None = None,
-               ssh_keys: Iterable[str | Path] = (), user_data: str | None = None) -> VM:
+               ssh_keys: Iterable[str | Path] = (), user_data: str | None = None,
+               networks: Iterable[str] = (), ports: Iterable[str] = ()) -> VM:
         """Create a VM folder (complete or not at all); optionally start it.
 
         Maxima (room to hot-add) default to the host's cores and 4x the memory, within what
         the host can give one VM. `ssh_keys` are public-key files (or key lines) and
-        `user_data` the user's own cloud-init user-data; both need a cloud-init image."""
+        `user_data` the user's own cloud-init user-data; both need a cloud-init image.
+        `networks` gives a NIC on each (`user` = QEMU user-mode networking); `ports` are
+        forwards (HOST:GUEST[/udp]) to the first NIC. Neither: one restricted user-mode NIC."""
         spec = make_spec(name, image, cpus, memory, disk, full_copy=full_copy, accel=accel)
         hostname = validate_hostname(hostname) if hostname is not None else name
         capacity, policy = self.capacity(), self.policy()
@@ -363,6 +393,9 @@ class Host:
         machine = hostinfo.resolve_machine(DEFAULT_MACHINE)
         image_dir = self.layout.image(info.name)
 
+        vm_uuid = new_uuid()
+        nics = net_ops.new_nics(self, vm_uuid, list(networks), list(ports))
+
         def build(work: VmFolder) -> VmConfig:
             for source, dest in ((info.kernel, "vmlinuz"), (info.initrd, "initrd.img")):
                 _link_or_copy(image_dir / source, work.boot / dest)
@@ -371,7 +404,6 @@ class Host:
                 img.full_copy(disk_path, image_dir / info.root_disk, spec.disk)
             else:
                 img.create_overlay(disk_path, image_dir / info.root_disk, spec.disk)
-            vm_uuid = new_uuid()
             seed = CloudInit(instance_id=instance_id_for(vm_uuid), hostname=hostname,
                              ssh_keys=keys, user_data=user_data) if info.cloud_init else None
             return VmConfig(
@@ -381,10 +413,16 @@ class Host:
                                 cmdline=with_hostname(info.cmdline, hostname)),
                 backing_file=None if spec.full_copy else str(image_dir / info.root_disk),
                 base_image_sha256=info.sha256, cloud_init=seed, ssh_user=info.ssh_user,
-                ssh_identity=identity if info.ssh_user else None,
+                ssh_identity=identity if info.ssh_user else None, nics=nics,
             )
 
-        vm = self._new_vm_folder(name, build)
+        if any(nic.network != USER_NETWORK for nic in nics):
+            with net_ops.locked(self):  # addresses are unique per network: decided under lock
+                nics = net_ops.with_addresses(self, nics)
+                vm = self._new_vm_folder(name, build)
+            net_ops.forget(self)  # leases and rules know the new NIC
+        else:
+            vm = self._new_vm_folder(name, build)
         if start:
             vm.start(wait=wait, timeout=timeout)
         return vm
@@ -468,6 +506,11 @@ class VM:
             except FileNotFoundError:
                 raise NotFound(f"unknown VM {self.name!r}", hint="see vmkit list") from None
         return self._config
+
+    def save_config(self, config: VmConfig) -> None:
+        """Replace vm.json (the caller holds the VM's lock)."""
+        write_json_atomic(self.folder.config_file, config.model_dump(mode="json"))
+        self._config = None
 
     # -- observation ----------------------------------------------------------------------
     @property
@@ -579,9 +622,26 @@ class VM:
             max_cpus=cfg.spec.cpu_ceiling, max_memory=cfg.spec.memory_ceiling,
             limits=cfg.spec.limits, usage=usage, guest=guest,
             hostname=cfg.cloud_init.hostname if cfg.cloud_init else hostname_in(cfg.boot.cmdline),
-            ssh=f"{cfg.ssh_user}@127.0.0.1:{record.ssh_port}"
-            if live and cfg.ssh_user and record.ssh_port else None,
+            ssh=self._ssh_target(record) if live and cfg.ssh_user else None,
+            nics=list(cfg.nics),
         )
+
+    def _ssh_target(self, record: RuntimeRecord) -> str | None:
+        """user@host:port of the guest's sshd: the user-mode forward, else the address of
+        its first NIC on a vmkit network."""
+        cfg = self.config
+        if record.ssh_port is not None:
+            return f"{cfg.ssh_user}@127.0.0.1:{record.ssh_port}"
+        address = next((n.address for n in cfg.nics if n.address), None)
+        return f"{cfg.ssh_user}@{address}:22" if address else None
+
+    def add_nic(self, network: str, *, ports: Iterable[str] = ()) -> Nic:
+        """A NIC on `network` (or `user`), hot-plugged when the VM runs."""
+        return nic_ops.add(self, network, ports=tuple(ports))
+
+    def remove_nic(self, network: str) -> Nic:
+        """Remove the VM's NIC on `network`, hot-unplugged when the VM runs."""
+        return nic_ops.remove(self, network)
 
     def ssh_argv(self, command: list[str] | None = None, *,
                  batch: bool = False) -> list[str]:
@@ -593,10 +653,12 @@ class VM:
             raise InvalidState(f"VM {self.name!r} runs no ssh server (image "
                                f"{cfg.spec.image!r})",
                                hint=f"use vmkit console {self.name} or vmkit exec {self.name}")
-        if record.state is not VmState.RUNNING or record.ssh_port is None:
+        target = self._ssh_target(record) if record.state is VmState.RUNNING else None
+        if target is None:
             raise InvalidState(f"cannot ssh to VM {self.name!r}: it is {record.state.value}",
                                hint=f"start it first: vmkit start {self.name} --wait")
-        argv = ["ssh", "-p", str(record.ssh_port), "-l", cfg.ssh_user,
+        address, port = target.split("@", 1)[1].rsplit(":", 1)
+        argv = ["ssh", "-p", port, "-l", cfg.ssh_user,
                 "-o", f"UserKnownHostsFile={self.folder.path / 'ssh_known_hosts'}",
                 "-o", "StrictHostKeyChecking=accept-new",
                 "-o", f"HostKeyAlias=vmkit-{cfg.uuid}"]
@@ -605,7 +667,7 @@ class VM:
         if batch:
             argv += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
         # the remote side runs one shell string: quote so the guest sees exactly `command`
-        return [*argv, "127.0.0.1", *([shlex.join(command)] if command else [])]
+        return [*argv, address, *([shlex.join(command)] if command else [])]
 
     def usage(self, record: RuntimeRecord | None = None) -> Usage | None:
         """Live use of a running VM: CPU time and RSS from /proc, memory from its cgroup, what
@@ -636,13 +698,14 @@ class VM:
                      disk_written=int(stats.get("wr_bytes", 0)))
 
     # -- lifecycle ------------------------------------------------------------------------
-    def argv(self, accel: str, *, incoming: bool = False,
-             ssh_port: int | None = None) -> list[str]:
+    def argv(self, accel: str, *, incoming: bool = False, ssh_port: int | None = None,
+             tap_fds: tuple[tuple[str, int], ...] = ()) -> list[str]:
         """The QEMU command line this VM runs with (used by start and by benchmarks)."""
         cfg = self.config
         paths = self.folder.run_paths(self.active_layer(), cfg.boot.kernel, cfg.boot.initrd,
                                       seed=cfg.cloud_init is not None)
-        argv = build_argv(cfg, paths, LaunchOptions(accel=accel, ssh_port=ssh_port))
+        argv = build_argv(cfg, paths, LaunchOptions(accel=accel, ssh_port=ssh_port,
+                                                    tap_fds=tap_fds))
         return [*argv, "-incoming", "defer"] if incoming else argv
 
     def active_layer(self) -> str:
@@ -679,9 +742,14 @@ class VM:
                   self.host.allocated(exclude=self.name), self.host.capacity(),
                   self.host.policy())
             accel, reason = self._choose_accel()
-            ssh_port = _free_local_port() if self.config.ssh_user else None
-            argv = self.argv(accel, incoming=incoming is not None, ssh_port=ssh_port)
             self._clear_run()
+            net_ops.prepare_start(self)
+            cfg = self.config
+            over_user_nic = not cfg.nics or any(n.network == USER_NETWORK for n in cfg.nics)
+            ssh_port = _free_local_port() if cfg.ssh_user and over_user_nic else None
+            taps = net_ops.open_taps(self)
+            argv = self.argv(accel, incoming=incoming is not None, ssh_port=ssh_port,
+                             tap_fds=tuple(taps.items()))
             self.folder.run.mkdir(mode=0o700, exist_ok=True)
             if self.config.cloud_init is not None:
                 with os_errors(f"writing the cloud-init seed of VM {self.name!r}"):
@@ -696,8 +764,13 @@ class VM:
                 join = functools.partial(driver.attach_self, self.name)
             owner = self.host.run_as
             jail.hand_over(owner, [self.folder.path])
-            process.spawn_detached(jail.drop_to(owner, argv), self.folder.qemu_log,
-                                   self.folder.exit_file, before_exec=join)
+            try:
+                process.spawn_detached(jail.drop_to(owner, argv), self.folder.qemu_log,
+                                       self.folder.exit_file, before_exec=join,
+                                       pass_fds=tuple(taps.values()))
+            finally:
+                for fd in taps.values():
+                    os.close(fd)  # QEMU holds its own copies now
             identity: process.ProcessIdentity | None = None
             state = VmState.RUNNING
             try:
@@ -822,7 +895,10 @@ class VM:
                 if not force:
                     check_transition(self.name, record.state, Operation.DELETE)
                 self._kill_locked(record)
+            net_ops.release(self)
             self.host._discard_vm_folder(self.name)
+        if any(nic.network != USER_NETWORK for nic in self.config.nics):
+            net_ops.forget(self.host)  # its leases, names and forwards go too
 
     def linked_clones(self) -> list[str]:
         """VMs whose disk is an overlay on one of this VM's layers."""
@@ -948,6 +1024,7 @@ class VM:
                     entry.unlink()
         if self.host.cgroups is not None:
             self.host.cgroups.remove(self.name)
+        net_ops.release(self)
 
     def cgroup_limits(self, spec: VmSpec | None = None) -> CgroupLimits:
         spec = spec or self.config.spec

@@ -20,7 +20,6 @@ from vmkit.model.sizes import format_size, parse_count, parse_size
 from vmkit.model.state import VmState
 from vmkit.qemu import blockops, img
 from vmkit.qemu.qmp import QmpConnection
-from vmkit.storage.layout import write_json_atomic
 
 if TYPE_CHECKING:
     from vmkit.host import VM
@@ -134,9 +133,7 @@ def set_resources(vm: VM, *, cpus: int | str | None = None, memory: int | str | 
                 result.now.append("CPU weight/limit set")
         elif want_disk is not None:
             img.resize(vm.folder.path / vm.active_layer(), want_disk)
-        write_json_atomic(vm.folder.config_file,
-                          config.model_copy(update={"spec": new_spec}).model_dump(mode="json"))
-        vm._config = None
+        vm.save_config(config.model_copy(update={"spec": new_spec}))
         if not live:
             result.at_restart.append("saved for the next start")
     return result

@@ -84,3 +84,23 @@ def test_cloud_init_vm_gets_a_read_only_seed_and_an_ssh_forward() -> None:
     devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
     assert devices.index("virtio-blk-pci,drive=disk0,id=virtio-disk0,bootindex=1") < \
         devices.index("virtio-blk-pci,drive=seed0,id=virtio-seed0")
+
+
+def test_nics_on_networks_sit_on_root_ports_with_spares_for_hot_plug() -> None:
+    from vmkit.model.network import Nic, PortForward
+
+    nics = (Nic(network="lan", mac="52:54:00:aa:00:01", address="198.18.10.10"),
+            Nic(network="user", mac="52:54:00:aa:00:02",
+                forwards=(PortForward(host_port=8080, guest_port=80),)))
+    config = _config().model_copy(update={"nics": nics})
+    paths = VmFolder(Path("/var/lib/vmkit/vms/web")).run_paths(
+        config.disk_file, config.boot.kernel, config.boot.initrd)
+    argv = build_argv(config, paths, LaunchOptions(accel="tcg", ssh_port=40022,
+                                                   tap_fds=(("52:54:00:aa:00:01", 7),)))
+    _check("argv_networks.json", argv)
+    netdevs = [argv[i + 1] for i, a in enumerate(argv) if a == "-netdev"]
+    assert netdevs[0] == "tap,id=net-525400aa0001,fd=7,vhost=off"  # QEMU opens no tap itself
+    assert netdevs[1].endswith("hostfwd=tcp::8080-:80,hostfwd=tcp:127.0.0.1:40022-:22")
+    assert "restrict" not in netdevs[1]  # an explicit user NIC reaches out (QEMU's NAT)
+    ports = [a for a in argv if a.startswith("pcie-root-port")]
+    assert len(ports) == 2 + 4

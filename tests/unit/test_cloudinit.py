@@ -94,3 +94,25 @@ def test_mirror_is_read_from_both_source_formats() -> None:
     assert parse_mirrors([one_line, deb822], "bookworm") == [
         "http://mirror.example/debian", "http://m2.example/debian"]
     assert parse_mirrors(["deb http://x bookworm contrib\n"], "bookworm") == []
+
+
+def test_a_copy_gets_its_own_identity_and_cloud_init_instance() -> None:
+    from vmkit.model.spec import BootConfig, HardwareProfile, VmConfig, VmSpec, as_new_machine
+
+    source = VmConfig(
+        uuid="11111111-1111-4111-8111-111111111111", mac="52:54:00:00:00:01", created_at=0.0,
+        spec=VmSpec(name="db", image="debian-12", cpus=1, memory=1 << 30, disk=4 << 30),
+        hardware=HardwareProfile(machine="pc-q35-10.0"),
+        boot=BootConfig(kernel="boot/vmlinuz", initrd="boot/initrd.img",
+                        cmdline="ro quiet vmkit.hostname=db1"),
+        cloud_init=CloudInit(instance_id="vmkit-11111111-1111-4111-8111-111111111111",
+                             hostname="db1", ssh_keys=(ED25519,), user_data="#cloud-config\n"),
+    )
+    copy = as_new_machine(source, "db2", created_at=5.0)
+    assert copy.uuid != source.uuid and copy.mac != source.mac and copy.created_at == 5.0
+    assert copy.spec.name == "db2" and copy.boot.cmdline == "ro quiet vmkit.hostname=db2"
+    assert copy.cloud_init is not None
+    assert copy.cloud_init.instance_id == f"vmkit-{copy.uuid}"
+    assert copy.cloud_init.hostname == "db2"
+    assert copy.cloud_init.ssh_keys == (ED25519,)  # keys and user-data travel with the copy
+    assert copy.cloud_init.user_data == "#cloud-config\n"

@@ -31,6 +31,11 @@ app.add_typer(image_app, name="image")
 
 snapshot_app = typer.Typer(no_args_is_help=True, help="Snapshots of a VM: a tree.")
 app.add_typer(snapshot_app, name="snapshot")
+network_app = typer.Typer(no_args_is_help=True,
+                          help="Virtual networks: bridges with DHCP/DNS, NAT or isolated.")
+app.add_typer(network_app, name="network")
+nic_app = typer.Typer(no_args_is_help=True, help="NICs of a VM (hot-plugged when it runs).")
+app.add_typer(nic_app, name="nic")
 
 
 class Format(StrEnum):
@@ -173,6 +178,10 @@ def create(
         help="public key allowed to log in (cloud-init images; repeatable)")] = None,
     user_data: Annotated[Path | None, typer.Option(
         help="your cloud-init user-data file, passed to the guest unchanged")] = None,
+    network: Annotated[list[str] | None, typer.Option(
+        help="a NIC on this network (repeatable; 'user' = QEMU user-mode networking)")] = None,
+    port: Annotated[list[str] | None, typer.Option(
+        help="forward HOST:GUEST[/udp] from the host to the first NIC (repeatable)")] = None,
 ) -> None:
     """Create a VM (a folder under VMKIT_HOME/vms).
 
@@ -192,7 +201,7 @@ def create(
         vm = host.create(name, image=image, cpus=cpus, memory=memory, disk=disk,
                          full_copy=full_copy, accel=accel, max_cpus=max_cpus,
                          max_memory=max_memory, hostname=hostname, ssh_keys=ssh_key or [],
-                         user_data=text)
+                         user_data=text, networks=network or [], ports=port or [])
     render.err.print(f"created VM {name}")
     if start:
         _start(vm.name, wait, timeout)
@@ -322,6 +331,11 @@ def info(name: NameArg, format: FormatOpt = Format.table) -> None:
     ]
     if status.ssh:
         rows.append(["ssh", f"{status.ssh} (vmkit ssh {status.name})"])
+    for nic in status.nics:
+        forwards = ", ".join(f"{f.host_port}->{f.guest_port}/{f.proto}" for f in nic.forwards)
+        rows.append(["NIC", f"{nic.mac} on {nic.network}"
+                            f"{f', address {nic.address}' if nic.address else ''}"
+                            f"{f', forwards {forwards}' if forwards else ''}"])
     limits = status.limits
     rows += [
         ["maxima", f"{status.max_cpus} vCPUs, {render.size(status.max_memory)} (room to hot-add)"],
@@ -520,6 +534,111 @@ def ssh(name: NameArg,
     except OSError as exc:
         raise VmkitError(f"cannot run ssh: {exc.strerror}",
                          hint="install an ssh client (apt-get install openssh-client)") from exc
+
+
+# -- networks -----------------------------------------------------------------------------
+def _network_rows(nets: list[Any]) -> list[list[str]]:
+    return [[n.name, n.mode, n.subnet, n.gateway, n.bridge, "up" if n.up else "down",
+             str(len(n.attached))] for n in nets]
+
+
+@network_app.command("create")
+def network_create(
+    name: Annotated[str, typer.Argument(help="network name (a DNS label)")],
+    subnet: Annotated[str | None, typer.Option(
+        help="IPv4 subnet, e.g. 198.18.10.0/24 (default: a free /24 of 198.18.0.0/15)")] = None,
+    nat: Annotated[bool, typer.Option("--nat", help="reach out through the host (default)")
+                   ] = False,
+    isolated: Annotated[bool, typer.Option("--isolated", help="VMs on it reach only each other")
+                        ] = False,
+) -> None:
+    """Create a network: a bridge, DHCP/DNS (dnsmasq), NAT or isolation (nftables). Root only.
+
+    Example: vmkit network create lan --subnet 198.18.10.0/24 --nat
+    """
+    if nat and isolated:
+        raise InvalidValue("--nat and --isolated exclude each other", hint="pick one")
+    net = _host().create_network(name, subnet=subnet, mode="isolated" if isolated else "nat")
+    render.err.print(f"created network {net.name}: {net.subnet} ({net.mode}), gateway "
+                     f"{net.gateway}, bridge {net.bridge}")
+
+
+@network_app.command("list")
+def network_list(format: FormatOpt = Format.table) -> None:
+    """List networks: name, mode, subnet, gateway, bridge, state, NICs attached.
+
+    Example: vmkit network list --format json
+    """
+    nets = _host().networks()
+    if format is Format.json:
+        render.print_json([n.model_dump(mode="json") for n in nets])
+        return
+    render.table(["NAME", "MODE", "SUBNET", "GATEWAY", "BRIDGE", "STATE", "NICS"],
+                 _network_rows(nets))
+
+
+@network_app.command("info")
+def network_info(name: Annotated[str, typer.Argument(help="network name")],
+                 format: FormatOpt = Format.table) -> None:
+    """One network and the VM NICs on it (MAC, fixed address, lease, forwards).
+
+    Example: vmkit network info lan
+    """
+    net = _host().network(name)
+    if format is Format.json:
+        render.print_json(net.model_dump(mode="json"))
+        return
+    render.table(["NAME", "MODE", "SUBNET", "GATEWAY", "BRIDGE", "STATE", "NICS"],
+                 _network_rows([net]))
+    render.table(["VM", "MAC", "ADDRESS", "LEASED", "STATE"],
+                 [[a["vm"], a["mac"], a["address"], "yes" if a["leased"] else "no",
+                   str(a["state"])] for a in net.attached])
+
+
+@network_app.command("delete")
+def network_delete(name: Annotated[str, typer.Argument(help="network name")]) -> None:
+    """Delete a network (refused while VMs have NICs on it).
+
+    Example: vmkit network delete lan
+    """
+    _host().delete_network(name)
+    render.err.print(f"deleted network {name}")
+
+
+@network_app.command("reconcile")
+def network_reconcile() -> None:
+    """Bring every network back as defined (bridges, dnsmasq, rules), e.g. after a reboot.
+
+    Example: vmkit network reconcile
+    """
+    host = _host()
+    host.reconcile_networks()
+    render.err.print(f"{len(host.networks())} network(s) up")
+
+
+@nic_app.command("add")
+def nic_add(name: NameArg,
+            network: Annotated[str, typer.Option(help="network name, or 'user'")],
+            port: Annotated[list[str] | None, typer.Option(
+                help="forward HOST:GUEST[/udp] to this NIC (repeatable)")] = None) -> None:
+    """Add a NIC on a network; a running VM gets it hot-plugged and asks for a lease.
+
+    Example: vmkit nic add web --network backend
+    """
+    nic = _host().get(name).add_nic(network, ports=port or [])
+    render.err.print(f"VM {name}: NIC {nic.mac} on {nic.network}"
+                     f"{f' ({nic.address})' if nic.address else ''}")
+
+
+@nic_app.command("remove")
+def nic_remove(name: NameArg,
+               network: Annotated[str, typer.Argument(help="the network of the NIC")]) -> None:
+    """Remove the VM's NIC on a network; hot-unplugged when the VM runs.
+
+    Example: vmkit nic remove web backend
+    """
+    nic = _host().get(name).remove_nic(network)
+    render.err.print(f"VM {name}: NIC {nic.mac} on {nic.network} removed")
 
 
 # -- clones and bundles -------------------------------------------------------------------

@@ -10,13 +10,13 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-import re
 import struct
 
 import yaml
 from pydantic import BaseModel, ConfigDict
 
 from vmkit.errors import InvalidValue
+from vmkit.model.names import is_dns_label
 
 SEED_LABEL = "cidata"
 KEY_TYPES = frozenset({
@@ -26,7 +26,6 @@ KEY_TYPES = frozenset({
 # First lines cloud-init recognises as a user-data format (besides #cloud-config).
 _USER_DATA_STARTS = ("#!", "#include", "#cloud-boothook", "#part-handler", "#cloud-config-archive",
                      "#cloud-config-jsonp", "## template: jinja", "Content-Type:")
-_LABEL = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
 
 
 class CloudInit(BaseModel):
@@ -47,7 +46,7 @@ def instance_id_for(vm_uuid: str) -> str:
 def validate_hostname(value: str) -> str:
     """An RFC 1123 host name: dot-separated labels of a-z, 0-9 and inner hyphens."""
     labels = value.split(".")
-    if len(value) > 253 or not all(_LABEL.match(label) for label in labels):
+    if len(value) > 253 or not all(is_dns_label(label) for label in labels):
         raise InvalidValue(f"invalid hostname {value!r}",
                            hint="use lowercase letters, digits and inner hyphens, labels of at "
                                 "most 63 characters separated by dots (e.g. db1)")

@@ -12,8 +12,9 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from vmkit.errors import InvalidValue
-from vmkit.model.cloudinit import CloudInit
+from vmkit.model.cloudinit import CloudInit, instance_id_for
 from vmkit.model.names import validate_name
+from vmkit.model.network import Nic, nic_mac
 from vmkit.model.sizes import parse_count, parse_size
 
 SCHEMA_VERSION = 1
@@ -126,6 +127,7 @@ class VmConfig(BaseModel):
     cloud_init: CloudInit | None = Field(default=None, description="NoCloud seed inputs")
     ssh_user: str | None = Field(default=None, description="login of `vmkit ssh`; None: no sshd")
     ssh_identity: str | None = Field(default=None, description="host private key for vmkit ssh")
+    nics: tuple[Nic, ...] = Field(default=(), description="none: one restricted user-mode NIC")
 
 
 def new_uuid() -> str:
@@ -150,3 +152,21 @@ def hostname_in(cmdline: str) -> str | None:
         if word.startswith("vmkit.hostname="):
             return word.split("=", 1)[1]
     return None
+
+
+def as_new_machine(config: VmConfig, name: str, *, created_at: float) -> VmConfig:
+    """A copy of a VM's config under `name` with an identity of its own: uuid, MAC, hostname
+    and cloud-init instance-id (so cloud-init re-identifies it on its next boot)."""
+    vm_uuid = new_uuid()
+    seed = config.cloud_init
+    if seed is not None:
+        seed = seed.model_copy(update={"instance_id": instance_id_for(vm_uuid), "hostname": name})
+    nics = tuple(nic.model_copy(update={"mac": nic_mac(vm_uuid, index), "address": None})
+                 for index, nic in enumerate(config.nics))  # addresses: given at the next start
+    return config.model_copy(update={
+        "uuid": vm_uuid, "mac": new_mac(), "created_at": created_at, "cloud_init": seed,
+        "nics": nics,
+        "spec": config.spec.model_copy(update={"name": name}),
+        "boot": config.boot.model_copy(update={"cmdline": with_hostname(config.boot.cmdline,
+                                                                        name)}),
+    })

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 
+from vmkit.model.network import Nic
 from vmkit.model.spec import VmConfig
 
 # QEMU's seccomp filter: no obsolete calls, no privilege elevation, no exec, no resource control
@@ -43,6 +44,7 @@ class LaunchOptions:
     firmware_dir: str = "/usr/share/qemu"
     qemu_binary: str = "qemu-system-x86_64"
     ssh_port: int | None = None  # host port on 127.0.0.1 forwarded to the guest's port 22
+    tap_fds: tuple[tuple[str, int], ...] = ()  # (NIC MAC, descriptor QEMU inherits)
 
 
 MEMORY_SLOTS = 8
@@ -107,20 +109,87 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
             }, separators=(",", ":")),
             "-device", "virtio-blk-pci,drive=seed0,id=virtio-seed0",
         ]
-    # User-mode NIC with restrict=on: the guest has a MAC and DHCP but no path out of its QEMU
-    # until virtual networks exist; the host reaches in only through the ssh forward.
-    netdev = "user,id=net0,restrict=on,net=198.18.0.0/24,host=198.18.0.2,dhcpstart=198.18.0.15"
-    if options.ssh_port is not None:
-        netdev += f",hostfwd=tcp:127.0.0.1:{options.ssh_port}-:22"
     argv += [
         "-device", "virtio-serial-pci,id=virtio-serial0",
         "-chardev", _chardev_socket("agent0", paths.agent_socket),
         "-device",
         "virtserialport,bus=virtio-serial0.0,chardev=agent0,name=org.qemu.guest_agent.0",
-        "-netdev", netdev,
-        "-device", f"virtio-net-pci,netdev=net0,id=nic0,mac={config.mac}",
+        *(_legacy_nic(config, options) if not config.nics else []),
         "-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=rng0",
     ]
+    if machine.startswith("pc-q35"):
+        argv += _hotplug_ports(len(config.nics) + HOTPLUG_SPARE)
+        argv += _nic_args(config, options)
     return argv
+
+
+USER_NET = "net=198.18.0.0/24,host=198.18.0.2,dhcpstart=198.18.0.15"
+
+
+HOTPLUG_SPARE = 4  # empty PCIe root ports a running VM can hot-add NICs into
+
+
+def _legacy_nic(config: VmConfig, options: LaunchOptions) -> list[str]:
+    """No NICs configured: one user-mode NIC with restrict=on (the guest has DHCP but no path
+    out of its QEMU; the host reaches in only through the ssh forward)."""
+    netdev = f"user,id=net0,restrict=on,{USER_NET}"
+    if options.ssh_port is not None:
+        netdev += f",hostfwd=tcp:127.0.0.1:{options.ssh_port}-:22"
+    return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=net0,id=nic0,mac={config.mac}"]
+
+
+def _hotplug_ports(count: int) -> list[str]:
+    """PCIe root ports: q35's root bus takes no hot-plug, a root port takes one device."""
+    args: list[str] = []
+    for index in range(count):
+        args += ["-device", f"pcie-root-port,id={port_id(index)},bus=pcie.0,chassis={index + 1}"]
+    return args
+
+
+def port_id(index: int) -> str:
+    return f"hp{index}"
+
+
+def _nic_args(config: VmConfig, options: LaunchOptions) -> list[str]:
+    """Configured NICs, each on its own root port (so each can be unplugged while running)."""
+    args: list[str] = []
+    ssh_port = options.ssh_port
+    fds = dict(options.tap_fds)
+    for index, nic in enumerate(config.nics):
+        on_user = nic.network == "user"
+        args += ["-netdev", netdev_option(nic, ssh_port=ssh_port if on_user else None,
+                                          tap_fd=fds.get(nic.mac)),
+                 "-device", nic_device(nic, port_id(index))]
+        if on_user:
+            ssh_port = None  # one forward is enough
+    return args
+
+
+def netdev_option(nic: Nic, *, ssh_port: int | None = None, tap_fd: int | str | None = None
+                  ) -> str:
+    """A user-mode netdev (its port forwards as hostfwd), or a tap given to QEMU as an open
+    descriptor (a number it inherited, or a name passed over QMP)."""
+    if nic.network == "user":
+        netdev = f"user,id={netdev_id(nic)},{'restrict=on,' if nic.restricted else ''}{USER_NET}"
+        for forward in nic.forwards:
+            netdev += f",hostfwd={forward.proto}::{forward.host_port}-:{forward.guest_port}"
+        if ssh_port is not None:
+            netdev += f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22"
+        return netdev
+    if tap_fd is None:
+        raise ValueError(f"NIC {nic.mac} on {nic.network} needs an open tap descriptor")
+    return f"tap,id={netdev_id(nic)},fd={tap_fd},vhost=off"
+
+
+def netdev_id(nic: Nic) -> str:
+    return "net-" + nic.mac.replace(":", "")
+
+
+def nic_id(nic: Nic) -> str:
+    return "nic-" + nic.mac.replace(":", "")
+
+
+def nic_device(nic: Nic, port: str) -> str:
+    return f"virtio-net-pci,netdev={netdev_id(nic)},id={nic_id(nic)},mac={nic.mac},bus={port}"

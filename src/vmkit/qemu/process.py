@@ -38,10 +38,11 @@ CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
 def spawn_detached(argv: list[str], log_file: Path, exit_file: Path, *,
-                   before_exec: Callable[[], None] | None = None) -> subprocess.Popen[bytes]:
+                   before_exec: Callable[[], None] | None = None,
+                   pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
     """Start QEMU under the waiter in a new session, with a clean environment and no inherited
-    file descriptors; output goes to the QEMU log. `before_exec` runs in the child (e.g. to
-    join the VM's cgroup, so QEMU is charged there from its first page)."""
+    file descriptors but `pass_fds` (taps); output goes to the QEMU log. `before_exec` runs in
+    the child (e.g. to join the VM's cgroup, so QEMU is charged there from its first page)."""
     exit_file.unlink(missing_ok=True)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
@@ -49,7 +50,7 @@ def spawn_detached(argv: list[str], log_file: Path, exit_file: Path, *,
             return subprocess.Popen(
                 waiter_argv(exit_file, argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True, close_fds=True, umask=0o077, env=CLEAN_ENV, cwd="/",
-                preexec_fn=before_exec,
+                preexec_fn=before_exec, pass_fds=pass_fds,
             )
         except OSError as exc:
             raise QemuError(f"cannot start QEMU: {exc}") from exc

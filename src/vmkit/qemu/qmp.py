@@ -59,6 +59,15 @@ class QmpConnection:
             raise QemuError(f"QMP command {command} failed: {exc.error_class}: {exc}",
                             detail=f"sent: {command} {arguments or {}}") from exc
 
+    def send_fd(self, fd: int, name: str) -> None:
+        """Hand QEMU an open file descriptor (SCM_RIGHTS), known to it as `name` (getfd)."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (OSError, ValueError) as exc:
+            raise QemuError(f"passing a descriptor to QEMU on {self._path} failed: {exc}") \
+                from exc
+        self.execute("getfd", {"fdname": name})
+
     def _run(self, coro: Any, *, what: str, timeout: float | None = None) -> Any:
         limit = timeout if timeout is not None else self._timeout
         try:

@@ -1,0 +1,141 @@
+"""NICs of a VM: add or remove one, hot-plugged into a running VM.
+
+A running VM has empty PCIe root ports (see qemu.argv) a NIC is plugged into; the guest sees a
+new interface and asks for a lease. Removal asks the guest to let go (PCIe hot-unplug) and waits
+until QEMU reports the device gone. vm.json changes first, so a failure is rolled back to the
+configuration the VM had.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Any
+
+from vmkit import networks as net_ops
+from vmkit.errors import InvalidState, NotFound, OperationTimeout, QemuError
+from vmkit.model.network import USER_NETWORK, Nic
+from vmkit.model.state import LIVE_STATES, VmState
+from vmkit.net import links
+from vmkit.qemu.argv import HOTPLUG_SPARE, USER_NET, netdev_id, nic_id, port_id
+from vmkit.qemu.qmp import QmpConnection
+
+if TYPE_CHECKING:
+    from vmkit.host import VM
+
+QMP_TIMEOUT = 10.0
+UNPLUG_TIMEOUT = 30.0
+
+
+def _explicit(vm: VM) -> tuple[Nic, ...]:
+    """The VM's NICs, with the implicit restricted user-mode NIC of an older VM spelled out."""
+    config = vm.config
+    if config.nics:
+        return config.nics
+    return (Nic(network=USER_NETWORK, mac=config.mac, restricted=True),)
+
+
+def add(vm: VM, network: str, *, ports: tuple[str, ...] = ()) -> Nic:
+    """Give the VM a NIC on `network` (hot-plugged when it runs)."""
+    host = vm.host
+    with host._vm_lock(vm.name):
+        record = vm._observe(persist=True, locked=True)
+        if record.state not in (VmState.RUNNING, VmState.STOPPED, VmState.DEFINED,
+                                VmState.CRASHED):
+            raise InvalidState(f"cannot change the NICs of VM {vm.name!r}: it is "
+                               f"{record.state.value}", hint="wait, or resume it first")
+        before = vm.config
+        current = _explicit(vm)
+        with net_ops.locked(host):
+            (nic,) = net_ops.new_nics(host, before.uuid, [network], list(ports),
+                                      existing=current)
+            (nic,) = net_ops.with_addresses(host, (nic,))
+            vm.save_config(before.model_copy(update={"nics": (*current, nic)}))
+        try:
+            net_ops.forget(host)
+            if record.state is VmState.RUNNING:
+                _plug(vm, nic, slots=len(current) + HOTPLUG_SPARE)
+        except BaseException:
+            vm.save_config(before)
+            net_ops.release(vm, (nic,))
+            net_ops.forget(host)
+            raise
+    return nic
+
+
+def _plug(vm: VM, nic: Nic, *, slots: int) -> None:
+    arguments: dict[str, Any]
+    if nic.network == USER_NETWORK:
+        arguments = {"type": "user", "id": netdev_id(nic),
+                     **dict(item.split("=", 1) for item in USER_NET.split(",")),
+                     "hostfwd": [{"str": f"{f.proto}::{f.host_port}-:{f.guest_port}"}
+                                 for f in nic.forwards]}
+    tap_fd: int | None = None
+    try:
+        with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+            if nic.network != USER_NETWORK:
+                tap_fd = links.open_tap(net_ops.ensure_tap(vm, nic))
+                qmp.send_fd(tap_fd, netdev_id(nic))  # QEMU cannot open /dev/net/tun itself
+                arguments = {"type": "tap", "id": netdev_id(nic), "fd": netdev_id(nic),
+                             "vhost": False}
+            qmp.execute("netdev_add", arguments)
+            _device_add(qmp, vm, nic, slots)
+    finally:
+        if tap_fd is not None:
+            os.close(tap_fd)
+
+
+def _device_add(qmp: QmpConnection, vm: VM, nic: Nic, slots: int) -> None:
+    last: QemuError | None = None
+    for index in range(slots):
+        try:
+            qmp.execute("device_add", {"driver": "virtio-net-pci", "id": nic_id(nic),
+                                       "netdev": netdev_id(nic), "mac": nic.mac,
+                                       "bus": port_id(index)})
+            return
+        except QemuError as exc:  # that port holds a device already: try the next
+            last = exc
+    qmp.execute("netdev_del", {"id": netdev_id(nic)})
+    raise InvalidState(f"VM {vm.name!r} has no free hot-plug port left",
+                       hint="stop and start it: every NIC gets a port at start",
+                       detail=last.message if last else None)
+
+
+def remove(vm: VM, network: str) -> Nic:
+    """Take the VM's NIC on `network` away (hot-unplugged when it runs)."""
+    host = vm.host
+    with host._vm_lock(vm.name):
+        record = vm._observe(persist=True, locked=True)
+        current = _explicit(vm)
+        nic = next((n for n in current if n.network == network), None)
+        if nic is None:
+            raise NotFound(f"VM {vm.name!r} has no NIC on network {network!r}",
+                           hint=f"its NICs: {', '.join(n.network for n in current)}")
+        if record.state in LIVE_STATES:
+            if record.state is not VmState.RUNNING:
+                raise InvalidState(f"cannot unplug a NIC of VM {vm.name!r}: it is "
+                                   f"{record.state.value}", hint="resume it first")
+            _unplug(vm, nic)
+        vm.save_config(vm.config.model_copy(update={
+            "nics": tuple(n for n in current if n is not nic)}))
+        net_ops.release(vm, (nic,))
+    net_ops.forget(host)
+    return nic
+
+
+def _unplug(vm: VM, nic: Nic) -> None:
+    with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+        try:
+            qmp.execute("device_del", {"id": nic_id(nic)})
+        except QemuError as exc:
+            raise InvalidState(f"the NIC of VM {vm.name!r} on {nic.network!r} cannot be "
+                               f"unplugged while it runs ({exc.message})",
+                               hint="stop the VM, remove the NIC, start it again") from exc
+        deadline = time.monotonic() + UNPLUG_TIMEOUT
+        while any(d.get("name") == nic_id(nic)
+                  for d in qmp.execute("qom-list", {"path": "/machine/peripheral"})):
+            if time.monotonic() > deadline:
+                raise OperationTimeout(f"the guest of VM {vm.name!r} did not release its NIC "
+                                       f"on {nic.network!r} within {UNPLUG_TIMEOUT:g}s")
+            time.sleep(0.2)
+        qmp.execute("netdev_del", {"id": netdev_id(nic)})
