@@ -222,13 +222,15 @@ def _reconcile_locked(host: Host) -> None:
     for spec in specs:
         folder = _folder(host, spec.name)
         mine = attachments.get(spec.name, [])
-        links.ensure_bridge(spec.bridge, str(spec.gateway), spec.network.prefixlen)
+        new_bridge = links.ensure_bridge(spec.bridge, str(spec.gateway),
+                                         spec.network.prefixlen)
         write_text(folder / "hosts", render_dhcp_hosts(mine))
         write_text(folder / "names", render_names(spec, mine))
         conf = folder / "dnsmasq.conf"
         wanted = render_dnsmasq(spec, str(folder), upstream=True)
-        if conf.exists() and conf.read_text() != wanted:
-            services.stop_dnsmasq(folder)  # the config itself changed: a restart applies it
+        if new_bridge or (conf.exists() and conf.read_text() != wanted):
+            # a dnsmasq bound to a bridge that was gone, or a changed config: restart it
+            services.stop_dnsmasq(folder)
         write_text(conf, wanted)
         services.start_dnsmasq(folder, conf)
     services.apply_nftables(render_nftables(

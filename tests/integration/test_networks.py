@@ -216,7 +216,7 @@ def test_networks_come_back_after_a_reboot(lab: Lab) -> None:
             lab.in_ns(lab.ns, "ip", "link", "del", link)
     for table in lab.in_ns(lab.ns, "nft", "list", "tables").stdout.splitlines():
         lab.in_ns(lab.ns, "nft", "delete", *table.split())
-    subprocess.run(["pkill", "-f", f"dnsmasq --conf-file={lab.home}"], check=False)
+    subprocess.run(["pkill", "-KILL", "-f", f"dnsmasq --conf-file={lab.home}"], check=False)
     assert not [n for n in lab.links() if n.startswith("vmk")]
     lab.ok("network", "reconcile")
     assert len([n for n in lab.links() if n.startswith("vmkb")]) == 2

@@ -42,11 +42,12 @@ def _check_ours(name: str) -> None:
         raise HostError(f"refusing to touch interface {name!r}: not one of vmkit's")
 
 
-def ensure_bridge(name: str, address: str, prefixlen: int) -> None:
-    """The bridge, up, with the network's gateway address (created if missing)."""
+def ensure_bridge(name: str, address: str, prefixlen: int) -> bool:
+    """The bridge, up, with the network's gateway address; True when it had to be created."""
     _check_ours(name)
     with _netlink() as ipr:
         index = _index(ipr, name)
+        created = index is None
         if index is None:
             ipr.link("add", ifname=name, kind="bridge", br_stp_state=0, br_forward_delay=0)
             index = _index(ipr, name)
@@ -54,6 +55,7 @@ def ensure_bridge(name: str, address: str, prefixlen: int) -> None:
         if address not in have:
             ipr.addr("add", index=index, address=address, prefixlen=prefixlen)
         ipr.link("set", index=index, state="up")
+        return created
 
 
 def ensure_tap(name: str, bridge: str, *, uid: int | None, gid: int | None) -> None:
