@@ -54,7 +54,7 @@ from vmkit.model.cloudinit import (
     validate_hostname,
 )
 from vmkit.model.names import validate_name
-from vmkit.model.network import USER_NETWORK, Nic
+from vmkit.model.network import USER_NETWORK, NetworkMode, Nic
 from vmkit.model.resources import (
     Allocation,
     HostCapacity,
@@ -292,13 +292,16 @@ class Host:
         return bundles.import_bundle(self, Path(path), name=name, progress=progress)
 
     # -- networks -------------------------------------------------------------------------
-    def create_network(self, name: str, *, subnet: str | None = None,
-                       mode: str = "nat") -> net_ops.NetworkInfo:
-        """A bridge with DHCP/DNS; `nat` reaches out through the host, `isolated` does not."""
-        if mode not in ("nat", "isolated"):
-            raise InvalidValue(f"invalid network mode {mode!r}", hint="use nat or isolated")
-        spec = net_ops.create(self, name, subnet=subnet, mode="nat" if mode == "nat"
-                              else "isolated")
+    def create_network(self, name: str, *, subnet: str | None = None, mode: str = "nat",
+                       parent: str | None = None) -> net_ops.NetworkInfo:
+        """A bridge with DHCP/DNS; `nat` reaches out through the host, `isolated` does not;
+        `bridged` (with `parent`) puts VMs on a bridge of the host's, i.e. on its LAN."""
+        modes: dict[str, NetworkMode] = {"nat": "nat", "isolated": "isolated",
+                                         "bridged": "bridged"}
+        if mode not in modes:
+            raise InvalidValue(f"invalid network mode {mode!r}",
+                               hint="use nat, isolated or bridged")
+        spec = net_ops.create(self, name, subnet=subnet, mode=modes[mode], parent=parent)
         return net_ops.info(self, spec.name)
 
     def networks(self) -> list[net_ops.NetworkInfo]:

@@ -113,25 +113,37 @@ def get(host: Host, name: str) -> NetworkSpec:
     return NetworkSpec.model_validate(read_json(path))
 
 
-def create(host: Host, name: str, *, subnet: str | None = None,
-           mode: NetworkMode = "nat") -> NetworkSpec:
-    """Define a network and bring it up; nothing is left behind when bringing it up fails."""
+def create(host: Host, name: str, *, subnet: str | None = None, mode: NetworkMode = "nat",
+           parent: str | None = None) -> NetworkSpec:
+    """Define a network and bring it up; nothing is left behind when bringing it up fails.
+    `bridged` puts VMs on the host's bridge `parent` (their LAN), which vmkit never changes."""
     _require_root("creating a network")
-    if mode not in ("nat", "isolated"):
-        raise InvalidValue(f"invalid network mode {mode!r}", hint="use --nat or --isolated")
+    if mode not in ("nat", "isolated", "bridged"):
+        raise InvalidValue(f"invalid network mode {mode!r}",
+                           hint="use --nat, --isolated or --bridged --parent BRIDGE")
+    if (mode == "bridged") != (parent is not None):
+        raise InvalidValue("--parent names the host bridge of a --bridged network, and only "
+                           "that", hint="e.g. vmkit network create lan0 --bridged --parent br0")
+    if mode == "bridged" and subnet is not None:
+        raise InvalidValue("a bridged network takes no --subnet: the LAN's DHCP decides",
+                           hint="drop --subnet")
     with _lock(host):
         existing = definitions(host)
         if any(n.name == name for n in existing):
             raise AlreadyExists(f"network {name!r} already exists",
                                 hint=f"see vmkit network info {name}")
-        used = {n.name: n.subnet for n in existing}
-        if subnet is None:
-            subnet = free_subnet([*used.values(), USER_MODE_SUBNET])
+        if parent is not None:
+            _check_parent(parent, existing)
+            spec = NetworkSpec(name=name, mode=mode, bridge=parent, created_at=time.time())
         else:
-            subnet = str(parse_subnet(subnet))
-        check_no_overlap(subnet, {**used, "user-mode NICs": USER_MODE_SUBNET})
-        spec = NetworkSpec(name=name, subnet=subnet, mode=mode,
-                           bridge=bridge_name(_scope(host), name), created_at=time.time())
+            used = {n.name: n.subnet for n in existing}
+            if subnet is None:
+                subnet = free_subnet([*used.values(), USER_MODE_SUBNET])
+            else:
+                subnet = str(parse_subnet(subnet))
+            check_no_overlap(subnet, {**used, "user-mode NICs": USER_MODE_SUBNET})
+            spec = NetworkSpec(name=name, subnet=subnet, mode=mode,
+                               bridge=bridge_name(_scope(host), name), created_at=time.time())
         folder = _folder(host, name)
         folder.mkdir(parents=True)
         try:
@@ -144,6 +156,19 @@ def create(host: Host, name: str, *, subnet: str | None = None,
                 _reconcile_locked(host)
             raise
     return spec
+
+
+def _check_parent(parent: str, existing: list[NetworkSpec]) -> None:
+    if parent.startswith((links.BRIDGE_PREFIX, links.TAP_PREFIX)):
+        raise InvalidValue(f"{parent!r} is one of vmkit's own interfaces",
+                           hint="--parent names a bridge of the host's, e.g. br0")
+    if not links.is_bridge(parent):
+        raise InvalidValue(f"the host has no bridge {parent!r}",
+                           hint="create it first (ip link add br0 type bridge) or name "
+                                "another with --parent")
+    taken = next((n.name for n in existing if n.bridge == parent), None)
+    if taken is not None:
+        raise AlreadyExists(f"bridge {parent!r} is network {taken!r} already")
 
 
 def delete(host: Host, name: str) -> None:
@@ -178,8 +203,9 @@ def _info(host: Host, spec: NetworkSpec) -> NetworkInfo:
                          "state": states.get(a.vm), "leased": a.mac in leases,
                          "forwards": [f.model_dump() for f in a.forwards]})
     up = os.geteuid() == 0 and links.exists(spec.bridge)
-    return NetworkInfo(name=spec.name, subnet=spec.subnet, mode=spec.mode,
-                       gateway=str(spec.gateway), bridge=spec.bridge, up=up,
+    return NetworkInfo(name=spec.name, subnet=spec.subnet or "", mode=spec.mode,
+                       gateway=str(spec.gateway) if spec.managed else "", bridge=spec.bridge,
+                       up=up,
                        dnsmasq=services.dnsmasq_running(folder), attached=attached)
 
 
@@ -197,7 +223,7 @@ def _attachments(host: Host) -> dict[str, list[Attachment]]:
     for vm in host.vms():
         config = vm.config
         for nic in config.nics:
-            if nic.network == USER_NETWORK or nic.address is None:
+            if nic.network == USER_NETWORK:
                 continue
             found.setdefault(nic.network, []).append(Attachment(
                 vm=vm.name, tap=tap_name(config.uuid, nic.mac), mac=nic.mac,
@@ -221,7 +247,9 @@ def _reconcile_locked(host: Host) -> None:
         services.enable_forwarding()
     for spec in specs:
         folder = _folder(host, spec.name)
-        mine = attachments.get(spec.name, [])
+        mine = [a for a in attachments.get(spec.name, []) if a.address is not None]
+        if not spec.managed:
+            continue  # the host's bridge: nothing of vmkit's to run on it
         new_bridge = links.ensure_bridge(spec.bridge, str(spec.gateway),
                                          spec.network.prefixlen)
         write_text(folder / "hosts", render_dhcp_hosts(mine))
@@ -245,8 +273,8 @@ def _reconcile_locked(host: Host) -> None:
 
 def _tear_down(host: Host, spec: NetworkSpec) -> None:
     services.stop_dnsmasq(_folder(host, spec.name))
-    if os.geteuid() == 0:
-        links.delete(spec.bridge)
+    if os.geteuid() == 0 and spec.managed:
+        links.delete(spec.bridge)  # never the host's bridge of a bridged network
 
 
 def write_text(path: Path, text: str) -> None:
@@ -368,11 +396,11 @@ def with_addresses(host: Host, nics: tuple[Nic, ...]) -> tuple[Nic, ...]:
     caller holds the network lock)."""
     used: dict[str, set[str]] = {}
     for network, attachments in _attachments(host).items():
-        used[network] = {a.address for a in attachments}
+        used[network] = {a.address for a in attachments if a.address is not None}
     result = []
     for nic in nics:
-        if nic.network != USER_NETWORK and nic.address is None:
-            spec = get(host, nic.network)
+        spec = get(host, nic.network) if nic.network != USER_NETWORK else None
+        if spec is not None and spec.managed and nic.address is None:
             taken = used.setdefault(nic.network, set())
             address = next_address(spec, taken)
             taken.add(address)

@@ -66,3 +66,13 @@ def test_without_networks_the_tables_go() -> None:
     assert render_nftables([], table="vmkit_x").splitlines() == [
         "table inet vmkit_x", "delete table inet vmkit_x", "table bridge vmkit_x",
         "delete table bridge vmkit_x"]
+
+
+def test_bridged_network_gets_only_mac_checks_and_no_routing() -> None:
+    ext = NetworkSpec(name="ext", mode="bridged", bridge="br0")
+    nic = Attachment(vm="web", tap="vmkt000000000e", mac="52:54:00:aa:bb:0e", address=None)
+    ruleset = render_nftables([(LAN, [DB]), (ext, [nic])], table="vmkit_t")
+    assert '"br0"' not in ruleset  # the host's bridge is never named in a rule
+    assert 'iifname "vmkt000000000e" ether saddr != 52:54:00:aa:bb:0e drop' in ruleset
+    assert 'iifname "vmkt000000000e" ether type ip' not in ruleset  # the LAN assigns addresses
+    assert ruleset.count("masquerade") == 1  # lan's only

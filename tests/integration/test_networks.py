@@ -231,6 +231,32 @@ def test_networks_come_back_after_a_reboot(lab: Lab) -> None:
         raise
 
 
+def test_bridged_network_joins_the_hosts_bridge_and_leaves_it_alone(lab: Lab) -> None:
+    for argv in (("link", "add", "extbr0", "type", "bridge"),
+                 ("addr", "add", "198.18.40.1/24", "dev", "extbr0"),
+                 ("link", "set", "extbr0", "up")):
+        assert lab.in_ns(lab.ns, "ip", *argv).returncode == 0
+    try:
+        done = lab.cli("network", "create", "ext", "--bridged", "--parent", "nosuchbr0")
+        assert done.returncode == 2 and "no bridge 'nosuchbr0'" in done.stderr
+        lab.ok("network", "create", "ext", "--bridged", "--parent", "extbr0")
+        lab.ok("nic", "add", "a", "--network", "ext")
+        ports = lab.in_ns(lab.ns, "ip", "-o", "link", "show", "master", "extbr0").stdout
+        assert "vmkt" in ports  # a's new tap is a port of the host's bridge
+        # no DHCP on that LAN here: give the guest an address by hand, then reach the host
+        wait_for(lambda: lab.guest("a", "ip addr add 198.18.40.50/24 dev eth1 2>/dev/null; "
+                                        "ping -c1 -W2 198.18.40.1").returncode == 0,
+                 "a to reach the host over the bridged LAN")
+        lab.ok("nic", "remove", "a", "ext")
+        lab.ok("network", "delete", "ext")
+        addr = lab.in_ns(lab.ns, "ip", "-br", "addr", "show", "extbr0").stdout
+        assert "198.18.40.1/24" in addr  # the host's bridge is still there, unchanged
+        assert "vmkt" not in lab.in_ns(lab.ns, "ip", "-o", "link", "show", "master",
+                                       "extbr0").stdout
+    finally:
+        lab.in_ns(lab.ns, "ip", "link", "del", "extbr0")
+
+
 def test_nothing_is_left_after_deleting_everything(lab: Lab) -> None:
     for vm in ("a", "b", "c"):
         lab.ok("delete", "--force", vm)

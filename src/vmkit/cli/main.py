@@ -551,16 +551,21 @@ def network_create(
                    ] = False,
     isolated: Annotated[bool, typer.Option("--isolated", help="VMs on it reach only each other")
                         ] = False,
+    bridged: Annotated[bool, typer.Option("--bridged", help="VMs join the host's bridge "
+                                          "--parent (its LAN; vmkit never changes it)")] = False,
+    parent: Annotated[str | None, typer.Option(help="with --bridged: the host bridge")] = None,
 ) -> None:
-    """Create a network: a bridge, DHCP/DNS (dnsmasq), NAT or isolation (nftables). Root only.
+    """Create a network: a bridge, DHCP/DNS (dnsmasq), NAT or isolation (nftables); or bridged
+    onto a bridge of the host's. Root only.
 
     Example: vmkit network create lan --subnet 198.18.10.0/24 --nat
     """
-    if nat and isolated:
-        raise InvalidValue("--nat and --isolated exclude each other", hint="pick one")
-    net = _host().create_network(name, subnet=subnet, mode="isolated" if isolated else "nat")
-    render.err.print(f"created network {net.name}: {net.subnet} ({net.mode}), gateway "
-                     f"{net.gateway}, bridge {net.bridge}")
+    if nat + isolated + bridged > 1:
+        raise InvalidValue("--nat, --isolated and --bridged exclude each other", hint="pick one")
+    mode = "isolated" if isolated else "bridged" if bridged else "nat"
+    net = _host().create_network(name, subnet=subnet, mode=mode, parent=parent)
+    where = f"{net.subnet}, gateway {net.gateway}" if net.subnet else "the host's LAN"
+    render.err.print(f"created network {net.name} ({net.mode}): {where}, bridge {net.bridge}")
 
 
 @network_app.command("list")

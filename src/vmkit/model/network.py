@@ -1,10 +1,12 @@
 """Virtual networks, pure: their definitions, interface names, addresses, and the dnsmasq and
 nftables configuration they imply. Adapters (vmkit.net) apply what these functions render.
 
-A network is a Linux bridge with a gateway address, a dnsmasq serving DHCP (a fixed lease per
-NIC MAC) and DNS for VM names, and rules in nftables tables of vmkit's own: NAT out for `nat`
-networks, nothing out for `isolated` ones, no traffic between networks, port forwards to VMs,
-and anti-spoofing per tap (a VM may only send from its own MAC and address).
+A managed network is a Linux bridge with a gateway address, a dnsmasq serving DHCP (a fixed
+lease per NIC MAC) and DNS for VM names, and rules in nftables tables of vmkit's own: NAT out
+for `nat` networks, nothing out for `isolated` ones, no traffic between networks, port forwards
+to VMs, and anti-spoofing per tap (a VM may only send from its own MAC and address). A
+`bridged` network puts taps on a bridge of the host's (its LAN's DHCP decides addresses); vmkit
+never changes that bridge, and only checks the source MAC of its taps there.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 from vmkit.errors import InvalidValue
 from vmkit.model.names import validate_name
 
-NetworkMode = Literal["nat", "isolated"]
+NetworkMode = Literal["nat", "isolated", "bridged"]
 Proto = Literal["tcp", "udp"]
 USER_NETWORK = "user"  # QEMU user-mode networking: no root needed, no bridge
 DEFAULT_POOL = ipaddress.IPv4Network("198.18.0.0/15")  # where default subnets are taken from
@@ -53,9 +55,10 @@ class NetworkSpec(BaseModel):
 
     schema_version: int = 1
     name: str
-    subnet: str
+    subnet: str | None = Field(default=None, description="None for bridged: the LAN's own")
     mode: NetworkMode
-    bridge: str = Field(description="Linux bridge; unique per VMKIT_HOME and network name")
+    bridge: str = Field(description="Linux bridge: vmkit's own (unique per VMKIT_HOME and "
+                                    "network name), or for bridged the host's (never changed)")
     created_at: float = 0.0
 
     @field_validator("name")
@@ -68,11 +71,18 @@ class NetworkSpec(BaseModel):
 
     @field_validator("subnet")
     @classmethod
-    def _subnet(cls, value: str) -> str:
-        return str(parse_subnet(value))
+    def _subnet(cls, value: str | None) -> str | None:
+        return None if value is None else str(parse_subnet(value))
+
+    @property
+    def managed(self) -> bool:
+        """vmkit runs its bridge, DHCP/DNS and routing; a bridged network is the host's LAN."""
+        return self.mode != "bridged"
 
     @property
     def network(self) -> ipaddress.IPv4Network:
+        if self.subnet is None:
+            raise ValueError(f"network {self.name} ({self.mode}) has no subnet of vmkit's")
         return ipaddress.IPv4Network(self.subnet)
 
     @property
@@ -101,18 +111,18 @@ def parse_subnet(value: str) -> ipaddress.IPv4Network:
     return net
 
 
-def check_no_overlap(subnet: str, others: dict[str, str]) -> None:
+def check_no_overlap(subnet: str, others: dict[str, str | None]) -> None:
     net = ipaddress.IPv4Network(subnet)
     for name, other in sorted(others.items()):
-        if net.overlaps(ipaddress.IPv4Network(other)):
+        if other is not None and net.overlaps(ipaddress.IPv4Network(other)):
             raise InvalidValue(f"subnet {subnet} overlaps network {name!r} ({other})",
                                hint="pick a subnet no other network uses")
 
 
-def free_subnet(used: list[str], *, prefix: int = 24) -> str:
+def free_subnet(used: list[str | None], *, prefix: int = 24) -> str:
     """The first /24 of 198.18.0.0/15 (skipping 198.18.0.0/24, used by user-mode NICs) that
     overlaps no network in `used`."""
-    taken = [ipaddress.IPv4Network(u) for u in used]
+    taken = [ipaddress.IPv4Network(u) for u in used if u is not None]
     for candidate in DEFAULT_POOL.subnets(new_prefix=prefix):
         if candidate.network_address == DEFAULT_POOL.network_address:
             continue
@@ -185,7 +195,7 @@ class Attachment(BaseModel):
     vm: str
     tap: str
     mac: str
-    address: str
+    address: str | None  # None on a bridged network: the LAN's DHCP decides
     forwards: tuple[PortForward, ...] = ()
 
 
@@ -225,12 +235,13 @@ def render_dnsmasq(spec: NetworkSpec, folder: str, *, upstream: bool) -> str:
 
 def render_dhcp_hosts(attachments: list[Attachment]) -> str:
     return "".join(f"{a.mac},{a.address},{a.vm}\n" for a in sorted(attachments,
-                                                                   key=lambda a: a.address))
+                                                                   key=lambda a: a.address or ""))
 
 
 def render_names(spec: NetworkSpec, attachments: list[Attachment]) -> str:
     rows = [f"{spec.gateway} gateway"]
-    rows += [f"{a.address} {a.vm}" for a in sorted(attachments, key=lambda a: a.address)]
+    rows += [f"{a.address} {a.vm}" for a in sorted(attachments,
+                                                    key=lambda a: a.address or "")]
     return "\n".join(rows) + "\n"
 
 
@@ -241,6 +252,8 @@ def render_nftables(networks: list[tuple[NetworkSpec, list[Attachment]]],
     inet TABLE: forwarding policy between networks and out, NAT and port forwards.
     bridge TABLE: anti-spoofing on each tap (source MAC and IPv4 address must be the NIC's).
     """
+    everything = networks
+    networks = [(spec, attachments) for spec, attachments in networks if spec.managed]
     bridges = sorted(spec.bridge for spec, _ in networks)
     out: list[str] = [  # declare, then delete: works whether the tables exist or not
         f"table inet {table}",
@@ -248,7 +261,7 @@ def render_nftables(networks: list[tuple[NetworkSpec, list[Attachment]]],
         f"table bridge {table}",
         f"delete table bridge {table}",
     ]
-    if not networks:
+    if not everything:
         return "\n".join(out) + "\n"  # no network left: no table left
     out.append(f"table inet {table} {{")
     out += ["  chain forward {", "    type filter hook forward priority filter; policy accept;"]
@@ -295,13 +308,14 @@ def render_nftables(networks: list[tuple[NetworkSpec, list[Attachment]]],
     out.append("}")
     out += [f"table bridge {table} {{", "  chain prerouting {",
             "    type filter hook prerouting priority -300; policy accept;"]
-    for _spec, attachments in networks:
+    for _spec, attachments in everything:
         for a in attachments:
             out.append(f"    iifname \"{a.tap}\" ether saddr != {a.mac} drop")
-            out.append(f"    iifname \"{a.tap}\" ether type ip ip saddr != {{ 0.0.0.0, "
-                       f"{a.address} }} drop")
-            out.append(f"    iifname \"{a.tap}\" ether type arp arp saddr ip != {a.address} "
-                       f"arp saddr ip != 0.0.0.0 drop")
+            if a.address is not None:  # on a bridged LAN only the MAC is known
+                out.append(f"    iifname \"{a.tap}\" ether type ip ip saddr != {{ 0.0.0.0, "
+                           f"{a.address} }} drop")
+                out.append(f"    iifname \"{a.tap}\" ether type arp arp saddr ip != "
+                           f"{a.address} arp saddr ip != 0.0.0.0 drop")
             out.append(f"    iifname \"{a.tap}\" ether type arp arp saddr ether != {a.mac} drop")
     out += ["  }", "}"]
     return "\n".join(out) + "\n"

@@ -59,7 +59,8 @@ def ensure_bridge(name: str, address: str, prefixlen: int) -> bool:
 
 
 def ensure_tap(name: str, bridge: str, *, uid: int | None, gid: int | None) -> None:
-    """A persistent tap owned by QEMU's user, enslaved to `bridge`, up (created if missing)."""
+    """A persistent tap owned by QEMU's user, enslaved to `bridge`, up (created if missing).
+    Only the tap changes; `bridge` may be the host's own (a bridged network)."""
     _check_ours(name)
     with _netlink() as ipr:
         index = _index(ipr, name)
@@ -94,6 +95,16 @@ def existing(prefix: str) -> list[str]:
     with _netlink() as ipr:
         names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
     return sorted(n for n in names if n and n.startswith(prefix))
+
+
+def is_bridge(name: str) -> bool:
+    """Whether `name` is a bridge on this host (read only: nothing is changed)."""
+    with _netlink() as ipr:
+        index = _index(ipr, name)
+        if index is None:
+            return False
+        info = ipr.get_links(index)[0].get_attr("IFLA_LINKINFO")
+        return info is not None and info.get_attr("IFLA_INFO_KIND") == "bridge"
 
 
 def exists(name: str) -> bool:
