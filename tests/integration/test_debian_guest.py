@@ -245,3 +245,20 @@ def test_bad_cloud_init_input_is_refused_and_nothing_is_created(debian_home: Pat
         done = run_cli(root, "ssh", "t")
         assert done.returncode == 2 and "runs no ssh server" in done.stderr
         assert tiny.state is VmState.DEFINED
+
+
+def test_image_build_with_extra_packages(debian_home: Path, tmp_path: Path) -> None:
+    """--packages lands in the image (chroot apt-get); the package cache is shared, so only
+    what is new is downloaded."""
+    from vmkit.images.debian import build_debian
+    from vmkit.storage.layout import HomeLayout
+
+    home = HomeLayout(tmp_path / "home")
+    home.ensure()
+    (home.cache / "debootstrap").symlink_to(HomeLayout(debian_home).cache / "debootstrap")
+    info, built = build_debian(home, packages=["curl"])
+    assert built and "curl" in info.packages and "libcurl4" in info.packages
+    base = Host(debian_home).image("debian-12")
+    assert "curl" not in base.packages and info.recipe_hash != base.recipe_hash
+    again, rebuilt = build_debian(home, packages=["curl"])
+    assert not rebuilt and again.recipe_hash == info.recipe_hash  # same inputs: a no-op

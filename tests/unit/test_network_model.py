@@ -1,5 +1,7 @@
 """Network definitions and NIC identities: pure checks with errors that say what to fix."""
 
+from pathlib import Path
+
 import pytest
 
 from vmkit.errors import InvalidValue
@@ -58,3 +60,16 @@ def test_nic_macs_are_stable_per_vm_and_new_per_clone() -> None:
     assert nic_mac("uuid-1", 0) == nic_mac("uuid-1", 0)
     assert nic_mac("uuid-1", 0) != nic_mac("uuid-1", 1) != nic_mac("uuid-2", 1)
     assert nic_mac("uuid-1", 0).startswith("52:54:00:")
+
+
+def test_without_root_networks_are_refused_with_the_user_mode_way(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmkit import Host
+    from vmkit.errors import InvalidState
+
+    monkeypatch.setattr("os.geteuid", lambda: 1000)
+    host = Host(tmp_path)
+    with pytest.raises(InvalidState, match="needs root") as caught:
+        host.create_network("lan")
+    assert "--network user" in (caught.value.hint or "")
+    assert host.networks() == []
