@@ -83,7 +83,7 @@ from vmkit.model.state import LIVE_STATES, Operation, VmState, check_transition
 from vmkit.qemu import accel as accel_mod
 from vmkit.qemu import agent, hostinfo, img, process
 from vmkit.qemu.agent import ExecResult
-from vmkit.qemu.argv import LaunchOptions, build_argv
+from vmkit.qemu.argv import HOTPLUG_SPARE, LaunchOptions, build_argv
 from vmkit.qemu.blockops import DISK_DEVICE
 from vmkit.qemu.qmp import QmpConnection, qmp_execute, wait_qmp_ready
 from vmkit.storage.layout import (
@@ -411,7 +411,7 @@ class Host:
                              ssh_keys=keys, user_data=user_data) if info.cloud_init else None
             return VmConfig(
                 uuid=vm_uuid, mac=new_mac(), created_at=time.time(), spec=spec,
-                hardware=HardwareProfile(machine=machine),
+                hardware=HardwareProfile(machine=machine, hotplug_ports=HOTPLUG_SPARE),
                 boot=BootConfig(kernel="boot/vmlinuz", initrd="boot/initrd.img",
                                 cmdline=with_hostname(info.cmdline, hostname)),
                 backing_file=None if spec.full_copy else str(image_dir / info.root_disk),

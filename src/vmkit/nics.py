@@ -17,7 +17,7 @@ from vmkit.errors import InvalidState, NotFound, OperationTimeout, QemuError
 from vmkit.model.network import USER_NETWORK, Nic
 from vmkit.model.state import LIVE_STATES, VmState
 from vmkit.net import links
-from vmkit.qemu.argv import HOTPLUG_SPARE, USER_NET, netdev_id, nic_id, port_id
+from vmkit.qemu.argv import USER_NET, netdev_id, nic_id, port_id
 from vmkit.qemu.qmp import QmpConnection
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def add(vm: VM, network: str, *, ports: tuple[str, ...] = ()) -> Nic:
         try:
             net_ops.forget(host)
             if record.state is VmState.RUNNING:
-                _plug(vm, nic, slots=len(current) + HOTPLUG_SPARE)
+                _plug(vm, nic, slots=len(before.nics) + before.hardware.hotplug_ports)
         except BaseException:
             vm.save_config(before)
             net_ops.release(vm, (nic,))

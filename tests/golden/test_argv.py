@@ -92,7 +92,8 @@ def test_nics_on_networks_sit_on_root_ports_with_spares_for_hot_plug() -> None:
     nics = (Nic(network="lan", mac="52:54:00:aa:00:01", address="198.18.10.10"),
             Nic(network="user", mac="52:54:00:aa:00:02",
                 forwards=(PortForward(host_port=8080, guest_port=80),)))
-    config = _config().model_copy(update={"nics": nics})
+    config = _config().model_copy(update={
+        "nics": nics, "hardware": HardwareProfile(machine="pc-q35-10.0", hotplug_ports=4)})
     paths = VmFolder(Path("/var/lib/vmkit/vms/web")).run_paths(
         config.disk_file, config.boot.kernel, config.boot.initrd)
     argv = build_argv(config, paths, LaunchOptions(accel="tcg", ssh_port=40022,
@@ -104,3 +105,9 @@ def test_nics_on_networks_sit_on_root_ports_with_spares_for_hot_plug() -> None:
     assert "restrict" not in netdevs[1]  # an explicit user NIC reaches out (QEMU's NAT)
     ports = [a for a in argv if a.startswith("pcie-root-port")]
     assert len(ports) == 2 + 4
+
+
+def test_vms_made_before_hot_plug_ports_keep_their_hardware() -> None:
+    """A vm.json without hotplug_ports (older vmkit) gets no root ports: the same machine."""
+    argv = _argv("/x", "tcg")
+    assert not any(a.startswith("pcie-root-port") for a in argv)

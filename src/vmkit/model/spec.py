@@ -99,6 +99,8 @@ class HardwareProfile(BaseModel):
         "virtio-blk-pci", "virtio-serial-pci", "virtio-net-pci", "virtio-balloon-pci",
         "virtio-rng-pci", "isa-serial",
     )
+    hotplug_ports: int = Field(default=0, ge=0, le=16, description=(
+        "empty PCIe root ports for NIC hot-plug (q35); 0 for VMs made before they existed"))
 
 
 class BootConfig(BaseModel):

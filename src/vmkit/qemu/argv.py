@@ -120,7 +120,7 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
         "-device", "virtio-rng-pci,rng=rng0",
     ]
     if machine.startswith("pc-q35"):
-        argv += _hotplug_ports(len(config.nics) + HOTPLUG_SPARE)
+        argv += _hotplug_ports(len(config.nics) + hw.hotplug_ports)
         argv += _nic_args(config, options)
     return argv
 
@@ -128,7 +128,7 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
 USER_NET = "net=198.18.0.0/24,host=198.18.0.2,dhcpstart=198.18.0.15"
 
 
-HOTPLUG_SPARE = 4  # empty PCIe root ports a running VM can hot-add NICs into
+HOTPLUG_SPARE = 4  # empty PCIe root ports new VMs get for NIC hot-add (pinned in vm.json)
 
 
 def _legacy_nic(config: VmConfig, options: LaunchOptions) -> list[str]:
