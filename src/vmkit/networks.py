@@ -373,6 +373,10 @@ def new_nics(host: Host, vm_uuid: str, networks: list[str], ports: list[str],
         seen.add(name)
         if name != USER_NETWORK:
             get(host, name)
+    if forwards and networks[0] != USER_NETWORK and not get(host, networks[0]).managed:
+        raise InvalidValue(f"--port needs a NIC on a nat, isolated or user network; "
+                           f"{networks[0]!r} is bridged (the LAN reaches the VM directly)",
+                           hint="drop --port, or put the NIC with the forward first")
     _check_forwards_free(host, forwards)
     nics = []
     for offset, name in enumerate(networks):

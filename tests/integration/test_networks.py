@@ -240,6 +240,8 @@ def test_bridged_network_joins_the_hosts_bridge_and_leaves_it_alone(lab: Lab) ->
         done = lab.cli("network", "create", "ext", "--bridged", "--parent", "nosuchbr0")
         assert done.returncode == 2 and "no bridge 'nosuchbr0'" in done.stderr
         lab.ok("network", "create", "ext", "--bridged", "--parent", "extbr0")
+        done = lab.cli("create", "x", "--network", "ext", "--port", "8081:80")
+        assert done.returncode == 2 and "is bridged" in done.stderr
         lab.ok("nic", "add", "a", "--network", "ext")
         ports = lab.in_ns(lab.ns, "ip", "-o", "link", "show", "master", "extbr0").stdout
         assert "vmkt" in ports  # a's new tap is a port of the host's bridge

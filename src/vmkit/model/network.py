@@ -329,7 +329,7 @@ def _dnat_rules(networks: list[tuple[NetworkSpec, list[Attachment]]], match: str
     rules = []
     for _spec, attachments in networks:
         for a in attachments:
-            for f in a.forwards:
+            for f in a.forwards if a.address is not None else ():
                 rules.append(f"    {match} {f.proto} dport {f.host_port} dnat ip to "
                              f"{a.address}:{f.guest_port}")
     return rules
