@@ -43,6 +43,8 @@ bench: setup
 	$(VENV)/bin/python bench/machine_types.py
 	$(VENV)/bin/python bench/snapshot.py
 	$(VENV)/bin/python bench/density.py
+	$(VENV)/bin/python bench/guest_boot.py
+	$(VENV)/bin/python bench/network.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info
