@@ -198,6 +198,21 @@ def test_a_tiny_guest_runs_beside_it(deb: VM) -> None:
         tiny.delete(force=True)
 
 
+def test_an_instant_clone_of_a_debian_guest_is_told_its_identity(deb: VM) -> None:
+    wait_booted(deb)  # the agent in the copy must answer: clone a guest that has booted
+    copy = deb.clone("db-live", live=True)
+    try:
+        assert copy.config.cloud_init is not None and deb.config.cloud_init is not None
+        assert copy.config.cloud_init.instance_id == f"vmkit-{copy.config.uuid}"
+        assert copy.config.cloud_init.hostname == "db-live"  # cloud-init's at its next boot
+        assert sh(copy, "hostname") == "db-live"  # told through the agent at once
+        assert sh(copy, "cat /sys/class/net/enp0s4/address") == copy.config.mac
+        assert sh(deb, "hostname") == "db1" and deb.state is VmState.RUNNING
+    finally:
+        copy.delete(force=True)
+        deb.delete_snapshot("clone-db-live")
+
+
 def test_a_clone_is_re_identified_by_cloud_init(deb: VM) -> None:
     source_keys = sh(deb, "cat /etc/ssh/ssh_host_ed25519_key.pub")
     deb.stop(timeout=120)
