@@ -13,6 +13,7 @@ Every clone gets a new identity: uuid, MAC, hostname (kernel command line) — n
 from __future__ import annotations
 
 import os
+import socket
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -126,12 +127,14 @@ def instant_clone(source: VM, target: str) -> VM:
 
             clone_vm = host._new_vm_folder(target, build)
             with host._vm_lock(target):
-                socket_path = clone_vm.folder.run / "incoming.sock"
+                # the memory travels over a socketpair vmkit hands to both QEMUs: each runs
+                # under its own uid and neither can open the other's folder
+                outgoing, incoming = socket.socketpair()
 
                 def receive(qmp: QmpConnection) -> None:
-                    blockops.listen_incoming(qmp, socket_path)
+                    blockops.listen_incoming(qmp, incoming)
                     with QmpConnection(source.folder.qmp_socket, timeout=10) as sq:
-                        blockops.send_memory(sq, socket_path, MIGRATE_TIMEOUT)
+                        blockops.send_memory(sq, outgoing, MIGRATE_TIMEOUT)
                         sq.execute("cont")
                     blockops.wait_migration(qmp, MIGRATE_TIMEOUT, "receiving memory")
 
@@ -140,6 +143,9 @@ def instant_clone(source: VM, target: str) -> VM:
                 except BaseException:
                     host._discard_vm_folder(target)  # no half clone stays listed
                     raise
+                finally:
+                    outgoing.close()
+                    incoming.close()
         except BaseException:
             _resume(source)
             if node is not None and not host.layout.vm(target).path.exists():

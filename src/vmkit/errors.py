@@ -93,6 +93,10 @@ class ImageBuildError(VmkitError):
     pass
 
 
+class BrokenVm(VmkitError):
+    """A VM folder whose metadata cannot be read: listed as broken, removable with --force."""
+
+
 def exit_code_for(error: BaseException) -> int:
     """The process exit code for an error: 2 for a wrong request, 1 for anything else."""
     if isinstance(error, VmkitError):

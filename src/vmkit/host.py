@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import os
 import shlex
 import shutil
 import signal
 import socket
+import stat
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterable, Iterator
@@ -29,6 +31,7 @@ from vmkit import snapshots as snapshot_ops
 from vmkit.errors import (
     AgentError,
     AlreadyExists,
+    BrokenVm,
     HostError,
     InvalidState,
     InvalidValue,
@@ -42,7 +45,7 @@ from vmkit.images import catalog
 from vmkit.images.catalog import ImageInfo
 from vmkit.images.seed import write_seed
 from vmkit.isolation import cgroups as cgroups_mod
-from vmkit.isolation import jail
+from vmkit.isolation import jail, uids
 from vmkit.isolation.cgroups import CgroupLimits
 from vmkit.model.cloudinit import (
     KEY_TYPES,
@@ -93,6 +96,7 @@ from vmkit.storage.layout import (
     file_lock,
     lock_is_free,
     read_json,
+    read_metadata,
     write_json_atomic,
 )
 
@@ -145,6 +149,7 @@ class VmStatus(BaseModel):
     hostname: str | None = None
     ssh: str | None = Field(default=None, description="user@host:port while running")
     nics: list[Nic] = Field(default_factory=list, description="none: one restricted user NIC")
+    broken: str | None = Field(default=None, description="why the metadata cannot be read")
 
 
 class Usage(BaseModel):
@@ -200,8 +205,14 @@ class Host:
 
     def allocated(self, *, exclude: str | None = None) -> Allocation:
         cpus = memory = 0
-        for vm in self.vms():
-            if vm.name != exclude and vm.state in LIVE_STATES:
+        for vm in self.vms(include_broken=True):
+            if vm.name == exclude:
+                continue
+            if vm.broken_reason() is not None:  # unknown state: counted as if it ran
+                status = vm.status()
+                cpus += status.cpus
+                memory += status.memory
+            elif vm.state in LIVE_STATES:
                 cpus += vm.config.spec.cpus
                 memory += vm.config.spec.memory
         return Allocation(cpus=cpus, memory=memory)
@@ -238,10 +249,14 @@ class Host:
                                      "isolation_note": decision.isolation_note,
                                      "facts": decision.facts.model_dump()}
         driver = self.cgroups
-        owner = self.run_as
+        root = os.geteuid() == 0
+        uid_range = uids.configured_range()
         report["isolation"] = {
-            "qemu_user": jail.RUN_USER if owner else None, "sandbox": jail.SANDBOX,
-            "note": None if owner else jail.why_not()}
+            "qemu_user": (f"one uid/gid per VM from {uid_range.base}.."
+                          f"{uid_range.base + uid_range.count - 1}") if root else None,
+            "uid_registry": str(uids.registry_dir()) if root else None,
+            "sandbox": jail.SANDBOX,
+            "note": None if root else jail.why_not()}
         report["cgroup"] = {"mounted": _cgroup_version(),
                             "used": driver.version if driver else None,
                             "note": None if driver else cgroups_mod.why_not()}
@@ -318,18 +333,23 @@ class Host:
         net_ops.reconcile(self)
 
     # -- VMs ------------------------------------------------------------------------------
-    def vms(self) -> list[VM]:
+    def vms(self, *, include_broken: bool = False) -> list[VM]:
+        """The VMs of this host; those whose metadata cannot be read only with
+        `include_broken` (listing, admission and delete_all see them; use cases do not)."""
         self._sweep_leftovers()
         result = []
         for folder in sorted(self.layout.vms.iterdir()):
             if not folder.name.startswith(".") and (folder / "vm.json").exists():
-                result.append(VM(self, folder.name))
+                vm = VM(self, folder.name)
+                if include_broken or vm.broken_reason() is None:
+                    result.append(vm)
         return result
 
     def delete_all(self) -> None:
         """Delete every VM (running ones too), linked clones before the VMs they lean on."""
-        while remaining := self.vms():
-            leaves = [vm for vm in remaining if not vm.linked_clones()]
+        while remaining := self.vms(include_broken=True):
+            leaves = [vm for vm in remaining
+                      if vm.broken_reason() is not None or not vm.linked_clones()]
             if not leaves:
                 raise InvalidState("cannot order the deletes: linked clones form a cycle")
             for vm in leaves:
@@ -505,10 +525,34 @@ class VM:
     def config(self) -> VmConfig:
         if self._config is None:
             try:
-                self._config = VmConfig.model_validate(read_json(self.folder.config_file))
+                self._config = read_metadata(self.folder.config_file, VmConfig,
+                                             f"VM {self.name!r}")
             except FileNotFoundError:
                 raise NotFound(f"unknown VM {self.name!r}", hint="see vmkit list") from None
         return self._config
+
+    def broken_reason(self) -> str | None:
+        """Why this VM's metadata cannot be read (vm.json, state.json, snapshots.json), or
+        None when it can."""
+        try:
+            self.config  # noqa: B018 - loading is the check
+            self._record()
+            snapshot_ops.load_tree(self)
+        except BrokenVm as exc:
+            return exc.message
+        return None
+
+    def _lenient(self) -> dict[str, Any]:
+        """What can still be made out of a broken vm.json (for admission and cleanup)."""
+        try:
+            data = json.loads(self.folder.config_file.read_bytes()[:1 << 22])
+        except (OSError, ValueError):
+            return {}
+        return data if isinstance(data, dict) else {}
+
+    def owner(self) -> jail.RunAs | None:
+        """The uid/gid this VM's QEMU runs under (its own; None when vmkit is not root)."""
+        return jail.vm_owner(self.config.uuid, self.folder.path)
 
     def save_config(self, config: VmConfig) -> None:
         """Replace vm.json (the caller holds the VM's lock)."""
@@ -522,7 +566,7 @@ class VM:
 
     def _record(self) -> RuntimeRecord:
         try:
-            return RuntimeRecord.model_validate(read_json(self.folder.state_file))
+            return read_metadata(self.folder.state_file, RuntimeRecord, f"VM {self.name!r}")
         except FileNotFoundError:
             return RuntimeRecord()
 
@@ -595,6 +639,9 @@ class VM:
         )
 
     def status(self, *, query_qemu: bool = False) -> VmStatus:
+        reason = self.broken_reason()
+        if reason is not None:
+            return self._broken_status(reason)
         record = self._observe(persist=True)
         cfg = self.config
         live = record.state in LIVE_STATES
@@ -628,6 +675,25 @@ class VM:
             ssh=self._ssh_target(record) if live and cfg.ssh_user else None,
             nics=list(cfg.nics),
         )
+
+    def _broken_status(self, reason: str) -> VmStatus:
+        data = self._lenient()
+        spec = data.get("spec") if isinstance(data.get("spec"), dict) else {}
+        assert isinstance(spec, dict)
+
+        def number(key: str) -> int:
+            value = spec.get(key)
+            return value if isinstance(value, int) and value >= 0 else 0
+
+        text: dict[str, str] = {k: v if isinstance(v := data.get(k), str) else ""
+                                for k in ("uuid", "mac")}
+        return VmStatus(
+            name=self.name, state=VmState.BROKEN, broken=reason, cpus=number("cpus"),
+            memory=number("memory"), disk=number("disk"), image="", uuid=text["uuid"][:64],
+            mac=text["mac"][:32], pid=None, uptime=None, accel=None, accel_reason=None,
+            isolation_note=None, machine="", cpu_model="", folder=str(self.folder.path),
+            disk_mode="", last_exit=None, max_cpus=number("cpus"), max_memory=number("memory"),
+            limits=Limits())
 
     def _ssh_target(self, record: RuntimeRecord) -> str | None:
         """user@host:port of the guest's sshd: the user-mode forward, else the address of
@@ -756,20 +822,28 @@ class VM:
             self.folder.run.mkdir(mode=0o700, exist_ok=True)
             if self.config.cloud_init is not None:
                 with os_errors(f"writing the cloud-init seed of VM {self.name!r}"):
-                    write_seed(self.folder.seed_file, seed_files(self.config.cloud_init))
+                    # written in the folder of root's, then renamed over whatever the VM's
+                    # uid may have left in run/ (rename replaces a symlink, never follows it)
+                    staged = self.folder.path / ".seed.iso.tmp"
+                    staged.unlink(missing_ok=True)
+                    write_seed(staged, seed_files(self.config.cloud_init))
+                    os.chmod(staged, 0o644)
+                    os.replace(staged, self.folder.seed_file)
             starting = RuntimeRecord(state=VmState.STARTING, accel=accel, accel_reason=reason,
                                      last_exit=record.last_exit, ssh_port=ssh_port)
             self._write(starting)
             driver = self.host.cgroups
-            join = None
+            join: list[Path] = []
             if driver is not None:
                 driver.apply(self.name, self.cgroup_limits())
-                join = functools.partial(driver.attach_self, self.name)
-            owner = self.host.run_as
-            jail.hand_over(owner, [self.folder.path])
+                join = driver.procs_files(self.name)
+            owner = self.owner()
+            jail.prepare_folder(owner, self.folder.path)
+            jail.share_layers(owner, self.leaned_on_layers())
+            log_start = process.file_size(self.folder.qemu_log)
             try:
-                process.spawn_detached(jail.drop_to(owner, argv), self.folder.qemu_log,
-                                       self.folder.exit_file, before_exec=join,
+                process.spawn_detached(jail.drop_to(owner, argv, join=join),
+                                       self.folder.qemu_log, self.folder.exit_file,
                                        pass_fds=tuple(taps.values()))
             finally:
                 for fd in taps.values():
@@ -797,6 +871,11 @@ class VM:
             except VmkitError as exc:
                 if identity is not None:  # never leave a QEMU behind that vmkit disowns
                     self._kill_process(identity)
+                said = process.log_since(self.folder.qemu_log, log_start)
+                if said:  # QEMU's own reason, in the message and in last_exit
+                    exc.message = f"{exc.message}: {process.last_error_line(said)}"
+                    exc.detail = f"QEMU log ({self.folder.qemu_log}):\n{said}"
+                    exc.args = (exc.message,)
                 self._write(RuntimeRecord(
                     state=VmState.CRASHED, accel=accel, accel_reason=reason,
                     last_exit=ExitRecord(at=time.time(), reason="start-failed",
@@ -808,8 +887,7 @@ class VM:
                 "start_ticks": identity.start_ticks, "started_at": time.time()}))
             for sock in (self.folder.qmp_socket, self.folder.serial_socket,
                          self.folder.agent_socket):
-                with contextlib.suppress(FileNotFoundError):
-                    os.chmod(sock, 0o600)
+                _chmod_socket(sock, 0o600)
 
     def wait_ready(self, *, timeout: float = AGENT_READY_TIMEOUT) -> float:
         """Block until the guest agent answers; returns the seconds waited."""
@@ -887,6 +965,13 @@ class VM:
 
     def delete(self, *, force: bool = False) -> None:
         """Remove the VM folder; a live VM only with force (it is killed first)."""
+        reason = self.broken_reason()
+        if reason is not None:
+            if not force:
+                raise InvalidState(f"{reason}; deleting it needs --force",
+                                   hint=f"vmkit delete {self.name} --force")
+            self._delete_broken()
+            return
         with self.host._vm_lock(self.name):
             record = self._observe(persist=True, locked=True)
             users = self.linked_clones()
@@ -899,9 +984,51 @@ class VM:
                     check_transition(self.name, record.state, Operation.DELETE)
                 self._kill_locked(record)
             net_ops.release(self)
+            vm_uuid = self.config.uuid
+            uid = uids.lookup(vm_uuid) if os.geteuid() == 0 else None
+            if uid is not None:
+                jail.unshare_layers(uid, self.leaned_on_layers())
             self.host._discard_vm_folder(self.name)
+            jail.release_owner(vm_uuid)
         if any(nic.network != USER_NETWORK for nic in self.config.nics):
             net_ops.forget(self.host)  # its leases, names and forwards go too
+
+    def _delete_broken(self) -> None:
+        """Remove a VM whose metadata is unreadable: kill a QEMU that still runs for it (found
+        by the uuid vm.json may still name, or by its folder in QEMU's argv), its cgroup, its
+        uid claim, its folder."""
+        vm_uuid = str(self._lenient().get("uuid") or "")
+        with self.host._vm_lock(self.name):
+            for identity in process.find_qemus_of(self.folder.path, vm_uuid or None):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(identity.pid, signal.SIGKILL)
+            if self.host.cgroups is not None:
+                with contextlib.suppress(VmkitError, OSError):
+                    self.host.cgroups.remove(self.name)
+            self.host._discard_vm_folder(self.name)
+            if vm_uuid:
+                jail.release_owner(vm_uuid)
+
+    def leaned_on_layers(self) -> list[Path]:
+        """The layers of other VMs this VM's disk chain leans on (a linked or instant clone's
+        base and everything below it, down to the image store, which all may read)."""
+        layers: list[Path] = []
+        backing, seen = self.config.backing_file, {self.name}
+        while backing:
+            try:
+                name = Path(backing).relative_to(self.host.layout.vms).parts[0]
+            except ValueError:
+                break
+            if name in seen:
+                break
+            seen.add(name)
+            source = VM(self.host, name)
+            folder = source.folder.path
+            tree = snapshot_ops.load_tree(source)
+            layers += [folder / node.layer for node in tree.nodes.values()]
+            layers.append(folder / source.config.disk_file)
+            backing = source.config.backing_file
+        return list(dict.fromkeys(layers))
 
     def linked_clones(self) -> list[str]:
         """VMs whose disk is an overlay on one of this VM's layers."""
@@ -972,12 +1099,20 @@ class VM:
                                 timeout=timeout)
         if mode.exit_code != 0:
             raise InvalidValue(f"cannot copy {self.name}:{source}: {mode.stderr.strip()}")
+        host_mode = guest_file_mode(mode.stdout)
         partial = dest.with_name(f".{dest.name}.vmkit-part")
         try:
             with os_errors(f"copying {self.name}:{source} to {dest}"):
-                size = agent.copy_from_guest(self.folder.agent_socket, source, partial,
-                                             timeout=timeout)
-                os.chmod(partial, int(mode.stdout.strip(), 8))
+                partial.unlink(missing_ok=True)
+                # a new file of the caller's, never through a symlink; no bits from the guest
+                # beyond read/execute and the owner's write
+                fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                             | os.O_CLOEXEC, 0o600)
+                with os.fdopen(fd, "wb") as handle:
+                    free = shutil.disk_usage(partial.parent).free
+                    size = agent.copy_from_guest(self.folder.agent_socket, source, handle,
+                                                 timeout=timeout, max_bytes=free)
+                    os.fchmod(handle.fileno(), host_mode)
                 os.replace(partial, dest)
         except BaseException:
             partial.unlink(missing_ok=True)
@@ -1036,6 +1171,15 @@ class VM:
                             pids=spec.limits.pids)
 
 
+def guest_file_mode(text: str) -> int:
+    """The host mode of a file copied out of a guest: the guest's permission bits, without
+    setuid/setgid/sticky and without group/other write (guest data is data)."""
+    word = text.strip()
+    if not word or len(word) > 4 or any(c not in "01234567" for c in word):
+        raise AgentError(f"the guest reported an invalid file mode {word[:16]!r}")
+    return int(word, 8) & 0o755
+
+
 def _read_ssh_keys(sources: Iterable[str | Path]) -> tuple[tuple[str, ...], str | None]:
     """The public keys of `sources` (files, or key lines), and the private key next to the
     first .pub file (what `vmkit ssh` logs in with)."""
@@ -1067,6 +1211,20 @@ def _free_local_port() -> int:
         probe.bind(("127.0.0.1", 0))
         port: int = probe.getsockname()[1]
         return port
+
+
+def _chmod_socket(path: Path, mode: int) -> None:
+    """chmod a socket QEMU made in run/ (a folder its uid can write): only if it is a socket,
+    never through a symlink the VM's uid may have put there."""
+    try:
+        fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        if stat.S_ISSOCK(os.fstat(fd).st_mode):
+            os.chmod(f"/proc/self/fd/{fd}", mode)
+    finally:
+        os.close(fd)
 
 
 def _link_or_copy(source: Path, dest: Path) -> None:

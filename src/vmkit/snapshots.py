@@ -28,7 +28,7 @@ from vmkit.model.snapshots import SnapshotNode, SnapshotTree
 from vmkit.model.state import LIVE_STATES, VmState
 from vmkit.qemu import agent, blockops, img
 from vmkit.qemu.qmp import QmpConnection
-from vmkit.storage.layout import read_json, write_json_atomic
+from vmkit.storage.layout import read_metadata, write_json_atomic
 
 if TYPE_CHECKING:
     from vmkit.host import VM
@@ -67,7 +67,7 @@ def load_tree(vm: VM) -> DiskState:
     path = vm.folder.path / TREE_FILE
     if not path.exists():
         return DiskState()
-    return DiskState.model_validate(read_json(path))
+    return read_metadata(path, DiskState, f"VM {vm.name!r}")
 
 
 def save_tree(vm: VM, tree: DiskState) -> None:
@@ -135,12 +135,11 @@ def take_locked(vm: VM, record: RuntimeRecord, name: str, *, disk_only: bool) ->
                 paused_by_us = True
             memory_size = 0
             if memory_path is not None:
-                memory_path.parent.mkdir(exist_ok=True)
-                jail.hand_over(vm.host.run_as, [memory_path.parent])  # QEMU writes the state
+                memory_path.parent.mkdir(mode=0o700, exist_ok=True)
                 blockops.save_memory(qmp, memory_path, MEMORY_STATE_TIMEOUT)
                 memory_size = memory_path.stat().st_size
             img.create_overlay(new_path, Path(active).name)
-            jail.hand_over(vm.host.run_as, [new_path])  # QEMU opens it as its own user
+            jail.give_file(vm.owner(), vm.folder.path, new_active)  # QEMU opens it as the VM
             node = SnapshotNode(
                 name=name, parent=tree.current, created_at=time.time(), layer=active,
                 memory=memory_rel, memory_size=memory_size, taken_in=taken_in,

@@ -5,22 +5,22 @@ from __future__ import annotations
 import contextlib
 import os
 import select
-import socket
 import sys
 import termios
 import tty
 from pathlib import Path
 
 from vmkit.errors import QemuError
+from vmkit.qemu import peer
 
 DETACH_BYTE = b"\x1d"  # Ctrl-]
 DETACH_KEY = "Ctrl-]"
 
 
 def attach(socket_path: Path) -> None:
-    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.connect(str(socket_path))
+        sock = peer.connect_unix(socket_path, timeout=5.0)
+        sock.settimeout(None)
     except OSError as exc:
         raise QemuError(f"cannot connect to the serial console {socket_path}: {exc}") from exc
     stdin = sys.stdin.fileno()

@@ -297,7 +297,7 @@ def list_vms(format: FormatOpt = Format.table) -> None:
 
     Example: vmkit list --format json
     """
-    statuses = [vm.status() for vm in _host().vms()]
+    statuses = [vm.status() for vm in _host().vms(include_broken=True)]
     if format is Format.json:
         render.print_json([s.model_dump(mode="json") for s in statuses])
         return
@@ -783,6 +783,13 @@ def main() -> None:
         sys.exit(exit_code_for(exc))
     except KeyboardInterrupt:
         sys.exit(130)
+    except Exception as exc:  # a bug of vmkit's: still no traceback for the user
+        sys.stderr.write(f"error: vmkit failed unexpectedly: {type(exc).__name__}: {exc}\n"
+                         "hint: this is a bug; run with VMKIT_DEBUG=1 for the traceback and "
+                         "report it\n")
+        if os.environ.get("VMKIT_DEBUG"):
+            raise
+        sys.exit(1)
 
 
 if __name__ == "__main__":

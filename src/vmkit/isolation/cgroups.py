@@ -3,7 +3,7 @@ v2 (one unified tree), behind one small interface.
 
     driver = detect()            # None when there is no writable cgroup tree (not root)
     driver.apply(vm, limits)     # create if needed and set cpu weight/quota, memory, pids: live
-    driver.attach_self(vm)       # in the child before exec: QEMU starts inside its cgroup
+    driver.procs_files(vm)       # joined by QEMU's exec chain: QEMU starts inside its cgroup
     driver.usage(vm)             # CPU time (ns) and memory (bytes) as the kernel counts them
     driver.remove(vm)
 
@@ -66,9 +66,9 @@ class CgroupV1:
         _write(dirs["memory"] / "memory.limit_in_bytes", str(limits.memory))
         _write(dirs["pids"] / "pids.max", str(limits.pids))
 
-    def attach_self(self, vm: str) -> None:
-        for folder in self._dirs(vm).values():
-            (folder / "cgroup.procs").write_text(str(os.getpid()))
+    def procs_files(self, vm: str) -> list[Path]:
+        """The cgroup.procs files a process writes its pid to, to join the VM's cgroup."""
+        return [folder / "cgroup.procs" for folder in self._dirs(vm).values()]
 
     def usage(self, vm: str) -> CgroupUsage:
         dirs = self._dirs(vm)
@@ -107,8 +107,9 @@ class CgroupV2:
         _write(folder / "memory.max", str(limits.memory))
         _write(folder / "pids.max", str(limits.pids))
 
-    def attach_self(self, vm: str) -> None:
-        (self._dir(vm) / "cgroup.procs").write_text(str(os.getpid()))
+    def procs_files(self, vm: str) -> list[Path]:
+        """The cgroup.procs file a process writes its pid to, to join the VM's cgroup."""
+        return [self._dir(vm) / "cgroup.procs"]
 
     def usage(self, vm: str) -> CgroupUsage:
         folder = self._dir(vm)

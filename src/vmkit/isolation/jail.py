@@ -1,20 +1,31 @@
-"""The jailer model: when vmkit runs as root, each VM's QEMU runs as the unprivileged `vmkit`
-user, joins its cgroup before exec, and is started with QEMU's seccomp sandbox denying obsolete
-system calls, privilege elevation, spawning processes and resource control.
+"""The jailer model: when vmkit runs as root, each VM's QEMU runs under a uid/gid of its own
+(isolation/uids.py), joins its cgroup before exec, and is started with QEMU's seccomp sandbox
+denying obsolete system calls, privilege elevation, spawning processes and resource control.
 
 Privileges are dropped by exec'ing QEMU through util-linux `setpriv` (not with QEMU's -runas:
-that conflicts with the full sandbox, measured in shared/DESIGN.md); the cgroup is joined before
-that, as root. The VM folder is handed to that user and stays 0700.
+that conflicts with the full sandbox, measured in shared/DESIGN.md); the cgroup is joined just
+before that by a constant shell step, as root (no preexec_fn: unsafe in a threaded process).
+
+Ownership inside a VM folder (`prepare_folder`) follows one rule: the VM's uid may write only
+what QEMU must write — its disk layers (file contents, not the folders they sit in) and run/
+(its sockets and pidfile). Everything the privileged side trusts is root's: the folder itself
+(root:VMGID 0710, so no other VM's uid can even enter it), vm.json, state.json,
+snapshots.json, journals, logs/, snapshots/ (memory states: QEMU reads and writes them through
+descriptors root opens), boot/. Nothing is changed recursively in a folder the VM can write.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
+import stat
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmkit.errors import HostError
+from vmkit.isolation import acl, uids
 from vmkit.qemu import argv as qemu_argv
 
 RUN_USER = "vmkit"
@@ -28,7 +39,8 @@ class RunAs:
 
 
 def run_as() -> RunAs | None:
-    """The account QEMU runs as, or None when vmkit is not root or the user is missing."""
+    """The shared unprivileged account for work on untrusted files that belong to no VM yet
+    (inspecting an import), or None when vmkit is not root or the user is missing."""
     if os.geteuid() != 0:
         return None
     try:
@@ -44,26 +56,133 @@ def why_not() -> str:
     return f"user {RUN_USER!r} is missing (make run creates it): QEMU would run as root"
 
 
-def hand_over(owner: RunAs | None, paths: Iterable[Path]) -> None:
-    """Give files and folders (recursively) to the QEMU user; a no-op without one."""
+def vm_owner(vm_uuid: str, folder: Path) -> RunAs | None:
+    """The VM's own uid/gid (claimed on first use, freed by `release_owner`); None when vmkit is
+    not root (QEMU then runs as the caller, who owns everything anyway)."""
+    if os.geteuid() != 0:
+        return None
+    uid = uids.claim(vm_uuid, folder)
+    return RunAs(uid, uid)
+
+
+def release_owner(vm_uuid: str) -> None:
+    if os.geteuid() == 0:
+        uids.release(vm_uuid)
+
+
+# (relative path, mode, owned by the VM) for the folders of a VM folder; files are set below
+_FOLDERS = (("boot", 0o755, False), ("logs", 0o755, False), ("snapshots", 0o700, False),
+            ("disks", 0o750, False), ("run", 0o700, True))
+
+
+def prepare_folder(owner: RunAs | None, folder: Path) -> None:
+    """Set the ownership model of a VM folder before QEMU starts (idempotent, never recursive
+    into anything the VM can write). The disk layers (disks/, a folder of root's the VM cannot
+    add to) alone belong to the VM's uid."""
+    if owner is None:
+        os.chmod(folder, 0o700)
+        return
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        os.fchown(fd, 0, owner.gid)
+        os.fchmod(fd, 0o710)
+        for name, mode, vm_owned in _FOLDERS:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, mode, dir_fd=fd)
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            try:
+                if vm_owned:
+                    os.fchown(sub, owner.uid, owner.gid)
+                else:
+                    os.fchown(sub, 0, owner.gid if name == "disks" else 0)
+                os.fchmod(sub, mode)
+            finally:
+                os.close(sub)
+        disks = os.open("disks", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        try:
+            layers = [n for n in os.listdir(disks) if n.endswith(".qcow2")]
+        finally:
+            os.close(disks)
+        for layer in layers:
+            _own_file(fd, f"disks/{layer}", owner)
+        # QEMU appends the serial log itself: a file of its own in a folder of root's
+        _own_file(fd, "logs/serial.log", owner, create=True)
+    finally:
+        os.close(fd)
+
+
+def give_file(owner: RunAs | None, folder: Path, relative: str) -> None:
+    """Hand one new disk layer of the folder to the VM's uid (QEMU opens it next)."""
     if owner is None:
         return
-    for path in paths:
-        if not path.exists():
-            continue
-        os.chown(path, owner.uid, owner.gid, follow_symlinks=False)
-        if path.is_dir() and not path.is_symlink():
-            for root, dirs, files in os.walk(path):
-                for name in dirs + files:
-                    os.chown(os.path.join(root, name), owner.uid, owner.gid,
-                             follow_symlinks=False)
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        _own_file(fd, relative, owner)
+    finally:
+        os.close(fd)
 
 
-def drop_to(owner: RunAs | None, argv: list[str]) -> list[str]:
-    """QEMU's argv, exec'd through setpriv as the unprivileged user (no extra process: setpriv
-    execs QEMU). QEMU's parent, vmkit's exit-status waiter, stays root, so a compromised QEMU
-    can neither ptrace nor signal it."""
+def _own_file(folder_fd: int, relative: str, owner: RunAs, *, create: bool = False) -> None:
+    """Give one regular file inside the folder to the VM (refusing symlinks and paths out)."""
+    parts = relative.split("/")
+    if relative.startswith("/") or ".." in parts or len(parts) != 2:
+        raise HostError(f"refusing to hand {relative!r} to a VM: not a file of its folder")
+    directory = os.open(parts[0], os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW,
+                        dir_fd=folder_fd)
+    try:
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        if create:
+            flags |= os.O_CREAT
+        try:
+            fd = os.open(parts[1], flags, 0o600, dir_fd=directory)
+        except FileNotFoundError:
+            return
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode) or info.st_nlink != 1:
+                raise HostError(f"refusing to hand {relative!r} to a VM: not a plain file")
+            os.fchown(fd, owner.uid, owner.gid)
+            if stat.S_IMODE(info.st_mode) & 0o707 != 0o600:
+                os.fchmod(fd, 0o600)  # (group bits are left: an ACL mask for linked clones)
+        finally:
+            os.close(fd)
+    finally:
+        os.close(directory)
+
+
+def share_layers(owner: RunAs | None, layers: Iterable[Path]) -> None:
+    """Let a linked clone's QEMU read the layers of other VMs its disk leans on: read on each
+    layer, traverse on the folders that hold it (POSIX ACL entries for the clone's uid only)."""
     if owner is None:
-        return argv
-    return ["setpriv", f"--reuid={owner.uid}", f"--regid={owner.gid}", "--clear-groups",
-            "--no-new-privs", "--inh-caps=-all", "--", *argv]
+        return
+    for layer in layers:
+        acl.grant(str(layer.parent.parent), owner.uid, acl.EXECUTE)
+        acl.grant(str(layer.parent), owner.uid, acl.EXECUTE)
+        acl.grant(str(layer), owner.uid, acl.READ)
+
+
+def unshare_layers(uid: int, layers: Iterable[Path]) -> None:
+    for layer in layers:
+        for path in (layer, layer.parent, layer.parent.parent):
+            acl.revoke(str(path), uid)
+
+
+_JOIN_SCRIPT = 'n=$1; shift; while [ "$n" -gt 0 ]; do echo $$ > "$1" || exit 125; shift; ' \
+               'n=$((n-1)); done; exec "$@"'
+
+
+def drop_to(owner: RunAs | None, argv: list[str], *,
+            join: Iterable[Path] = ()) -> list[str]:
+    """QEMU's argv, preceded by the exec chain that jails it: a constant shell step joins the
+    cgroup (`join`: cgroup.procs files; the shell then execs, so no process is added), then
+    setpriv drops to the VM's uid with no groups, no capabilities and no_new_privs. QEMU's
+    parent, vmkit's exit-status waiter, stays root and outside the cgroup, so a compromised
+    QEMU can neither ptrace nor signal it."""
+    procs = [str(p) for p in join]
+    chain: list[str] = []
+    if procs:
+        chain = ["/bin/sh", "-c", _JOIN_SCRIPT, "vmkit-join", str(len(procs)), *procs]
+    if owner is not None:
+        chain += ["setpriv", f"--reuid={owner.uid}", f"--regid={owner.gid}", "--clear-groups",
+                  "--no-new-privs", "--inh-caps=-all", "--"]
+    return [*chain, *argv]

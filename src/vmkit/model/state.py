@@ -22,6 +22,7 @@ class VmState(StrEnum):
     STOPPING = "stopping"
     STOPPED = "stopped"
     CRASHED = "crashed"
+    BROKEN = "broken"  # its folder's metadata cannot be read: only delete --force
 
 
 class Operation(StrEnum):
@@ -53,6 +54,7 @@ ALLOWED: dict[VmState, frozenset[Operation]] = {
         Operation.STOP, Operation.KILL, Operation.RESTART, Operation.RESUME, Operation.CONSOLE,
     }),
     VmState.STOPPING: frozenset({Operation.KILL, Operation.CONSOLE}),
+    VmState.BROKEN: frozenset(),
 }
 
 #: The state an operation leads to once it has succeeded.

@@ -16,11 +16,15 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
-from vmkit.errors import AgentError, OperationTimeout
+from vmkit.errors import AgentError, OperationTimeout, QemuError
+from vmkit.qemu import peer
 
 _DELIMITER = b"\xff"
+# Everything the guest says is untrusted: one reply may hold a 1 MiB chunk as base64 (1.4 MB)
+# or a command's captured output; nothing larger is buffered.
+MAX_FRAME = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -57,12 +61,9 @@ class AgentConnection:
 
     def connect(self) -> None:
         self.close()
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self._timeout)
         try:
-            sock.connect(str(self._path))
-        except OSError as exc:
-            sock.close()
+            sock = peer.connect_unix(self._path, self._timeout)
+        except (OSError, QemuError) as exc:
             raise AgentError(f"cannot connect to the guest agent socket {self._path}: {exc}") \
                 from exc
         self._sock = sock
@@ -141,6 +142,10 @@ class AgentConnection:
             if not chunk:
                 raise AgentError(f"the guest agent socket {self._path} closed")
             self._buffer += chunk
+            if len(self._buffer) > MAX_FRAME:
+                self.close()  # a guest that floods the channel is cut off, not buffered
+                raise AgentError(f"the guest agent sent a message over {MAX_FRAME >> 20} MiB "
+                                 "without an end: refused")
 
 
 def wait_agent_ready(socket_path: Path, timeout: float, *, alive: Any = None) -> float:
@@ -214,16 +219,26 @@ def copy_to_guest(socket_path: Path, source: Path, dest: str, *, timeout: float,
     return written
 
 
-def copy_from_guest(socket_path: Path, source: str, dest: Path, *, timeout: float,
-                    progress: Any = None) -> int:
-    """Stream a guest file to the host in chunks; returns bytes read."""
+def copy_from_guest(socket_path: Path, source: str, dest: BinaryIO, *, timeout: float,
+                    max_bytes: int, progress: Any = None) -> int:
+    """Stream a guest file into `dest` in chunks; returns bytes read. The guest decides how
+    much it sends, so the total is bounded by `max_bytes` and the whole copy by `timeout`."""
     read = 0
-    with AgentConnection(socket_path, timeout=timeout) as conn, open(dest, "wb") as handle, \
+    deadline = time.monotonic() + timeout
+    with AgentConnection(socket_path, timeout=timeout) as conn, \
             _guest_file(conn, source, "rb") as guest:
         while True:
-            reply = conn.call("guest-file-read", {"handle": guest, "count": COPY_CHUNK})
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise OperationTimeout(f"copying {source} out of the guest took longer than "
+                                       f"{timeout:g}s")
+            reply = conn.call("guest-file-read", {"handle": guest, "count": COPY_CHUNK},
+                              timeout=remaining)
             data = base64.b64decode(reply.get("buf-b64", ""))
-            handle.write(data)
+            if read + len(data) > max_bytes:
+                raise AgentError(f"{source} in the guest is larger than the {max_bytes} bytes "
+                                 "the host has room for: copy refused")
+            dest.write(data)
             read += len(data)
             if progress:
                 progress(read)

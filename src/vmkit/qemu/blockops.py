@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
+import socket
+import stat
 import time
 from pathlib import Path
 from typing import Any
@@ -62,9 +65,22 @@ def add_overlay_on_top(qmp: QmpConnection, overlay: Path, node_name: str) -> Non
     qmp.execute("blockdev-snapshot", {"node": top, "overlay": node_name})
 
 
-def _file_channel(path: Path) -> list[dict[str, Any]]:
-    return [{"channel-type": "main",
-             "addr": {"transport": "file", "filename": str(path), "offset": 0}}]
+def _fd_channel(name: str) -> list[dict[str, Any]]:
+    """A migration channel on a descriptor handed over with `getfd` (file or socket): QEMU never
+    opens a path of its own, so memory states stay in a folder of root's."""
+    return [{"channel-type": "main", "addr": {"transport": "socket", "type": "fd", "str": name}}]
+
+
+def _open_state(path: Path, *, write: bool) -> int:
+    """A memory state file opened by vmkit (never through a symlink, never a device or fifo)."""
+    if write:
+        return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                       0o600)
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise QemuError(f"memory state {path} is not a regular file")
+    return fd
 
 
 def wait_migration(qmp: QmpConnection, timeout: float, what: str) -> dict[str, Any]:
@@ -94,15 +110,25 @@ def _unthrottle(qmp: QmpConnection) -> None:
 
 
 def save_memory(qmp: QmpConnection, path: Path, timeout: float) -> dict[str, Any]:
-    """Write the VM's memory and device state to `path` (the VM must be paused)."""
+    """Write the VM's memory and device state to a new file `path` (the VM must be paused)."""
+    fd = _open_state(path, write=True)
+    try:
+        qmp.send_fd(fd, "vmkit-state-out")
+    finally:
+        os.close(fd)
     _unthrottle(qmp)
-    qmp.execute("migrate", {"channels": _file_channel(path)})
+    qmp.execute("migrate", {"channels": _fd_channel("vmkit-state-out")})
     return wait_migration(qmp, timeout, f"saving memory to {path}")
 
 
 def load_memory(qmp: QmpConnection, path: Path, timeout: float) -> None:
     """Load a memory state into a QEMU started with `-incoming defer`."""
-    qmp.execute("migrate-incoming", {"channels": _file_channel(path)})
+    fd = _open_state(path, write=False)
+    try:
+        qmp.send_fd(fd, "vmkit-state-in")
+    finally:
+        os.close(fd)
+    qmp.execute("migrate-incoming", {"channels": _fd_channel("vmkit-state-in")})
     wait_migration(qmp, timeout, f"loading memory from {path}")
 
 
@@ -125,18 +151,16 @@ def run_job(qmp: QmpConnection, command: str, arguments: dict[str, Any], job_id:
         raise QemuError(f"block job {job_id} failed: {job['error']}")
 
 
-def _unix_channel(path: Path) -> list[dict[str, Any]]:
-    return [{"channel-type": "main",
-             "addr": {"transport": "socket", "type": "unix", "path": str(path)}}]
+def listen_incoming(qmp: QmpConnection, end: socket.socket) -> None:
+    """Make a QEMU started with `-incoming defer` read a memory state from `end` (one end of a
+    socketpair vmkit made: two VMs' QEMUs, each under its own uid, never share a path)."""
+    qmp.send_fd(end.fileno(), "vmkit-incoming")
+    qmp.execute("migrate-incoming", {"channels": _fd_channel("vmkit-incoming")})
 
 
-def listen_incoming(qmp: QmpConnection, socket_path: Path) -> None:
-    """Make a QEMU started with `-incoming defer` wait for a memory state on a UNIX socket."""
-    qmp.execute("migrate-incoming", {"channels": _unix_channel(socket_path)})
-
-
-def send_memory(qmp: QmpConnection, socket_path: Path, timeout: float) -> None:
-    """Stream this QEMU's memory and device state to another QEMU listening on the socket."""
+def send_memory(qmp: QmpConnection, end: socket.socket, timeout: float) -> None:
+    """Stream this QEMU's memory and device state into `end` (the other end of that pair)."""
+    qmp.send_fd(end.fileno(), "vmkit-outgoing")
     _unthrottle(qmp)
-    qmp.execute("migrate", {"channels": _unix_channel(socket_path)})
-    wait_migration(qmp, timeout, f"sending memory to {socket_path}")
+    qmp.execute("migrate", {"channels": _fd_channel("vmkit-outgoing")})
+    wait_migration(qmp, timeout, "sending memory to the clone")

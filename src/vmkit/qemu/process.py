@@ -11,9 +11,9 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import stat
 import subprocess
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,11 +38,10 @@ CLEAN_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C"}
 
 
 def spawn_detached(argv: list[str], log_file: Path, exit_file: Path, *,
-                   before_exec: Callable[[], None] | None = None,
                    pass_fds: tuple[int, ...] = ()) -> subprocess.Popen[bytes]:
     """Start QEMU under the waiter in a new session, with a clean environment and no inherited
-    file descriptors but `pass_fds` (taps); output goes to the QEMU log. `before_exec` runs in
-    the child (e.g. to join the VM's cgroup, so QEMU is charged there from its first page)."""
+    file descriptors but `pass_fds` (taps); output goes to the QEMU log. No Python runs in the
+    child (no preexec_fn: safe in a threaded process); `argv` carries its own exec chain."""
     exit_file.unlink(missing_ok=True)
     log_file.parent.mkdir(parents=True, exist_ok=True)
     with open(log_file, "ab") as log:
@@ -50,7 +49,7 @@ def spawn_detached(argv: list[str], log_file: Path, exit_file: Path, *,
             return subprocess.Popen(
                 waiter_argv(exit_file, argv), stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                 start_new_session=True, close_fds=True, umask=0o077, env=CLEAN_ENV, cwd="/",
-                preexec_fn=before_exec, pass_fds=pass_fds,
+                pass_fds=pass_fds,
             )
         except OSError as exc:
             raise QemuError(f"cannot start QEMU: {exc}") from exc
@@ -103,6 +102,24 @@ def find_vm_qemu(vm_uuid: str) -> ProcessIdentity | None:
     return None
 
 
+def find_qemus_of(folder: Path, vm_uuid: str | None) -> list[ProcessIdentity]:
+    """QEMUs that run for a VM folder whose metadata may be lost: by uuid, or by the folder
+    appearing in their argv (every QEMU vmkit starts names its folder's sockets)."""
+    found = []
+    marker = str(folder) + os.sep
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        argv = cmdline(int(entry))
+        if not argv or not os.path.basename(argv[0]).startswith("qemu-system"):
+            continue
+        if (vm_uuid and is_vm_qemu(argv, vm_uuid)) or any(marker in a for a in argv):
+            ticks = start_ticks(int(entry))
+            if ticks is not None:
+                found.append(ProcessIdentity(int(entry), ticks))
+    return found
+
+
 def started_at(identity: ProcessIdentity) -> float:
     """Wall-clock start time of a process, from boot time and its start ticks."""
     with open("/proc/stat") as handle:
@@ -110,19 +127,28 @@ def started_at(identity: ProcessIdentity) -> float:
     return btime + identity.start_ticks / os.sysconf("SC_CLK_TCK")
 
 
-def read_pidfile(pidfile: Path) -> int | None:
+def read_small_file(path: Path, limit: int = 64) -> str | None:
+    """At most `limit` bytes of a regular file that an unprivileged QEMU may have written or
+    replaced: never through a symlink, never blocking on a fifo. None when absent or odd."""
     try:
-        text = pidfile.read_text().strip()
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
         return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, limit).decode(errors="replace")
+    finally:
+        os.close(fd)
+
+
+def read_pidfile(pidfile: Path) -> int | None:
+    text = (read_small_file(pidfile) or "").strip()
     return int(text) if text.isdigit() else None
 
 
 def read_exit_status(exit_file: Path) -> int | None:
-    try:
-        text = exit_file.read_text().strip()
-    except FileNotFoundError:
-        return None
+    text = (read_small_file(exit_file) or "").strip()
     return int(text) if text.lstrip("-").isdigit() else None
 
 
@@ -136,15 +162,45 @@ def wait_exit_status(exit_file: Path, timeout: float) -> int | None:
         time.sleep(0.01)
 
 
+def file_size(path: Path) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return 0
+
+
+def log_since(path: Path, offset: int, limit: int = 8192) -> str:
+    """What was appended to a log from `offset` on (its last `limit` bytes): one run's words."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return ""
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        size = os.fstat(fd).st_size
+        handle.seek(max(offset, size - limit))
+        return handle.read(limit).decode(errors="replace").strip()
+
+
+def last_error_line(text: str) -> str:
+    """The line of QEMU's output that says why it stopped (its last non-empty line)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    return lines[-1][:500] if lines else ""
+
+
 def log_tail(path: Path, lines: int = 15) -> str:
     try:
-        with open(path, "rb") as handle:
-            handle.seek(0, os.SEEK_END)
-            size = handle.tell()
-            handle.seek(max(0, size - 8192))
-            text = handle.read().decode(errors="replace")
-    except FileNotFoundError:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
         return ""
+    with os.fdopen(fd, "rb") as handle:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        handle.seek(0, os.SEEK_END)
+        size = handle.tell()
+        handle.seek(max(0, size - 8192))
+        text = handle.read(8192).decode(errors="replace")
     return "\n".join(text.splitlines()[-lines:])
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from qemu.qmp import ExecuteError, QMPClient
 
 from vmkit.errors import OperationTimeout, QemuError, VmkitError
+from vmkit.qemu import peer
 
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
@@ -30,7 +31,11 @@ class QmpConnection:
 
     def __enter__(self) -> QmpConnection:
         try:
-            self._run(self._client.connect(str(self._path)), what="connect")
+            try:
+                sock = peer.connect_unix(self._path, self._timeout)
+            except OSError as exc:
+                raise QemuError(f"cannot connect to QMP on {self._path}: {exc}") from exc
+            self._run(self._client.connect(sock), what="connect")
         except BaseException:
             self._loop.close()
             raise

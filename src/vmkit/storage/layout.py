@@ -16,15 +16,20 @@ import errno
 import fcntl
 import json
 import os
+import stat
 import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from vmkit.errors import LockTimeout
+from pydantic import BaseModel
+
+from vmkit.errors import BrokenVm, LockTimeout, VmkitError
 from vmkit.qemu.argv import RunPaths
+
+M = TypeVar("M", bound=BaseModel)
 
 
 def default_home() -> Path:
@@ -125,7 +130,8 @@ class VmFolder:
 
     @property
     def exit_file(self) -> Path:
-        return self.run / "exit-status"
+        """Written by the root waiter: in the folder of root's, never in the VM-writable run/."""
+        return self.path / ".exit-status"
 
     @property
     def serial_log(self) -> Path:
@@ -193,6 +199,41 @@ def fsync_dir(path: Path) -> None:
 def read_json(path: Path) -> Any:
     with open(path) as handle:
         return json.load(handle)
+
+
+_MAX_METADATA = 4 << 20
+
+
+def read_metadata(path: Path, model: type[M], owner: str) -> M:
+    """A metadata file validated by its model; anything unreadable (bad JSON, a wrong field,
+    an odd file) is BrokenVm naming the file and why, so one bad folder stays one bad VM.
+    FileNotFoundError passes through (callers decide what absent means)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise BrokenVm(f"{owner} is broken: cannot open {path.name}: {exc.strerror}",
+                       hint=_BROKEN_HINT) from exc
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                raise BrokenVm(f"{owner} is broken: {path.name} is not a regular file",
+                               hint=_BROKEN_HINT)
+            raw = handle.read(_MAX_METADATA + 1)
+        if len(raw) > _MAX_METADATA:
+            raise BrokenVm(f"{owner} is broken: {path.name} is over {_MAX_METADATA >> 20} MiB",
+                           hint=_BROKEN_HINT)
+        return model.model_validate(json.loads(raw))
+    except BrokenVm:
+        raise
+    except (ValueError, TypeError, VmkitError, OSError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise BrokenVm(f"{owner} is broken: {path.name} cannot be read ({first[:200]})",
+                       hint=_BROKEN_HINT) from exc
+
+
+_BROKEN_HINT = "fix the file from a backup, or remove the VM: vmkit delete NAME --force"
 
 
 @contextlib.contextmanager
