@@ -5,14 +5,24 @@ vm.json, snapshots.json, boot/ (kernel, initrd), disks/*.qcow2 (every layer; a b
 VM folder — the image, or a linked clone's source — is flattened into disks/base.qcow2; the
 manifest's `repoint` tells import which backing name to rewrite to it) and snapshots/*.state.
 
+Export creates the bundle file owner-only (0600) from its first byte, under a temporary name
+in the destination folder, and links it into place once complete: a reader never sees a partial
+bundle, and a failed export leaves nothing.
+
 Import trusts nothing: member names must be plain paths in the known folders, every member must
-be listed with the right size and sha256 (a tampered or truncated bundle is refused), and every
-qcow2 is inspected with an explicit format: a backing file or data file that is not another
-disk of the bundle is refused. Only then is the folder renamed into vms/.
+be listed with the right size and sha256 (a tampered or truncated bundle is refused); every field
+of vm.json and snapshots.json is validated by the model (model/spec.py, model/snapshots.py), the
+machine type and CPU model must be ones this host's QEMU offers, and every file the metadata names
+must be a file of the bundle in its own folder. `ssh_identity` names a key file on the exporting
+host: it is dropped (vmkit ssh then uses ssh's default keys). Every qcow2 is inspected by an
+unprivileged, resource-limited qemu-img with an explicit format (img.info(untrusted=True)): a
+backing file or data file that is not another disk of the bundle is refused, and so is a header
+that makes qemu-img exceed its limits. Only then is the folder renamed into vms/.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
@@ -25,15 +35,20 @@ import uuid as uuidlib
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
+
+from pydantic import BaseModel, ValidationError
 
 from vmkit import snapshots as snapshot_ops
+from vmkit.core.journal import Journal
 from vmkit.errors import InvalidValue, NotFound, VmkitError, os_errors
+from vmkit.isolation import jail
+from vmkit.model.journal import JournalEntry
 from vmkit.model.names import validate_name
-from vmkit.model.spec import VmConfig, as_new_machine
+from vmkit.model.spec import VmConfig, as_new_machine, check_relative_path, shown
 from vmkit.model.state import LIVE_STATES
-from vmkit.qemu import img
-from vmkit.storage.layout import VmFolder
+from vmkit.qemu import hostinfo, img
+from vmkit.storage.layout import VmFolder, fsync_dir
 
 if TYPE_CHECKING:
     from vmkit.host import VM, Host
@@ -43,9 +58,11 @@ FORMAT_VERSION = 1
 BASE_LAYER = "disks/base.qcow2"
 _CHUNK = 1 << 20
 _MEMBER = re.compile(r"^(vm\.json|snapshots\.json|boot/[\w.-]+|disks/[\w.-]+\.qcow2|"
-                     r"snapshots/[\w.-]+\.state)$")
+                     r"snapshots/[\w.-]+\.state)$", re.ASCII)
+BUNDLE_MODE = 0o600  # disks and memory: readable by the exporting user only
 _MANIFEST_LIMIT = 1 << 20
 Progress = Callable[[int, int], None]
+_Model = TypeVar("_Model", bound=BaseModel)
 
 
 class BundleError(InvalidValue):
@@ -74,27 +91,88 @@ class _HashingReader(io.RawIOBase):
 def export(vm: VM, path: Path, *, progress: Progress | None = None) -> dict[str, Any]:
     """Write the VM (stopped, or running: at a consistent, quiesced point) as one file."""
     path = Path(path).absolute()
-    if path.exists():
+    if os.path.lexists(path):
         raise InvalidValue(f"export target {path} already exists", hint="choose a new file name")
     if not path.parent.is_dir():
         raise InvalidValue(f"export target folder {path.parent} does not exist")
     with vm.host._vm_lock(vm.name):
         record = vm._observe(persist=True, locked=True)
-        point: str | None = None
-        if record.state in LIVE_STATES:
-            point = f"export-{uuidlib.uuid4().hex[:8]}"
-            snapshot_ops.take_locked(vm, record, point, disk_only=True)
+        live = record.state in LIVE_STATES
+        point = f"export-{uuidlib.uuid4().hex[:8]}" if live else None
         staging = vm.host.layout.cache / f"export-{uuidlib.uuid4().hex[:8]}"
+        partial = path.parent / f".{path.name}.{uuidlib.uuid4().hex[:8]}.partial"
+        # journalled: a cut leaves no partial file, no staging copy, no helper snapshot and
+        # no frozen guest once the next command on this VM (or vmkit recover) has run
+        log = Journal(vm.folder.path)
+        log.begin("export", path=str(path), partial=str(partial), staging=str(staging),
+                  point=point, frozen=live)
         try:
-            with os_errors(f"exporting VM {vm.name!r} to {path}"):
-                return _write_bundle(vm, path, point, staging, progress)
-        except BaseException:
-            path.unlink(missing_ok=True)
-            raise
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
             if point is not None:
-                snapshot_ops.delete_locked(vm, vm._record(), point)
+                snapshot_ops.take_locked(vm, record, point, disk_only=True, journal=False)
+            log.step("snapshot-taken")
+            with os_errors(f"exporting VM {vm.name!r} to {path}"):
+                result = _write_bundle(vm, partial, point, staging, progress)
+                log.step("written")
+                _publish(partial, path)
+                log.step("published")
+            return {**result, "path": str(path), "mode": f"{BUNDLE_MODE:04o}"}
+        finally:
+            _export_cleanup(vm, partial, staging, point)
+            log.end()
+
+
+def _export_cleanup(vm: VM, partial: Path, staging: Path, point: str | None) -> None:
+    partial.unlink(missing_ok=True)  # gone already when published
+    shutil.rmtree(staging, ignore_errors=True)
+    if point is not None and point in snapshot_ops.load_tree(vm).nodes:
+        snapshot_ops.delete_locked(vm, vm._record(), point)
+
+
+def recover_export(vm: VM, entry: JournalEntry) -> None:
+    """An export cut short: its partial file, staging copy and helper snapshot go (a
+    published bundle stays: it was complete); a guest it froze is thawed."""
+    intent = entry.intent
+    partial, staging = Path(str(intent["partial"])), Path(str(intent["staging"]))
+    # only names this export made: a hidden .NAME.HEX.partial and a cache/export-HEX folder
+    if not partial.name.endswith(".partial") or staging.parent != vm.host.layout.cache:
+        raise InvalidValue(f"the export journal of VM {vm.name!r} names unexpected files")
+    point = intent.get("point")
+    record = vm._observe(persist=True, locked=True)
+    if intent.get("frozen") and vm._alive(record):
+        snapshot_ops.thaw(vm)
+    _export_cleanup(vm, partial, staging, point if isinstance(point, str) else None)
+
+
+def _create_private(path: Path) -> IO[bytes]:
+    """A new file readable and writable by its owner only, from its first byte (never an
+    existing file, never through a symlink)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
+                 BUNDLE_MODE)
+    try:
+        os.fchmod(fd, BUNDLE_MODE)  # exactly 0600, whatever the umask
+        return os.fdopen(fd, "wb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
+def _publish(partial: Path, path: Path) -> None:
+    """Give the complete bundle its name without replacing a file that appeared meanwhile."""
+    try:
+        os.link(partial, path, follow_symlinks=False)
+    except FileExistsError:
+        raise InvalidValue(f"export target {path} already exists",
+                           hint="choose a new file name") from None
+    except OSError as exc:  # a file system without hard links: check, then rename
+        if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EMLINK):
+            raise
+        if os.path.lexists(path):
+            raise InvalidValue(f"export target {path} already exists",
+                               hint="choose a new file name") from None
+        os.rename(partial, path)
+    else:
+        os.unlink(partial)
+    fsync_dir(path.parent)
 
 
 def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
@@ -120,7 +198,8 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
         # manifest says which backing name import re-points at it (no copy of big layers here)
         staging.mkdir(parents=True)
         files[BASE_LAYER] = staging / "base.qcow2"
-        img.convert_flat(Path(config.backing_file), files[BASE_LAYER])
+        img.convert_flat(Path(config.backing_file), files[BASE_LAYER], untrusted=True,
+                         owner=vm.disk_owner())
         repoint = {"from": config.backing_file, "to": Path(BASE_LAYER).name}
         config = config.model_copy(update={"backing_file": Path(BASE_LAYER).name})
     metadata = {
@@ -138,7 +217,7 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
 
     entries: list[dict[str, Any]] = []
     started = time.monotonic()
-    with open(path, "xb") as raw:
+    with _create_private(path) as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
             _fill_tar(tar, {"vm": vm.name, "repoint": repoint}, metadata, files, entries,
                       advance)
@@ -194,9 +273,16 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
             def build(work: VmFolder) -> VmConfig:
                 with os_errors(f"importing {path}"):
                     _extract_checked(tar, work.path, expected, path, progress)
-                _repoint(work.path, manifest.get("repoint") or {}, path)
-                _check_disks(work.path, path)
                 config = _check_metadata(work.path, path)
+                # the disks are inspected by qemu-img without root: they become its files
+                # (disks are what a VM's uid owns anyway; the folders stay root's)
+                owner = img.untrusted_owner()
+                with os_errors(f"importing {path}"):
+                    _hand_disks(work.path, owner)
+                _repoint(work.path, manifest.get("repoint") or {}, path, owner)
+                _check_disks(work.path, path, owner)
+                # ssh_identity names a key file on the exporting host: never used here
+                config = config.model_copy(update={"ssh_identity": None})
                 if target != original:  # a copy: a new identity, never the source's
                     config = as_new_machine(config, target, created_at=time.time())
                 return config
@@ -260,7 +346,21 @@ def _extract_checked(tar: tarfile.TarFile, dest: Path, expected: dict[str, dict[
                           hint="was it truncated in transfer?")
 
 
-def _repoint(folder: Path, repoint: dict[str, str], path: Path) -> None:
+def _hand_disks(folder: Path, owner: jail.RunAs | None) -> None:
+    """Give the staged disks (regular files, no symlink followed) to `owner`, 0600."""
+    if owner is None:
+        return
+    for disk in sorted((folder / "disks").glob("*.qcow2")):
+        fd = os.open(disk, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, owner.uid, owner.gid)
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+
+
+def _repoint(folder: Path, repoint: dict[str, str], path: Path,
+             owner: jail.RunAs | None) -> None:
     """Re-point layers that named the exporter's base at the bundle's flattened base. Only the
     header is rewritten (`rebase -u`): the old name is never opened."""
     if not repoint:
@@ -271,16 +371,21 @@ def _repoint(folder: Path, repoint: dict[str, str], path: Path) -> None:
         raise BundleError(f"bundle {path}: its manifest re-points disks at {new!r}, which is "
                           "not a disk of the bundle; refused")
     for disk in sorted((folder / "disks").glob("*.qcow2")):
-        if disk.name != new and _disk_info(disk, path).get("backing-filename") == old:
-            img.rebase_unsafe(disk, new)
+        if disk.name != new and _disk_info(disk, path, owner).get("backing-filename") == old:
+            try:
+                img.rebase_unsafe(disk, new, untrusted=True, owner=owner)
+            except VmkitError as exc:
+                raise BundleError(f"bundle {path}: disks/{disk.name} could not be re-pointed "
+                                  f"at {new}; refused", detail=str(exc)) from exc
 
 
-def _disk_info(disk: Path, path: Path) -> dict[str, Any]:
+def _disk_info(disk: Path, path: Path, owner: jail.RunAs | None) -> dict[str, Any]:
+    """qemu-img info of one staged disk: unprivileged, resource-limited, format explicit."""
     try:
-        return img.info(disk)
+        return img.info(disk, untrusted=True, owner=owner)
     except VmkitError as exc:
-        raise BundleError(f"bundle {path}: {disk.name} is not a valid qcow2 image",
-                          detail=str(exc)) from exc
+        raise BundleError(f"bundle {path}: disks/{disk.name} is not a qcow2 image vmkit can "
+                          f"accept: {exc.message}", detail=exc.detail) from exc
 
 
 def _copy_hashing(source: IO[bytes], out: IO[bytes], done: int, total: int,
@@ -305,42 +410,72 @@ def _copy_hashing(source: IO[bytes], out: IO[bytes], done: int, total: int,
 
 
 def _check_metadata(folder: Path, path: Path) -> VmConfig:
-    """vm.json and snapshots.json may only name files of this bundle, in their own folders."""
-    try:
-        config = VmConfig.model_validate_json((folder / "vm.json").read_bytes())
-        tree = snapshot_ops.DiskState.model_validate_json(
-            (folder / "snapshots.json").read_bytes())
-    except (OSError, ValueError) as exc:
-        raise BundleError(f"bundle {path}: unreadable vm.json or snapshots.json",
-                          detail=str(exc)) from exc
-    named: list[tuple[str, str | None, str]] = [
-        ("disk_file", config.disk_file, r"disks/[\w.-]+\.qcow2"),
-        ("kernel", config.boot.kernel, r"boot/[\w.-]+"),
-        ("initrd", config.boot.initrd, r"boot/[\w.-]+"),
-        ("active_layer", tree.active_layer, r"disks/[\w.-]+\.qcow2"),
+    """Every field of vm.json and snapshots.json passes the model's validation; machine type and
+    CPU model are ones this QEMU offers; the metadata names only files of this bundle, each in
+    its own folder."""
+    config = _validated(folder, "vm.json", VmConfig, path)
+    tree = _validated(folder, "snapshots.json", snapshot_ops.DiskState, path)
+    hardware = config.hardware
+    if hardware.machine not in hostinfo.machine_types():
+        raise BundleError(f"bundle {path}: vm.json hardware.machine {shown(hardware.machine)} is "
+                          "not a machine type this host's QEMU offers; refused",
+                          hint="see qemu-system-x86_64 -machine help")
+    if hardware.cpu_model not in hostinfo.cpu_models():
+        raise BundleError(f"bundle {path}: vm.json hardware.cpu_model "
+                          f"{shown(hardware.cpu_model)} is not a CPU model this host's QEMU "
+                          "offers; refused", hint="see qemu-system-x86_64 -cpu help")
+    named: list[tuple[str, str | None, str, str]] = [
+        ("vm.json disk_file", config.disk_file, "disks", ".qcow2"),
+        ("vm.json boot.kernel", config.boot.kernel, "boot", ""),
+        ("vm.json boot.initrd", config.boot.initrd, "boot", ""),
+        ("snapshots.json active_layer", tree.active_layer, "disks", ".qcow2"),
     ]
     if config.backing_file is not None:
-        named.append(("backing_file", f"disks/{config.backing_file}", r"disks/[\w.-]+\.qcow2"))
+        named.append(("vm.json backing_file", f"disks/{config.backing_file}", "disks", ".qcow2"))
     for node in tree.nodes.values():
-        validate_name(node.name, kind="snapshot name")
-        named.append((f"snapshot {node.name} layer", node.layer, r"disks/[\w.-]+\.qcow2"))
+        named.append((f"snapshots.json snapshot {node.name} layer", node.layer, "disks",
+                      ".qcow2"))
         if node.memory is not None:
-            named.append((f"snapshot {node.name} memory", node.memory,
-                          r"snapshots/[\w.-]+\.state"))
-    for field, value, pattern in named:
-        if field == "disk_file" and tree.active_layer is not None:
+            named.append((f"snapshots.json snapshot {node.name} memory", node.memory,
+                          "snapshots", ".state"))
+    for field, value, under, suffix in named:
+        if field == "vm.json disk_file" and tree.active_layer is not None:
             continue  # superseded by the active layer
-        if value is None or not re.fullmatch(pattern, value) or not (folder / value).is_file():
-            raise BundleError(f"bundle {path}: {field} {value!r} is not a file of the bundle; "
-                              "refused")
+        try:
+            if value is None:
+                raise InvalidValue("missing")
+            check_relative_path(field, value, under=under, suffix=suffix)
+        except InvalidValue:
+            raise BundleError(f"bundle {path}: {field} {shown(value)} is not a file of the "
+                              "bundle; refused", hint=f"expected {under}/NAME{suffix}") from None
+        target = folder / value
+        if target.is_symlink() or not target.is_file():
+            raise BundleError(f"bundle {path}: {field} {shown(value)} is not a file of the "
+                              "bundle; refused")
     return config
 
 
-def _check_disks(folder: Path, path: Path) -> None:
+def _validated(folder: Path, name: str, model: type[_Model], path: Path) -> _Model:
+    """A metadata file parsed by its model; a refusal names the file and the field."""
+    try:
+        return model.model_validate_json((folder / name).read_bytes())
+    except InvalidValue as exc:
+        raise BundleError(f"bundle {path}: {name}: {exc.message}; refused", hint=exc.hint,
+                          detail=exc.detail) from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"]) or "(the document)"
+        raise BundleError(f"bundle {path}: {name}: invalid {field} "
+                          f"{shown(first.get('input'))}: {first['msg']}; refused") from None
+    except (OSError, ValueError) as exc:
+        raise BundleError(f"bundle {path}: unreadable {name}", detail=str(exc)) from exc
+
+
+def _check_disks(folder: Path, path: Path, owner: jail.RunAs | None) -> None:
     """Every qcow2 may only lean on another disk of the bundle (no /etc/shadow as backing)."""
     disks = {p.name for p in (folder / "disks").glob("*.qcow2")}
     for disk in sorted((folder / "disks").glob("*.qcow2")):
-        info = _disk_info(disk, path)
+        info = _disk_info(disk, path, owner)
         backing = info.get("backing-filename")
         if backing is not None and (backing not in disks or "/" in backing
                                     or info.get("backing-filename-format") != "qcow2"):

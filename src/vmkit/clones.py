@@ -12,6 +12,7 @@ Every clone gets a new identity: uuid, MAC, hostname (kernel command line) — n
 
 from __future__ import annotations
 
+import contextlib
 import os
 import socket
 import time
@@ -19,9 +20,12 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from vmkit import snapshots as snapshot_ops
+from vmkit.core.journal import Journal
 from vmkit.errors import AlreadyExists, InvalidState, VmkitError
+from vmkit.isolation import jail
+from vmkit.model.journal import JournalEntry
 from vmkit.model.names import validate_name
-from vmkit.model.runtime import RuntimeRecord
+from vmkit.model.runtime import MachineRecord, RuntimeRecord
 from vmkit.model.snapshots import SnapshotNode
 from vmkit.model.spec import ROOT_DISK_FILE, VmConfig, as_new_machine
 from vmkit.model.state import LIVE_STATES, VmState
@@ -81,7 +85,8 @@ def clone(source: VM, target: str, *, linked: bool = False, from_snapshot: str |
                 if linked:
                     img.create_overlay(disk, point)
                 else:
-                    img.convert_flat(point, disk)
+                    # the source's layers hold what its guest wrote: read as its own uid
+                    img.convert_flat(point, disk, untrusted=True, owner=source.disk_owner())
                 return _identity(source.config, target, backing=point if linked else None)
 
             vm = host._new_vm_folder(target, build)
@@ -103,7 +108,12 @@ def _check_free(source: VM, target: str) -> None:
 
 
 def instant_clone(source: VM, target: str) -> VM:
-    """A running copy of a running VM; the source keeps running."""
+    """A running copy of a running VM; the source keeps running.
+
+    Journalled in the source's folder: the source paused, its helper snapshot, the clone
+    published, the clone running, the source resumed. A cut anywhere is rolled forward (the
+    clone runs: resume the source) or back (no clone, no helper snapshot, the source running)
+    by `recover_instant_clone`."""
     host = source.host
     _check_free(source, target)
     with host._vm_lock(source.name):
@@ -112,12 +122,17 @@ def instant_clone(source: VM, target: str) -> VM:
             raise InvalidState(f"cannot instant-clone VM {source.name!r}: it is "
                                f"{record.state.value} (an instant clone needs a running VM)",
                                hint=f"start it first (vmkit start {source.name})")
+        log = Journal(source.folder.path)
+        point = f"clone-{target}"[:63]
+        log.begin("instant-clone", target=target, point=point)
+        log.step("paused")
         qmp_execute(source.folder.qmp_socket, "stop")
         paused = record.model_copy(update={"state": VmState.PAUSED})
         node: SnapshotNode | None = None
         try:
-            node = snapshot_ops.take_locked(source, paused, f"clone-{target}"[:63],
-                                            disk_only=True)
+            node = snapshot_ops.take_locked(source, paused, point, disk_only=True,
+                                            journal=False)
+            log.step("snapshot-taken")
             layer = source.folder.path / node.layer
 
             def build(work: VmFolder) -> VmConfig:
@@ -126,6 +141,7 @@ def instant_clone(source: VM, target: str) -> VM:
                 return _identity(source.config, target, backing=layer)
 
             clone_vm = host._new_vm_folder(target, build)
+            log.step("clone-published")
             with host._vm_lock(target):
                 # the memory travels over a socketpair vmkit hands to both QEMUs: each runs
                 # under its own uid and neither can open the other's folder
@@ -139,21 +155,66 @@ def instant_clone(source: VM, target: str) -> VM:
                     blockops.wait_migration(qmp, MIGRATE_TIMEOUT, "receiving memory")
 
                 try:
-                    clone_vm._start_locked(RuntimeRecord(), incoming=receive)
+                    clone_vm._start_locked(RuntimeRecord(), incoming=receive,
+                                           machine=_same_machine(source, clone_vm))
                 except BaseException:
                     host._discard_vm_folder(target)  # no half clone stays listed
                     raise
                 finally:
                     outgoing.close()
                     incoming.close()
+            log.step("clone-started")
         except BaseException:
             _resume(source)
             if node is not None and not host.layout.vm(target).path.exists():
                 snapshot_ops.delete_locked(source, source._record(), node.name)
+            log.end()
             raise
         _resume(source)
+        log.step("source-resumed")
+        log.end()
     tell_new_identity(clone_vm)
     return clone_vm
+
+
+def _same_machine(source: VM, clone: VM) -> MachineRecord | None:
+    """The clone's machine: the source's as it runs (its vm.json at start, with what was
+    hot-plugged since), under the clone's own identity (uuid, MACs, name)."""
+    running = source._record().machine
+    if running is None:
+        return None
+    was = running.config
+    now = clone.config
+    config = now.model_copy(update={
+        "spec": was.spec.model_copy(update={"name": now.spec.name}),
+        "hardware": was.hardware})
+    return running.model_copy(update={"config": config})
+
+
+def recover_instant_clone(source: VM, entry: JournalEntry) -> None:
+    """Forward when the clone runs from the source's memory (resume the source), else back:
+    the clone removed (QEMU, folder, uid), the helper snapshot merged away, the source
+    running again. The caller holds the source's lock."""
+    host = source.host
+    target, point = str(entry.intent["target"]), str(entry.intent["point"])
+    clone_runs = False
+    if host.layout.vm(target).config_file.exists():
+        with host._vm_lock(target):
+            clone = host.get(target)
+            record = clone._observe(persist=True, locked=True)
+            if record.state in LIVE_STATES and clone._alive(record):
+                with contextlib.suppress(VmkitError):
+                    status = qmp_execute(clone.folder.qmp_socket, "query-status")["status"]
+                    clone_runs = status in ("running", "paused")
+            if not clone_runs and entry.done("clone-published"):
+                if record.state in LIVE_STATES:
+                    clone._kill_locked(record, note=" (an interrupted instant clone)")
+                vm_uuid = clone.config.uuid
+                host._discard_vm_folder(target)
+                jail.release_owner(vm_uuid)
+    if not clone_runs and point in snapshot_ops.load_tree(source).nodes:
+        snapshot_ops.delete_locked(source, source._observe(persist=True, locked=True), point)
+    _resume(source)
 
 
 def _resume(vm: VM) -> None:

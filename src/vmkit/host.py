@@ -18,7 +18,7 @@ import socket
 import stat
 import time
 import uuid as uuidlib
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from vmkit import bundles, clones, live
 from vmkit import networks as net_ops
 from vmkit import nics as nic_ops
 from vmkit import snapshots as snapshot_ops
+from vmkit.core.journal import JOURNAL_FILE, Journal
 from vmkit.errors import (
     AgentError,
     AlreadyExists,
@@ -56,6 +57,7 @@ from vmkit.model.cloudinit import (
     seed_files,
     validate_hostname,
 )
+from vmkit.model.journal import JournalEntry
 from vmkit.model.names import validate_name
 from vmkit.model.network import USER_NETWORK, NetworkMode, Nic
 from vmkit.model.resources import (
@@ -67,7 +69,14 @@ from vmkit.model.resources import (
     memory_limit,
     vcpu_limit,
 )
-from vmkit.model.runtime import ExitRecord, Intent, RuntimeRecord, classify_exit
+from vmkit.model.runtime import (
+    ExitRecord,
+    HotplugStep,
+    Intent,
+    MachineRecord,
+    RuntimeRecord,
+    classify_exit,
+)
 from vmkit.model.sizes import format_size, parse_count, parse_size
 from vmkit.model.spec import (
     ROOT_DISK_FILE,
@@ -88,6 +97,7 @@ from vmkit.qemu import agent, hostinfo, img, process
 from vmkit.qemu.agent import ExecResult
 from vmkit.qemu.argv import HOTPLUG_SPARE, LaunchOptions, build_argv
 from vmkit.qemu.blockops import DISK_DEVICE
+from vmkit.qemu.hotplug import replay_args
 from vmkit.qemu.qmp import QmpConnection, qmp_execute, wait_qmp_ready
 from vmkit.storage.layout import (
     HomeLayout,
@@ -340,6 +350,10 @@ class Host:
         result = []
         for folder in sorted(self.layout.vms.iterdir()):
             if not folder.name.startswith(".") and (folder / "vm.json").exists():
+                if (folder / JOURNAL_FILE).exists():  # finish an interrupted operation
+                    with contextlib.suppress(LockTimeout, BrokenVm), \
+                            self._vm_lock(folder.name, timeout=0):
+                        pass
                 vm = VM(self, folder.name)
                 if include_broken or vm.broken_reason() is None:
                     result.append(vm)
@@ -492,8 +506,27 @@ class Host:
 
     def _vm_lock(self, name: str,
                  timeout: float | None = None) -> contextlib.AbstractContextManager[None]:
+        """The VM's lock; whoever takes it first finishes an interrupted operation (journal)."""
+        return self._locked_and_recovered(name, timeout)
+
+    @contextlib.contextmanager
+    def _locked_and_recovered(self, name: str, timeout: float | None) -> Iterator[None]:
         wait = self.lock_timeout if timeout is None else timeout
-        return file_lock(self._lock_path(name), timeout=wait, what=f"VM {name!r}")
+        with file_lock(self._lock_path(name), timeout=wait, what=f"VM {name!r}"):
+            if (self.layout.vm(name).path / JOURNAL_FILE).exists():
+                VM(self, name).recover_locked()
+            yield
+
+    def recover(self) -> list[str]:
+        """Finish every interrupted operation on this host (also done lazily, by the next
+        command on each VM); returns the VMs that had one."""
+        done = []
+        for folder in sorted(self.layout.vms.iterdir()):
+            if not folder.name.startswith(".") and (folder / JOURNAL_FILE).exists():
+                with self._vm_lock(folder.name):
+                    pass
+                done.append(folder.name)
+        return done
 
     def _host_lock(self) -> contextlib.AbstractContextManager[None]:
         return file_lock(self.layout.locks / "host.lock", timeout=self.lock_timeout,
@@ -538,6 +571,7 @@ class VM:
             self.config  # noqa: B018 - loading is the check
             self._record()
             snapshot_ops.load_tree(self)
+            Journal(self.folder.path).read()
         except BrokenVm as exc:
             return exc.message
         return None
@@ -553,6 +587,14 @@ class VM:
     def owner(self) -> jail.RunAs | None:
         """The uid/gid this VM's QEMU runs under (its own; None when vmkit is not root)."""
         return jail.vm_owner(self.config.uuid, self.folder.path)
+
+    def disk_owner(self) -> jail.RunAs | None:
+        """The VM's uid, with its folder in the jail's shape and the layers it leans on shared
+        with it: who runs qemu-img on its layers (what its guest wrote is untrusted)."""
+        owner = self.owner()
+        jail.prepare_folder(owner, self.folder.path)
+        jail.share_layers(owner, self.leaned_on_layers())
+        return owner
 
     def save_config(self, config: VmConfig) -> None:
         """Replace vm.json (the caller holds the VM's lock)."""
@@ -768,14 +810,45 @@ class VM:
 
     # -- lifecycle ------------------------------------------------------------------------
     def argv(self, accel: str, *, incoming: bool = False, ssh_port: int | None = None,
-             tap_fds: tuple[tuple[str, int], ...] = ()) -> list[str]:
-        """The QEMU command line this VM runs with (used by start and by benchmarks)."""
-        cfg = self.config
-        paths = self.folder.run_paths(self.active_layer(), cfg.boot.kernel, cfg.boot.initrd,
-                                      seed=cfg.cloud_init is not None)
+             tap_fds: tuple[tuple[str, int], ...] = (), layer: str | None = None,
+             machine: MachineRecord | None = None) -> list[str]:
+        """The QEMU command line this VM runs with (used by start and by benchmarks); `layer`
+        overrides the active disk layer (a restore starts on a layer not yet published);
+        `machine` rebuilds a machine as it was (its vm.json then + its hot-plugged devices)."""
+        cfg = machine.config if machine is not None else self.config
+        paths = self.folder.run_paths(layer or self.active_layer(), cfg.boot.kernel,
+                                      cfg.boot.initrd, seed=cfg.cloud_init is not None)
         argv = build_argv(cfg, paths, LaunchOptions(accel=accel, ssh_port=ssh_port,
                                                     tap_fds=tap_fds))
+        if machine is not None:
+            argv += replay_args(machine.hotplug)
         return [*argv, "-incoming", "defer"] if incoming else argv
+
+    def record_nic_plugged(self, nic: Nic, port_index: int) -> None:
+        """Note a NIC hot-plugged on root port `port_index`: the running machine now is its
+        start-time machine with that NIC in the next port and one spare port fewer (the same
+        ports, so a rebuilt machine matches the migration stream)."""
+        record = self._record()
+        machine = record.machine
+        if machine is None:
+            return
+        cfg = machine.config
+        if port_index != len(cfg.nics) or cfg.hardware.hotplug_ports < 1:
+            return  # a port freed by an unplug: not expressible as a start-time machine
+        cfg = cfg.model_copy(update={
+            "nics": (*cfg.nics, nic),
+            "hardware": cfg.hardware.model_copy(
+                update={"hotplug_ports": cfg.hardware.hotplug_ports - 1})})
+        self._write(record.model_copy(update={
+            "machine": machine.model_copy(update={"config": cfg})}))
+
+    def record_hotplug(self, kind: str, args: Mapping[str, Any]) -> None:
+        """Note a device hot-plugged into the running QEMU (the caller holds the lock), so the
+        machine can be rebuilt exactly."""
+        record = self._record()
+        if record.machine is not None:
+            step = HotplugStep.model_validate({"kind": kind, "args": dict(args)})
+            self._write(record.model_copy(update={"machine": record.machine.plugged(step)}))
 
     def active_layer(self) -> str:
         """The disk layer the guest writes to (relative to the folder); snapshots move it."""
@@ -801,7 +874,8 @@ class VM:
 
     def _start_locked(self, record: RuntimeRecord, *,
                       incoming: Callable[[QmpConnection], None] | None = None,
-                      resume: bool = True) -> None:
+                      resume: bool = True, layer: str | None = None,
+                      machine: MachineRecord | None = None) -> None:
         """Spawn QEMU (the caller holds the VM lock). With `incoming`, QEMU waits for a memory
         state that `incoming(qmp)` feeds it (a file or another QEMU), then continues from it."""
         hostinfo.require_supported_qemu()
@@ -817,8 +891,9 @@ class VM:
             over_user_nic = not cfg.nics or any(n.network == USER_NETWORK for n in cfg.nics)
             ssh_port = _free_local_port() if cfg.ssh_user and over_user_nic else None
             taps = net_ops.open_taps(self)
+            machine = machine or MachineRecord(config=self.config)
             argv = self.argv(accel, incoming=incoming is not None, ssh_port=ssh_port,
-                             tap_fds=tuple(taps.items()))
+                             tap_fds=tuple(taps.items()), layer=layer, machine=machine)
             self.folder.run.mkdir(mode=0o700, exist_ok=True)
             if self.config.cloud_init is not None:
                 with os_errors(f"writing the cloud-init seed of VM {self.name!r}"):
@@ -830,7 +905,8 @@ class VM:
                     os.chmod(staged, 0o644)
                     os.replace(staged, self.folder.seed_file)
             starting = RuntimeRecord(state=VmState.STARTING, accel=accel, accel_reason=reason,
-                                     last_exit=record.last_exit, ssh_port=ssh_port)
+                                     last_exit=record.last_exit, ssh_port=ssh_port,
+                                     machine=machine)
             self._write(starting)
             driver = self.host.cgroups
             join: list[Path] = []
@@ -993,12 +1069,28 @@ class VM:
         if any(nic.network != USER_NETWORK for nic in self.config.nics):
             net_ops.forget(self.host)  # its leases, names and forwards go too
 
+    def recover_locked(self) -> None:
+        """Roll an unfinished operation recorded in the journal forward or back, then sweep
+        files nothing names (the caller holds the VM's lock)."""
+        journal = Journal(self.folder.path)
+        entry = journal.read()
+        if entry is None:
+            return
+        rules: dict[str, Callable[[VM, JournalEntry], None]] = {
+            "snapshot": snapshot_ops.recover_take, "restore": snapshot_ops.recover_restore,
+            "delete-snapshot": snapshot_ops.recover_delete,
+            "instant-clone": clones.recover_instant_clone, "export": bundles.recover_export}
+        rules[entry.op](self, entry)
+        journal.end()
+        snapshot_ops.sweep_orphans(self)
+
     def _delete_broken(self) -> None:
         """Remove a VM whose metadata is unreadable: kill a QEMU that still runs for it (found
         by the uuid vm.json may still name, or by its folder in QEMU's argv), its cgroup, its
         uid claim, its folder."""
         vm_uuid = str(self._lenient().get("uuid") or "")
-        with self.host._vm_lock(self.name):
+        with file_lock(self.host._lock_path(self.name), timeout=self.host.lock_timeout,
+                       what=f"VM {self.name!r}"):
             for identity in process.find_qemus_of(self.folder.path, vm_uuid or None):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(identity.pid, signal.SIGKILL)

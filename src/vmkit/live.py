@@ -118,9 +118,9 @@ def set_resources(vm: VM, *, cpus: int | str | None = None, memory: int | str | 
         if live:
             with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
                 if want_cpus is not None:
-                    _live_cpus(qmp, want_cpus, spec.cpu_ceiling, result)
+                    _live_cpus(vm, qmp, want_cpus, spec.cpu_ceiling, result)
                 if want_memory is not None:
-                    _live_memory(qmp, want_memory, spec.memory_ceiling, result)
+                    _live_memory(vm, qmp, want_memory, spec.memory_ceiling, result)
                 if want_disk is not None:
                     qmp.execute("block_resize", {"node-name": blockops.top_node(qmp),
                                                  "size": want_disk})
@@ -132,14 +132,16 @@ def set_resources(vm: VM, *, cpus: int | str | None = None, memory: int | str | 
                 host.cgroups.apply(vm.name, vm.cgroup_limits(new_spec))
                 result.now.append("CPU weight/limit set")
         elif want_disk is not None:
-            img.resize(vm.folder.path / vm.active_layer(), want_disk)
+            img.resize(vm.folder.path / vm.active_layer(), want_disk, untrusted=True,
+                       owner=vm.disk_owner())
         vm.save_config(config.model_copy(update={"spec": new_spec}))
         if not live:
             result.at_restart.append("saved for the next start")
     return result
 
 
-def _live_cpus(qmp: QmpConnection, want: int, ceiling: int, result: SetResult) -> None:
+def _live_cpus(vm: VM, qmp: QmpConnection, want: int, ceiling: int,
+               result: SetResult) -> None:
     slots = qmp.execute("query-hotpluggable-cpus")
     present = [slot for slot in slots if slot.get("qom-path")]
     if want > ceiling:
@@ -154,11 +156,13 @@ def _live_cpus(qmp: QmpConnection, want: int, ceiling: int, result: SetResult) -
         props: dict[str, Any] = slot["props"]
         ident = "vcpu-" + "-".join(f"{k[0]}{v}" for k, v in sorted(props.items()))
         qmp.execute("device_add", {"driver": slot["type"], "id": ident, **props})
+        vm.record_hotplug("device", {"driver": slot["type"], "id": ident, **props})
     if want > len(present):
         result.now.append(f"hot-added {want - len(present)} vCPUs ({want} now)")
 
 
-def _live_memory(qmp: QmpConnection, want: int, ceiling: int, result: SetResult) -> None:
+def _live_memory(vm: VM, qmp: QmpConnection, want: int, ceiling: int,
+                 result: SetResult) -> None:
     summary = qmp.execute("query-memory-size-summary")
     plugged = int(summary["base-memory"]) + int(summary.get("plugged-memory", 0))
     if want > ceiling:
@@ -173,10 +177,12 @@ def _live_memory(qmp: QmpConnection, want: int, ceiling: int, result: SetResult)
                                f"multiples of {format_size(DIMM_ALIGN)}",
                                hint=f"ask for {format_size(rounded)}")
         index = len(qmp.execute("query-memory-devices"))
-        qmp.execute("object-add", {"qom-type": "memory-backend-ram", "id": f"mem-dimm{index}",
-                                   "size": add})
-        qmp.execute("device_add", {"driver": "pc-dimm", "id": f"dimm{index}",
-                                   "memdev": f"mem-dimm{index}"})
+        backend = {"qom-type": "memory-backend-ram", "id": f"mem-dimm{index}", "size": add}
+        dimm = {"driver": "pc-dimm", "id": f"dimm{index}", "memdev": f"mem-dimm{index}"}
+        qmp.execute("object-add", backend)
+        vm.record_hotplug("object", backend)
+        qmp.execute("device_add", dimm)
+        vm.record_hotplug("device", dimm)
         result.now.append(f"hot-added {format_size(add)} of memory")
     # the balloon takes back (or gives back) what is above `want`
     qmp.execute("balloon", {"value": want})

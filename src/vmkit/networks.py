@@ -31,6 +31,7 @@ from vmkit.model.network import (
     bridge_name,
     check_no_overlap,
     free_subnet,
+    needs_route_localnet,
     next_address,
     nft_table,
     nic_mac,
@@ -243,8 +244,14 @@ def reconcile(host: Host) -> None:
 def _reconcile_locked(host: Host) -> None:
     specs = definitions(host)
     attachments = _attachments(host)
-    if any(spec.mode == "nat" for spec in specs):
-        services.enable_forwarding()
+    live = {vm.name for vm in host.vms() if vm._record().state in LIVE_STATES}
+    # a VM that is not running forwards nothing (its host port is free for another VM)
+    forwarding = {name: [a if a.vm in live else a.model_copy(update={"forwards": ()})
+                         for a in net_attachments]
+                  for name, net_attachments in attachments.items()}
+    if any(spec.mode == "nat" for spec in specs) or any(
+            a.forwards for net_attachments in forwarding.values() for a in net_attachments):
+        services.enable_forwarding()  # NAT out, or forwards in: the host routes
     for spec in specs:
         folder = _folder(host, spec.name)
         mine = [a for a in attachments.get(spec.name, []) if a.address is not None]
@@ -262,9 +269,12 @@ def _reconcile_locked(host: Host) -> None:
         write_text(conf, wanted)
         services.start_dnsmasq(folder, conf)
     services.apply_nftables(render_nftables(
-        [(spec, attachments.get(spec.name, [])) for spec in specs], table=nft_table(
+        [(spec, forwarding.get(spec.name, [])) for spec in specs], table=nft_table(
             _scope(host))))
-    live = {vm.name for vm in host.vms() if vm._record().state in LIVE_STATES}
+    for spec in specs:
+        if spec.managed:  # only while a forward on the host's loopback needs it
+            services.set_route_localnet(spec.bridge,
+                                        needs_route_localnet(forwarding.get(spec.name, [])))
     for net_attachments in attachments.values():
         for a in net_attachments:
             if a.vm not in live:
@@ -290,12 +300,14 @@ def write_text(path: Path, text: str) -> None:
 def prepare_start(vm: VM) -> None:
     """Before QEMU starts: its networks up with its leases and rules, a tap per NIC owned by
     the user QEMU runs as."""
+    forwards = tuple(f for n in vm.config.nics for f in n.forwards)
+    _check_forwards_free(vm.host, forwards, exclude=vm.name, live_only=True)
     nics = [n for n in vm.config.nics if n.network != USER_NETWORK]
     if not nics:
         return
     _require_root(f"starting VM {vm.name!r} on a vmkit network")
     host = vm.host
-    owner = host.run_as
+    owner = vm.owner()  # the tap belongs to the VM's own uid
     with _lock(host):
         specs = {n.name: n for n in definitions(host)}
         for nic in nics:
@@ -330,7 +342,7 @@ def open_taps(vm: VM) -> dict[str, int]:
 def ensure_tap(vm: VM, nic: Nic) -> str:
     """The tap of one NIC (hot-plug), after the network learnt of the NIC."""
     host = vm.host
-    owner = host.run_as
+    owner = vm.owner()  # the tap belongs to the VM's own uid
     with _lock(host):
         _reconcile_locked(host)
         spec = {n.name: n for n in definitions(host)}[nic.network]
@@ -385,14 +397,30 @@ def new_nics(host: Host, vm_uuid: str, networks: list[str], ports: list[str],
     return tuple(nics)
 
 
-def _check_forwards_free(host: Host, forwards: tuple[PortForward, ...]) -> None:
-    taken = {(f.proto, f.host_port): vm.name for vm in host.vms() for nic in vm.config.nics
-             for f in nic.forwards}
+def _check_forwards_free(host: Host, forwards: tuple[PortForward, ...], *,
+                         exclude: str | None = None, live_only: bool = False) -> None:
+    """Refuse (exit 2) a forward whose host address:port another forward of this home or any
+    program on the host holds already. At create and `nic add` every VM's forwards count; at
+    start those of running VMs (a stopped VM forwards nothing)."""
+    for index, f in enumerate(forwards):
+        twin = next((g for g in forwards[:index] if g.overlaps(f)), None)
+        if twin is not None:
+            raise InvalidValue(f"invalid port forward: host port {f.describe()} is asked for "
+                               f"twice ({twin.describe()})", hint="pick another host port")
+    if not forwards:
+        return
+    for vm in host.vms():
+        if vm.name == exclude or (live_only and vm._record().state not in LIVE_STATES):
+            continue
+        for g in (g for nic in vm.config.nics for g in nic.forwards):
+            hit = next((f for f in forwards if f.overlaps(g)), None)
+            if hit is not None:
+                raise InvalidValue(f"invalid port forward: host port {hit.describe()} is in use "
+                                   f"by another vmkit VM {vm.name!r} ({g.describe()})",
+                                   hint="pick another host port")
     for f in forwards:
-        owner = taken.get((f.proto, f.host_port))
-        if owner is not None:
-            raise InvalidValue(f"host port {f.host_port}/{f.proto} is already forwarded to VM "
-                               f"{owner!r}", hint="pick another host port")
+        services.check_port_free(f.proto, f.address, f.host_port,
+                                 what=f"port forward {f.describe()}")
 
 
 def with_addresses(host: Host, nics: tuple[Nic, ...]) -> tuple[Nic, ...]:

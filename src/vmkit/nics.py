@@ -68,8 +68,7 @@ def _plug(vm: VM, nic: Nic, *, slots: int) -> None:
     if nic.network == USER_NETWORK:
         arguments = {"type": "user", "id": netdev_id(nic),
                      **dict(item.split("=", 1) for item in USER_NET.split(",")),
-                     "hostfwd": [{"str": f"{f.proto}::{f.host_port}-:{f.guest_port}"}
-                                 for f in nic.forwards]}
+                     "hostfwd": [{"str": f.hostfwd} for f in nic.forwards]}
     tap_fd: int | None = None
     try:
         with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
@@ -92,6 +91,7 @@ def _device_add(qmp: QmpConnection, vm: VM, nic: Nic, slots: int) -> None:
             qmp.execute("device_add", {"driver": "virtio-net-pci", "id": nic_id(nic),
                                        "netdev": netdev_id(nic), "mac": nic.mac,
                                        "bus": port_id(index)})
+            vm.record_nic_plugged(nic, index)
             return
         except QemuError as exc:  # that port holds a device already: try the next
             last = exc

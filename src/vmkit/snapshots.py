@@ -21,10 +21,13 @@ from typing import TYPE_CHECKING
 
 from pydantic import BaseModel, ConfigDict
 
-from vmkit.errors import AgentError, InvalidState, OperationTimeout, os_errors
+from vmkit.core.journal import Journal
+from vmkit.errors import AgentError, InvalidState, OperationTimeout, VmkitError, os_errors
 from vmkit.isolation import jail
+from vmkit.model.journal import JournalEntry
 from vmkit.model.runtime import RuntimeRecord
 from vmkit.model.snapshots import SnapshotNode, SnapshotTree
+from vmkit.model.spec import check_relative_path
 from vmkit.model.state import LIVE_STATES, VmState
 from vmkit.qemu import agent, blockops, img
 from vmkit.qemu.qmp import QmpConnection
@@ -102,7 +105,11 @@ def take(vm: VM, name: str, *, disk_only: bool = False) -> SnapshotNode:
         return take_locked(vm, record, name, disk_only=disk_only)
 
 
-def take_locked(vm: VM, record: RuntimeRecord, name: str, *, disk_only: bool) -> SnapshotNode:
+def take_locked(vm: VM, record: RuntimeRecord, name: str, *, disk_only: bool,
+                journal: bool = True) -> SnapshotNode:
+    """Take the snapshot (the caller holds the VM's lock). With `journal`, every step is
+    recorded so an interruption is rolled forward or back (`recover_take`); operations that
+    take a helper snapshot inside their own journal (instant clone, export) pass False."""
     tree = load_tree(vm)
     tree.check_new(vm.name, name)
     if record.state in (VmState.STARTING, VmState.STOPPING):
@@ -123,14 +130,22 @@ def take_locked(vm: VM, record: RuntimeRecord, name: str, *, disk_only: bool) ->
         _commit(vm, tree, node, new_active, new_path)
         return node
 
+    log = Journal(vm.folder.path) if journal else None
+    if log is not None:
+        log.begin("snapshot", name=name, new_layer=new_active, memory=memory_rel)
     quiesced: bool | None = None
+    switched = False
     with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
         was_running = record.state is VmState.RUNNING
-        paused_by_us = False
+        paused_by_us = freeze_tried = False
         try:
             if disk_only:
-                quiesced = _freeze(vm) if was_running else None
+                if was_running:
+                    freeze_tried = True
+                    _step(log, "paused", frozen=True)
+                    quiesced = _freeze(vm)
             elif was_running:
+                _step(log, "paused", paused_by_us=True)
                 qmp.execute("stop")
                 paused_by_us = True
             memory_size = 0
@@ -138,31 +153,107 @@ def take_locked(vm: VM, record: RuntimeRecord, name: str, *, disk_only: bool) ->
                 memory_path.parent.mkdir(mode=0o700, exist_ok=True)
                 blockops.save_memory(qmp, memory_path, MEMORY_STATE_TIMEOUT)
                 memory_size = memory_path.stat().st_size
+                _step(log, "memory-saved")
             img.create_overlay(new_path, Path(active).name)
             jail.give_file(vm.owner(), vm.folder.path, new_active)  # QEMU opens it as the VM
             node = SnapshotNode(
                 name=name, parent=tree.current, created_at=time.time(), layer=active,
                 memory=memory_rel, memory_size=memory_size, taken_in=taken_in,
-                quiesced=quiesced)
-            # record first, then switch QEMU over: a crash in between leaves a recorded
-            # layer that QEMU has not started writing to yet, never lost writes
-            _commit(vm, tree, node, new_active, new_path)
-            try:
-                blockops.add_overlay_on_top(qmp, new_path, f"layer-{Path(new_active).stem}")
-            except BaseException:
-                save_tree(vm, tree)
-                raise
+                quiesced=quiesced, machine=record.machine if with_memory else None)
+            _step(log, "overlay-created", node=node.model_dump(mode="json"))
+            # switch QEMU over first, then publish the tree: the tree never names a layer
+            # QEMU is not writing to; a cut in between is rolled forward by the journal
+            blockops.add_overlay_on_top(qmp, new_path, f"layer-{Path(new_active).stem}")
+            switched = True
+            _step(log, "switched")
+            save_tree(vm, tree.with_node(node).model_copy(update={"active_layer": new_active}))
+            _step(log, "tree-saved")
         except BaseException:
-            new_path.unlink(missing_ok=True)
-            if memory_path is not None:
-                memory_path.unlink(missing_ok=True)
+            if not switched:
+                new_path.unlink(missing_ok=True)
+                if memory_path is not None:
+                    memory_path.unlink(missing_ok=True)
+                if log is not None:
+                    log.end()  # rolled back here; after the switch recovery rolls forward
             raise
         finally:
-            if quiesced:
-                _thaw(vm)
+            if freeze_tried:
+                thaw(vm)  # also when the freeze timed out: the guest may be frozen anyway
             if paused_by_us:
                 qmp.execute("cont")
+    if log is not None:
+        log.end()
     return node
+
+
+def _step(log: Journal | None, step: str, **intent: object) -> None:
+    if log is not None:
+        log.step(step, **intent)
+
+
+def recover_take(vm: VM, entry: JournalEntry) -> None:
+    """Finish or undo an interrupted live snapshot: forward when QEMU already writes to the
+    new layer (or the tree was saved), else back; then thaw and resume what it stopped."""
+    intent = entry.intent
+    new_layer = str(intent["new_layer"])
+    record = vm._record()
+    alive = vm._alive(record)
+    top = None
+    if alive:
+        with contextlib.suppress(VmkitError), \
+                QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+            top = blockops.top_node(qmp)
+    tree = load_tree(vm)
+    forward = entry.done("switched") or top == f"layer-{Path(new_layer).stem}"
+    node_data = intent.get("node")
+    if forward and node_data is not None and intent["name"] not in tree.nodes:
+        node = SnapshotNode.model_validate(node_data)
+        save_tree(vm, tree.with_node(node).model_copy(update={"active_layer": new_layer}))
+    elif not forward:
+        _remove_unreferenced(vm, [new_layer, intent.get("memory")])
+    if alive:
+        if intent.get("frozen"):
+            thaw(vm)
+        if intent.get("paused_by_us"):
+            _continue_if_paused(vm)
+
+
+def _continue_if_paused(vm: VM) -> None:
+    with contextlib.suppress(VmkitError), \
+            QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+        # after a completed save QEMU says postmigrate; both continue with `cont`
+        if qmp.execute("query-status")["status"] in ("paused", "postmigrate"):
+            qmp.execute("cont")
+
+
+def _remove_unreferenced(vm: VM, files: list[object]) -> None:
+    """Remove files the tree does not name (a half-made layer or state)."""
+    tree = load_tree(vm)
+    used = {n.layer for n in tree.nodes.values()} | {n.memory for n in tree.nodes.values()}
+    used |= {vm.active_layer(), vm.config.disk_file}
+    for rel in files:
+        if isinstance(rel, str) and rel not in used:
+            check_relative_path("journal file", rel)
+            (vm.folder.path / rel).unlink(missing_ok=True)
+
+
+def sweep_orphans(vm: VM) -> list[str]:
+    """Remove layers and memory states nothing names (left by an interruption before there
+    was a journal, or by a crash of vmkit itself); the caller holds the lock, no journal."""
+    tree = load_tree(vm)
+    used = {n.layer for n in tree.nodes.values()} | {n.memory for n in tree.nodes.values()}
+    used |= {vm.active_layer(), vm.config.disk_file}
+    removed = []
+    for folder, suffix in (("disks", ".qcow2"), ("snapshots", ".state")):
+        directory = vm.folder.path / folder
+        if not directory.is_dir():
+            continue
+        for entry in directory.iterdir():
+            rel = f"{folder}/{entry.name}"
+            if entry.name.endswith(suffix) and rel not in used and not entry.is_symlink():
+                entry.unlink(missing_ok=True)
+                removed.append(rel)
+    return removed
 
 
 def _commit(vm: VM, tree: DiskState, node: SnapshotNode, new_active: str, new_path: Path) -> None:
@@ -174,7 +265,8 @@ def _commit(vm: VM, tree: DiskState, node: SnapshotNode, new_active: str, new_pa
 
 
 def _freeze(vm: VM) -> bool:
-    """Quiesce the guest's file systems through the agent; False when it cannot."""
+    """Quiesce the guest's file systems through the agent; False when it cannot (the caller
+    thaws in any case: a freeze that timed out here may still complete in the guest)."""
     try:
         with agent.AgentConnection(vm.folder.agent_socket, timeout=FREEZE_TIMEOUT) as conn:
             conn.call("guest-fsfreeze-freeze", timeout=FREEZE_TIMEOUT)
@@ -183,51 +275,134 @@ def _freeze(vm: VM) -> bool:
         return False
 
 
-def _thaw(vm: VM) -> None:
-    with contextlib.suppress(AgentError, OperationTimeout), agent.AgentConnection(
-            vm.folder.agent_socket, timeout=FREEZE_TIMEOUT) as conn:
-        conn.call("guest-fsfreeze-thaw", timeout=FREEZE_TIMEOUT)
+THAW_ATTEMPTS = 6
+
+
+def thaw(vm: VM) -> bool:
+    """Thaw the guest's file systems, retrying while a stalled freeze may still hold the
+    agent; True once the agent says nothing is frozen."""
+    for attempt in range(THAW_ATTEMPTS):
+        try:
+            with agent.AgentConnection(vm.folder.agent_socket, timeout=FREEZE_TIMEOUT) as conn:
+                conn.call("guest-fsfreeze-thaw", timeout=FREEZE_TIMEOUT)
+                if conn.call("guest-fsfreeze-status", timeout=FREEZE_TIMEOUT) == "thawed":
+                    return True
+        except (AgentError, OperationTimeout):
+            pass
+        time.sleep(min(5.0, 0.5 * 2 ** attempt))
+    return False
 
 
 # -- restore ------------------------------------------------------------------------------
 def restore(vm: VM, name: str) -> None:
     """Bring the VM to the snapshot: a memory snapshot continues running from that moment; a
-    disk-only snapshot leaves the VM stopped with that disk (it is a powered-off state)."""
+    disk-only snapshot leaves the VM stopped with that disk (it is a powered-off state).
+
+    The present disk stays until the new QEMU has loaded the snapshot: only then is the tree
+    switched and the old active layer retired."""
     with vm.host._vm_lock(vm.name):
         record = vm._observe(persist=True, locked=True)
         tree = load_tree(vm)
         node = tree.get(vm.name, name)
         if record.state in (VmState.STARTING, VmState.STOPPING):
             raise InvalidState(f"cannot restore VM {vm.name!r}: it is {record.state.value}")
-        if record.state in LIVE_STATES:
-            vm._kill_locked(record, note=f" (to restore snapshot {name!r})")
-            record = vm._record()
         old_active = vm.active_layer()
         new_active = _new_layer()
         new_path = vm.folder.path / new_active
-        img.create_overlay(new_path, Path(node.layer).name)
+        log = Journal(vm.folder.path)
+        log.begin("restore", name=name, new_layer=new_active, old_active=old_active)
+        if record.state in LIVE_STATES:
+            vm._kill_locked(record, note=f" (to restore snapshot {name!r})")
+            record = vm._record()
+        log.step("stopped")
         try:
-            save_tree(vm, tree.model_copy(update={"current": name, "active_layer": new_active}))
+            img.create_overlay(new_path, Path(node.layer).name)
+            log.step("overlay-created")
+            if node.memory is not None:
+                state_file = vm.folder.path / node.memory
+                vm._start_locked(
+                    record, resume=node.taken_in == "running", layer=new_active,
+                    machine=node.machine,  # the machine the state was taken from
+                    incoming=lambda qmp: blockops.load_memory(qmp, state_file,
+                                                              MEMORY_STATE_TIMEOUT))
+            log.step("started")
         except BaseException:
-            new_path.unlink(missing_ok=True)
+            new_path.unlink(missing_ok=True)  # the present disk is untouched
+            log.end()
             raise
-        if old_active not in {n.layer for n in tree.nodes.values()}:
-            (vm.folder.path / old_active).unlink(missing_ok=True)  # the discarded present
-        if node.memory is not None:
-            state_file = vm.folder.path / node.memory
-            vm._start_locked(
-                record, resume=node.taken_in == "running",
-                incoming=lambda qmp: blockops.load_memory(qmp, state_file, MEMORY_STATE_TIMEOUT))
+        _finish_restore(vm, name, new_active, old_active)
+        log.step("tree-saved")
+        log.end()
+
+
+def _finish_restore(vm: VM, name: str, new_active: str, old_active: str) -> None:
+    tree = load_tree(vm)
+    save_tree(vm, tree.model_copy(update={"current": name, "active_layer": new_active}))
+    if old_active not in {n.layer for n in tree.nodes.values()} | {vm.config.disk_file}:
+        (vm.folder.path / old_active).unlink(missing_ok=True)  # the discarded present
+
+
+def recover_restore(vm: VM, entry: JournalEntry) -> None:
+    """Forward when the new QEMU runs from the snapshot (or the tree was saved), else back:
+    no QEMU half-loaded, the present disk kept, the VM stopped."""
+    intent = entry.intent
+    new_layer, old_active = str(intent["new_layer"]), str(intent["old_active"])
+    if entry.done("tree-saved"):
+        _remove_unreferenced(vm, [old_active])
+        return
+    tree = load_tree(vm)
+    node = tree.nodes.get(str(intent["name"]))
+    record = vm._observe(persist=True, locked=True)
+    if not entry.done("stopped"):
+        _remove_unreferenced(vm, [new_layer])
+        return
+    running_new = False
+    if record.state in LIVE_STATES and vm._alive(record):
+        with contextlib.suppress(VmkitError), \
+                QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+            running_new = qmp.execute("query-status")["status"] in ("running", "paused")
+        if not running_new:
+            vm._kill_locked(record, note=" (an interrupted restore)")
+    memory_snapshot = node is not None and node.memory is not None
+    if node is not None and (running_new or (entry.done("started") and not memory_snapshot)):
+        _finish_restore(vm, node.name, new_layer, old_active)
+    else:
+        _remove_unreferenced(vm, [new_layer])
 
 
 # -- delete -------------------------------------------------------------------------------
 def delete(vm: VM, name: str) -> None:
     with vm.host._vm_lock(vm.name):
         record = vm._observe(persist=True, locked=True)
-        delete_locked(vm, record, name)
+        tree = load_tree(vm)
+        tree.get(vm.name, name)
+        log = Journal(vm.folder.path)
+        log.begin("delete-snapshot", name=name)
+        try:
+            delete_locked(vm, record, name, log=log)
+        except BaseException:
+            if load_tree(vm).nodes.get(name) is not None and not log_has(log, "merged"):
+                log.end()  # nothing merged yet: nothing to finish
+            raise
+        log.end()
 
 
-def delete_locked(vm: VM, record: RuntimeRecord, name: str) -> None:
+def log_has(log: Journal, step: str) -> bool:
+    return log.entry is not None and log.entry.done(step)
+
+
+def recover_delete(vm: VM, entry: JournalEntry) -> None:
+    """A delete is safe to run again (a rebase onto the same parent changes nothing): finish
+    it, or remove what its tree no longer names."""
+    name = str(entry.intent["name"])
+    tree = load_tree(vm)
+    if name in tree.nodes:
+        delete_locked(vm, vm._observe(persist=True, locked=True), name)
+    sweep_orphans(vm)
+
+
+def delete_locked(vm: VM, record: RuntimeRecord, name: str, *,
+                  log: Journal | None = None) -> None:
     tree = load_tree(vm)
     node = tree.get(vm.name, name)
     layer_path = vm.folder.path / node.layer
@@ -250,8 +425,11 @@ def delete_locked(vm: VM, record: RuntimeRecord, name: str) -> None:
         if child in running_chain:
             _stream_into(vm, child, active, parent_backing)
         else:
-            img.rebase(child, parent_backing, timeout=MERGE_TIMEOUT)
+            img.rebase(child, parent_backing, timeout=MERGE_TIMEOUT, untrusted=True,
+                       owner=vm.disk_owner())
+    _step(log, "merged")
     save_tree(vm, tree.without(name))
+    _step(log, "tree-saved")
     layer_path.unlink(missing_ok=True)
     if node.memory is not None:
         (vm.folder.path / node.memory).unlink(missing_ok=True)

@@ -101,7 +101,7 @@ def test_nics_on_networks_sit_on_root_ports_with_spares_for_hot_plug() -> None:
     _check("argv_networks.json", argv)
     netdevs = [argv[i + 1] for i, a in enumerate(argv) if a == "-netdev"]
     assert netdevs[0] == "tap,id=net-525400aa0001,fd=7,vhost=off"  # QEMU opens no tap itself
-    assert netdevs[1].endswith("hostfwd=tcp::8080-:80,hostfwd=tcp:127.0.0.1:40022-:22")
+    assert netdevs[1].endswith("hostfwd=tcp:127.0.0.1:8080-:80,hostfwd=tcp:127.0.0.1:40022-:22")
     assert "restrict" not in netdevs[1]  # an explicit user NIC reaches out (QEMU's NAT)
     ports = [a for a in argv if a.startswith("pcie-root-port")]
     assert len(ports) == 2 + 4

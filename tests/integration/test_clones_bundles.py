@@ -6,6 +6,7 @@ import hashlib
 import io
 import json
 import os
+import stat
 import subprocess
 import tarfile
 import time
@@ -79,6 +80,7 @@ def test_export_import_round_trip_with_snapshots(host: Host, home: Path,
     bundle = home / "travel.vmkit"
     done = run_cli(home, "export", "travel", str(bundle))  # a running VM: consistent point
     assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(bundle.stat().st_mode) == 0o600  # disks and RAM: owner only
     assert vm.state is VmState.RUNNING and [s.name for s in vm.snapshots()] == ["mem"]
     with new_home(image_home) as elsewhere:
         other = Host(elsewhere)

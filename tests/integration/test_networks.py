@@ -118,7 +118,7 @@ def wait_for(check: Callable[[], bool], what: str, timeout: float = 60) -> None:
 def test_vms_on_one_network_reach_each_other_by_name(lab: Lab) -> None:
     lab.ok("network", "create", "lan", "--subnet", "198.18.10.0/24", "--nat")
     lab.ok("network", "create", "backend", "--subnet", "198.18.20.0/24", "--isolated")
-    lab.ok("create", "a", "--network", "lan", "--port", "8080:80")
+    lab.ok("create", "a", "--network", "lan", "--port", "198.19.0.1:8080:80")
     lab.ok("create", "b", "--network", "lan")
     lab.ok("create", "c", "--network", "backend")
     for vm in ("a", "b", "c"):

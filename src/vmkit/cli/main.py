@@ -71,6 +71,21 @@ def _status(message: str) -> Iterator[None]:
 
 # -- host ---------------------------------------------------------------------------------
 @app.command()
+def recover(format: FormatOpt = Format.table) -> None:
+    """Finish every operation a killed vmkit left half-done (snapshot, restore, snapshot
+    delete, instant clone, export): roll it forward or back, resume what it paused, sweep
+    files nothing names. Any later command on a VM does the same for that VM.
+
+    Example: vmkit recover
+    """
+    done = _host().recover()
+    if format is Format.json:
+        render.print_json({"recovered": done})
+        return
+    render.err.print(f"recovered: {', '.join(done)}" if done else "nothing to recover")
+
+
+@app.command()
 def doctor(format: FormatOpt = Format.table) -> None:
     """Report what this host offers: QEMU, accelerator and why, cgroups, disk, capacity.
 
@@ -181,7 +196,8 @@ def create(
     network: Annotated[list[str] | None, typer.Option(
         help="a NIC on this network (repeatable; 'user' = QEMU user-mode networking)")] = None,
     port: Annotated[list[str] | None, typer.Option(
-        help="forward HOST:GUEST[/udp] from the host to the first NIC (repeatable)")] = None,
+        help="forward [ADDR:]HOST:GUEST[/udp] from the host to the first NIC (ADDR: default "
+             "127.0.0.1, 0.0.0.0 = every address; repeatable)")] = None,
 ) -> None:
     """Create a VM (a folder under VMKIT_HOME/vms).
 
@@ -332,7 +348,8 @@ def info(name: NameArg, format: FormatOpt = Format.table) -> None:
     if status.ssh:
         rows.append(["ssh", f"{status.ssh} (vmkit ssh {status.name})"])
     for nic in status.nics:
-        forwards = ", ".join(f"{f.host_port}->{f.guest_port}/{f.proto}" for f in nic.forwards)
+        forwards = ", ".join(f"{f.address}:{f.host_port}->{f.guest_port}/{f.proto}"
+                             for f in nic.forwards)
         rows.append(["NIC", f"{nic.mac} on {nic.network}"
                             f"{f', address {nic.address}' if nic.address else ''}"
                             f"{f', forwards {forwards}' if forwards else ''}"])
@@ -625,7 +642,8 @@ def network_reconcile() -> None:
 def nic_add(name: NameArg,
             network: Annotated[str, typer.Option(help="network name, or 'user'")],
             port: Annotated[list[str] | None, typer.Option(
-                help="forward HOST:GUEST[/udp] to this NIC (repeatable)")] = None) -> None:
+                help="forward [ADDR:]HOST:GUEST[/udp] to this NIC (ADDR: default 127.0.0.1, "
+                     "0.0.0.0 = every address; repeatable)")] = None) -> None:
     """Add a NIC on a network; a running VM gets it hot-plugged and asks for a lease.
 
     Example: vmkit nic add web --network backend
@@ -693,7 +711,8 @@ def export_(name: NameArg,
     bar, progress = _bytes_progress(f"export {name}")
     with bar:
         result = vm.export(path, progress=progress)
-    render.err.print(f"exported {name} to {result['path']} ({render.size(result['bytes'])})")
+    render.err.print(f"exported {name} to {result['path']} ({render.size(result['bytes'])}, "
+                     f"mode {result['mode']}: readable by its owner only)")
 
 
 @app.command("import")

@@ -10,10 +10,11 @@ from __future__ import annotations
 import base64
 import binascii
 import json
+import re
 import struct
 
 import yaml
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
 
 from vmkit.errors import InvalidValue
 from vmkit.model.names import is_dns_label
@@ -26,6 +27,9 @@ KEY_TYPES = frozenset({
 # First lines cloud-init recognises as a user-data format (besides #cloud-config).
 _USER_DATA_STARTS = ("#!", "#include", "#cloud-boothook", "#part-handler", "#cloud-config-archive",
                      "#cloud-config-jsonp", "## template: jinja", "Content-Type:")
+USER_DATA_LIMIT = 1 << 20  # bytes of user-data a VM may carry (clouds allow 16-256 KiB)
+SSH_KEYS_LIMIT = 64
+_INSTANCE_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 class CloudInit(BaseModel):
@@ -38,16 +42,59 @@ class CloudInit(BaseModel):
     ssh_keys: tuple[str, ...] = ()
     user_data: str | None = None  # the user's own, passed to the guest unchanged
 
+    @field_validator("instance_id")
+    @classmethod
+    def _instance_id(cls, value: str) -> str:
+        if not _INSTANCE_ID.fullmatch(value):
+            raise InvalidValue(f"invalid cloud_init.instance_id {_shown(value)}: expected 1-128 "
+                               "characters A-Z a-z 0-9 . _ -, e.g. vmkit-<uuid>")
+        return value
+
+    @field_validator("hostname")
+    @classmethod
+    def _hostname(cls, value: str) -> str:
+        return validate_hostname(value, field="cloud_init.hostname")
+
+    @field_validator("ssh_keys")
+    @classmethod
+    def _ssh_keys(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        if len(value) > SSH_KEYS_LIMIT:
+            raise InvalidValue(f"invalid cloud_init.ssh_keys: {len(value)} keys, expected at "
+                               f"most {SSH_KEYS_LIMIT}")
+        for index, key in enumerate(value):
+            where = f"cloud_init.ssh_keys[{index}]"
+            # one key per entry, exactly as parse_ssh_public_keys keeps it: one line
+            if not isinstance(key, str) or len(key) > 16384 or not key.isprintable() or \
+                    parse_ssh_public_keys(key, where) != (key,):
+                raise InvalidValue(f"invalid {where} {_shown(key)}: expected one SSH public key "
+                                   "line, TYPE BASE64 [comment]")
+        return value
+
+    @field_validator("user_data")
+    @classmethod
+    def _user_data(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        if len(value.encode("utf-8", "surrogatepass")) > USER_DATA_LIMIT or "\0" in value:
+            raise InvalidValue(f"invalid cloud_init.user_data {_shown(value)}: expected text "
+                               f"without NUL bytes, at most {USER_DATA_LIMIT >> 10} KiB")
+        return value
+
+
+def _shown(value: object, limit: int = 80) -> str:
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
 
 def instance_id_for(vm_uuid: str) -> str:
     return f"vmkit-{vm_uuid}"
 
 
-def validate_hostname(value: str) -> str:
+def validate_hostname(value: str, *, field: str = "hostname") -> str:
     """An RFC 1123 host name: dot-separated labels of a-z, 0-9 and inner hyphens."""
     labels = value.split(".")
     if len(value) > 253 or not all(is_dns_label(label) for label in labels):
-        raise InvalidValue(f"invalid hostname {value!r}",
+        raise InvalidValue(f"invalid {field} {_shown(value)}",
                            hint="use lowercase letters, digits and inner hyphens, labels of at "
                                 "most 63 characters separated by dots (e.g. db1)")
     return value

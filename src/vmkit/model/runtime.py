@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from vmkit.errors import InvalidValue
+from vmkit.model.spec import VmConfig
 from vmkit.model.state import VmState
 
 Intent = Literal["stop", "kill"]
@@ -22,6 +25,56 @@ class ExitRecord(BaseModel):
     log_tail: str = ""
 
 
+_KEY = re.compile(r"^[a-z][a-z0-9-]{0,31}$")
+_VALUE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+_HOTPLUG_LIMIT = 256
+
+
+class HotplugStep(BaseModel):
+    """One device added to a running QEMU (QMP object-add / device_add arguments): replayed as
+    -object/-device when the same machine is rebuilt (restore, instant clone)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    kind: Literal["object", "device"]
+    args: dict[str, str | int]
+
+    @model_validator(mode="after")
+    def _safe(self) -> HotplugStep:
+        for key, value in self.args.items():
+            if not _KEY.fullmatch(key) or (isinstance(value, str) and not _VALUE.fullmatch(value)):
+                raise InvalidValue(f"invalid hot-plug record {key}={str(value)[:40]!r}: keys "
+                                   "and values must be plain words")
+        kind = self.args.get("qom-type" if self.kind == "object" else "driver")
+        allowed = kind == "memory-backend-ram" if self.kind == "object" else \
+            kind == "pc-dimm" or (isinstance(kind, str) and kind.endswith("-x86_64-cpu"))
+        if not allowed or not isinstance(self.args.get("id"), str):
+            raise InvalidValue(f"invalid hot-plug record: {self.kind} {kind!r} is not one vmkit "
+                               "hot-plugs (memory-backend-ram, pc-dimm, a CPU), or has no id")
+        return self
+
+
+class MachineRecord(BaseModel):
+    """The machine a QEMU really is: the vm.json it was started from plus what was hot-plugged
+    into it since. Every memory snapshot keeps the one it was taken from."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    config: VmConfig
+    hotplug: tuple[HotplugStep, ...] = Field(default=())
+
+    @field_validator("hotplug")
+    @classmethod
+    def _bounded(cls, value: tuple[HotplugStep, ...]) -> tuple[HotplugStep, ...]:
+        if len(value) > _HOTPLUG_LIMIT:
+            raise InvalidValue(f"invalid machine record: {len(value)} hot-plug steps "
+                               f"(at most {_HOTPLUG_LIMIT})")
+        return value
+
+    def plugged(self, step: HotplugStep) -> MachineRecord:
+        return self.model_copy(update={"hotplug": (*self.hotplug, step)})
+
+
 class RuntimeRecord(BaseModel):
     """The content of state.json: the last state vmkit recorded, and the live process if any."""
 
@@ -36,6 +89,7 @@ class RuntimeRecord(BaseModel):
     intent: Intent | None = None
     ssh_port: int | None = None  # 127.0.0.1 port forwarded to the guest's ssh server
     last_exit: ExitRecord | None = None
+    machine: MachineRecord | None = None  # the running machine (None: not running)
 
 
 def classify_exit(intent: Intent | None, status: int | None) -> tuple[VmState, ExitReason]:

@@ -10,12 +10,17 @@ Invariants the engine keeps:
 
 from __future__ import annotations
 
+import math
 from typing import Literal, Self
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vmkit.errors import AlreadyExists, NotFound
 from vmkit.model.names import validate_name
+from vmkit.model.runtime import MachineRecord
+from vmkit.model.spec import check_relative_path, invalid
+
+NODES_LIMIT = 4096  # snapshots one VM may have (each is a layer in a backing chain)
 
 TakenIn = Literal["running", "paused", "stopped"]
 
@@ -31,6 +36,45 @@ class SnapshotNode(BaseModel):
     memory_size: int = 0
     taken_in: TakenIn
     quiesced: bool | None = None
+    machine: MachineRecord | None = Field(default=None, description=(
+        "the machine a memory snapshot was taken from (vm.json then + hot-plugged devices)"))
+
+    # names are DNS labels; layer and memory are files of the VM folder, in their own folders
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return validate_name(value, kind="snapshot name")
+
+    @field_validator("parent")
+    @classmethod
+    def _parent(cls, value: str | None) -> str | None:
+        return None if value is None else validate_name(value, kind="snapshot parent name")
+
+    @field_validator("layer")
+    @classmethod
+    def _layer(cls, value: str) -> str:
+        return check_relative_path("snapshot layer", value, under="disks", suffix=".qcow2")
+
+    @field_validator("memory")
+    @classmethod
+    def _memory(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return check_relative_path("snapshot memory", value, under="snapshots", suffix=".state")
+
+    @field_validator("memory_size")
+    @classmethod
+    def _memory_size(cls, value: int) -> int:
+        if not 0 <= value < 1 << 53:
+            raise invalid("snapshot memory_size", value, "a byte count >= 0")
+        return value
+
+    @field_validator("created_at")
+    @classmethod
+    def _created_at(cls, value: float) -> float:
+        if not math.isfinite(value) or value < 0:
+            raise invalid("snapshot created_at", value, "a time in seconds since 1970")
+        return value
 
 
 class SnapshotTree(BaseModel):
@@ -39,6 +83,35 @@ class SnapshotTree(BaseModel):
     schema_version: int = 1
     current: str | None = None
     nodes: dict[str, SnapshotNode] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Self:
+        """A tree: each node under its own name, parents and `current` among the nodes, no
+        cycle (edits through model_copy keep this; a file from elsewhere is checked)."""
+        if self.schema_version != 1:
+            raise invalid("snapshots.json schema_version", self.schema_version, "1")
+        if len(self.nodes) > NODES_LIMIT:
+            raise invalid("snapshots.json nodes", len(self.nodes),
+                          f"at most {NODES_LIMIT} snapshots")
+        for key, node in self.nodes.items():
+            if key != node.name:
+                raise invalid("snapshot key", key, f"the node's own name {node.name!r}")
+            if node.parent is not None and node.parent not in self.nodes:
+                raise invalid(f"snapshot {key} parent", node.parent, "a snapshot of the tree")
+        if self.current is not None and self.current not in self.nodes:
+            raise invalid("snapshots.json current", self.current, "a snapshot of the tree")
+        rooted: set[str] = set()  # nodes whose ancestry ends at a root
+        for node in self.nodes.values():
+            path: set[str] = set()
+            walker: SnapshotNode | None = node
+            while walker is not None and walker.name not in rooted:
+                if walker.name in path:
+                    raise invalid(f"snapshot {node.name} ancestry", sorted(path)[:8],
+                                  "a tree (no snapshot is its own ancestor)")
+                path.add(walker.name)
+                walker = self.nodes[walker.parent] if walker.parent is not None else None
+            rooted |= path
+        return self
 
     def get(self, vm: str, name: str) -> SnapshotNode:
         validate_name(name, kind="snapshot name")

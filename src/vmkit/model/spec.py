@@ -5,11 +5,13 @@
 
 from __future__ import annotations
 
+import math
 import random
+import re
 import uuid as uuidlib
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from vmkit.errors import InvalidValue
 from vmkit.model.cloudinit import CloudInit, instance_id_for
@@ -21,6 +23,81 @@ SCHEMA_VERSION = 1
 ROOT_DISK_FILE = "disks/root.qcow2"
 Accel = Literal["auto", "kvm", "tcg"]
 
+# -- field checks -----------------------------------------------------------------------------
+# Every field of vm.json is checked here, so a value from a bundle (or a hand-edited file) that
+# reaches QEMU's options, the ssh argv or root's file operations has one accepted shape. Each
+# refusal is an InvalidValue (exit 2) that names the field, the value and what is accepted.
+FIRMWARES = frozenset({"qboot", "seabios", "microvm"})  # qemu/argv.py FIRMWARE_FILES
+KNOWN_DEVICES = frozenset({
+    "virtio-blk-pci", "virtio-serial-pci", "virtio-net-pci", "virtio-balloon-pci",
+    "virtio-rng-pci", "isa-serial", "pcie-root-port", "pc-dimm", "virtserialport",
+})
+MACHINE_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # no ',', '=' or spaces: one option
+CPU_MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # e.g. Skylake-Client-v4
+SSH_USER_PATTERN = re.compile(r"[a-z_][a-z0-9_-]{0,31}")  # never starts with '-' and has no '@'
+UUID_PATTERN = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+MAC_PATTERN = re.compile(r"[0-9a-f]{2}(:[0-9a-f]{2}){5}")
+SHA256_PATTERN = re.compile(r"[0-9a-f]{64}")
+RELATIVE_PATH_PATTERN = re.compile(r"[A-Za-z0-9._/-]{1,255}")
+DISK_NAME_PATTERN = re.compile(r"[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}\.qcow2")
+CMDLINE_LIMIT = 2048  # x86 Linux COMMAND_LINE_SIZE
+PATH_LIMIT = 4096  # PATH_MAX
+MAX_VCPUS = 4096  # the most QEMU's q35 accepts
+
+
+def shown(value: object, limit: int = 80) -> str:
+    """A value as it appears in an error message: repr (control characters visible), cut."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def invalid(field: str, value: object, accepted: str) -> InvalidValue:
+    return InvalidValue(f"invalid {field} {shown(value)}: expected {accepted}")
+
+
+def check_pattern(field: str, value: str, pattern: re.Pattern[str], accepted: str) -> str:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise invalid(field, value, accepted)
+    return value
+
+
+def check_relative_path(field: str, value: str, *, under: str | None = None,
+                        suffix: str = "") -> str:
+    """A path inside the VM folder: relative, only [A-Za-z0-9._/-], no '.', '..' or empty
+    component; optionally in folder `under` and ending with `suffix`."""
+    accepted = ("a relative path inside the VM folder of A-Z a-z 0-9 . _ / - "
+                "(no '..', not absolute)")
+    if under is not None:
+        accepted += f", in {under}/"
+    if suffix:
+        accepted += f", ending in {suffix}"
+    if not isinstance(value, str) or not RELATIVE_PATH_PATTERN.fullmatch(value):
+        raise invalid(field, value, accepted)
+    parts = value.split("/")
+    if any(part in ("", ".", "..") for part in parts) or \
+            (under is not None and (len(parts) != 2 or parts[0] != under)) or \
+            not parts[-1].endswith(suffix) or parts[-1] == suffix:
+        raise invalid(field, value, accepted)
+    return value
+
+
+def check_absolute_path(field: str, value: str) -> str:
+    """An absolute host path: no control characters, no '..' component, at most PATH_MAX."""
+    accepted = "an absolute path without control characters or '..' components"
+    if not isinstance(value, str) or not value.startswith("/") or len(value) > PATH_LIMIT or \
+            not value.isprintable() or ".." in value.split("/"):
+        raise invalid(field, value, accepted)
+    return value
+
+
+def check_mac(field: str, value: str) -> str:
+    """A unicast MAC (not all zeros) in lower-case hex colon form."""
+    accepted = "a unicast MAC in lower-case hex colon form, e.g. 52:54:00:12:34:56"
+    check_pattern(field, value, MAC_PATTERN, accepted)
+    if int(value[:2], 16) & 1 or value == "00:00:00:00:00:00":
+        raise invalid(field, value, accepted)
+    return value
+
 
 class Limits(BaseModel):
     """Shares and caps that can change while the VM runs (cgroups, I/O throttling)."""
@@ -28,10 +105,19 @@ class Limits(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     cpu_weight: int = Field(default=100, ge=1, le=10000, description="share under contention")
-    cpu_limit: float | None = Field(default=None, gt=0, description="percent of one host core")
-    disk_iops: int | None = Field(default=None, gt=0)
-    disk_bps: int | None = Field(default=None, gt=0)
-    pids: int = Field(default=512, ge=32, description="tasks in the VM's cgroup (QEMU threads)")
+    cpu_limit: float | None = Field(default=None, gt=0, le=100 * MAX_VCPUS,
+                                    description="percent of one host core")
+    disk_iops: int | None = Field(default=None, gt=0, le=1 << 40)
+    disk_bps: int | None = Field(default=None, gt=0, le=1 << 60)
+    pids: int = Field(default=512, ge=32, le=1 << 22,  # the kernel's PID_MAX_LIMIT
+                      description="tasks in the VM's cgroup (QEMU threads)")
+
+    @field_validator("cpu_limit")
+    @classmethod
+    def _cpu_limit(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise invalid("spec.limits.cpu_limit", value, "a finite percentage")
+        return value
 
 
 class VmSpec(BaseModel):
@@ -41,13 +127,15 @@ class VmSpec(BaseModel):
 
     name: str
     image: str
-    cpus: int = Field(ge=1)
-    memory: int = Field(gt=0, description="bytes")
-    disk: int = Field(gt=0, description="bytes of the VM's disk (virtual size)")
+    cpus: int = Field(ge=1, le=MAX_VCPUS)
+    memory: int = Field(gt=0, le=1 << 52, description="bytes")
+    disk: int = Field(gt=0, le=1 << 60, description="bytes of the VM's disk (virtual size)")
     full_copy: bool = False
     accel: Accel = "auto"
-    max_cpus: int | None = Field(default=None, ge=1, description="room to hot-add vCPUs")
-    max_memory: int | None = Field(default=None, gt=0, description="room to hot-add memory")
+    max_cpus: int | None = Field(default=None, ge=1, le=MAX_VCPUS,
+                                 description="room to hot-add vCPUs")
+    max_memory: int | None = Field(default=None, gt=0, le=1 << 52,
+                                   description="room to hot-add memory")
     limits: Limits = Limits()
 
     @property
@@ -101,6 +189,42 @@ class HardwareProfile(BaseModel):
     )
     hotplug_ports: int = Field(default=0, ge=0, le=16, description=(
         "empty PCIe root ports for NIC hot-plug (q35); 0 for VMs made before they existed"))
+    vmgenid: bool = Field(default=False, description=(
+        "a VM generation ID device (QEMU's vmgenid, guid=auto): each restore or incoming "
+        "migration shows the guest a new id, so a kernel with the driver reseeds its RNG; "
+        "False for VMs made before it existed (their machine stays the same)"))
+
+    @field_validator("machine")
+    @classmethod
+    def _machine(cls, value: str) -> str:
+        return check_pattern("hardware.machine", value, MACHINE_PATTERN,
+                             "a QEMU machine type such as pc-q35-10.0: 1-64 characters "
+                             "a-z 0-9 . _ -, starting with a letter or digit")
+
+    @field_validator("cpu_model")
+    @classmethod
+    def _cpu_model(cls, value: str) -> str:
+        return check_pattern("hardware.cpu_model", value, CPU_MODEL_PATTERN,
+                             "a QEMU CPU model such as qemu64: 1-64 characters A-Z a-z 0-9 "
+                             ". _ -, starting with a letter or digit (no extra options)")
+
+    @field_validator("firmware")
+    @classmethod
+    def _firmware(cls, value: str) -> str:
+        if value not in FIRMWARES:
+            raise invalid("hardware.firmware", value, "one of " + ", ".join(sorted(FIRMWARES)))
+        return value
+
+    @field_validator("devices")
+    @classmethod
+    def _devices(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for device in value:
+            if device not in KNOWN_DEVICES:
+                raise invalid("hardware.devices", device,
+                              "device names from " + ", ".join(sorted(KNOWN_DEVICES)))
+        if len(value) > len(KNOWN_DEVICES) * 4:
+            raise invalid("hardware.devices", value, f"at most {len(KNOWN_DEVICES) * 4} names")
+        return value
 
 
 class BootConfig(BaseModel):
@@ -109,6 +233,19 @@ class BootConfig(BaseModel):
     kernel: str = Field(description="file name inside the VM folder")
     initrd: str
     cmdline: str
+
+    @field_validator("kernel", "initrd")
+    @classmethod
+    def _file(cls, value: str, info: ValidationInfo) -> str:
+        return check_relative_path(f"boot.{info.field_name}", value)
+
+    @field_validator("cmdline")
+    @classmethod
+    def _cmdline(cls, value: str) -> str:
+        if len(value) > CMDLINE_LIMIT or not all(" " <= ch <= "~" for ch in value):
+            raise invalid("boot.cmdline", value, f"printable ASCII (no control characters), "
+                                                 f"at most {CMDLINE_LIMIT} characters")
+        return value
 
 
 class VmConfig(BaseModel):
@@ -130,6 +267,72 @@ class VmConfig(BaseModel):
     ssh_user: str | None = Field(default=None, description="login of `vmkit ssh`; None: no sshd")
     ssh_identity: str | None = Field(default=None, description="host private key for vmkit ssh")
     nics: tuple[Nic, ...] = Field(default=(), description="none: one restricted user-mode NIC")
+
+    @field_validator("schema_version")
+    @classmethod
+    def _schema_version(cls, value: int) -> int:
+        if not 1 <= value <= SCHEMA_VERSION:
+            raise invalid("schema_version", value, f"1 to {SCHEMA_VERSION} (this vmkit's)")
+        return value
+
+    @field_validator("uuid")
+    @classmethod
+    def _uuid(cls, value: str) -> str:
+        return check_pattern("uuid", value, UUID_PATTERN,
+                             "a UUID in lower-case canonical form (8-4-4-4-12 hex digits)")
+
+    @field_validator("mac")
+    @classmethod
+    def _mac(cls, value: str) -> str:
+        return check_mac("mac", value)
+
+    @field_validator("created_at")
+    @classmethod
+    def _created_at(cls, value: float) -> float:
+        if not math.isfinite(value) or value < 0:
+            raise invalid("created_at", value, "a time in seconds since 1970")
+        return value
+
+    @field_validator("disk_file")
+    @classmethod
+    def _disk_file(cls, value: str) -> str:
+        return check_relative_path("disk_file", value, suffix=".qcow2")
+
+    @field_validator("backing_file")
+    @classmethod
+    def _backing_file(cls, value: str | None) -> str | None:
+        """An absolute path (the image's base disk, a linked clone's source layer) or a file
+        name in the VM's own disks/ folder (a bundle's flattened base)."""
+        if value is None:
+            return None
+        if value.startswith("/"):
+            return check_absolute_path("backing_file", value)
+        return check_pattern("backing_file", value, DISK_NAME_PATTERN,
+                             "an absolute path, or a .qcow2 file name in disks/")
+
+    @field_validator("base_image_sha256")
+    @classmethod
+    def _base_image_sha256(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return check_pattern("base_image_sha256", value, SHA256_PATTERN,
+                             "64 lower-case hex digits")
+
+    @field_validator("ssh_user")
+    @classmethod
+    def _ssh_user(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return check_pattern("ssh_user", value, SSH_USER_PATTERN,
+                             "a login name: 1-32 characters a-z 0-9 _ -, starting with a "
+                             "letter or _")
+
+    @field_validator("ssh_identity")
+    @classmethod
+    def _ssh_identity(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return check_absolute_path("ssh_identity", value)
 
 
 def new_uuid() -> str:

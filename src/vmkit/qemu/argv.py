@@ -14,6 +14,9 @@ from vmkit.model.spec import VmConfig
 
 # QEMU's seccomp filter: no obsolete calls, no privilege elevation, no exec, no resource control
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# guid=auto: every QEMU process draws its own id, and the id is not part of the migration
+# stream, so a restored or instant-cloned guest is shown a new one (with an ACPI notification).
+VMGENID_DEVICE = "vmgenid,id=vmgenid0,guid=auto"
 FIRMWARE_FILES = {"qboot": "qboot.rom", "seabios": "bios-256k.bin", "microvm": "bios-microvm.bin"}
 
 
@@ -119,6 +122,8 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=rng0",
     ]
+    if hw.vmgenid:
+        argv += ["-device", VMGENID_DEVICE]
     if machine.startswith("pc-q35"):
         argv += _hotplug_ports(len(config.nics) + hw.hotplug_ports)
         argv += _nic_args(config, options)
@@ -173,8 +178,8 @@ def netdev_option(nic: Nic, *, ssh_port: int | None = None, tap_fd: int | str | 
     descriptor (a number it inherited, or a name passed over QMP)."""
     if nic.network == "user":
         netdev = f"user,id={netdev_id(nic)},{'restrict=on,' if nic.restricted else ''}{USER_NET}"
-        for forward in nic.forwards:
-            netdev += f",hostfwd={forward.proto}::{forward.host_port}-:{forward.guest_port}"
+        for forward in nic.forwards:  # on the address the user chose (127.0.0.1 by default)
+            netdev += f",hostfwd={forward.hostfwd}"
         if ssh_port is not None:
             netdev += f",hostfwd=tcp:127.0.0.1:{ssh_port}-:22"
         return netdev

@@ -74,3 +74,34 @@ def resolve_machine(machine: str) -> str:
     if machine not in aliases:
         raise HostError(f"QEMU does not know machine type {machine!r}")
     return aliases[machine]
+
+
+@functools.cache
+def cpu_models() -> frozenset[str]:
+    """The CPU model names this QEMU offers (aliases included), from `-cpu help`."""
+    path = qemu_path()
+    if path is None:
+        raise HostError(f"{QEMU_BINARY} is not installed", hint=INSTALL_HINT)
+    out = subprocess.run([path, "-cpu", "help"], capture_output=True, text=True, timeout=30,
+                         check=False).stdout
+    return parse_cpu_help(out)
+
+
+def parse_cpu_help(text: str) -> frozenset[str]:
+    """The names listed under "Available CPUs:" (up to the blank line before the flags)."""
+    models: set[str] = set()
+    listing = False
+    for line in text.splitlines():
+        if line.startswith("Available CPUs"):
+            listing = True
+        elif listing and not line.strip():
+            break
+        elif listing and line.startswith(" "):
+            models.add(line.split()[0])
+    return frozenset(models)
+
+
+def machine_types() -> frozenset[str]:
+    """Every machine type name this QEMU accepts: versioned names and their aliases."""
+    aliases = machine_aliases()
+    return frozenset(aliases) | frozenset(aliases.values())

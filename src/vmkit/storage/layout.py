@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from vmkit.errors import BrokenVm, LockTimeout, VmkitError
 from vmkit.qemu.argv import RunPaths
@@ -227,6 +227,12 @@ def read_metadata(path: Path, model: type[M], owner: str) -> M:
         return model.model_validate(json.loads(raw))
     except BrokenVm:
         raise
+    except ValidationError as exc:
+        problems = exc.errors()
+        where = ".".join(str(p) for p in problems[0]["loc"]) if problems else "?"
+        why = problems[0]["msg"] if problems else str(exc)
+        raise BrokenVm(f"{owner} is broken: {path.name} cannot be read (field {where}: "
+                       f"{why[:200]})", hint=_BROKEN_HINT) from exc
     except (ValueError, TypeError, VmkitError, OSError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise BrokenVm(f"{owner} is broken: {path.name} cannot be read ({first[:200]})",

@@ -1,0 +1,65 @@
+"""The journal file of one VM folder, and the test hook that kills the process at a step.
+
+`Journal(folder).begin(op, **intent)` writes journal.json; `step(name, **more)` records a
+completed step (fsynced: the next reader sees it) and then passes the fault point; `end()`
+removes the file. Recovery rules live with each operation (vmkit.snapshots, vmkit.clones,
+vmkit.bundles); the engine calls them through `recover` when it takes the VM's lock.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+from typing import Any
+
+from vmkit.errors import InvalidState
+from vmkit.model.journal import JournalEntry, OpKind
+from vmkit.storage.layout import read_metadata, write_json_atomic
+
+JOURNAL_FILE = "journal.json"
+FAULT_ENV = "VMKIT_FAULT"  # test hook: "OP:STEP" kills this process right after STEP
+
+
+def fault_point(op: str, step: str) -> None:
+    """Die like a power cut right after `step` of `op` when the test hook asks for it."""
+    if os.environ.get(FAULT_ENV) == f"{op}:{step}":
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+class Journal:
+    def __init__(self, folder: Path):
+        self.path = folder / JOURNAL_FILE
+        self.entry: JournalEntry | None = None
+
+    def read(self) -> JournalEntry | None:
+        try:
+            return read_metadata(self.path, JournalEntry, f"the journal of {self.path.parent}")
+        except FileNotFoundError:
+            return None
+
+    def begin(self, op: OpKind, **intent: Any) -> JournalEntry:
+        existing = self.read()
+        if existing is not None:
+            raise InvalidState(f"an unfinished {existing.op} is recorded in {self.path}",
+                               hint="run vmkit recover")
+        self.entry = JournalEntry(op=op, started_at=time.time(), pid=os.getpid(),
+                                  intent=intent)
+        self._write()
+        self.step("begun")
+        return self.entry
+
+    def step(self, name: str, **intent: Any) -> None:
+        assert self.entry is not None
+        self.entry = self.entry.with_step(name, **intent)
+        self._write()
+        fault_point(self.entry.op, name)
+
+    def end(self) -> None:
+        self.path.unlink(missing_ok=True)
+        self.entry = None
+
+    def _write(self) -> None:
+        assert self.entry is not None
+        write_json_atomic(self.path, self.entry.model_dump(mode="json"), mode=0o600)

@@ -1,0 +1,43 @@
+"""The operation journal, pure: what one multi-step operation on a VM intends and which of its
+steps are done. The engine writes it (atomically, before and after every step) to
+`journal.json` in the VM folder; whoever next holds the VM's lock finds an unfinished entry and
+rolls it forward or back (vmkit.core.journal).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+OpKind = Literal["snapshot", "restore", "delete-snapshot", "instant-clone", "export"]
+
+#: The named steps of each operation, in order (the fault matrix kills the CLI at each one).
+STEPS: dict[str, tuple[str, ...]] = {
+    "snapshot": ("begun", "paused", "memory-saved", "overlay-created", "switched",
+                 "tree-saved"),
+    "restore": ("begun", "stopped", "overlay-created", "started", "tree-saved"),
+    "delete-snapshot": ("begun", "merged", "tree-saved"),
+    "instant-clone": ("begun", "paused", "snapshot-taken", "clone-published", "clone-started",
+                      "source-resumed"),
+    "export": ("begun", "snapshot-taken", "written", "published"),
+}
+
+
+class JournalEntry(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    op: OpKind
+    started_at: float
+    pid: int = Field(description="the process that ran it (for messages only)")
+    intent: dict[str, Any] = Field(default_factory=dict)
+    steps: tuple[str, ...] = ()
+
+    def done(self, step: str) -> bool:
+        return step in self.steps
+
+    def with_step(self, step: str, **intent: Any) -> JournalEntry:
+        if step not in STEPS[self.op]:
+            raise ValueError(f"unknown step {step!r} of {self.op}")
+        return self.model_copy(update={"steps": (*self.steps, step),
+                                       "intent": {**self.intent, **intent}})

@@ -1,0 +1,20 @@
+"""Hot-plugged devices as command-line options, pure: rebuilding the machine a QEMU became
+(restore of a memory snapshot, instant clone) means starting the new QEMU with every device
+the old one had hot-plugged, under the same ids, so the migration stream finds them."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from vmkit.model.runtime import HotplugStep
+from vmkit.qemu.argv import escape_opt
+
+
+def replay_args(steps: Iterable[HotplugStep]) -> list[str]:
+    argv: list[str] = []
+    for step in steps:
+        head_key = "qom-type" if step.kind == "object" else "driver"
+        rest = [f"{key}={escape_opt(str(value))}" for key, value in step.args.items()
+                if key != head_key]
+        argv += [f"-{step.kind}", ",".join([escape_opt(str(step.args[head_key])), *rest])]
+    return argv
