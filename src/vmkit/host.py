@@ -302,10 +302,10 @@ class Host:
         from vmkit.images.debian import build_debian
         from vmkit.images.tiny import build_tiny
 
-        in_use = frozenset(Path(vm.config.backing_file) for vm in self.vms()
-                           if vm.config.backing_file)
-        with file_lock(self.layout.locks / f"image-{name}.lock", timeout=3600,
-                       what=f"image {name!r}"):
+        with self._image_lock(name, timeout=3600):
+            # decided under the lock: a create holds it shared until its VM is published
+            in_use = frozenset(Path(vm.config.backing_file) for vm in self.vms()
+                               if vm.config.backing_file)
             if name == "debian-12":
                 return build_debian(self.layout, packages=packages, force=force,
                                     progress=progress, in_use=in_use)
@@ -434,6 +434,7 @@ class Host:
         nics = net_ops.new_nics(self, vm_uuid, list(networks), list(ports))
 
         def build(work: VmFolder) -> VmConfig:
+            info = self.image(spec.image)  # read again under the image's shared lock
             for source, dest in ((info.kernel, "vmlinuz"), (info.initrd, "initrd.img")):
                 _link_or_copy(image_dir / source, work.boot / dest)
             disk_path = work.path / ROOT_DISK_FILE
@@ -453,13 +454,15 @@ class Host:
                 ssh_identity=identity if info.ssh_user else None, nics=nics,
             )
 
-        if any(nic.network != USER_NETWORK for nic in nics):
-            with net_ops.locked(self):  # addresses are unique per network: decided under lock
-                nics = net_ops.with_addresses(self, nics)
+        # the image's lock, shared: no rebuild can retire its base before this VM is listed
+        with self._image_lock(spec.image, shared=True):
+            if any(nic.network != USER_NETWORK for nic in nics):
+                with net_ops.locked(self):  # addresses unique per network: decided under lock
+                    nics = net_ops.with_addresses(self, nics)
+                    vm = self._new_vm_folder(name, build)
+                net_ops.forget(self)  # leases and rules know the new NIC
+            else:
                 vm = self._new_vm_folder(name, build)
-            net_ops.forget(self)  # leases and rules know the new NIC
-        else:
-            vm = self._new_vm_folder(name, build)
         if start:
             vm.start(wait=wait, timeout=timeout)
         return vm
@@ -527,6 +530,13 @@ class Host:
                     pass
                 done.append(folder.name)
         return done
+
+    def _image_lock(self, name: str, *, timeout: float | None = None,
+                    shared: bool = False) -> contextlib.AbstractContextManager[None]:
+        """An image's lock: a rebuild holds it alone; creates that link its base share it."""
+        return file_lock(self.layout.locks / f"image-{name}.lock",
+                         timeout=self.lock_timeout if timeout is None else timeout,
+                         what=f"image {name!r} (a rebuild or a create uses it)", shared=shared)
 
     def _host_lock(self) -> contextlib.AbstractContextManager[None]:
         return file_lock(self.layout.locks / "host.lock", timeout=self.lock_timeout,
@@ -880,11 +890,17 @@ class VM:
         state that `incoming(qmp)` feeds it (a file or another QEMU), then continues from it."""
         hostinfo.require_supported_qemu()
         spec = self.config.spec
+        accel, reason = self._choose_accel()
+        # the host lock covers admission and the record that reserves the share, nothing
+        # more: a start that then waits minutes for a memory state blocks no other start
         with self.host._host_lock():
             admit(self.name, Allocation(cpus=spec.cpus, memory=spec.memory),
                   self.host.allocated(exclude=self.name), self.host.capacity(),
                   self.host.policy())
-            accel, reason = self._choose_accel()
+            self._write(RuntimeRecord(state=VmState.STARTING, accel=accel, accel_reason=reason,
+                                      last_exit=record.last_exit))
+        taps: dict[str, int] = {}
+        try:
             self._clear_run()
             net_ops.prepare_start(self)
             cfg = self.config
@@ -917,53 +933,56 @@ class VM:
             jail.prepare_folder(owner, self.folder.path)
             jail.share_layers(owner, self.leaned_on_layers())
             log_start = process.file_size(self.folder.qemu_log)
-            try:
-                process.spawn_detached(jail.drop_to(owner, argv, join=join),
-                                       self.folder.qemu_log, self.folder.exit_file,
-                                       pass_fds=tuple(taps.values()))
-            finally:
-                for fd in taps.values():
-                    os.close(fd)  # QEMU holds its own copies now
-            identity: process.ProcessIdentity | None = None
-            state = VmState.RUNNING
-            try:
-                identity = process.wait_for_start(
-                    self.folder.pidfile, self.folder.exit_file, self.folder.qemu_log,
-                    self.config.uuid, QEMU_START_TIMEOUT)
-                started = identity
-                wait_qmp_ready(self.folder.qmp_socket, QEMU_START_TIMEOUT,
-                               alive=lambda: process.is_alive(started, self.config.uuid))
-                io_limits = spec.limits.disk_iops, spec.limits.disk_bps
-                if io_limits != (None, None):
-                    with QmpConnection(self.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
-                        live.apply_io_throttle(qmp, *io_limits)
-                if incoming is not None:
-                    with QmpConnection(self.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
-                        incoming(qmp)
-                        if resume:
-                            qmp.execute("cont")
-                        else:
-                            state = VmState.PAUSED
-            except VmkitError as exc:
-                if identity is not None:  # never leave a QEMU behind that vmkit disowns
-                    self._kill_process(identity)
-                said = process.log_since(self.folder.qemu_log, log_start)
-                if said:  # QEMU's own reason, in the message and in last_exit
-                    exc.message = f"{exc.message}: {process.last_error_line(said)}"
-                    exc.detail = f"QEMU log ({self.folder.qemu_log}):\n{said}"
-                    exc.args = (exc.message,)
-                self._write(RuntimeRecord(
-                    state=VmState.CRASHED, accel=accel, accel_reason=reason,
-                    last_exit=ExitRecord(at=time.time(), reason="start-failed",
-                                         status=process.read_exit_status(self.folder.exit_file),
-                                         description=exc.message, log_tail=exc.detail or "")))
-                raise
-            self._write(starting.model_copy(update={
-                "state": state, "pid": identity.pid,
-                "start_ticks": identity.start_ticks, "started_at": time.time()}))
-            for sock in (self.folder.qmp_socket, self.folder.serial_socket,
-                         self.folder.agent_socket):
-                _chmod_socket(sock, 0o600)
+            process.spawn_detached(jail.drop_to(owner, argv, join=join),
+                                   self.folder.qemu_log, self.folder.exit_file,
+                                   pass_fds=tuple(taps.values()))
+        except BaseException:
+            self._write(record)  # nothing ran: the share goes back, the state is as it was
+            self._clear_run()
+            raise
+        finally:
+            for fd in taps.values():
+                os.close(fd)  # QEMU holds its own copies now
+        identity: process.ProcessIdentity | None = None
+        state = VmState.RUNNING
+        try:
+            identity = process.wait_for_start(
+                self.folder.pidfile, self.folder.exit_file, self.folder.qemu_log,
+                self.config.uuid, QEMU_START_TIMEOUT)
+            started = identity
+            wait_qmp_ready(self.folder.qmp_socket, QEMU_START_TIMEOUT,
+                           alive=lambda: process.is_alive(started, self.config.uuid))
+            io_limits = spec.limits.disk_iops, spec.limits.disk_bps
+            if io_limits != (None, None):
+                with QmpConnection(self.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+                    live.apply_io_throttle(qmp, *io_limits)
+            if incoming is not None:
+                with QmpConnection(self.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+                    incoming(qmp)
+                    if resume:
+                        qmp.execute("cont")
+                    else:
+                        state = VmState.PAUSED
+        except VmkitError as exc:
+            if identity is not None:  # never leave a QEMU behind that vmkit disowns
+                self._kill_process(identity)
+            said = process.log_since(self.folder.qemu_log, log_start)
+            if said:  # QEMU's own reason, in the message and in last_exit
+                exc.message = f"{exc.message}: {process.last_error_line(said)}"
+                exc.detail = f"QEMU log ({self.folder.qemu_log}):\n{said}"
+                exc.args = (exc.message,)
+            self._write(RuntimeRecord(
+                state=VmState.CRASHED, accel=accel, accel_reason=reason,
+                last_exit=ExitRecord(at=time.time(), reason="start-failed",
+                                     status=process.read_exit_status(self.folder.exit_file),
+                                     description=exc.message, log_tail=exc.detail or "")))
+            raise
+        self._write(starting.model_copy(update={
+            "state": state, "pid": identity.pid,
+            "start_ticks": identity.start_ticks, "started_at": time.time()}))
+        for sock in (self.folder.qmp_socket, self.folder.serial_socket,
+                     self.folder.agent_socket):
+            _chmod_socket(sock, 0o600)
 
     def wait_ready(self, *, timeout: float = AGENT_READY_TIMEOUT) -> float:
         """Block until the guest agent answers; returns the seconds waited."""

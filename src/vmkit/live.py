@@ -14,9 +14,11 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from vmkit.core.journal import pause_point
 from vmkit.errors import InvalidState, InvalidValue
 from vmkit.model.resources import Allocation, admit, check_fits_host
 from vmkit.model.sizes import format_size, parse_count, parse_size
+from vmkit.model.spec import Limits, VmSpec
 from vmkit.model.state import VmState
 from vmkit.qemu import blockops, img
 from vmkit.qemu.qmp import QmpConnection
@@ -101,9 +103,6 @@ def set_resources(vm: VM, *, cpus: int | str | None = None, memory: int | str | 
             raise InvalidValue(f"invalid disk-size {format_size(want_disk)} for VM {vm.name!r}: "
                                f"smaller than its disk ({format_size(spec.disk)}); disks only "
                                "grow")
-        if live:  # partitioning applies to live changes too
-            admit(vm.name, Allocation(cpus=new["cpus"], memory=new["memory"]),
-                  host.allocated(exclude=vm.name), capacity, policy)
         updates: dict[str, Any] = {}
         if weight is not None:
             updates["cpu_weight"] = weight
@@ -115,29 +114,54 @@ def set_resources(vm: VM, *, cpus: int | str | None = None, memory: int | str | 
             updates["disk_bps"] = bps or None
         new_limits = limits.model_copy(update=updates)
         new_spec = spec.model_copy(update={**new, "limits": new_limits})
-        if live:
-            with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
-                if want_cpus is not None:
-                    _live_cpus(vm, qmp, want_cpus, spec.cpu_ceiling, result)
-                if want_memory is not None:
-                    _live_memory(vm, qmp, want_memory, spec.memory_ceiling, result)
-                if want_disk is not None:
-                    qmp.execute("block_resize", {"node-name": blockops.top_node(qmp),
-                                                 "size": want_disk})
-                    result.now.append(f"disk grown to {format_size(want_disk)}")
-                if iops is not None or bps is not None:
-                    apply_io_throttle(qmp, new_limits.disk_iops, new_limits.disk_bps)
-                    result.now.append("I/O throttle set")
-            if (weight, limit) != (None, None) and host.cgroups is not None:
-                host.cgroups.apply(vm.name, vm.cgroup_limits(new_spec))
-                result.now.append("CPU weight/limit set")
-        elif want_disk is not None:
-            img.resize(vm.folder.path / vm.active_layer(), want_disk, untrusted=True,
-                       owner=vm.disk_owner())
+        if live:  # partitioning applies to live changes too: admitted and reserved (the new
+            # spec saved) under the host lock, so two racing grows cannot both take the rest
+            with host._host_lock():
+                admit(vm.name, Allocation(cpus=new["cpus"], memory=new["memory"]),
+                      host.allocated(exclude=vm.name), capacity, policy)
+                vm.save_config(config.model_copy(update={"spec": new_spec}))
+                pause_point("set", "admitted")
+        try:
+            _apply(vm, live=live, spec=spec, new_spec=new_spec, new_limits=new_limits,
+                   want=(want_cpus, want_memory, want_disk), io=(iops, bps),
+                   cpu=(weight, limit), result=result)
+        except BaseException:
+            if live:
+                vm.save_config(config)  # the reservation goes back
+            raise
         vm.save_config(config.model_copy(update={"spec": new_spec}))
         if not live:
             result.at_restart.append("saved for the next start")
     return result
+
+
+def _apply(vm: VM, *, live: bool, spec: VmSpec, new_spec: VmSpec, new_limits: Limits,
+           want: tuple[int | None, int | None, int | None], io: tuple[Any, Any],
+           cpu: tuple[Any, Any], result: SetResult) -> None:
+    """Make the change happen: hot-plug and QMP on a running VM, the disk file otherwise."""
+    host = vm.host
+    want_cpus, want_memory, want_disk = want
+    iops, bps = io
+    weight, limit = cpu
+    if live:
+        with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+            if want_cpus is not None:
+                _live_cpus(vm, qmp, want_cpus, spec.cpu_ceiling, result)
+            if want_memory is not None:
+                _live_memory(vm, qmp, want_memory, spec.memory_ceiling, result)
+            if want_disk is not None:
+                qmp.execute("block_resize", {"node-name": blockops.top_node(qmp),
+                                             "size": want_disk})
+                result.now.append(f"disk grown to {format_size(want_disk)}")
+            if iops is not None or bps is not None:
+                apply_io_throttle(qmp, new_limits.disk_iops, new_limits.disk_bps)
+                result.now.append("I/O throttle set")
+        if (weight, limit) != (None, None) and host.cgroups is not None:
+            host.cgroups.apply(vm.name, vm.cgroup_limits(new_spec))
+            result.now.append("CPU weight/limit set")
+    elif want_disk is not None:
+        img.resize(vm.folder.path / vm.active_layer(), want_disk, untrusted=True,
+                   owner=vm.disk_owner())
 
 
 def _live_cpus(vm: VM, qmp: QmpConnection, want: int, ceiling: int,

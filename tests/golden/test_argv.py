@@ -111,3 +111,26 @@ def test_vms_made_before_hot_plug_ports_keep_their_hardware() -> None:
     """A vm.json without hotplug_ports (older vmkit) gets no root ports: the same machine."""
     argv = _argv("/x", "tcg")
     assert not any(a.startswith("pcie-root-port") for a in argv)
+
+
+def test_vmgenid_device_on_seabios() -> None:
+    """A VM with a generation ID device: SeaBIOS (qboot cannot place vmgenid's buffer) and one
+    vmgenid whose guid each QEMU draws itself (guid=auto), so a restore shows a new one."""
+    config = _config().model_copy(update={"hardware": HardwareProfile(
+        machine="pc-q35-10.0", hotplug_ports=4, firmware="seabios", vmgenid=True)})
+    paths = VmFolder(Path("/var/lib/vmkit/vms/web")).run_paths(
+        config.disk_file, config.boot.kernel, config.boot.initrd)
+    argv = build_argv(config, paths, LaunchOptions(accel="tcg"))
+    _check("argv_vmgenid.json", argv)
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert devices.count("vmgenid,id=vmgenid0,guid=auto") == 1
+    assert argv[argv.index("-bios") + 1] == "/usr/share/seabios/bios-256k.bin"
+
+
+def test_vms_made_before_vmgenid_keep_their_hardware() -> None:
+    """A vm.json without vmgenid (older vmkit) gets no vmgenid device: the same machine."""
+    config = VmConfig.model_validate(_config().model_dump(mode="json", exclude={"hardware"}) |
+                                     {"hardware": {"machine": "pc-q35-10.0"}})
+    assert config.hardware.vmgenid is False
+    argv = _argv("/x", "tcg")
+    assert not any(a.startswith("vmgenid") for a in argv)

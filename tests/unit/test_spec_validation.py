@@ -56,8 +56,22 @@ def test_vm_json_as_vmkit_writes_it_is_valid() -> None:
                  {"hardware.cpu_model": "Skylake-Client-v4"}, {"hardware.firmware": "seabios"},
                  {"hardware.machine": "microvm"}, {"mac": "02:00:00:00:00:01"},
                  {"ssh_user": "_svc-user1"}, {"disk_file": "disks/3fa9c2d1e0b4.qcow2"},
-                 {"spec.limits.cpu_limit": 250.0}):
+                 {"spec.limits.cpu_limit": 250.0},
+                 {"hardware.firmware": "seabios", "hardware.vmgenid": True}):
         _load(_config(**good))
+
+
+def test_vm_json_from_before_vmgenid_keeps_its_machine() -> None:
+    """No vmgenid key (vmkit before it): no device, the same machine as before."""
+    assert _load(_config()).hardware.vmgenid is False
+
+
+def test_vmgenid_needs_a_firmware_that_can_place_it() -> None:
+    """qboot stops at the ACPI WRITE_POINTER command vmgenid needs: the guest would never boot."""
+    for firmware in ("qboot", "microvm"):
+        with pytest.raises(InvalidValue) as caught:
+            _load(_config(**{"hardware.firmware": firmware, "hardware.vmgenid": True}))
+        assert "hardware.vmgenid" in str(caught.value) and "seabios" in str(caught.value)
 
 
 @pytest.mark.parametrize(("field", "value", "named"), [
@@ -122,6 +136,7 @@ def test_hostile_values_are_refused_naming_the_field(field: str, value: Any, nam
     ("spec.cpus", 100000), ("spec.limits.pids", 1 << 30), ("spec.limits.cpu_weight", 0),
     ("spec.limits.disk_iops", -5), ("spec.name", "Web Server"), ("spec.image", "../tiny"),
     ("hardware.hotplug_ports", 99), ("nics", "eth0"), ("surprise", 1),
+    ("hardware.vmgenid", "yes"), ("hardware.vmgenid", 1),
 ])
 def test_numbers_and_names_out_of_range_are_refused(field: str, value: Any) -> None:
     data = _config(**{field: value}) if field != "surprise" else {**_config(), "surprise": 1}

@@ -28,6 +28,17 @@ def fault_point(op: str, step: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
 
+PAUSE_ENV = "VMKIT_PAUSE"  # test hook: "OP:STEP:SECONDS" sleeps there (to widen a race)
+
+
+def pause_point(op: str, step: str) -> None:
+    """Hold still at `step` of `op` when the test hook asks for it (race tests)."""
+    wanted = os.environ.get(PAUSE_ENV, "")
+    prefix = f"{op}:{step}:"
+    if wanted.startswith(prefix):
+        time.sleep(min(30.0, float(wanted[len(prefix):] or 0)))
+
+
 class Journal:
     def __init__(self, folder: Path):
         self.path = folder / JOURNAL_FILE

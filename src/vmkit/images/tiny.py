@@ -35,7 +35,7 @@ from vmkit.images.initramfs import (
 from vmkit.qemu import img
 from vmkit.storage.layout import HomeLayout, write_json_atomic
 
-RECIPE_VERSION = "tiny-2"
+RECIPE_VERSION = "tiny-3"
 KERNEL_META = "linux-image-cloud-amd64"
 BASE_PACKAGES = ["busybox-static", "qemu-guest-agent", "e2fsprogs"]
 # Loaded in this order (dependencies resolved from modules.dep); button makes ACPI power-off work.
@@ -54,6 +54,13 @@ GUEST_FILES = {
     "tiny-hotplug": "sbin/vmkit-hotplug",
 }
 
+# Compiled from files/ with the host's gcc (static, so it needs no library in the root) and
+# installed at this path: adds host entropy and reseeds the guest kernel's RNG (see
+# vmkit.qemu.agent.reseed).
+RESEED_SOURCE = "vmkit-reseed.c"
+RESEED_BINARY = "usr/sbin/vmkit-reseed"
+CC = ["gcc", "-static", "-Os", "-s", "-Wall"]
+
 
 def _guest_file(name: str) -> bytes:
     return resources.files("vmkit.images").joinpath("files", name).read_bytes()
@@ -64,7 +71,7 @@ def recipe(packages: list[debpkg.Package]) -> tuple[str, dict[str, str]]:
     digest = hashlib.sha256()
     digest.update(json.dumps({"recipe": RECIPE_VERSION, "packages": versions, "modules": MODULES,
                               "cmdline": CMDLINE}, sort_keys=True).encode())
-    for name in sorted(GUEST_FILES):
+    for name in sorted([*GUEST_FILES, RESEED_SOURCE]):
         digest.update(name.encode() + b"\0" + _guest_file(name))
     return digest.hexdigest(), versions
 
@@ -107,6 +114,7 @@ def _build(home: HomeLayout, work: Path, out: Path, packages: list[debpkg.Packag
     say("assembling the root file system")
     rootfs = work / "rootfs"
     _assemble_rootfs(pkgroot, rootfs)
+    _compile_static(RESEED_SOURCE, work / "src", rootfs / RESEED_BINARY)
     raw = work / "root.raw"
     make_ext4(rootfs, raw, recipe_hash, max(64, 2 * tree_bytes(rootfs) // (1 << 20) + 16))
     root_disk = f"root-{recipe_hash[:12]}.qcow2"
@@ -215,3 +223,22 @@ def _assemble_rootfs(pkgroot: Path, rootfs: Path) -> None:
     (rootfs / "etc/profile").write_text(
         'export PATH=/sbin:/bin:/usr/sbin:/usr/bin\nPS1="\\h:\\w# "\n')
     (rootfs / "etc/fstab").write_text("/dev/vda / ext4 rw,noatime 0 1\n")
+
+
+def _compile_static(source_name: str, scratch: Path, target: Path) -> None:
+    """Compile one C file from files/ into a static binary at `target` (mode 0755)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    source = scratch / source_name
+    source.write_bytes(_guest_file(source_name))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        done = subprocess.run([*CC, "-o", str(target), str(source)], capture_output=True,
+                              text=True, timeout=300, check=False)
+    except FileNotFoundError:
+        raise ImageBuildError(f"cannot compile {source_name}: gcc is not installed",
+                              hint="run scripts/install-host-deps.sh (gcc, libc6-dev)") from None
+    if done.returncode != 0:
+        raise ImageBuildError(f"cannot compile {source_name}: gcc exited {done.returncode}",
+                              detail=done.stderr[-4000:],
+                              hint="run scripts/install-host-deps.sh (gcc, libc6-dev)")
+    os.chmod(target, 0o755)

@@ -11,7 +11,14 @@ import re
 import uuid as uuidlib
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from vmkit.errors import InvalidValue
 from vmkit.model.cloudinit import CloudInit, instance_id_for
@@ -28,6 +35,10 @@ Accel = Literal["auto", "kvm", "tcg"]
 # reaches QEMU's options, the ssh argv or root's file operations has one accepted shape. Each
 # refusal is an InvalidValue (exit 2) that names the field, the value and what is accepted.
 FIRMWARES = frozenset({"qboot", "seabios", "microvm"})  # qemu/argv.py FIRMWARE_FILES
+# vmgenid's guest buffer address reaches QEMU through the ACPI linker/loader's WRITE_POINTER
+# command. qboot stops at that command (its loader knows ALLOCATE, ADD_POINTER, CHECKSUM and
+# panics on anything else: the guest never boots, measured), so only SeaBIOS carries vmgenid.
+VMGENID_FIRMWARES = frozenset({"seabios"})
 KNOWN_DEVICES = frozenset({
     "virtio-blk-pci", "virtio-serial-pci", "virtio-net-pci", "virtio-balloon-pci",
     "virtio-rng-pci", "isa-serial", "pcie-root-port", "pc-dimm", "virtserialport",
@@ -189,7 +200,7 @@ class HardwareProfile(BaseModel):
     )
     hotplug_ports: int = Field(default=0, ge=0, le=16, description=(
         "empty PCIe root ports for NIC hot-plug (q35); 0 for VMs made before they existed"))
-    vmgenid: bool = Field(default=False, description=(
+    vmgenid: bool = Field(default=False, strict=True, description=(
         "a VM generation ID device (QEMU's vmgenid, guid=auto): each restore or incoming "
         "migration shows the guest a new id, so a kernel with the driver reseeds its RNG; "
         "False for VMs made before it existed (their machine stays the same)"))
@@ -225,6 +236,14 @@ class HardwareProfile(BaseModel):
         if len(value) > len(KNOWN_DEVICES) * 4:
             raise invalid("hardware.devices", value, f"at most {len(KNOWN_DEVICES) * 4} names")
         return value
+
+    @model_validator(mode="after")
+    def _vmgenid_firmware(self) -> HardwareProfile:
+        if self.vmgenid and self.firmware not in VMGENID_FIRMWARES:
+            raise invalid("hardware.vmgenid", self.vmgenid,
+                          "false with firmware " + repr(self.firmware) + " (a vmgenid device "
+                          "needs firmware " + ", ".join(sorted(VMGENID_FIRMWARES)) + ")")
+        return self
 
 
 class BootConfig(BaseModel):

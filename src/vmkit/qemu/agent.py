@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import contextlib
 import json
+import os
 import random
 import socket
 import time
@@ -281,3 +282,46 @@ def guest_facts(socket_path: Path, *, timeout: float = 10.0) -> dict[str, Any]:
             nic["name"]: [a["ip-address"] for a in nic.get("ip-addresses", [])]
             for nic in interfaces if nic.get("name") != "lo"}
     return facts
+
+
+# -- fresh entropy ---------------------------------------------------------------------------
+# A restored snapshot or an instant clone resumes with its origin's RNG state. The kernel only
+# reseeds its CRNG on a timer (every 60 s once up 2 minutes), and writing to /dev/urandom mixes
+# bytes in without reseeding. So the host hands the guest RESEED_BYTES of its own entropy and
+# the guest (as root) credits them (RNDADDENTROPY) and forces a reseed (RNDRESEEDCRNG):
+# the tiny image with its static /usr/sbin/vmkit-reseed, any other Linux guest with python3.
+RESEED_BYTES = 64
+RESEED_HELPER = "/usr/sbin/vmkit-reseed"
+RNDADDENTROPY = 0x40085203  # _IOW('R', 0x03, int[2])
+RNDRESEEDCRNG = 0x5207  # _IO('R', 0x07)
+RESEED_PYTHON = (
+    "import fcntl,os,struct,sys\n"
+    f"d=sys.stdin.buffer.read({RESEED_BYTES})\n"
+    "if not d: sys.exit('vmkit-reseed: no bytes on stdin')\n"
+    "f=os.open('/dev/urandom',os.O_WRONLY)\n"
+    f"fcntl.ioctl(f,{RNDADDENTROPY:#x},struct.pack('ii',len(d)*8,len(d))+d)\n"
+    f"fcntl.ioctl(f,{RNDRESEEDCRNG:#x})\n"
+)
+# $1 is the Python program: no quoting of it inside the shell script
+RESEED_SCRIPT = (
+    f'if [ -x {RESEED_HELPER} ]; then exec {RESEED_HELPER}; fi; '
+    'command -v python3 >/dev/null 2>&1 && exec python3 -c "$1"; '
+    'echo "vmkit-reseed: neither the helper nor python3 in this guest" >&2; exit 127'
+)
+
+
+def reseed_argv() -> list[str]:
+    """What the guest runs (stdin: the host's bytes) to credit them and reseed its RNG."""
+    return ["sh", "-c", RESEED_SCRIPT, "vmkit-reseed", RESEED_PYTHON]
+
+
+def reseed(socket_path: Path, timeout: float) -> bool:
+    """Give the guest RESEED_BYTES from the host's os.urandom, credited, and make its kernel
+    reseed the CRNG now. True when the guest reported success; False when it could not (no
+    agent answer within `timeout`, no helper or python3, not root, not Linux)."""
+    try:
+        result = guest_exec(socket_path, reseed_argv(), timeout=timeout,
+                            stdin=os.urandom(RESEED_BYTES))
+    except (AgentError, OperationTimeout):
+        return False
+    return result.ok

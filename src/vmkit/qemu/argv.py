@@ -18,6 +18,9 @@ SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=de
 # stream, so a restored or instant-cloned guest is shown a new one (with an ACPI notification).
 VMGENID_DEVICE = "vmgenid,id=vmgenid0,guid=auto"
 FIRMWARE_FILES = {"qboot": "qboot.rom", "seabios": "bios-256k.bin", "microvm": "bios-microvm.bin"}
+# Debian's seabios package installs its images in /usr/share/seabios (the bookworm-backports
+# QEMU 10 here has no bios-256k.bin in /usr/share/qemu); qboot.rom comes with QEMU.
+SEABIOS_FIRMWARES = frozenset({"seabios", "microvm"})
 
 
 def escape_opt(value: str) -> str:
@@ -45,6 +48,7 @@ class RunPaths:
 class LaunchOptions:
     accel: str  # "kvm" or "tcg"
     firmware_dir: str = "/usr/share/qemu"
+    seabios_dir: str = "/usr/share/seabios"
     qemu_binary: str = "qemu-system-x86_64"
     ssh_port: int | None = None  # host port on 127.0.0.1 forwarded to the guest's port 22
     tap_fds: tuple[tuple[str, int], ...] = ()  # (NIC MAC, descriptor QEMU inherits)
@@ -87,7 +91,8 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
     ]
     firmware = FIRMWARE_FILES.get(hw.firmware)
     if firmware:
-        argv += ["-bios", f"{options.firmware_dir}/{firmware}"]
+        folder = options.seabios_dir if hw.firmware in SEABIOS_FIRMWARES else options.firmware_dir
+        argv += ["-bios", f"{folder}/{firmware}"]
     argv += [
         "-kernel", paths.kernel,
         "-initrd", paths.initrd,

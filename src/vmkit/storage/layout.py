@@ -243,15 +243,17 @@ _BROKEN_HINT = "fix the file from a backup, or remove the VM: vmkit delete NAME 
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, *, timeout: float, what: str) -> Iterator[None]:
-    """Hold an exclusive fcntl lock on `path`; wait up to `timeout` seconds, then LockTimeout."""
+def file_lock(path: Path, *, timeout: float, what: str,
+              shared: bool = False) -> Iterator[None]:
+    """Hold an fcntl lock on `path` (exclusive, or `shared` with other shared holders); wait up
+    to `timeout` seconds, then LockTimeout."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + timeout
         while True:
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
                 break
             except OSError as exc:
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
@@ -264,8 +266,9 @@ def file_lock(path: Path, *, timeout: float, what: str) -> Iterator[None]:
                         hint="wait for that command to finish, or raise --lock-timeout",
                     ) from None
                 time.sleep(0.05)
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
+        if not shared:
+            os.ftruncate(fd, 0)
+            os.write(fd, f"{os.getpid()}\n".encode())
         yield
     finally:
         os.close(fd)
