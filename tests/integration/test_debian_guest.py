@@ -166,9 +166,9 @@ def test_disk_snapshot_during_writes_is_consistent(deb: VM, tmp_path: Path) -> N
 
 
 def _snapshot_layer(vm: VM, name: str) -> Path:
-    from vmkit import snapshots
+    from vmkit.core import store
 
-    return vm.folder.path / snapshots.load_tree(vm).get(vm.name, name).layer
+    return vm.folder.path / store.load_tree(vm).get(vm.name, name).layer
 
 
 def test_graceful_stop_then_clean_start(deb: VM, tmp_path: Path) -> None:

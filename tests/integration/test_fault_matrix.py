@@ -170,3 +170,81 @@ def test_export_killed_at_every_step(host: Host, home: Path, tmp_path: Path) -> 
         done = run_cli(home, "export", "expo", str(bundle))
         assert done.returncode == 0, done.stderr
         bundle.unlink()
+
+
+def test_start_and_stop_killed_at_every_step(host: Host, home: Path) -> None:
+    vm = host.create("life")
+    for step in STEPS["start"]:
+        if vm.state.value == "running":
+            run_cli(home, "kill", "life", check=True)
+        _killed_at(home, "start", step, "start", "life")
+        vms = _consistent(host, home)
+        assert vms["life"]["state"] in ("running", "stopped", "crashed", "defined"), vms
+        if vms["life"]["state"] != "running":
+            run_cli(home, "start", "life", check=True)
+        vm.wait_ready(timeout=120)
+        _consistent(host, home, {"life"})
+    for step in STEPS["stop"]:
+        if vm.state.value != "running":
+            run_cli(home, "start", "life", "--wait", check=True)
+        _killed_at(home, "stop", step, "stop", "life", "--timeout", "30")
+        vms = _consistent(host, home)
+        assert vms["life"]["state"] == "stopped", vms["life"]  # finished, not half-done
+
+
+@pytest.mark.parametrize("linked", [False, True], ids=["full", "linked"])
+def test_clone_of_a_running_vm_killed_at_every_step(host: Host, home: Path,
+                                                    linked: bool) -> None:
+    source = host.create("src")
+    source.start(wait=True)
+    source.exec(["sh", "-c", "echo mine > /root/mark; sync"])
+    extra = ["--linked"] if linked else []
+    for index, step in enumerate(STEPS["clone"]):
+        target = f"cl{index}"
+        _killed_at(home, "clone", step, "clone", "src", target, *extra)
+        vms = _consistent(host, home, {"src"})
+        helpers = {s.name for s in source.snapshots()}
+        if target in vms:
+            assert (f"clone-{target}" in helpers) == linked  # a full clone merged it back
+            run_cli(home, "start", target, "--wait", check=True)
+            assert host.get(target).exec(["cat", "/root/mark"]).stdout.strip() == "mine"
+            run_cli(home, "delete", target, "--force", check=True)
+        else:
+            assert f"clone-{target}" not in helpers
+        again = run_cli(home, "clone", "src", f"{target}b", *extra)
+        assert again.returncode == 0, again.stderr
+        run_cli(home, "delete", f"{target}b", "--force", check=True)
+    _consistent(host, home, {"src"})
+
+
+def test_live_set_killed_at_every_step(host: Host, home: Path) -> None:
+    vm = host.create("grow", memory="256M", max_memory="1G", cpus=1, max_cpus=2)
+    vm.start(wait=True)
+    for index, step in enumerate(STEPS["set"]):
+        want = 256 + 128 * (index + 1)
+        _killed_at(home, "set", step, "set", "grow", "--memory", f"{want}M")
+        _consistent(host, home, {"grow"})
+        spec = json.loads((home / "vms/grow/vm.json").read_text())["spec"]
+        machine = json.loads((home / "vms/grow/state.json").read_text())["machine"]
+        plugged = machine["config"]["spec"]["memory"] + sum(
+            step["args"]["size"] for step in machine["hotplug"] if step["kind"] == "object")
+        assert spec["memory"] == plugged, (step, spec["memory"], plugged)  # vm.json is true
+        again = run_cli(home, "set", "grow", "--memory", f"{want}M")
+        assert again.returncode == 0, again.stderr
+    _consistent(host, home, {"grow"})
+
+
+def test_import_killed_at_every_step(host: Host, home: Path, tmp_path: Path) -> None:
+    vm = host.create("orig-b")
+    bundle = tmp_path / "b.vmkit"
+    run_cli(home, "export", "orig-b", str(bundle), check=True)
+    for step in STEPS["import"]:
+        _killed_at(home, "import", step, "import", str(bundle), "--name", "imp")
+        vms = _consistent(host, home)
+        assert not [p for p in (home / "vms").iterdir() if p.name.startswith(".")]
+        if "imp" in vms:
+            run_cli(home, "delete", "imp", check=True)
+        done = run_cli(home, "import", str(bundle), "--name", "imp")
+        assert done.returncode == 0, done.stderr
+        run_cli(home, "delete", "imp", check=True)
+    assert vm.state.value == "defined"

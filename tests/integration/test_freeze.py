@@ -8,8 +8,8 @@ import time
 
 from tests.integration.conftest import sh
 from vmkit import Host, VmkitError
+from vmkit.core.layers import FREEZE_TIMEOUT
 from vmkit.qemu import agent
-from vmkit.snapshots import FREEZE_TIMEOUT
 
 STALL = int(FREEZE_TIMEOUT) + 6
 

@@ -35,7 +35,7 @@ def test_unknown_steps_and_a_damaged_journal_are_refused(tmp_path: Path) -> None
     (tmp_path / JOURNAL_FILE).write_text('{"op": "format-disk"}')
     with pytest.raises(BrokenVm, match="journal"):
         Journal(tmp_path).read()
-    assert all(steps[0] == "begun" for steps in STEPS.values())
+    assert all(steps[0] == "begun" for op, steps in STEPS.items() if op != "import")
 
 
 def test_the_fault_hook_kills_right_after_the_step(tmp_path: Path) -> None:

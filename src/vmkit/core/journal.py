@@ -2,8 +2,9 @@
 
 `Journal(folder).begin(op, **intent)` writes journal.json; `step(name, **more)` records a
 completed step (fsynced: the next reader sees it) and then passes the fault point; `end()`
-removes the file. Recovery rules live with each operation (vmkit.snapshots, vmkit.clones,
-vmkit.bundles); the engine calls them through `recover` when it takes the VM's lock.
+removes the file. Recovery rules live with each operation (vmkit.ops.snapshots, vmkit.ops.clones,
+vmkit.ops.bundles), registered with `register_recovery`; the engine calls them when it
+takes the VM's lock (the core never imports an operation).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +39,24 @@ def pause_point(op: str, step: str) -> None:
     prefix = f"{op}:{step}:"
     if wanted.startswith(prefix):
         time.sleep(min(30.0, float(wanted[len(prefix):] or 0)))
+
+
+Rule = Callable[[Any, Any, JournalEntry], None]  # (held lock, VM, entry)
+_RECOVERY: dict[str, Rule] = {}
+
+
+def register_recovery(op: OpKind, rule: Rule) -> None:
+    """An operation module names the rule that finishes or undoes it after a cut (the core
+    calls it; the core never imports an operation)."""
+    _RECOVERY[op] = rule
+
+
+def recovery_rule(op: str) -> Rule:
+    try:
+        return _RECOVERY[op]
+    except KeyError:
+        raise InvalidState(f"no recovery rule for an interrupted {op!r}: vmkit's operations "
+                           "are not loaded", hint="use the vmkit CLI or `import vmkit`") from None
 
 
 class Journal:

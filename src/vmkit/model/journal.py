@@ -10,10 +10,20 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-OpKind = Literal["snapshot", "restore", "delete-snapshot", "instant-clone", "export"]
+OpKind = Literal["start", "stop", "snapshot", "restore", "delete-snapshot", "clone",
+                 "instant-clone", "export", "set", "nic-add", "nic-remove"]
 
 #: The named steps of each operation, in order (the fault matrix kills the CLI at each one).
 STEPS: dict[str, tuple[str, ...]] = {
+    "start": ("begun", "reserved", "spawned", "ready"),
+    "stop": ("begun", "stopping", "powerdown-sent"),
+    "clone": ("begun", "snapshot-taken", "clone-published", "merged-back"),
+    "set": ("begun", "reserved", "applied"),
+    "nic-add": ("begun", "saved", "plugged"),
+    "nic-remove": ("begun", "unplugged", "saved"),
+    # import builds a hidden folder published by one rename: no VM to journal in, only the
+    # fault points (the hidden folder of a cut import is swept by the next listing)
+    "import": ("extracted", "checked", "published"),
     "snapshot": ("begun", "paused", "memory-saved", "overlay-created", "switched",
                  "tree-saved"),
     "restore": ("begun", "stopped", "overlay-created", "started", "tree-saved"),

@@ -164,3 +164,10 @@ def send_memory(qmp: QmpConnection, end: socket.socket, timeout: float) -> None:
     _unthrottle(qmp)
     qmp.execute("migrate", {"channels": _fd_channel("vmkit-outgoing")})
     wait_migration(qmp, timeout, "sending memory to the clone")
+
+
+def apply_io_throttle(qmp: QmpConnection, iops: int | None, bps: int | None) -> None:
+    """IOPS and bytes/s limits on the VM's disk (0 or None: unlimited)."""
+    qmp.execute("block_set_io_throttle", {
+        "id": disk_qdev(qmp), "iops": iops or 0, "iops_rd": 0, "iops_wr": 0,
+        "bps": bps or 0, "bps_rd": 0, "bps_wr": 0})

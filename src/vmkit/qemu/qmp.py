@@ -7,6 +7,7 @@ command has a timeout. Errors keep what was sent and what came back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Callable
@@ -18,19 +19,33 @@ from qemu.qmp import ExecuteError, QMPClient
 
 from vmkit.errors import OperationTimeout, QemuError, VmkitError
 from vmkit.qemu import peer
+from vmkit.storage.layout import file_lock
 
 logging.getLogger("qemu.qmp").setLevel(logging.CRITICAL)
 
 
+MONITOR_LOCK = ".monitor.lock"  # in the VM folder (root's), beside run/
+
+
 class QmpConnection:
+    """One session on a VM's monitor. A session owns the monitor alone: it holds the VM's
+    monitor lock (flock, waited for up to `timeout`, then LockTimeout naming the holder), so
+    readers queue behind a snapshot or a migration instead of interleaving with it."""
+
     def __init__(self, socket_path: Path, *, timeout: float = 5.0, name: str = "vmkit"):
         self._path = socket_path
         self._timeout = timeout
         self._loop = asyncio.new_event_loop()
         self._client = QMPClient(name)
+        self._owner: contextlib.ExitStack | None = None
 
     def __enter__(self) -> QmpConnection:
+        owner = contextlib.ExitStack()
         try:
+            owner.enter_context(file_lock(self._path.parent.parent / MONITOR_LOCK,
+                                          timeout=self._timeout,
+                                          what=f"the monitor of {self._path.parent.parent.name}"))
+            self._owner = owner
             try:
                 sock = peer.connect_unix(self._path, self._timeout)
             except OSError as exc:
@@ -38,6 +53,8 @@ class QmpConnection:
             self._run(self._client.connect(sock), what="connect")
         except BaseException:
             self._loop.close()
+            owner.close()
+            self._owner = None
             raise
         return self
 
@@ -54,6 +71,9 @@ class QmpConnection:
             pass  # teardown must not mask the error that brought us here
         finally:
             self._loop.close()
+            if self._owner is not None:
+                self._owner.close()
+                self._owner = None
 
     def execute(self, command: str, arguments: dict[str, Any] | None = None, *,
                 timeout: float | None = None) -> Any:

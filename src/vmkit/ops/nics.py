@@ -12,16 +12,20 @@ import os
 import time
 from typing import TYPE_CHECKING, Any
 
-from vmkit import networks as net_ops
+from vmkit.core import networks as net_ops
+from vmkit.core.journal import Journal, register_recovery
+from vmkit.core.locks import Held
 from vmkit.errors import InvalidState, NotFound, OperationTimeout, QemuError
+from vmkit.model.journal import JournalEntry
 from vmkit.model.network import USER_NETWORK, Nic
+from vmkit.model.spec import VmConfig
 from vmkit.model.state import LIVE_STATES, VmState
 from vmkit.net import links
 from vmkit.qemu.argv import USER_NET, netdev_id, nic_id, port_id
 from vmkit.qemu.qmp import QmpConnection
 
 if TYPE_CHECKING:
-    from vmkit.host import VM
+    from vmkit.core.engine import VM
 
 QMP_TIMEOUT = 10.0
 UNPLUG_TIMEOUT = 30.0
@@ -38,29 +42,73 @@ def _explicit(vm: VM) -> tuple[Nic, ...]:
 def add(vm: VM, network: str, *, ports: tuple[str, ...] = ()) -> Nic:
     """Give the VM a NIC on `network` (hot-plugged when it runs)."""
     host = vm.host
-    with host._vm_lock(vm.name):
-        record = vm._observe(persist=True, locked=True)
+    with host._vm_lock(vm.name) as held:
+        record = vm._observe(persist=True, held=held)
         if record.state not in (VmState.RUNNING, VmState.STOPPED, VmState.DEFINED,
                                 VmState.CRASHED):
             raise InvalidState(f"cannot change the NICs of VM {vm.name!r}: it is "
                                f"{record.state.value}", hint="wait, or resume it first")
         before = vm.config
         current = _explicit(vm)
+        log = Journal(vm.folder.path)
         with net_ops.locked(host):
             (nic,) = net_ops.new_nics(host, before.uuid, [network], list(ports),
                                       existing=current)
             (nic,) = net_ops.with_addresses(host, (nic,))
+            log.begin("nic-add", nic=nic.model_dump(mode="json"),
+                      before=before.model_dump(mode="json"))
             vm.save_config(before.model_copy(update={"nics": (*current, nic)}))
         try:
+            log.step("saved")
             net_ops.forget(host)
             if record.state is VmState.RUNNING:
                 _plug(vm, nic, slots=len(before.nics) + before.hardware.hotplug_ports)
+            log.step("plugged")
         except BaseException:
             vm.save_config(before)
             net_ops.release(vm, (nic,))
             net_ops.forget(host)
+            log.end()
             raise
+        log.end()
     return nic
+
+
+def _plugged(vm: VM, nic: Nic) -> bool | None:
+    """Whether the running QEMU has the NIC's device (None: the VM does not run)."""
+    record = vm._record()
+    if not vm._alive(record):
+        return None
+    with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+        devices = qmp.execute("qom-list", {"path": "/machine/peripheral"})
+    return any(d.get("name") == nic_id(nic) for d in devices)
+
+
+def recover_add(held: Held, vm: VM, entry: JournalEntry) -> None:
+    """A NIC add cut short: kept when QEMU has it (or the VM does not run: it is configured for
+    the next start), else vm.json goes back and its tap is removed."""
+    held.require(vm.name)
+    nic = Nic.model_validate(entry.intent["nic"])
+    vm._observe(persist=True, held=held)
+    if not entry.done("saved") or _plugged(vm, nic) is False:
+        before = VmConfig.model_validate(entry.intent["before"])
+        vm.save_config(vm.config.model_copy(update={"nics": before.nics}))
+        net_ops.release(vm, (nic,))
+    net_ops.forget(vm.host)
+
+
+def recover_remove(held: Held, vm: VM, entry: JournalEntry) -> None:
+    """A NIC remove cut short: finished when the guest let the device go (or the VM does not
+    run), else the NIC stays as it was."""
+    held.require(vm.name)
+    nic = Nic.model_validate(entry.intent["nic"])
+    vm._observe(persist=True, held=held)
+    if _plugged(vm, nic) is not True:
+        current = _explicit(vm)
+        vm.save_config(vm.config.model_copy(update={
+            "nics": tuple(n for n in current if n.mac != nic.mac)}))
+        net_ops.release(vm, (nic,))
+    net_ops.forget(vm.host)
 
 
 def _plug(vm: VM, nic: Nic, *, slots: int) -> None:
@@ -104,21 +152,30 @@ def _device_add(qmp: QmpConnection, vm: VM, nic: Nic, slots: int) -> None:
 def remove(vm: VM, network: str) -> Nic:
     """Take the VM's NIC on `network` away (hot-unplugged when it runs)."""
     host = vm.host
-    with host._vm_lock(vm.name):
-        record = vm._observe(persist=True, locked=True)
+    with host._vm_lock(vm.name) as held:
+        record = vm._observe(persist=True, held=held)
         current = _explicit(vm)
         nic = next((n for n in current if n.network == network), None)
         if nic is None:
             raise NotFound(f"VM {vm.name!r} has no NIC on network {network!r}",
                            hint=f"its NICs: {', '.join(n.network for n in current)}")
-        if record.state in LIVE_STATES:
-            if record.state is not VmState.RUNNING:
-                raise InvalidState(f"cannot unplug a NIC of VM {vm.name!r}: it is "
-                                   f"{record.state.value}", hint="resume it first")
-            _unplug(vm, nic)
+        if record.state in LIVE_STATES and record.state is not VmState.RUNNING:
+            raise InvalidState(f"cannot unplug a NIC of VM {vm.name!r}: it is "
+                               f"{record.state.value}", hint="resume it first")
+        log = Journal(vm.folder.path)
+        log.begin("nic-remove", nic=nic.model_dump(mode="json"))
+        try:
+            if record.state in LIVE_STATES:
+                _unplug(vm, nic)
+        except BaseException:
+            log.end()  # QEMU still has it: nothing changed
+            raise
+        log.step("unplugged")
         vm.save_config(vm.config.model_copy(update={
             "nics": tuple(n for n in current if n is not nic)}))
+        log.step("saved")
         net_ops.release(vm, (nic,))
+        log.end()
     net_ops.forget(host)
     return nic
 
@@ -139,3 +196,7 @@ def _unplug(vm: VM, nic: Nic) -> None:
                                        f"on {nic.network!r} within {UNPLUG_TIMEOUT:g}s")
             time.sleep(0.2)
         qmp.execute("netdev_del", {"id": netdev_id(nic)})
+
+
+register_recovery("nic-add", recover_add)
+register_recovery("nic-remove", recover_remove)

@@ -39,8 +39,9 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from vmkit import snapshots as snapshot_ops
-from vmkit.core.journal import Journal
+from vmkit.core import layers, store
+from vmkit.core.journal import Journal, fault_point, register_recovery
+from vmkit.core.locks import Held
 from vmkit.errors import InvalidValue, NotFound, VmkitError, os_errors
 from vmkit.isolation import jail
 from vmkit.model.journal import JournalEntry
@@ -51,7 +52,7 @@ from vmkit.qemu import hostinfo, img
 from vmkit.storage.layout import VmFolder, fsync_dir
 
 if TYPE_CHECKING:
-    from vmkit.host import VM, Host
+    from vmkit.core.engine import VM, Host
 
 FORMAT = "vmkit-bundle"
 FORMAT_VERSION = 1
@@ -95,8 +96,8 @@ def export(vm: VM, path: Path, *, progress: Progress | None = None) -> dict[str,
         raise InvalidValue(f"export target {path} already exists", hint="choose a new file name")
     if not path.parent.is_dir():
         raise InvalidValue(f"export target folder {path.parent} does not exist")
-    with vm.host._vm_lock(vm.name):
-        record = vm._observe(persist=True, locked=True)
+    with vm.host._vm_lock(vm.name) as held:
+        record = vm._observe(persist=True, held=held)
         live = record.state in LIVE_STATES
         point = f"export-{uuidlib.uuid4().hex[:8]}" if live else None
         staging = vm.host.layout.cache / f"export-{uuidlib.uuid4().hex[:8]}"
@@ -108,7 +109,7 @@ def export(vm: VM, path: Path, *, progress: Progress | None = None) -> dict[str,
                   point=point, frozen=live)
         try:
             if point is not None:
-                snapshot_ops.take_locked(vm, record, point, disk_only=True, journal=False)
+                layers.take_locked(held, vm, record, point, disk_only=True, journal=False)
             log.step("snapshot-taken")
             with os_errors(f"exporting VM {vm.name!r} to {path}"):
                 result = _write_bundle(vm, partial, point, staging, progress)
@@ -117,18 +118,19 @@ def export(vm: VM, path: Path, *, progress: Progress | None = None) -> dict[str,
                 log.step("published")
             return {**result, "path": str(path), "mode": f"{BUNDLE_MODE:04o}"}
         finally:
-            _export_cleanup(vm, partial, staging, point)
+            _export_cleanup(held, vm, partial, staging, point)
             log.end()
 
 
-def _export_cleanup(vm: VM, partial: Path, staging: Path, point: str | None) -> None:
+def _export_cleanup(held: Held, vm: VM, partial: Path, staging: Path,
+                    point: str | None) -> None:
     partial.unlink(missing_ok=True)  # gone already when published
     shutil.rmtree(staging, ignore_errors=True)
-    if point is not None and point in snapshot_ops.load_tree(vm).nodes:
-        snapshot_ops.delete_locked(vm, vm._record(), point)
+    if point is not None and point in store.load_tree(vm).nodes:
+        layers.delete_locked(held, vm, vm._record(), point)
 
 
-def recover_export(vm: VM, entry: JournalEntry) -> None:
+def recover_export(held: Held, vm: VM, entry: JournalEntry) -> None:
     """An export cut short: its partial file, staging copy and helper snapshot go (a
     published bundle stays: it was complete); a guest it froze is thawed."""
     intent = entry.intent
@@ -137,10 +139,10 @@ def recover_export(vm: VM, entry: JournalEntry) -> None:
     if not partial.name.endswith(".partial") or staging.parent != vm.host.layout.cache:
         raise InvalidValue(f"the export journal of VM {vm.name!r} names unexpected files")
     point = intent.get("point")
-    record = vm._observe(persist=True, locked=True)
+    record = vm._observe(persist=True, held=held)
     if intent.get("frozen") and vm._alive(record):
-        snapshot_ops.thaw(vm)
-    _export_cleanup(vm, partial, staging, point if isinstance(point, str) else None)
+        layers.thaw(vm)
+    _export_cleanup(held, vm, partial, staging, point if isinstance(point, str) else None)
 
 
 def _create_private(path: Path) -> IO[bytes]:
@@ -178,7 +180,7 @@ def _publish(partial: Path, path: Path) -> None:
 def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
                   progress: Progress | None) -> dict[str, Any]:
     folder = vm.folder.path
-    tree = snapshot_ops.load_tree(vm)
+    tree = store.load_tree(vm)
     config = vm.config
     active = vm.active_layer()
     if point is not None:  # the bundle's present is the export point's frozen layer
@@ -273,6 +275,7 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
             def build(work: VmFolder) -> VmConfig:
                 with os_errors(f"importing {path}"):
                     _extract_checked(tar, work.path, expected, path, progress)
+                fault_point("import", "extracted")
                 config = _check_metadata(work.path, path)
                 # the disks are inspected by qemu-img without root: they become its files
                 # (disks are what a VM's uid owns anyway; the folders stay root's)
@@ -281,6 +284,7 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
                     _hand_disks(work.path, owner)
                 _repoint(work.path, manifest.get("repoint") or {}, path, owner)
                 _check_disks(work.path, path, owner)
+                fault_point("import", "checked")
                 # ssh_identity names a key file on the exporting host: never used here
                 config = config.model_copy(update={"ssh_identity": None})
                 if target != original:  # a copy: a new identity, never the source's
@@ -288,6 +292,7 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
                 return config
 
             vm = host._new_vm_folder(target, build)
+            fault_point("import", "published")
     except tarfile.TarError as exc:
         raise BundleError(f"bundle {path} is not a readable vmkit bundle: {exc}",
                           hint="was it truncated or damaged in transfer?") from exc
@@ -414,7 +419,7 @@ def _check_metadata(folder: Path, path: Path) -> VmConfig:
     CPU model are ones this QEMU offers; the metadata names only files of this bundle, each in
     its own folder."""
     config = _validated(folder, "vm.json", VmConfig, path)
-    tree = _validated(folder, "snapshots.json", snapshot_ops.DiskState, path)
+    tree = _validated(folder, "snapshots.json", store.DiskState, path)
     hardware = config.hardware
     if hardware.machine not in hostinfo.machine_types():
         raise BundleError(f"bundle {path}: vm.json hardware.machine {shown(hardware.machine)} is "
@@ -485,3 +490,6 @@ def _check_disks(folder: Path, path: Path, owner: jail.RunAs | None) -> None:
         if data_file is not None:
             raise BundleError(f"bundle {path}: {disk.name} has an external data file "
                               f"{data_file!r}; refused")
+
+
+register_recovery("export", recover_export)

@@ -49,7 +49,7 @@ from vmkit.net import links, services
 from vmkit.storage.layout import file_lock, read_json, write_json_atomic
 
 if TYPE_CHECKING:
-    from vmkit.host import VM, Host
+    from vmkit.core.engine import VM, Host
 
 NETWORK_LOCK_TIMEOUT = 60.0
 USER_MODE_SUBNET = "198.18.0.0/24"  # what user-mode NICs use inside QEMU

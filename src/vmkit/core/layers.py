@@ -1,14 +1,8 @@
-"""Snapshot use cases of the engine: take, list, restore, delete.
-
-Mechanism (chosen by measurement, see docs/architecture.md): external qcow2 layers plus memory
-state files. Taking a snapshot freezes the VM's active disk layer (it becomes the snapshot's
-layer) and puts a new, empty active layer on top; with memory, the paused VM's RAM and device
-state are first written to snapshots/NAME.state by a migration to a file. Restoring puts a new
-active layer on the snapshot's layer and, for a memory snapshot, starts a fresh QEMU that loads
-the state. Deleting merges the snapshot's layer into each child layer (qemu-img rebase, or a
-block-stream job while QEMU has the chain open), so every other node stays restorable.
-
-All of this lives in the VM folder: disks/*.qcow2, snapshots/*.state, snapshots.json.
+"""Disk layer mechanics of the VM store, under the VM's lock: take a snapshot (freeze the active
+layer, a new one on top; with memory, the paused VM's state to a file), delete one (merge its
+layer into each child: qemu-img rebase, or block-stream while QEMU has the chain open), and
+quiesce/thaw the guest. Journalled (`take_locked` records every step; `recover_take` finishes or
+undoes a cut). Operations (snapshots, clones, bundles) call these; they call no operation.
 """
 
 from __future__ import annotations
@@ -19,97 +13,39 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict
-
-from vmkit.core.journal import Journal
-from vmkit.errors import AgentError, InvalidState, OperationTimeout, VmkitError, os_errors
+from vmkit.core.journal import Journal, register_recovery
+from vmkit.core.locks import Held
+from vmkit.core.store import (
+    DiskState,
+    load_tree,
+    new_layer,
+    remove_unreferenced,
+    save_tree,
+)
+from vmkit.errors import AgentError, InvalidState, OperationTimeout, VmkitError
 from vmkit.isolation import jail
 from vmkit.model.journal import JournalEntry
 from vmkit.model.runtime import RuntimeRecord
-from vmkit.model.snapshots import SnapshotNode, SnapshotTree
-from vmkit.model.spec import check_relative_path
+from vmkit.model.snapshots import SnapshotNode
 from vmkit.model.state import LIVE_STATES, VmState
 from vmkit.qemu import agent, blockops, img
 from vmkit.qemu.qmp import QmpConnection
-from vmkit.storage.layout import read_metadata, write_json_atomic
 
 if TYPE_CHECKING:
-    from vmkit.host import VM
+    from vmkit.core.engine import VM
 
-TREE_FILE = "snapshots.json"
 QMP_TIMEOUT = 10.0
 MEMORY_STATE_TIMEOUT = 300.0
 MERGE_TIMEOUT = 3600.0
 FREEZE_TIMEOUT = 10.0
 
 
-class DiskState(SnapshotTree):
-    """snapshots.json: the tree plus the active layer (one file, so one atomic write)."""
-
-    active_layer: str | None = None
-
-
-class SnapshotInfo(BaseModel):
-    """One row of `snapshot list`."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    parent: str | None
-    depth: int
-    created_at: float
-    with_memory: bool
-    taken_in: str
-    quiesced: bool | None
-    disk_bytes: int
-    memory_bytes: int
-    current: bool
-
-
-def load_tree(vm: VM) -> DiskState:
-    path = vm.folder.path / TREE_FILE
-    if not path.exists():
-        return DiskState()
-    return read_metadata(path, DiskState, f"VM {vm.name!r}")
-
-
-def save_tree(vm: VM, tree: DiskState) -> None:
-    write_json_atomic(vm.folder.path / TREE_FILE, tree.model_dump(mode="json"))
-
-
-def _new_layer() -> str:
-    return f"disks/{uuidlib.uuid4().hex[:12]}.qcow2"
-
-
-def _used_bytes(path: Path) -> int:
-    try:
-        return path.stat().st_blocks * 512
-    except FileNotFoundError:
-        return 0
-
-
-def listing(vm: VM) -> list[SnapshotInfo]:
-    tree = load_tree(vm)
-    return [SnapshotInfo(
-        name=node.name, parent=node.parent, depth=depth, created_at=node.created_at,
-        with_memory=node.memory is not None, taken_in=node.taken_in, quiesced=node.quiesced,
-        disk_bytes=_used_bytes(vm.folder.path / node.layer),
-        memory_bytes=node.memory_size, current=tree.current == node.name,
-    ) for depth, node in tree.walk()]
-
-
-# -- take ---------------------------------------------------------------------------------
-def take(vm: VM, name: str, *, disk_only: bool = False) -> SnapshotNode:
-    with vm.host._vm_lock(vm.name), os_errors(f"snapshot {name!r} of VM {vm.name!r}"):
-        record = vm._observe(persist=True, locked=True)
-        return take_locked(vm, record, name, disk_only=disk_only)
-
-
-def take_locked(vm: VM, record: RuntimeRecord, name: str, *, disk_only: bool,
+def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_only: bool,
                 journal: bool = True) -> SnapshotNode:
     """Take the snapshot (the caller holds the VM's lock). With `journal`, every step is
     recorded so an interruption is rolled forward or back (`recover_take`); operations that
     take a helper snapshot inside their own journal (instant clone, export) pass False."""
+    held.require(vm.name)
     tree = load_tree(vm)
     tree.check_new(vm.name, name)
     if record.state in (VmState.STARTING, VmState.STOPPING):
@@ -118,7 +54,7 @@ def take_locked(vm: VM, record: RuntimeRecord, name: str, *, disk_only: bool,
     live = record.state in (VmState.RUNNING, VmState.PAUSED)
     with_memory = live and not disk_only
     active = vm.active_layer()
-    new_active = _new_layer()
+    new_active = new_layer()
     new_path = vm.folder.path / new_active
     memory_rel = f"snapshots/{name}.state" if with_memory else None
     memory_path = vm.folder.path / memory_rel if memory_rel else None
@@ -191,7 +127,7 @@ def _step(log: Journal | None, step: str, **intent: object) -> None:
         log.step(step, **intent)
 
 
-def recover_take(vm: VM, entry: JournalEntry) -> None:
+def recover_take(held: Held, vm: VM, entry: JournalEntry) -> None:
     """Finish or undo an interrupted live snapshot: forward when QEMU already writes to the
     new layer (or the tree was saved), else back; then thaw and resume what it stopped."""
     intent = entry.intent
@@ -210,7 +146,7 @@ def recover_take(vm: VM, entry: JournalEntry) -> None:
         node = SnapshotNode.model_validate(node_data)
         save_tree(vm, tree.with_node(node).model_copy(update={"active_layer": new_layer}))
     elif not forward:
-        _remove_unreferenced(vm, [new_layer, intent.get("memory")])
+        remove_unreferenced(vm, [new_layer, intent.get("memory")])
     if alive:
         if intent.get("frozen"):
             thaw(vm)
@@ -224,36 +160,6 @@ def _continue_if_paused(vm: VM) -> None:
         # after a completed save QEMU says postmigrate; both continue with `cont`
         if qmp.execute("query-status")["status"] in ("paused", "postmigrate"):
             qmp.execute("cont")
-
-
-def _remove_unreferenced(vm: VM, files: list[object]) -> None:
-    """Remove files the tree does not name (a half-made layer or state)."""
-    tree = load_tree(vm)
-    used = {n.layer for n in tree.nodes.values()} | {n.memory for n in tree.nodes.values()}
-    used |= {vm.active_layer(), vm.config.disk_file}
-    for rel in files:
-        if isinstance(rel, str) and rel not in used:
-            check_relative_path("journal file", rel)
-            (vm.folder.path / rel).unlink(missing_ok=True)
-
-
-def sweep_orphans(vm: VM) -> list[str]:
-    """Remove layers and memory states nothing names (left by an interruption before there
-    was a journal, or by a crash of vmkit itself); the caller holds the lock, no journal."""
-    tree = load_tree(vm)
-    used = {n.layer for n in tree.nodes.values()} | {n.memory for n in tree.nodes.values()}
-    used |= {vm.active_layer(), vm.config.disk_file}
-    removed = []
-    for folder, suffix in (("disks", ".qcow2"), ("snapshots", ".state")):
-        directory = vm.folder.path / folder
-        if not directory.is_dir():
-            continue
-        for entry in directory.iterdir():
-            rel = f"{folder}/{entry.name}"
-            if entry.name.endswith(suffix) and rel not in used and not entry.is_symlink():
-                entry.unlink(missing_ok=True)
-                removed.append(rel)
-    return removed
 
 
 def _commit(vm: VM, tree: DiskState, node: SnapshotNode, new_active: str, new_path: Path) -> None:
@@ -293,116 +199,9 @@ def thaw(vm: VM) -> bool:
     return False
 
 
-# -- restore ------------------------------------------------------------------------------
-def restore(vm: VM, name: str) -> None:
-    """Bring the VM to the snapshot: a memory snapshot continues running from that moment; a
-    disk-only snapshot leaves the VM stopped with that disk (it is a powered-off state).
-
-    The present disk stays until the new QEMU has loaded the snapshot: only then is the tree
-    switched and the old active layer retired."""
-    with vm.host._vm_lock(vm.name):
-        record = vm._observe(persist=True, locked=True)
-        tree = load_tree(vm)
-        node = tree.get(vm.name, name)
-        if record.state in (VmState.STARTING, VmState.STOPPING):
-            raise InvalidState(f"cannot restore VM {vm.name!r}: it is {record.state.value}")
-        old_active = vm.active_layer()
-        new_active = _new_layer()
-        new_path = vm.folder.path / new_active
-        log = Journal(vm.folder.path)
-        log.begin("restore", name=name, new_layer=new_active, old_active=old_active)
-        if record.state in LIVE_STATES:
-            vm._kill_locked(record, note=f" (to restore snapshot {name!r})")
-            record = vm._record()
-        log.step("stopped")
-        try:
-            img.create_overlay(new_path, Path(node.layer).name)
-            log.step("overlay-created")
-            if node.memory is not None:
-                state_file = vm.folder.path / node.memory
-                vm._start_locked(
-                    record, resume=node.taken_in == "running", layer=new_active,
-                    machine=node.machine,  # the machine the state was taken from
-                    incoming=lambda qmp: blockops.load_memory(qmp, state_file,
-                                                              MEMORY_STATE_TIMEOUT))
-            log.step("started")
-        except BaseException:
-            new_path.unlink(missing_ok=True)  # the present disk is untouched
-            log.end()
-            raise
-        _finish_restore(vm, name, new_active, old_active)
-        log.step("tree-saved")
-        log.end()
-
-
-def _finish_restore(vm: VM, name: str, new_active: str, old_active: str) -> None:
-    tree = load_tree(vm)
-    save_tree(vm, tree.model_copy(update={"current": name, "active_layer": new_active}))
-    if old_active not in {n.layer for n in tree.nodes.values()} | {vm.config.disk_file}:
-        (vm.folder.path / old_active).unlink(missing_ok=True)  # the discarded present
-
-
-def recover_restore(vm: VM, entry: JournalEntry) -> None:
-    """Forward when the new QEMU runs from the snapshot (or the tree was saved), else back:
-    no QEMU half-loaded, the present disk kept, the VM stopped."""
-    intent = entry.intent
-    new_layer, old_active = str(intent["new_layer"]), str(intent["old_active"])
-    if entry.done("tree-saved"):
-        _remove_unreferenced(vm, [old_active])
-        return
-    tree = load_tree(vm)
-    node = tree.nodes.get(str(intent["name"]))
-    record = vm._observe(persist=True, locked=True)
-    if not entry.done("stopped"):
-        _remove_unreferenced(vm, [new_layer])
-        return
-    running_new = False
-    if record.state in LIVE_STATES and vm._alive(record):
-        with contextlib.suppress(VmkitError), \
-                QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
-            running_new = qmp.execute("query-status")["status"] in ("running", "paused")
-        if not running_new:
-            vm._kill_locked(record, note=" (an interrupted restore)")
-    memory_snapshot = node is not None and node.memory is not None
-    if node is not None and (running_new or (entry.done("started") and not memory_snapshot)):
-        _finish_restore(vm, node.name, new_layer, old_active)
-    else:
-        _remove_unreferenced(vm, [new_layer])
-
-
-# -- delete -------------------------------------------------------------------------------
-def delete(vm: VM, name: str) -> None:
-    with vm.host._vm_lock(vm.name):
-        record = vm._observe(persist=True, locked=True)
-        tree = load_tree(vm)
-        tree.get(vm.name, name)
-        log = Journal(vm.folder.path)
-        log.begin("delete-snapshot", name=name)
-        try:
-            delete_locked(vm, record, name, log=log)
-        except BaseException:
-            if load_tree(vm).nodes.get(name) is not None and not log_has(log, "merged"):
-                log.end()  # nothing merged yet: nothing to finish
-            raise
-        log.end()
-
-
-def log_has(log: Journal, step: str) -> bool:
-    return log.entry is not None and log.entry.done(step)
-
-
-def recover_delete(vm: VM, entry: JournalEntry) -> None:
-    """A delete is safe to run again (a rebase onto the same parent changes nothing): finish
-    it, or remove what its tree no longer names."""
-    name = str(entry.intent["name"])
-    tree = load_tree(vm)
-    if name in tree.nodes:
-        delete_locked(vm, vm._observe(persist=True, locked=True), name)
-    sweep_orphans(vm)
-
-
-def delete_locked(vm: VM, record: RuntimeRecord, name: str, *,
+def delete_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *,
                   log: Journal | None = None) -> None:
+    held.require(vm.name)
     tree = load_tree(vm)
     node = tree.get(vm.name, name)
     layer_path = vm.folder.path / node.layer
@@ -465,4 +264,6 @@ def _stream_into(vm: VM, child: Path, active: Path, backing: str | None) -> None
                          MERGE_TIMEOUT)
 
 
-__all__ = ["SnapshotInfo", "delete", "listing", "load_tree", "restore", "take"]
+
+
+register_recovery("snapshot", recover_take)

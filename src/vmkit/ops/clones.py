@@ -19,8 +19,9 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from vmkit import snapshots as snapshot_ops
-from vmkit.core.journal import Journal
+from vmkit.core import layers, store
+from vmkit.core.journal import Journal, register_recovery
+from vmkit.core.locks import Held
 from vmkit.errors import AlreadyExists, InvalidState, VmkitError
 from vmkit.isolation import jail
 from vmkit.model.journal import JournalEntry
@@ -34,7 +35,7 @@ from vmkit.qemu.qmp import QmpConnection, qmp_execute
 from vmkit.storage.layout import VmFolder
 
 if TYPE_CHECKING:
-    from vmkit.host import VM
+    from vmkit.core.engine import VM
 
 MIGRATE_TIMEOUT = 300.0
 IDENTITY_TIMEOUT = 30.0
@@ -67,16 +68,24 @@ def clone(source: VM, target: str, *, linked: bool = False, from_snapshot: str |
                                hint="drop --from-snapshot, or clone without --live")
         return instant_clone(source, target)
     _check_free(source, target)
-    with host._vm_lock(source.name):
-        record = source._observe(persist=True, locked=True)
-        tree = snapshot_ops.load_tree(source)
+    with host._vm_lock(source.name) as held:
+        record = source._observe(persist=True, held=held)
+        tree = store.load_tree(source)
         automatic: str | None = None
         node: SnapshotNode | None = None
         if from_snapshot is not None:
             node = tree.get(source.name, from_snapshot)
         elif linked or record.state in LIVE_STATES:
             automatic = f"clone-{target}"[:63]
-            node = snapshot_ops.take_locked(source, record, automatic, disk_only=True)
+        # journalled in the source's folder: the helper snapshot, the clone published, the
+        # helper merged back (full clone); recover_clone finishes or undoes a cut
+        log = Journal(source.folder.path)
+        log.begin("clone", target=target, automatic=automatic, linked=linked,
+                  frozen=automatic is not None and record.state is VmState.RUNNING)
+        if automatic is not None:
+            node = layers.take_locked(held, source, record, automatic, disk_only=True,
+                                      journal=False)
+        log.step("snapshot-taken")
         point = source.folder.path / (node.layer if node else source.active_layer())
         try:
             def build(work: VmFolder) -> VmConfig:
@@ -90,14 +99,34 @@ def clone(source: VM, target: str, *, linked: bool = False, from_snapshot: str |
                 return _identity(source.config, target, backing=point if linked else None)
 
             vm = host._new_vm_folder(target, build)
+            log.step("clone-published")
         except BaseException:
             if automatic is not None:
-                snapshot_ops.delete_locked(source, source._record(), automatic)
+                layers.delete_locked(held, source, source._record(), automatic)
+            log.end()
             raise
         if automatic is not None and not linked:
             # a full clone only needed a still point; give the layer back to the source
-            snapshot_ops.delete_locked(source, source._record(), automatic)
+            layers.delete_locked(held, source, source._record(), automatic)
+        log.step("merged-back")
+        log.end()
     return vm
+
+
+def recover_clone(held: Held, source: VM, entry: JournalEntry) -> None:
+    """A clone is published by one rename (a hidden half-built folder is swept by the next
+    listing); what the journal adds: the helper snapshot merged back unless a published linked
+    clone leans on it, and a guest it froze thawed."""
+    intent = entry.intent
+    automatic = intent.get("automatic")
+    published = source.host.layout.vm(str(intent["target"])).config_file.exists()
+    record = source._observe(persist=True, held=held)
+    if intent.get("frozen") and source._alive(record):
+        layers.thaw(source)
+    keep = published and bool(intent.get("linked"))
+    if isinstance(automatic, str) and not keep and \
+            automatic in store.load_tree(source).nodes:
+        layers.delete_locked(held, source, record, automatic)
 
 
 def _check_free(source: VM, target: str) -> None:
@@ -116,8 +145,8 @@ def instant_clone(source: VM, target: str) -> VM:
     by `recover_instant_clone`."""
     host = source.host
     _check_free(source, target)
-    with host._vm_lock(source.name):
-        record = source._observe(persist=True, locked=True)
+    with host._vm_lock(source.name) as held:
+        record = source._observe(persist=True, held=held)
         if record.state is not VmState.RUNNING:
             raise InvalidState(f"cannot instant-clone VM {source.name!r}: it is "
                                f"{record.state.value} (an instant clone needs a running VM)",
@@ -130,7 +159,7 @@ def instant_clone(source: VM, target: str) -> VM:
         paused = record.model_copy(update={"state": VmState.PAUSED})
         node: SnapshotNode | None = None
         try:
-            node = snapshot_ops.take_locked(source, paused, point, disk_only=True,
+            node = layers.take_locked(held, source, paused, point, disk_only=True,
                                             journal=False)
             log.step("snapshot-taken")
             layer = source.folder.path / node.layer
@@ -142,7 +171,7 @@ def instant_clone(source: VM, target: str) -> VM:
 
             clone_vm = host._new_vm_folder(target, build)
             log.step("clone-published")
-            with host._vm_lock(target):
+            with host._vm_lock(target) as target_held:
                 # the memory travels over a socketpair vmkit hands to both QEMUs: each runs
                 # under its own uid and neither can open the other's folder
                 outgoing, incoming = socket.socketpair()
@@ -155,7 +184,7 @@ def instant_clone(source: VM, target: str) -> VM:
                     blockops.wait_migration(qmp, MIGRATE_TIMEOUT, "receiving memory")
 
                 try:
-                    clone_vm._start_locked(RuntimeRecord(), incoming=receive,
+                    clone_vm._start_locked(target_held, RuntimeRecord(), incoming=receive,
                                            machine=_same_machine(source, clone_vm))
                 except BaseException:
                     host._discard_vm_folder(target)  # no half clone stays listed
@@ -167,7 +196,7 @@ def instant_clone(source: VM, target: str) -> VM:
         except BaseException:
             _resume(source)
             if node is not None and not host.layout.vm(target).path.exists():
-                snapshot_ops.delete_locked(source, source._record(), node.name)
+                layers.delete_locked(held, source, source._record(), node.name)
             log.end()
             raise
         _resume(source)
@@ -191,7 +220,7 @@ def _same_machine(source: VM, clone: VM) -> MachineRecord | None:
     return running.model_copy(update={"config": config})
 
 
-def recover_instant_clone(source: VM, entry: JournalEntry) -> None:
+def recover_instant_clone(held: Held, source: VM, entry: JournalEntry) -> None:
     """Forward when the clone runs from the source's memory (resume the source), else back:
     the clone removed (QEMU, folder, uid), the helper snapshot merged away, the source
     running again. The caller holds the source's lock."""
@@ -199,21 +228,21 @@ def recover_instant_clone(source: VM, entry: JournalEntry) -> None:
     target, point = str(entry.intent["target"]), str(entry.intent["point"])
     clone_runs = False
     if host.layout.vm(target).config_file.exists():
-        with host._vm_lock(target):
+        with host._vm_lock(target) as target_held:
             clone = host.get(target)
-            record = clone._observe(persist=True, locked=True)
+            record = clone._observe(persist=True, held=target_held)
             if record.state in LIVE_STATES and clone._alive(record):
                 with contextlib.suppress(VmkitError):
                     status = qmp_execute(clone.folder.qmp_socket, "query-status")["status"]
                     clone_runs = status in ("running", "paused")
             if not clone_runs and entry.done("clone-published"):
                 if record.state in LIVE_STATES:
-                    clone._kill_locked(record, note=" (an interrupted instant clone)")
+                    clone._kill_locked(target_held, record, note=" (an interrupted instant clone)")
                 vm_uuid = clone.config.uuid
                 host._discard_vm_folder(target)
                 jail.release_owner(vm_uuid)
-    if not clone_runs and point in snapshot_ops.load_tree(source).nodes:
-        snapshot_ops.delete_locked(source, source._observe(persist=True, locked=True), point)
+    if not clone_runs and point in store.load_tree(source).nodes:
+        layers.delete_locked(held, source, source._observe(persist=True, held=held), point)
     _resume(source)
 
 
@@ -247,3 +276,9 @@ def tell_new_identity(vm: VM) -> None:
                               stdin=os.urandom(64))
     if result.exit_code != 0:
         raise VmkitError(f"could not give clone {vm.name!r} its new identity: {result.stderr}")
+
+
+register_recovery("instant-clone", recover_instant_clone)
+
+
+register_recovery("clone", recover_clone)

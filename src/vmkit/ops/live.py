@@ -14,8 +14,10 @@ import re
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from vmkit.core.journal import pause_point
+from vmkit.core.journal import Journal, pause_point, register_recovery
+from vmkit.core.locks import Held
 from vmkit.errors import InvalidState, InvalidValue
+from vmkit.model.journal import JournalEntry
 from vmkit.model.resources import Allocation, admit, check_fits_host
 from vmkit.model.sizes import format_size, parse_count, parse_size
 from vmkit.model.spec import Limits, VmSpec
@@ -24,7 +26,7 @@ from vmkit.qemu import blockops, img
 from vmkit.qemu.qmp import QmpConnection
 
 if TYPE_CHECKING:
-    from vmkit.host import VM
+    from vmkit.core.engine import VM
 
 DIMM_ALIGN = 128 << 20  # Linux onlines memory in 128 MiB blocks on x86-64
 QMP_TIMEOUT = 10.0
@@ -81,8 +83,8 @@ def set_resources(vm: VM, *, cpus: int | str | None = None, memory: int | str | 
 
     host = vm.host
     result = SetResult()
-    with host._vm_lock(vm.name):
-        record = vm._observe(persist=True, locked=True)
+    with host._vm_lock(vm.name) as held:
+        record = vm._observe(persist=True, held=held)
         if record.state in (VmState.STARTING, VmState.STOPPING):
             raise InvalidState(f"cannot change VM {vm.name!r}: it is {record.state.value}")
         live = record.state in (VmState.RUNNING, VmState.PAUSED)
@@ -114,13 +116,17 @@ def set_resources(vm: VM, *, cpus: int | str | None = None, memory: int | str | 
             updates["disk_bps"] = bps or None
         new_limits = limits.model_copy(update=updates)
         new_spec = spec.model_copy(update={**new, "limits": new_limits})
+        log = Journal(vm.folder.path) if live else None
         if live:  # partitioning applies to live changes too: admitted and reserved (the new
             # spec saved) under the host lock, so two racing grows cannot both take the rest
+            assert log is not None
+            log.begin("set", old=spec.model_dump(mode="json"))
             with host._host_lock():
                 admit(vm.name, Allocation(cpus=new["cpus"], memory=new["memory"]),
                       host.allocated(exclude=vm.name), capacity, policy)
                 vm.save_config(config.model_copy(update={"spec": new_spec}))
                 pause_point("set", "admitted")
+            log.step("reserved")
         try:
             _apply(vm, live=live, spec=spec, new_spec=new_spec, new_limits=new_limits,
                    want=(want_cpus, want_memory, want_disk), io=(iops, bps),
@@ -128,11 +134,39 @@ def set_resources(vm: VM, *, cpus: int | str | None = None, memory: int | str | 
         except BaseException:
             if live:
                 vm.save_config(config)  # the reservation goes back
+            if log is not None:
+                log.end()
             raise
         vm.save_config(config.model_copy(update={"spec": new_spec}))
+        if log is not None:
+            log.step("applied")
+            log.end()
         if not live:
             result.at_restart.append("saved for the next start")
     return result
+
+
+def recover_set(held: Held, vm: VM, entry: JournalEntry) -> None:
+    """A live change cut short: vm.json made to say what the running machine really has (its
+    start-time vCPUs and memory plus what was hot-plugged, from state.json), never less than
+    before the change; a stopped VM keeps what was saved."""
+    held.require(vm.name)
+    record = vm._observe(persist=True, held=held)
+    machine = record.machine
+    if entry.done("applied") or machine is None or not vm._alive(record):
+        return
+    old = VmSpec.model_validate(entry.intent["old"])
+    cpus = machine.config.spec.cpus + sum(
+        1 for step in machine.hotplug if step.kind == "device"
+        and str(step.args.get("driver", "")).endswith("-cpu"))
+    memory = machine.config.spec.memory + sum(
+        int(step.args.get("size", 0)) for step in machine.hotplug if step.kind == "object")
+    config = vm.config
+    spec = config.spec.model_copy(update={
+        "cpus": max(old.cpus, cpus), "memory": max(old.memory, memory),
+        "max_cpus": max(old.cpu_ceiling, cpus), "max_memory": max(old.memory_ceiling, memory),
+        "limits": old.limits, "disk": config.spec.disk})
+    vm.save_config(config.model_copy(update={"spec": spec}))
 
 
 def _apply(vm: VM, *, live: bool, spec: VmSpec, new_spec: VmSpec, new_limits: Limits,
@@ -154,7 +188,7 @@ def _apply(vm: VM, *, live: bool, spec: VmSpec, new_spec: VmSpec, new_limits: Li
                                              "size": want_disk})
                 result.now.append(f"disk grown to {format_size(want_disk)}")
             if iops is not None or bps is not None:
-                apply_io_throttle(qmp, new_limits.disk_iops, new_limits.disk_bps)
+                blockops.apply_io_throttle(qmp, new_limits.disk_iops, new_limits.disk_bps)
                 result.now.append("I/O throttle set")
         if (weight, limit) != (None, None) and host.cgroups is not None:
             host.cgroups.apply(vm.name, vm.cgroup_limits(new_spec))
@@ -214,7 +248,4 @@ def _live_memory(vm: VM, qmp: QmpConnection, want: int, ceiling: int,
         result.now.append(f"balloon set to {format_size(want)}")
 
 
-def apply_io_throttle(qmp: QmpConnection, iops: int | None, bps: int | None) -> None:
-    qmp.execute("block_set_io_throttle", {
-        "id": blockops.disk_qdev(qmp), "iops": iops or 0, "iops_rd": 0, "iops_wr": 0,
-        "bps": bps or 0, "bps_rd": 0, "bps_wr": 0})
+register_recovery("set", recover_set)

@@ -1,0 +1,67 @@
+"""The VM store's disk side: snapshots.json (the snapshot tree and the active layer, one file
+written atomically) and the layer files it names; what nothing names is swept."""
+
+from __future__ import annotations
+
+import uuid as uuidlib
+from typing import TYPE_CHECKING
+
+from vmkit.model.snapshots import SnapshotTree
+from vmkit.model.spec import check_relative_path
+from vmkit.storage.layout import read_metadata, write_json_atomic
+
+if TYPE_CHECKING:
+    from vmkit.core.engine import VM
+
+TREE_FILE = "snapshots.json"
+
+
+class DiskState(SnapshotTree):
+    """snapshots.json: the tree plus the active layer (one file, so one atomic write)."""
+
+    active_layer: str | None = None
+
+
+def load_tree(vm: VM) -> DiskState:
+    path = vm.folder.path / TREE_FILE
+    if not path.exists():
+        return DiskState()
+    return read_metadata(path, DiskState, f"VM {vm.name!r}")
+
+
+def save_tree(vm: VM, tree: DiskState) -> None:
+    write_json_atomic(vm.folder.path / TREE_FILE, tree.model_dump(mode="json"))
+
+
+def new_layer() -> str:
+    return f"disks/{uuidlib.uuid4().hex[:12]}.qcow2"
+
+
+def remove_unreferenced(vm: VM, files: list[object]) -> None:
+    """Remove files the tree does not name (a half-made layer or state)."""
+    tree = load_tree(vm)
+    used = {n.layer for n in tree.nodes.values()} | {n.memory for n in tree.nodes.values()}
+    used |= {vm.active_layer(), vm.config.disk_file}
+    for rel in files:
+        if isinstance(rel, str) and rel not in used:
+            check_relative_path("journal file", rel)
+            (vm.folder.path / rel).unlink(missing_ok=True)
+
+
+def sweep_orphans(vm: VM) -> list[str]:
+    """Remove layers and memory states nothing names (left by an interruption before there
+    was a journal, or by a crash of vmkit itself); the caller holds the lock, no journal."""
+    tree = load_tree(vm)
+    used = {n.layer for n in tree.nodes.values()} | {n.memory for n in tree.nodes.values()}
+    used |= {vm.active_layer(), vm.config.disk_file}
+    removed = []
+    for folder, suffix in (("disks", ".qcow2"), ("snapshots", ".state")):
+        directory = vm.folder.path / folder
+        if not directory.is_dir():
+            continue
+        for entry in directory.iterdir():
+            rel = f"{folder}/{entry.name}"
+            if entry.name.endswith(suffix) and rel not in used and not entry.is_symlink():
+                entry.unlink(missing_ok=True)
+                removed.append(rel)
+    return removed

@@ -1,0 +1,438 @@
+"""Lifecycle operations: create, start, stop, kill, restart, pause, resume, delete; and the
+guest's doors (exec, file copies, console, serial log, ssh). Each holds the VM's lock for what
+it changes; the runtime (spawn, observe, kill) is the engine core's."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shlex
+import shutil
+import signal
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+from vmkit.core import networks as net_ops
+from vmkit.core.engine import (
+    AGENT_READY_TIMEOUT,
+    COPY_TIMEOUT,
+    DEFAULT_MACHINE,
+    EXEC_TIMEOUT,
+    QMP_TIMEOUT,
+    STOP_TIMEOUT,
+    VM,
+    Host,
+    _link_or_copy,
+    _read_ssh_keys,
+    guest_file_mode,
+)
+from vmkit.core.journal import Journal, register_recovery
+from vmkit.core.locks import Held
+from vmkit.errors import (
+    AgentError,
+    InvalidState,
+    InvalidValue,
+    VmkitError,
+    os_errors,
+)
+from vmkit.isolation import jail, uids
+from vmkit.model.cloudinit import (
+    CloudInit,
+    check_user_data,
+    instance_id_for,
+    validate_hostname,
+)
+from vmkit.model.journal import JournalEntry
+from vmkit.model.network import USER_NETWORK
+from vmkit.model.resources import (
+    check_fits_host,
+    memory_limit,
+)
+from vmkit.model.sizes import format_size, parse_count, parse_size
+from vmkit.model.spec import (
+    ROOT_DISK_FILE,
+    BootConfig,
+    HardwareProfile,
+    VmConfig,
+    make_spec,
+    new_mac,
+    new_uuid,
+    with_hostname,
+)
+from vmkit.model.state import LIVE_STATES, Operation, VmState, check_transition
+from vmkit.qemu import agent, hostinfo, img, process
+from vmkit.qemu.agent import ExecResult
+from vmkit.qemu.argv import HOTPLUG_SPARE
+from vmkit.qemu.qmp import QmpConnection, qmp_execute
+from vmkit.storage.layout import (
+    VmFolder,
+    file_lock,
+)
+
+
+def start(vm: VM, *, wait: bool = False, timeout: float = AGENT_READY_TIMEOUT) -> VM:
+    """Boot the VM (journalled: a cut start is adopted when its QEMU answers, else undone)."""
+    with vm.host._vm_lock(vm.name) as held:
+        record = vm._observe(persist=True, held=held)
+        check_transition(vm.name, record.state, Operation.START)
+        log = Journal(vm.folder.path)
+        log.begin("start")
+        try:
+            vm._start_locked(held, record, log=log)
+            log.step("ready")
+        finally:
+            log.end()
+    if wait:
+        vm.wait_ready(timeout=timeout)
+    return vm
+
+
+_start_vm = start  # `create` has a parameter named start
+
+
+def recover_start(held: Held, vm: VM, entry: JournalEntry) -> None:
+    """A start cut short: its QEMU kept when it runs and answers QMP, else killed; what the
+    start prepared (taps, cgroup, sockets) cleared, the share given back."""
+    record = vm._observe(persist=True, held=held)  # adopts a QEMU whose pid was not recorded
+    if record.state not in LIVE_STATES:
+        vm._clear_run()
+        return
+    answers = False
+    with contextlib.suppress(VmkitError):
+        answers = qmp_execute(vm.folder.qmp_socket, "query-status",
+                              timeout=QMP_TIMEOUT)["status"] in ("running", "paused")
+    if answers:
+        if record.state is VmState.STARTING:
+            vm._write(record.model_copy(update={"state": VmState.RUNNING}))
+    else:
+        vm._kill_locked(held, record, note=" (an interrupted start)")
+
+
+def stop(vm: VM, *, timeout: float = STOP_TIMEOUT) -> VM:
+    """ACPI power-off; if the guest has not gone within `timeout`, kill QEMU."""
+    with vm.host._vm_lock(vm.name) as held:
+        record = vm._observe(persist=True, held=held)
+        check_transition(vm.name, record.state, Operation.STOP)
+        identity = vm._identity(record)
+        assert identity is not None
+        log = Journal(vm.folder.path)
+        log.begin("stop")
+        vm._write(record.model_copy(update={"state": VmState.STOPPING, "intent": "stop"}))
+        log.step("stopping")
+        note = ""
+        try:
+            with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+                if record.state is VmState.PAUSED:
+                    qmp.execute("cont")
+                qmp.execute("system_powerdown")
+            log.step("powerdown-sent")
+            gone = process.wait_for_exit(identity, vm.config.uuid, timeout)
+        except VmkitError as exc:
+            gone, note = False, f" (ACPI power-off failed: {exc.message})"
+        if not gone:
+            note = note or f" (the guest did not power off within {timeout:g}s; killed)"
+            vm._kill_process(identity)
+        vm._finish("stop", note)
+        log.end()
+    return vm
+
+
+def recover_stop(held: Held, vm: VM, entry: JournalEntry) -> None:
+    """A stop cut short is finished: the user asked for the VM to be off."""
+    record = vm._observe(persist=True, held=held)
+    if record.state in LIVE_STATES:
+        vm._kill_locked(held, record.model_copy(update={"intent": "stop"}),
+                        note=" (a stop that was interrupted, finished)")
+
+
+def kill(vm: VM) -> VM:
+    """Hard power-off: SIGKILL the VM's QEMU."""
+    with vm.host._vm_lock(vm.name) as held:
+        record = vm._observe(persist=True, held=held)
+        check_transition(vm.name, record.state, Operation.KILL)
+        vm._kill_locked(held, record)
+    return vm
+
+
+def restart(vm: VM, *, wait: bool = False, timeout: float = STOP_TIMEOUT) -> VM:
+    check_transition(vm.name, vm.state, Operation.RESTART)
+    stop(vm, timeout=timeout)
+    return start(vm, wait=wait)
+
+
+def pause(vm: VM) -> VM:
+    return _pause_resume(vm, Operation.PAUSE, "stop", VmState.PAUSED)
+
+
+def resume(vm: VM) -> VM:
+    return _pause_resume(vm, Operation.RESUME, "cont", VmState.RUNNING)
+
+
+def _pause_resume(vm: VM, operation: Operation, command: str, result: VmState) -> VM:
+    with vm.host._vm_lock(vm.name) as held:
+        record = vm._observe(persist=True, held=held)
+        check_transition(vm.name, record.state, operation)
+        qmp_execute(vm.folder.qmp_socket, command, timeout=QMP_TIMEOUT)
+        vm._write(record.model_copy(update={"state": result}))
+    return vm
+
+
+def delete(vm: VM, *, force: bool = False) -> None:
+    """Remove the VM folder; a live VM only with force (it is killed first)."""
+    reason = vm.broken_reason()
+    if reason is not None:
+        if not force:
+            raise InvalidState(f"{reason}; deleting it needs --force",
+                               hint=f"vmkit delete {vm.name} --force")
+        _delete_broken(vm)
+        return
+    with vm.host._vm_lock(vm.name) as held:
+        record = vm._observe(persist=True, held=held)
+        users = vm.linked_clones()
+        if users:
+            raise InvalidState(
+                f"cannot delete VM {vm.name!r}: linked clones use its disk layers "
+                f"({', '.join(users)})", hint="delete those clones first")
+        if record.state in LIVE_STATES:
+            if not force:
+                check_transition(vm.name, record.state, Operation.DELETE)
+            vm._kill_locked(held, record)
+        net_ops.release(vm)
+        vm_uuid = vm.config.uuid
+        uid = uids.lookup(vm_uuid) if os.geteuid() == 0 else None
+        if uid is not None:
+            jail.unshare_layers(uid, vm.leaned_on_layers())
+        vm.host._discard_vm_folder(vm.name)
+        jail.release_owner(vm_uuid)
+    if any(nic.network != USER_NETWORK for nic in vm.config.nics):
+        net_ops.forget(vm.host)  # its leases, names and forwards go too
+
+
+def _delete_broken(vm: VM) -> None:
+    """Remove a VM whose metadata is unreadable: kill a QEMU that still runs for it (found
+    by the uuid vm.json may still name, or by its folder in QEMU's argv), its cgroup, its
+    uid claim, its folder."""
+    vm_uuid = str(vm._lenient().get("uuid") or "")
+    with file_lock(vm.host._lock_path(vm.name), timeout=vm.host.lock_timeout,
+                   what=f"VM {vm.name!r}"):
+        for identity in process.find_qemus_of(vm.folder.path, vm_uuid or None):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(identity.pid, signal.SIGKILL)
+        if vm.host.cgroups is not None:
+            with contextlib.suppress(VmkitError, OSError):
+                vm.host.cgroups.remove(vm.name)
+        vm.host._discard_vm_folder(vm.name)
+        if vm_uuid:
+            jail.release_owner(vm_uuid)
+
+
+def exec(vm: VM, argv: list[str], *, timeout: float = EXEC_TIMEOUT,
+         stdin: bytes | None = None) -> ExecResult:
+    """Run a command in the guest through qemu-guest-agent."""
+    check_transition(vm.name, vm.state, Operation.EXEC)
+    return agent.guest_exec(vm.folder.agent_socket, argv, timeout=timeout, stdin=stdin)
+
+
+def copy_in(vm: VM, source: str | Path, dest: str, *, timeout: float = COPY_TIMEOUT) -> int:
+    """Copy a host file into the guest through the agent, keeping its permission bits."""
+    check_transition(vm.name, vm.state, Operation.EXEC)
+    source = Path(source)
+    if not source.is_file():
+        raise InvalidValue(f"cannot copy {source}: not a file on the host")
+    partial = f"{dest}.vmkit-part"
+    size = agent.copy_to_guest(vm.folder.agent_socket, source, partial, timeout=timeout)
+    mode = f"{source.stat().st_mode & 0o7777:o}"
+    done = agent.guest_exec(vm.folder.agent_socket, ["sh", "-c",
+                            'chmod "$1" "$2" && mv -f "$2" "$3"', "cp", mode, partial, dest],
+                            timeout=timeout)
+    if done.exit_code != 0:
+        raise AgentError(f"cannot put {dest} in place in the guest: {done.stderr.strip()}")
+    return size
+
+
+def copy_out(vm: VM, source: str, dest: str | Path, *, timeout: float = COPY_TIMEOUT) -> int:
+    """Copy a guest file to the host through the agent, keeping its permission bits."""
+    check_transition(vm.name, vm.state, Operation.EXEC)
+    dest = Path(dest)
+    if dest.is_dir():
+        dest = dest / Path(source).name
+    mode = agent.guest_exec(vm.folder.agent_socket, ["stat", "-c", "%a", source],
+                            timeout=timeout)
+    if mode.exit_code != 0:
+        raise InvalidValue(f"cannot copy {vm.name}:{source}: {mode.stderr.strip()}")
+    host_mode = guest_file_mode(mode.stdout)
+    partial = dest.with_name(f".{dest.name}.vmkit-part")
+    try:
+        with os_errors(f"copying {vm.name}:{source} to {dest}"):
+            partial.unlink(missing_ok=True)
+            # a new file of the caller's, never through a symlink; no bits from the guest
+            # beyond read/execute and the owner's write
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as handle:
+                free = shutil.disk_usage(partial.parent).free
+                size = agent.copy_from_guest(vm.folder.agent_socket, source, handle,
+                                             timeout=timeout, max_bytes=free)
+                os.fchmod(handle.fileno(), host_mode)
+            os.replace(partial, dest)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return size
+
+
+def console_socket(vm: VM) -> Path:
+    check_transition(vm.name, vm.state, Operation.CONSOLE)
+    return vm.folder.serial_socket
+
+
+def read_log(vm: VM, *, follow: bool = False, poll: float = 0.2,
+             should_stop: Callable[[], bool] | None = None) -> Iterator[bytes]:
+    """The serial log; with follow, keep yielding what the guest writes next."""
+    path = vm.folder.serial_log
+    position = 0
+    while True:
+        if path.exists():
+            with open(path, "rb") as handle:
+                handle.seek(position)
+                data = handle.read()
+                position = handle.tell()
+            if data:
+                yield data
+        if not follow or (should_stop is not None and should_stop()):
+            return
+        time.sleep(poll)
+
+
+def ssh_argv(vm: VM, command: list[str] | None = None, *,
+             batch: bool = False) -> list[str]:
+    """The ssh command line that logs in to this running VM (through its port forward), or
+    runs `command` there with its arguments as given (like exec). Host keys are remembered
+    per VM in its folder, accepted on first use."""
+    cfg, record = vm.config, vm._observe(persist=True)
+    if cfg.ssh_user is None:
+        raise InvalidState(f"VM {vm.name!r} runs no ssh server (image "
+                           f"{cfg.spec.image!r})",
+                           hint=f"use vmkit console {vm.name} or vmkit exec {vm.name}")
+    target = vm._ssh_target(record) if record.state is VmState.RUNNING else None
+    if target is None:
+        raise InvalidState(f"cannot ssh to VM {vm.name!r}: it is {record.state.value}",
+                           hint=f"start it first: vmkit start {vm.name} --wait")
+    address, port = target.split("@", 1)[1].rsplit(":", 1)
+    argv = ["ssh", "-p", port, "-l", cfg.ssh_user,
+            "-o", f"UserKnownHostsFile={vm.folder.path / 'ssh_known_hosts'}",
+            "-o", "StrictHostKeyChecking=accept-new",
+            "-o", f"HostKeyAlias=vmkit-{cfg.uuid}"]
+    if cfg.ssh_identity:
+        argv += ["-i", cfg.ssh_identity]
+    if batch:
+        argv += ["-o", "BatchMode=yes", "-o", "ConnectTimeout=10"]
+    # the remote side runs one shell string: quote so the guest sees exactly `command`
+    return [*argv, address, *([shlex.join(command)] if command else [])]
+
+
+def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
+           memory: int | str = "256M", disk: int | str = "2G", full_copy: bool = False,
+           accel: str = "auto", start: bool = False, wait: bool = False,
+           timeout: float = AGENT_READY_TIMEOUT, max_cpus: int | str | None = None,
+           max_memory: int | str | None = None, hostname: str | None = None,
+           ssh_keys: Iterable[str | Path] = (), user_data: str | None = None,
+           networks: Iterable[str] = (), ports: Iterable[str] = ()) -> VM:
+    """Create a VM folder (complete or not at all); optionally start it.
+
+    Maxima (room to hot-add) default to the host's cores and 4x the memory, within what
+    the host can give one VM. `ssh_keys` are public-key files (or key lines) and
+    `user_data` the user's own cloud-init user-data; both need a cloud-init image.
+    `networks` gives a NIC on each (`user` = QEMU user-mode networking); `ports` are
+    forwards (HOST:GUEST[/udp]) to the first NIC. Neither: one restricted user-mode NIC."""
+    spec = make_spec(name, image, cpus, memory, disk, full_copy=full_copy, accel=accel)
+    hostname = validate_hostname(hostname) if hostname is not None else name
+    capacity, policy = host.capacity(), host.policy()
+    check_fits_host(name, spec.cpus, spec.memory, capacity, policy)
+    ceiling_cpus = parse_count(max_cpus, "max-cpus") if max_cpus is not None \
+        else max(spec.cpus, capacity.cores)
+    ceiling_memory = parse_size(max_memory, field="max-memory", default_unit="M") \
+        if max_memory is not None \
+        else max(spec.memory, min(4 * spec.memory, memory_limit(capacity, policy)))
+    if ceiling_cpus < spec.cpus or ceiling_memory < spec.memory:
+        raise InvalidValue(f"invalid maxima for VM {name!r}: max-cpus {ceiling_cpus} and "
+                           f"max-memory {format_size(ceiling_memory)} must not be below "
+                           f"cpus {spec.cpus} and memory {format_size(spec.memory)}")
+    check_fits_host(name, ceiling_cpus, ceiling_memory, capacity, policy)
+    spec = spec.model_copy(update={"max_cpus": ceiling_cpus, "max_memory": ceiling_memory})
+    info = host.image(spec.image)
+    keys, identity = _read_ssh_keys(ssh_keys)
+    if (keys or user_data is not None) and not info.cloud_init:
+        raise InvalidValue(f"image {info.name!r} has no cloud-init: --ssh-key and "
+                           "--user-data need an image that reads a NoCloud seed",
+                           hint="use --image debian-12 (vmkit image build debian-12)")
+    if user_data is not None:
+        user_data = check_user_data(user_data, "the user-data")
+    if spec.disk < info.virtual_size:
+        raise InvalidValue(
+            f"invalid disk {format_size(spec.disk)} for VM {name!r}: smaller than image "
+            f"{info.name!r} ({format_size(info.virtual_size)})",
+            hint=f"use --disk {format_size(info.virtual_size)} or more")
+    total = shutil.disk_usage(host.layout.root).total
+    if spec.disk > total:
+        raise InvalidValue(
+            f"invalid disk {format_size(spec.disk)} for VM {name!r}: larger than the host's "
+            f"file system ({format_size(total)})", hint="use a smaller --disk")
+    if spec.accel == "kvm" and not Path("/dev/kvm").exists():
+        raise InvalidValue("invalid accel 'kvm': /dev/kvm does not exist on this host",
+                           hint="use --accel tcg or auto")
+    machine = hostinfo.resolve_machine(DEFAULT_MACHINE)
+    image_dir = host.layout.image(info.name)
+
+    vm_uuid = new_uuid()
+    nics = net_ops.new_nics(host, vm_uuid, list(networks), list(ports))
+
+    def build(work: VmFolder) -> VmConfig:
+        info = host.image(spec.image)  # read again under the image's shared lock
+        for source, dest in ((info.kernel, "vmlinuz"), (info.initrd, "initrd.img")):
+            _link_or_copy(image_dir / source, work.boot / dest)
+        disk_path = work.path / ROOT_DISK_FILE
+        if spec.full_copy:
+            img.full_copy(disk_path, image_dir / info.root_disk, spec.disk)
+        else:
+            img.create_overlay(disk_path, image_dir / info.root_disk, spec.disk)
+        seed = CloudInit(instance_id=instance_id_for(vm_uuid), hostname=hostname,
+                         ssh_keys=keys, user_data=user_data) if info.cloud_init else None
+        return VmConfig(
+            uuid=vm_uuid, mac=new_mac(), created_at=time.time(), spec=spec,
+            hardware=HardwareProfile(machine=machine, hotplug_ports=HOTPLUG_SPARE),
+            boot=BootConfig(kernel="boot/vmlinuz", initrd="boot/initrd.img",
+                            cmdline=with_hostname(info.cmdline, hostname)),
+            backing_file=None if spec.full_copy else str(image_dir / info.root_disk),
+            base_image_sha256=info.sha256, cloud_init=seed, ssh_user=info.ssh_user,
+            ssh_identity=identity if info.ssh_user else None, nics=nics,
+        )
+
+    # the image's lock, shared: no rebuild can retire its base before this VM is listed
+    with host._image_lock(spec.image, shared=True):
+        if any(nic.network != USER_NETWORK for nic in nics):
+            with net_ops.locked(host):  # addresses unique per network: decided under lock
+                nics = net_ops.with_addresses(host, nics)
+                vm = host._new_vm_folder(name, build)
+            net_ops.forget(host)  # leases and rules know the new NIC
+        else:
+            vm = host._new_vm_folder(name, build)
+    if start:
+        _start_vm(vm, wait=wait, timeout=timeout)
+    return vm
+
+
+def delete_all(host: Host) -> None:
+    """Delete every VM (running ones too), linked clones before the VMs they lean on."""
+    while remaining := host.vms(include_broken=True):
+        leaves = [vm for vm in remaining
+                  if vm.broken_reason() is not None or not vm.linked_clones()]
+        if not leaves:
+            raise InvalidState("cannot order the deletes: linked clones form a cycle")
+        for vm in leaves:
+            delete(vm, force=True)
+
+
+register_recovery("start", recover_start)
+register_recovery("stop", recover_stop)
