@@ -11,7 +11,9 @@ fi
 
 . /etc/os-release
 codename=${VERSION_CODENAME:-}
-tools="qemu-utils busybox-static cpio zstd xz-utils kmod e2fsprogs debootstrap python3-venv iproute2 socat openssh-client nftables dnsmasq-base"
+# gcc + libc6-dev: the tiny image compiles its static vmkit-reseed helper.
+# seabios: the firmware of VMs with a vmgenid device (qboot cannot run its ACPI write-pointer).
+tools="qemu-utils busybox-static cpio zstd xz-utils kmod e2fsprogs debootstrap python3-venv iproute2 socat openssh-client nftables dnsmasq-base gcc libc6-dev seabios"
 
 first_debian_uri() {
   # Reads the first Debian archive URI from deb822 sources, then from one-line sources.

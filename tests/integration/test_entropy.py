@@ -56,18 +56,12 @@ def _only_clones(source: VM, real: Callable[[Path, float], bool]) -> Callable[[P
     return reseed
 
 
-# ---- TEMPORARY (remove once vm.restore and the instant clone's identity step call
-# agent.reseed themselves): the reseed vmkit is to do after a restore / in a clone. ----------
-def _vmkit_reseed_until_engine_does(vm: VM) -> None:
-    agent.reseed(vm.folder.agent_socket, RESEED_TIMEOUT)
-# ---- end TEMPORARY ----------------------------------------------------------------------------
 
 
 def _restores(vm: VM) -> tuple[str, str]:
     reads = []
     for _ in range(2):
         vm.restore("s")
-        _vmkit_reseed_until_engine_does(vm)
         reads.append(_urandom(vm))
     return reads[0], reads[1]
 
@@ -80,7 +74,6 @@ def _instant_clones(vm: VM) -> tuple[str, str, str]:
     for name in ("c1", "c2"):
         vm.restore("s")
         clone = vm.clone(name, live=True)
-        _vmkit_reseed_until_engine_does(clone)
         reads.append(_urandom(clone))
         if name == "c1":
             source_read = _urandom(vm)

@@ -72,6 +72,9 @@ def _consistent(host: Host, home: Path, running: set[str] | None = None
         used = {n["layer"] for n in tree["nodes"].values()}
         used |= {n["memory"] for n in tree["nodes"].values() if n.get("memory")}
         used |= {tree.get("active_layer") or "disks/root.qcow2", "disks/root.qcow2"}
+        backing = json.loads((folder / "vm.json").read_text()).get("backing_file") or "/"
+        if not backing.startswith("/"):
+            used.add(f"disks/{backing}")  # an imported VM's flattened base
         present = {f"disks/{p.name}" for p in (folder / "disks").glob("*.qcow2")}
         present |= {f"snapshots/{p.name}" for p in (folder / "snapshots").glob("*.state")}
         assert present <= used, f"orphans in {name}: {present - used}"
@@ -246,5 +249,11 @@ def test_import_killed_at_every_step(host: Host, home: Path, tmp_path: Path) -> 
             run_cli(home, "delete", "imp", check=True)
         done = run_cli(home, "import", str(bundle), "--name", "imp")
         assert done.returncode == 0, done.stderr
-        run_cli(home, "delete", "imp", check=True)
+        # a recovery (and its sweep of files nothing names) must keep the imported base
+        _killed_at(home, "start", "spawned", "start", "imp")
+        _consistent(host, home)
+        if host.get("imp").state.value != "running":
+            run_cli(home, "start", "imp", check=True)
+        host.get("imp").wait_ready(timeout=120)
+        run_cli(home, "delete", "imp", "--force", check=True)
     assert vm.state.value == "defined"

@@ -37,11 +37,21 @@ def new_layer() -> str:
     return f"disks/{uuidlib.uuid4().hex[:12]}.qcow2"
 
 
+def _own_files(vm: VM) -> set[str]:
+    """Disk files the VM uses besides its snapshot layers: the active layer, the root disk and
+    a base inside the folder (an imported VM's flattened `disks/base.qcow2`)."""
+    files = {vm.active_layer(), vm.config.disk_file}
+    backing = vm.config.backing_file
+    if backing and not backing.startswith("/"):
+        files.add(f"disks/{backing}")
+    return files
+
+
 def remove_unreferenced(vm: VM, files: list[object]) -> None:
     """Remove files the tree does not name (a half-made layer or state)."""
     tree = load_tree(vm)
     used = {n.layer for n in tree.nodes.values()} | {n.memory for n in tree.nodes.values()}
-    used |= {vm.active_layer(), vm.config.disk_file}
+    used |= _own_files(vm)
     for rel in files:
         if isinstance(rel, str) and rel not in used:
             check_relative_path("journal file", rel)
@@ -53,7 +63,7 @@ def sweep_orphans(vm: VM) -> list[str]:
     was a journal, or by a crash of vmkit itself); the caller holds the lock, no journal."""
     tree = load_tree(vm)
     used = {n.layer for n in tree.nodes.values()} | {n.memory for n in tree.nodes.values()}
-    used |= {vm.active_layer(), vm.config.disk_file}
+    used |= _own_files(vm)
     removed = []
     for folder, suffix in (("disks", ".qcow2"), ("snapshots", ".state")):
         directory = vm.folder.path / folder

@@ -260,6 +260,10 @@ def tell_new_identity(vm: VM) -> None:
     """Inside the cloned guest: its hostname, its MAC (the NIC follows), a reseeded RNG."""
     sock = vm.folder.agent_socket
     agent.wait_agent_ready(sock, IDENTITY_TIMEOUT)
+    # the clone starts from its source's RNG state: credited host entropy and a forced
+    # reseed (the guest kernels here have no vmgenid driver to do it on their own)
+    if not agent.reseed(sock, IDENTITY_TIMEOUT):
+        raise VmkitError(f"could not reseed the RNG of clone {vm.name!r} through its guest agent")
     macs = [n.mac for n in vm.config.nics] or [vm.config.mac]
     # NICs in the guest appear in the order of the VM's NICs; each takes its new MAC and asks
     # for the lease that goes with it (busybox udhcpc: release + renew; systemd: networkctl)
@@ -269,11 +273,9 @@ def tell_new_identity(vm: VM) -> None:
         "for nic in /sys/class/net/*; do n=${nic##*/}; [ \"$n\" = lo ] && continue; "
         "[ $# -gt 0 ] || break; ip link set dev \"$n\" address \"$1\"; shift; "
         "command -v networkctl >/dev/null && networkctl renew \"$n\"; done; "
-        "for p in $(pidof udhcpc); do kill -USR2 $p; kill -USR1 $p; done; "
-        "cat > /dev/urandom"
+        "for p in $(pidof udhcpc); do kill -USR2 $p; kill -USR1 $p; done"
     )
-    result = agent.guest_exec(sock, ["sh", "-c", script], timeout=IDENTITY_TIMEOUT,
-                              stdin=os.urandom(64))
+    result = agent.guest_exec(sock, ["sh", "-c", script], timeout=IDENTITY_TIMEOUT)
     if result.exit_code != 0:
         raise VmkitError(f"could not give clone {vm.name!r} its new identity: {result.stderr}")
 

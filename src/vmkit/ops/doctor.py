@@ -19,6 +19,7 @@ from vmkit.model.resources import (
     vcpu_limit,
 )
 from vmkit.qemu import hostinfo
+from vmkit.qemu.argv import FIRMWARE_FILES, LaunchOptions
 
 
 def report(host: Host) -> dict[str, Any]:
@@ -47,6 +48,12 @@ def report(host: Host) -> dict[str, Any]:
         report["problems"].append({"message": "qemu-img is not installed",
                                    "hint": "apt-get install qemu-utils (make run does it)"})
     report["qboot"] = Path("/usr/share/qemu/qboot.rom").exists()
+    seabios = Path(LaunchOptions.seabios_dir) / FIRMWARE_FILES["seabios"]
+    report["seabios"] = seabios.exists()  # new VMs boot it (vmgenid needs its ACPI loader)
+    if not report["seabios"]:
+        report["ok"] = False
+        report["problems"].append({"message": f"SeaBIOS ({seabios}) is not installed",
+                                   "hint": "apt-get install seabios (make run does it)"})
     if path is not None:
         decision = host.accel()
         report["accelerator"] = {"chosen": decision.accel, "reason": decision.reason,

@@ -339,13 +339,7 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
            max_memory: int | str | None = None, hostname: str | None = None,
            ssh_keys: Iterable[str | Path] = (), user_data: str | None = None,
            networks: Iterable[str] = (), ports: Iterable[str] = ()) -> VM:
-    """Create a VM folder (complete or not at all); optionally start it.
-
-    Maxima (room to hot-add) default to the host's cores and 4x the memory, within what
-    the host can give one VM. `ssh_keys` are public-key files (or key lines) and
-    `user_data` the user's own cloud-init user-data; both need a cloud-init image.
-    `networks` gives a NIC on each (`user` = QEMU user-mode networking); `ports` are
-    forwards (HOST:GUEST[/udp]) to the first NIC. Neither: one restricted user-mode NIC."""
+    """The create operation; the parameters are documented on the SDK's Host.create."""
     spec = make_spec(name, image, cpus, memory, disk, full_copy=full_copy, accel=accel)
     hostname = validate_hostname(hostname) if hostname is not None else name
     capacity, policy = host.capacity(), host.policy()
@@ -401,7 +395,9 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
                          ssh_keys=keys, user_data=user_data) if info.cloud_init else None
         return VmConfig(
             uuid=vm_uuid, mac=new_mac(), created_at=time.time(), spec=spec,
-            hardware=HardwareProfile(machine=machine, hotplug_ports=HOTPLUG_SPARE),
+            # SeaBIOS: qboot cannot run the ACPI WRITE_POINTER step vmgenid needs
+            hardware=HardwareProfile(machine=machine, hotplug_ports=HOTPLUG_SPARE,
+                                     firmware="seabios", vmgenid=True),
             boot=BootConfig(kernel="boot/vmlinuz", initrd="boot/initrd.img",
                             cmdline=with_hostname(info.cmdline, hostname)),
             backing_file=None if spec.full_copy else str(image_dir / info.root_disk),

@@ -38,7 +38,7 @@ from vmkit.errors import InvalidState, VmkitError, os_errors
 from vmkit.model.journal import JournalEntry
 from vmkit.model.snapshots import SnapshotNode
 from vmkit.model.state import LIVE_STATES, VmState
-from vmkit.qemu import blockops, img
+from vmkit.qemu import agent, blockops, img
 from vmkit.qemu.qmp import QmpConnection
 
 if TYPE_CHECKING:
@@ -47,6 +47,8 @@ if TYPE_CHECKING:
 
 
 
+
+RESEED_TIMEOUT = 30.0
 
 
 def _used_bytes(path: Path) -> int:
@@ -130,6 +132,10 @@ def restore(vm: VM, name: str) -> None:
         _finish_restore(vm, name, new_active, old_active)
         log.step("tree-saved")
         log.end()
+        if node.memory is not None and node.taken_in == "running":
+            # a restored guest resumes with the RNG state it was saved with: reseed it from the
+            # host (False: no agent; the restore is done all the same)
+            agent.reseed(vm.folder.agent_socket, RESEED_TIMEOUT)
 
 
 def _finish_restore(vm: VM, name: str, new_active: str, old_active: str) -> None:

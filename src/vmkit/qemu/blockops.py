@@ -66,9 +66,34 @@ def add_overlay_on_top(qmp: QmpConnection, overlay: Path, node_name: str) -> Non
 
 
 def _fd_channel(name: str) -> list[dict[str, Any]]:
-    """A migration channel on a descriptor handed over with `getfd` (file or socket): QEMU never
-    opens a path of its own, so memory states stay in a folder of root's."""
+    """A migration channel on a socket handed over with `getfd`."""
     return [{"channel-type": "main", "addr": {"transport": "socket", "type": "fd", "str": name}}]
+
+
+def _fdset_channel(fdset: int) -> list[dict[str, Any]]:
+    """A file migration channel on a descriptor vmkit opened (an fd set): QEMU never opens a
+    path of its own, so memory states stay in a folder of root's."""
+    return [{"channel-type": "main",
+             "addr": {"transport": "file", "filename": f"/dev/fdset/{fdset}", "offset": 0}}]
+
+
+def _file_migration(qmp: QmpConnection, path: Path, *, write: bool, timeout: float,
+                    what: str) -> dict[str, Any]:
+    fd = _open_state(path, write=write)
+    try:
+        fdset = qmp.add_fd(fd)
+    finally:
+        os.close(fd)
+    try:
+        if write:
+            _unthrottle(qmp)
+            qmp.execute("migrate", {"channels": _fdset_channel(fdset)})
+        else:
+            qmp.execute("migrate-incoming", {"channels": _fdset_channel(fdset)})
+        return wait_migration(qmp, timeout, what)
+    finally:
+        with contextlib.suppress(QemuError):
+            qmp.execute("remove-fd", {"fdset-id": fdset})
 
 
 def _open_state(path: Path, *, write: bool) -> int:
@@ -111,25 +136,13 @@ def _unthrottle(qmp: QmpConnection) -> None:
 
 def save_memory(qmp: QmpConnection, path: Path, timeout: float) -> dict[str, Any]:
     """Write the VM's memory and device state to a new file `path` (the VM must be paused)."""
-    fd = _open_state(path, write=True)
-    try:
-        qmp.send_fd(fd, "vmkit-state-out")
-    finally:
-        os.close(fd)
-    _unthrottle(qmp)
-    qmp.execute("migrate", {"channels": _fd_channel("vmkit-state-out")})
-    return wait_migration(qmp, timeout, f"saving memory to {path}")
+    return _file_migration(qmp, path, write=True, timeout=timeout,
+                           what=f"saving memory to {path}")
 
 
 def load_memory(qmp: QmpConnection, path: Path, timeout: float) -> None:
     """Load a memory state into a QEMU started with `-incoming defer`."""
-    fd = _open_state(path, write=False)
-    try:
-        qmp.send_fd(fd, "vmkit-state-in")
-    finally:
-        os.close(fd)
-    qmp.execute("migrate-incoming", {"channels": _fd_channel("vmkit-state-in")})
-    wait_migration(qmp, timeout, f"loading memory from {path}")
+    _file_migration(qmp, path, write=False, timeout=timeout, what=f"loading memory from {path}")
 
 
 def run_job(qmp: QmpConnection, command: str, arguments: dict[str, Any], job_id: str,

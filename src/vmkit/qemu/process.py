@@ -169,18 +169,24 @@ def file_size(path: Path) -> int:
         return 0
 
 
-def log_since(path: Path, offset: int, limit: int = 8192) -> str:
-    """What was appended to a log from `offset` on (its last `limit` bytes): one run's words."""
+def _read_log(path: Path, offset: int, limit: int) -> str:
+    """Up to `limit` bytes of a log from `offset` on (or its last `limit` bytes, whichever is
+    later), never through a symlink, never blocking on a fifo; '' when absent or odd."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return ""
     with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             return ""
-        size = os.fstat(fd).st_size
-        handle.seek(max(offset, size - limit))
-        return handle.read(limit).decode(errors="replace").strip()
+        handle.seek(max(offset, info.st_size - limit))
+        return handle.read(limit).decode(errors="replace")
+
+
+def log_since(path: Path, offset: int, limit: int = 8192) -> str:
+    """What was appended to a log from `offset` on (its last `limit` bytes): one run's words."""
+    return _read_log(path, offset, limit).strip()
 
 
 def last_error_line(text: str) -> str:
@@ -190,17 +196,7 @@ def last_error_line(text: str) -> str:
 
 
 def log_tail(path: Path, lines: int = 15) -> str:
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return ""
-    with os.fdopen(fd, "rb") as handle:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return ""
-        handle.seek(0, os.SEEK_END)
-        size = handle.tell()
-        handle.seek(max(0, size - 8192))
-        text = handle.read(8192).decode(errors="replace")
+    text = _read_log(path, 0, 8192)
     return "\n".join(text.splitlines()[-lines:])
 
 

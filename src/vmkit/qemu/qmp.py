@@ -93,6 +93,17 @@ class QmpConnection:
                 from exc
         self.execute("getfd", {"fdname": name})
 
+    def add_fd(self, fd: int) -> int:
+        """Hand QEMU an open file (SCM_RIGHTS) into a new fd set; returns the set's id, which
+        QEMU opens as /dev/fdset/ID (remove it with `remove-fd` when done)."""
+        try:
+            self._client.send_fd_scm(fd)
+        except (OSError, ValueError) as exc:
+            raise QemuError(f"passing a descriptor to QEMU on {self._path} failed: {exc}") \
+                from exc
+        added: dict[str, int] = self.execute("add-fd")
+        return int(added["fdset-id"])
+
     def _run(self, coro: Any, *, what: str, timeout: float | None = None) -> Any:
         limit = timeout if timeout is not None else self._timeout
         try:
