@@ -68,6 +68,7 @@ from vmkit.model.runtime import (
     HotplugStep,
     Intent,
     MachineRecord,
+    PluggedNic,
     RuntimeRecord,
     classify_exit,
 )
@@ -83,7 +84,7 @@ from vmkit.qemu import agent, blockops, hostinfo, process
 from vmkit.qemu.agent import ExecResult
 from vmkit.qemu.argv import LaunchOptions, build_argv
 from vmkit.qemu.blockops import DISK_DEVICE
-from vmkit.qemu.hotplug import replay_args
+from vmkit.qemu.hotplug import replay_args, replay_nics
 from vmkit.qemu.qmp import QmpConnection, qmp_execute, wait_qmp_ready
 from vmkit.storage.layout import (
     HomeLayout,
@@ -241,10 +242,7 @@ class Host:
         result = []
         for folder in sorted(self.layout.vms.iterdir()):
             if not folder.name.startswith(".") and (folder / "vm.json").exists():
-                if (folder / JOURNAL_FILE).exists():  # finish an interrupted operation
-                    with contextlib.suppress(LockTimeout, BrokenVm), \
-                            self._vm_lock(folder.name, timeout=0):
-                        pass
+                self._finish_interrupted(folder.name)
                 vm = self._vm(folder.name)
                 if include_broken or vm.broken_reason() is None:
                     result.append(vm)
@@ -257,7 +255,15 @@ class Host:
             known = ", ".join(vm.name for vm in self.vms()) or "none"
             raise NotFound(f"unknown VM {name!r} (VMs on this host: {known})",
                            hint="see vmkit list")
+        self._finish_interrupted(name)
         return self._vm(name)
+
+    def _finish_interrupted(self, name: str) -> None:
+        """Run an interrupted operation's recovery now when nobody holds the VM's lock (a
+        holder is still working on it), so what `list`/`info` show is consistent."""
+        if (self.layout.vm(name).path / JOURNAL_FILE).exists():
+            with contextlib.suppress(LockTimeout, BrokenVm), self._vm_lock(name, timeout=0):
+                pass
 
 
     def _new_vm_folder(self, name: str, build: Callable[[VmFolder], VmConfig]) -> VM:
@@ -602,25 +608,30 @@ class VM:
                                                     tap_fds=tap_fds))
         if machine is not None:
             argv += replay_args(machine.hotplug)
+            argv += replay_nics(machine.nics, dict(tap_fds))
         return [*argv, "-incoming", "defer"] if incoming else argv
 
     def record_nic_plugged(self, nic: Nic, port_index: int) -> None:
-        """Note a NIC hot-plugged on root port `port_index`: the running machine now is its
-        start-time machine with that NIC in the next port and one spare port fewer (the same
-        ports, so a rebuilt machine matches the migration stream)."""
+        """Note a NIC hot-plugged on root port `port_index`, so a rebuilt machine has it there
+        (the migration stream knows the device by its PCI address)."""
         record = self._record()
-        machine = record.machine
-        if machine is None:
-            return
-        cfg = machine.config
-        if port_index != len(cfg.nics) or cfg.hardware.hotplug_ports < 1:
-            return  # a port freed by an unplug: not expressible as a start-time machine
-        cfg = cfg.model_copy(update={
-            "nics": (*cfg.nics, nic),
-            "hardware": cfg.hardware.model_copy(
-                update={"hotplug_ports": cfg.hardware.hotplug_ports - 1})})
-        self._write(record.model_copy(update={
-            "machine": machine.model_copy(update={"config": cfg})}))
+        if record.machine is not None:
+            machine = record.machine
+            plugged = (*machine.nics, PluggedNic(nic=nic, port=port_index))
+            self._write(record.model_copy(update={
+                "machine": machine.model_copy(update={"nics": plugged})}))
+
+    def record_nic_unplugged(self, nic: Nic) -> None:
+        """Forget a hot-plugged NIC QEMU let go of (a start-time NIC's unplug leaves its port
+        empty: not expressible as a start-time machine, so such a machine is not rebuilt)."""
+        record = self._record()
+        if record.machine is not None:
+            machine = record.machine
+            kept = tuple(p for p in machine.nics if p.nic.mac != nic.mac)
+            if len(kept) == len(machine.nics):
+                machine = machine.model_copy(update={"rebuildable": False})
+            self._write(record.model_copy(update={
+                "machine": machine.model_copy(update={"nics": kept})}))
 
     def record_hotplug(self, kind: str, args: Mapping[str, Any]) -> None:
         """Note a device hot-plugged into the running QEMU (the caller holds the lock), so the

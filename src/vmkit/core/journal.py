@@ -10,7 +10,6 @@ takes the VM's lock (the core never imports an operation).
 from __future__ import annotations
 
 import os
-import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -18,27 +17,10 @@ from typing import Any
 
 from vmkit.errors import InvalidState
 from vmkit.model.journal import JournalEntry, OpKind
+from vmkit.storage.hooks import FAULT_ENV, PAUSE_ENV, fault_point, pause_point
 from vmkit.storage.layout import read_metadata, write_json_atomic
 
 JOURNAL_FILE = "journal.json"
-FAULT_ENV = "VMKIT_FAULT"  # test hook: "OP:STEP" kills this process right after STEP
-
-
-def fault_point(op: str, step: str) -> None:
-    """Die like a power cut right after `step` of `op` when the test hook asks for it."""
-    if os.environ.get(FAULT_ENV) == f"{op}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
-
-
-PAUSE_ENV = "VMKIT_PAUSE"  # test hook: "OP:STEP:SECONDS" sleeps there (to widen a race)
-
-
-def pause_point(op: str, step: str) -> None:
-    """Hold still at `step` of `op` when the test hook asks for it (race tests)."""
-    wanted = os.environ.get(PAUSE_ENV, "")
-    prefix = f"{op}:{step}:"
-    if wanted.startswith(prefix):
-        time.sleep(min(30.0, float(wanted[len(prefix):] or 0)))
 
 
 Rule = Callable[[Any, Any, JournalEntry], None]  # (held lock, VM, entry)
@@ -94,3 +76,7 @@ class Journal:
     def _write(self) -> None:
         assert self.entry is not None
         write_json_atomic(self.path, self.entry.model_dump(mode="json"), mode=0o600)
+
+
+__all__ = ["FAULT_ENV", "JOURNAL_FILE", "PAUSE_ENV", "Journal", "fault_point", "pause_point",
+           "recovery_rule", "register_recovery"]

@@ -59,6 +59,10 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
     memory_rel = f"snapshots/{name}.state" if with_memory else None
     memory_path = vm.folder.path / memory_rel if memory_rel else None
     taken_in = record.state.value if live else "stopped"
+    if with_memory and record.machine is not None and not record.machine.rebuildable:
+        raise InvalidState(f"cannot take a memory snapshot of VM {vm.name!r}: a NIC it started "
+                           "with was unplugged live, and that machine cannot be started again",
+                           hint="take it --disk-only, or restart the VM first")
     if not live:
         img.create_overlay(new_path, Path(active).name)
         node = SnapshotNode(name=name, parent=tree.current, created_at=time.time(),

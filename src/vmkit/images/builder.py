@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vmkit.errors import ImageBuildError
 from vmkit.images.catalog import ImageInfo
+from vmkit.storage.hooks import pause_point
 from vmkit.storage.layout import HomeLayout
 
 Progress = Callable[[str], None]
@@ -48,6 +49,7 @@ def build_cached(home: HomeLayout, name: str, recipe_hash: str, build: Build, *,
                 if disk in in_use and not keep.exists():
                     os.link(disk, keep)
             target.rename(old)
+            pause_point("image", "swapping")  # (test hook) the image is briefly absent here
         out.rename(target)
         shutil.rmtree(old, ignore_errors=True)
         return info, True

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from vmkit.errors import InvalidValue
+from vmkit.model.network import Nic
 from vmkit.model.spec import VmConfig
 from vmkit.model.state import VmState
 
@@ -54,6 +55,15 @@ class HotplugStep(BaseModel):
         return self
 
 
+class PluggedNic(BaseModel):
+    """A NIC hot-plugged into a running QEMU, on root port `port` (hp<port>)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    nic: Nic
+    port: int = Field(ge=0, le=31)
+
+
 class MachineRecord(BaseModel):
     """The machine a QEMU really is: the vm.json it was started from plus what was hot-plugged
     into it since. Every memory snapshot keeps the one it was taken from."""
@@ -62,6 +72,10 @@ class MachineRecord(BaseModel):
 
     config: VmConfig
     hotplug: tuple[HotplugStep, ...] = Field(default=())
+    nics: tuple[PluggedNic, ...] = Field(default=(), description="NICs hot-plugged since")
+    rebuildable: bool = Field(default=True, description=(
+        "False once a start-time NIC was unplugged: its port stays empty, which a start "
+        "cannot reproduce"))
 
     @field_validator("hotplug")
     @classmethod

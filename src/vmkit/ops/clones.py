@@ -26,6 +26,7 @@ from vmkit.errors import AlreadyExists, InvalidState, VmkitError
 from vmkit.isolation import jail
 from vmkit.model.journal import JournalEntry
 from vmkit.model.names import validate_name
+from vmkit.model.network import Nic
 from vmkit.model.runtime import MachineRecord, RuntimeRecord
 from vmkit.model.snapshots import SnapshotNode
 from vmkit.model.spec import ROOT_DISK_FILE, VmConfig, as_new_machine
@@ -151,6 +152,10 @@ def instant_clone(source: VM, target: str) -> VM:
             raise InvalidState(f"cannot instant-clone VM {source.name!r}: it is "
                                f"{record.state.value} (an instant clone needs a running VM)",
                                hint=f"start it first (vmkit start {source.name})")
+        if record.machine is not None and not record.machine.rebuildable:
+            raise InvalidState(f"cannot instant-clone VM {source.name!r}: a NIC it started "
+                               "with was unplugged live, and that machine cannot be started "
+                               "again", hint=f"restart it first (vmkit restart {source.name})")
         log = Journal(source.folder.path)
         point = f"clone-{target}"[:63]
         log.begin("instant-clone", target=target, point=point)
@@ -208,16 +213,22 @@ def instant_clone(source: VM, target: str) -> VM:
 
 def _same_machine(source: VM, clone: VM) -> MachineRecord | None:
     """The clone's machine: the source's as it runs (its vm.json at start, with what was
-    hot-plugged since), under the clone's own identity (uuid, MACs, name)."""
+    hot-plugged since), under the clone's own identity (uuid, MACs, name). A clone's NICs
+    follow its source's in order, so MACs map by position."""
     running = source._record().machine
     if running is None:
         return None
-    was = running.config
-    now = clone.config
+    was, now = running.config, clone.config
+    macs = {old.mac: new.mac for old, new in zip(source.config.nics, now.nics, strict=False)}
+
+    def mapped(nic: Nic) -> Nic:
+        return nic.model_copy(update={"mac": macs.get(nic.mac, nic.mac), "address": None})
+
     config = now.model_copy(update={
         "spec": was.spec.model_copy(update={"name": now.spec.name}),
-        "hardware": was.hardware})
-    return running.model_copy(update={"config": config})
+        "hardware": was.hardware, "nics": tuple(mapped(n) for n in was.nics)})
+    plugged = tuple(p.model_copy(update={"nic": mapped(p.nic)}) for p in running.nics)
+    return running.model_copy(update={"config": config, "nics": plugged})
 
 
 def recover_instant_clone(held: Held, source: VM, entry: JournalEntry) -> None:

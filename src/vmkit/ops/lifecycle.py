@@ -355,7 +355,8 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
                            f"cpus {spec.cpus} and memory {format_size(spec.memory)}")
     check_fits_host(name, ceiling_cpus, ceiling_memory, capacity, policy)
     spec = spec.model_copy(update={"max_cpus": ceiling_cpus, "max_memory": ceiling_memory})
-    info = host.image(spec.image)
+    with host._image_lock(spec.image, shared=True):  # waits out a rebuild's swap
+        info = host.image(spec.image)
     keys, identity = _read_ssh_keys(ssh_keys)
     if (keys or user_data is not None) and not info.cloud_init:
         raise InvalidValue(f"image {info.name!r} has no cloud-init: --ssh-key and "

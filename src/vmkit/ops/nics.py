@@ -196,6 +196,7 @@ def _unplug(vm: VM, nic: Nic) -> None:
                                        f"on {nic.network!r} within {UNPLUG_TIMEOUT:g}s")
             time.sleep(0.2)
         qmp.execute("netdev_del", {"id": netdev_id(nic)})
+    vm.record_nic_unplugged(nic)
 
 
 register_recovery("nic-add", recover_add)
