@@ -56,6 +56,7 @@ def lab(image_home: Path) -> Iterator[Lab]:
                     lab.cli("delete", "--force", vm)
                 for net in ("aaa", "zzz"):
                     lab.cli("network", "delete", net)
+                lab.wipe()
     finally:
         for name in (ns, out):
             subprocess.run(["ip", "netns", "del", name], capture_output=True, timeout=30,

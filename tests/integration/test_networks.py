@@ -57,6 +57,14 @@ class Lab:
         return subprocess.run(["ip", "netns", "exec", ns, *argv], text=True,
                               capture_output=True, timeout=timeout, check=False)
 
+    def wipe(self) -> None:
+        """Delete every VM and network of the lab's home from inside its namespace, so the
+        home's teardown (in the root namespace) has nothing left to reconcile there."""
+        script = ("import sys; from vmkit import Host; h = Host(sys.argv[1]); h.delete_all(); "
+                  "[h.delete_network(n.name) for n in h.networks()]")
+        subprocess.run(["ip", "netns", "exec", self.ns, sys.executable, "-c", script,
+                        str(self.home)], capture_output=True, timeout=300, check=False)
+
     def links(self) -> list[str]:
         out = self.in_ns(self.ns, "ip", "-o", "link", "show").stdout
         return [line.split(": ")[1].split("@")[0] for line in out.splitlines()]
@@ -97,6 +105,7 @@ def lab(image_home: Path) -> Iterator[Lab]:
                     lab.cli("delete", "--force", vm)
                 for net in ("lan", "backend"):
                     lab.cli("network", "delete", net)
+                lab.wipe()
     finally:
         if httpd is not None:
             httpd.send_signal(signal.SIGTERM)

@@ -36,9 +36,7 @@ def lab(image_home: Path) -> Iterator[Lab]:
                 lab.ok("create", "n", "--start", "--wait")
                 yield lab
             finally:
-                for vm in ("n", "n2"):
-                    lab.cli("delete", "--force", vm)
-                lab.cli("network", "delete", "lan")
+                lab.wipe()  # linked clones first, then the VMs they lean on, then the network
     finally:
         subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=30, check=False)
 
