@@ -46,6 +46,14 @@ def _qemus(home: Path) -> set[str]:
     return names
 
 
+def _settled(host: Host, name: str) -> None:
+    """Let the next command recover `name`; a start it adopted gets its guest agent up before
+    the guest is asked anything (a QEMU killed right after its spawn is seconds from booted)."""
+    vm = host.get(name)
+    if vm.state.value == "running":
+        vm.wait_ready(timeout=120)
+
+
 def _consistent(host: Host, home: Path, running: set[str] | None = None
                 ) -> dict[str, dict[str, object]]:
     """Check the whole home; `running`: VMs that must run (None: those listed as running
@@ -181,6 +189,7 @@ def test_start_and_stop_killed_at_every_step(host: Host, home: Path) -> None:
         if vm.state.value == "running":
             run_cli(home, "kill", "life", check=True)
         _killed_at(home, "start", step, "start", "life")
+        _settled(host, "life")
         vms = _consistent(host, home)
         assert vms["life"]["state"] in ("running", "stopped", "crashed", "defined"), vms
         if vms["life"]["state"] != "running":
@@ -251,6 +260,7 @@ def test_import_killed_at_every_step(host: Host, home: Path, tmp_path: Path) -> 
         assert done.returncode == 0, done.stderr
         # a recovery (and its sweep of files nothing names) must keep the imported base
         _killed_at(home, "start", "spawned", "start", "imp")
+        _settled(host, "imp")
         _consistent(host, home)
         if host.get("imp").state.value != "running":
             run_cli(home, "start", "imp", check=True)

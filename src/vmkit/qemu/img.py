@@ -39,6 +39,12 @@ PRLIMIT = "prlimit"
 # far below it (their buffers do not grow with the disk size). A header that asks for more gets
 # an allocation failure instead of the host's memory.
 ADDRESS_SPACE_LIMIT = 1 << 30
+# Operations that copy data (convert, rebase, resize, create) run a pool of I/O threads whose
+# stacks alone reserve up to ~0.5 GiB of address space: under 1 GiB, `convert` failed now and
+# then with "qemu_thread_create: Resource temporarily unavailable" (seen in a full CI run). They
+# get 4 GiB (still a bound), and every qemu-img runs with MALLOC_ARENA_MAX=2 so glibc's
+# per-thread arenas (64 MiB of address space each) do not eat the budget.
+COPY_ADDRESS_SPACE_LIMIT = 4 << 30
 # CPU seconds for inspecting one image (`info`): reading a header and its tables takes well
 # under a second; 30 s (OpenStack's value) stops a header crafted to make qemu-img loop.
 INSPECT_CPU_SECONDS = 30
@@ -46,9 +52,9 @@ INSPECT_CPU_SECONDS = 30
 # seconds too (never less than the inspection limit): a backstop, not the usual bound.
 
 
-def limits_argv(cpu_seconds: int) -> list[str]:
+def limits_argv(cpu_seconds: int, address_space: int = ADDRESS_SPACE_LIMIT) -> list[str]:
     """The prlimit prefix: soft = hard limits, inherited by the qemu-img it execs."""
-    return [PRLIMIT, f"--as={ADDRESS_SPACE_LIMIT}", f"--cpu={cpu_seconds}", "--"]
+    return [PRLIMIT, f"--as={address_space}", f"--cpu={cpu_seconds}", "--"]
 
 
 def untrusted_owner(owner: RunAs | None = None) -> RunAs | None:
@@ -64,9 +70,15 @@ def untrusted_owner(owner: RunAs | None = None) -> RunAs | None:
     return account
 
 
+def address_space_for(args: list[str]) -> int:
+    """Inspection gets OpenStack's 1 GiB; data copies get room for their I/O threads."""
+    return ADDRESS_SPACE_LIMIT if args[:1] == ["info"] else COPY_ADDRESS_SPACE_LIMIT
+
+
 def command(args: list[str], *, cpu_seconds: int, owner: RunAs | None = None) -> list[str]:
     """The full argv: [setpriv as owner --] prlimit ... -- qemu-img ARGS."""
-    return jail.drop_to(owner, [*limits_argv(cpu_seconds), QEMU_IMG, *args])
+    return jail.drop_to(owner, [*limits_argv(cpu_seconds, address_space_for(args)), QEMU_IMG,
+                                *args])
 
 
 def _cpu_for(timeout: float) -> int:
@@ -80,22 +92,23 @@ def _run(args: list[str], *, timeout: float, cpu_seconds: int | None = None,
     what = f"qemu-img {args[0]}"
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout,
-                              check=False, pass_fds=fds, cwd="/")
+                              check=False, pass_fds=fds, cwd="/",
+                              env={**os.environ, "MALLOC_ARENA_MAX": "2"})
     except FileNotFoundError as exc:
         raise QemuError(f"{exc.filename or argv[0]} is not installed",
                         hint="run `make run` or apt-get install qemu-utils util-linux") from exc
     except subprocess.TimeoutExpired as exc:
         raise QemuError(f"{what} took longer than {timeout:g}s") from exc
     if done.returncode != 0:
-        raise QemuError(_failure(what, done.returncode, done.stderr, cpu),
+        raise QemuError(_failure(what, done.returncode, done.stderr, cpu,
+                                 address_space_for(args)),
                         detail=done.stderr.strip()[-2000:])
     return done.stdout
 
 
-def _failure(what: str, code: int, stderr: str, cpu: int) -> str:
+def _failure(what: str, code: int, stderr: str, cpu: int, address_space: int) -> str:
     """Name the resource limit when that is what stopped qemu-img."""
-    limits = (f"its resource limits ({ADDRESS_SPACE_LIMIT >> 20} MiB address space, "
-              f"{cpu} s CPU)")
+    limits = f"its resource limits ({address_space >> 20} MiB address space, {cpu} s CPU)"
     signum = -code if code < 0 else 0  # setpriv and prlimit exec: qemu-img is the child
     if signum in (signal.SIGXCPU, signal.SIGKILL):
         return f"{what} was stopped by {limits}: CPU time ran out"
