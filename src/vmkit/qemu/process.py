@@ -1,7 +1,7 @@
 """Detached QEMU processes: launch, adoption by pidfile checked against /proc, exit status.
 
 QEMU runs in its own session so it outlives the CLI. Its parent is a few-line POSIX shell
-"waiter" (not Python: ~1 MB) whose only job is to record QEMU's exit status in run/exit-status,
+"waiter" (not Python: ~1 MB) whose only job is to record QEMU's exit status in the VM folder,
 because nobody else can learn how a detached process ended (signal vs exit code). The script is a
 constant; QEMU's argv is passed as positional parameters, never interpolated into a string.
 """
