@@ -17,6 +17,7 @@ import pytest
 from tests.integration.conftest import chain_is_sound, run_cli
 from vmkit import Host
 from vmkit.model.journal import STEPS
+from vmkit.model.network import scope_of
 
 
 def _killed_at(home: Path, op: str, step: str, *args: str) -> None:
@@ -88,8 +89,10 @@ def _consistent(host: Host, home: Path, running: set[str] | None = None
         assert present <= used, f"orphans in {name}: {present - used}"
     assert _qemus(home) == {n for n, vm in vms.items() if vm["state"] in ("running", "paused")}
     if os.geteuid() == 0 and Path("/sys/fs/cgroup/memory/vmkit").is_dir():
-        groups = {p.name for p in Path("/sys/fs/cgroup/memory/vmkit").iterdir() if p.is_dir()}
-        assert not {n for n in groups if n in vms and n not in _qemus(home)}
+        suffix = "." + scope_of(str(home))  # this home's VMs only
+        groups = {p.name.removesuffix(suffix) for p in Path("/sys/fs/cgroup/memory/vmkit")
+                  .iterdir() if p.is_dir() and p.name.endswith(suffix)}
+        assert not groups - _qemus(home), f"cgroups without a QEMU: {groups - _qemus(home)}"
     return vms
 
 

@@ -56,7 +56,7 @@ from vmkit.model.cloudinit import (
     seed_files,
 )
 from vmkit.model.names import validate_name
-from vmkit.model.network import USER_NETWORK, Nic
+from vmkit.model.network import USER_NETWORK, Nic, scope_of
 from vmkit.model.resources import (
     Allocation,
     HostCapacity,
@@ -188,7 +188,7 @@ class Host:
     @functools.cached_property
     def cgroups(self) -> cgroups_mod.Driver | None:
         """The cgroup tree VMs are fenced in, or None (not root / none mounted)."""
-        return cgroups_mod.detect()
+        return cgroups_mod.detect(scope=scope_of(str(self.layout.root)))
 
     def capacity(self) -> HostCapacity:
         return HostCapacity(cores=os.cpu_count() or 1, memory=_mem_total())

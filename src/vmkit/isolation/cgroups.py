@@ -13,8 +13,9 @@ percent of one core (quota = percent * period / 100), memory limit in bytes.
 
 from __future__ import annotations
 
-import contextlib
+import errno
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,15 +46,35 @@ def _write(path: Path, value: str) -> None:
         raise HostError(f"cannot write {value!r} to {path}: {exc.strerror}") from exc
 
 
+REMOVE_TIMEOUT = 5.0
+
+
+def _rmdir_when_empty(folder: Path, timeout: float = REMOVE_TIMEOUT) -> None:
+    """Remove a cgroup; a QEMU just killed still counts in it until its parent has reaped it
+    (EBUSY for a moment), so retry briefly. Absent: nothing to do (idempotent)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            folder.rmdir()
+            return
+        except FileNotFoundError:
+            return
+        except OSError as exc:
+            if exc.errno != errno.EBUSY or time.monotonic() >= deadline:
+                return  # still busy: a process of the VM lives on; the next remove retries
+            time.sleep(0.05)
+
+
 class CgroupV1:
     version = "v1"
     CONTROLLERS = ("cpu", "cpuacct", "memory", "pids")
 
-    def __init__(self, root: Path = Path("/sys/fs/cgroup")):
+    def __init__(self, root: Path = Path("/sys/fs/cgroup"), scope: str = ""):
         self.root = root
+        self.scope = scope
 
     def _dirs(self, vm: str) -> dict[str, Path]:
-        return {c: self.root / c / GROUP / vm for c in self.CONTROLLERS}
+        return {c: self.root / c / GROUP / group_name(vm, self.scope) for c in self.CONTROLLERS}
 
     def apply(self, vm: str, limits: CgroupLimits) -> None:
         dirs = self._dirs(vm)
@@ -78,19 +99,19 @@ class CgroupV1:
 
     def remove(self, vm: str) -> None:
         for folder in self._dirs(vm).values():
-            with contextlib.suppress(FileNotFoundError, OSError):
-                folder.rmdir()
+            _rmdir_when_empty(folder)
 
 
 class CgroupV2:
     version = "v2"
     CONTROLLERS = ("cpu", "memory", "pids")
 
-    def __init__(self, root: Path = Path("/sys/fs/cgroup")):
+    def __init__(self, root: Path = Path("/sys/fs/cgroup"), scope: str = ""):
         self.root = root
+        self.scope = scope
 
     def _dir(self, vm: str) -> Path:
-        return self.root / GROUP / vm
+        return self.root / GROUP / group_name(vm, self.scope)
 
     def apply(self, vm: str, limits: CgroupLimits) -> None:
         parent = self.root / GROUP
@@ -118,20 +139,24 @@ class CgroupV2:
                            memory=int((folder / "memory.current").read_text()))
 
     def remove(self, vm: str) -> None:
-        with contextlib.suppress(FileNotFoundError, OSError):
-            self._dir(vm).rmdir()
+        _rmdir_when_empty(self._dir(vm))
 
 
 Driver = CgroupV1 | CgroupV2
 
 
-def detect(root: Path = Path("/sys/fs/cgroup")) -> Driver | None:
+def group_name(vm: str, scope: str) -> str:
+    """A VM's cgroup: `NAME.SCOPE` (the scope keeps two VMKIT_HOMEs' VMs of one name apart)."""
+    return f"{vm}.{scope}" if scope else vm
+
+
+def detect(root: Path = Path("/sys/fs/cgroup"), scope: str = "") -> Driver | None:
     """The cgroup tree vmkit can use here, or None (then `doctor` says why)."""
     if (root / "cgroup.controllers").exists():
-        driver: Driver = CgroupV2(root)
+        driver: Driver = CgroupV2(root, scope)
         writable = os.access(root / "cgroup.subtree_control", os.W_OK)
     elif all((root / c).is_dir() for c in CgroupV1.CONTROLLERS):
-        driver = CgroupV1(root)
+        driver = CgroupV1(root, scope)
         writable = os.access(root / "cpu", os.W_OK)
     else:
         return None

@@ -70,6 +70,8 @@ from vmkit.storage.layout import (
     file_lock,
 )
 
+QEMU_SETTLE_TIMEOUT = 10.0  # a cut start's exec chain (sh, setpriv) becoming QEMU
+
 
 def start(vm: VM, *, wait: bool = False, timeout: float = AGENT_READY_TIMEOUT) -> VM:
     """Boot the VM (journalled: a cut start is adopted when its QEMU answers, else undone)."""
@@ -94,6 +96,8 @@ _start_vm = start  # `create` has a parameter named start
 def recover_start(held: Held, vm: VM, entry: JournalEntry) -> None:
     """A start cut short: its QEMU kept when it runs and answers QMP, else killed; what the
     start prepared (taps, cgroup, sockets) cleared, the share given back."""
+    if entry.done("spawned"):  # the exec chain may still be on its way to QEMU
+        process.settle_start(vm.config.uuid, vm.folder.exit_file, QEMU_SETTLE_TIMEOUT)
     record = vm._observe(persist=True, held=held)  # adopts a QEMU whose pid was not recorded
     if record.state not in LIVE_STATES:
         vm._clear_run()

@@ -102,6 +102,28 @@ def find_vm_qemu(vm_uuid: str) -> ProcessIdentity | None:
     return None
 
 
+def waiter_running(exit_file: Path) -> bool:
+    """The exit-status waiter of a start still runs (QEMU may not have exec'd yet)."""
+    target = str(exit_file)
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            argv = cmdline(int(entry))
+            if len(argv) > 4 and argv[3] == "vmkit-waiter" and argv[4] == target:
+                return True
+    return False
+
+
+def settle_start(vm_uuid: str, exit_file: Path, timeout: float) -> ProcessIdentity | None:
+    """After a start was cut right after its spawn: wait until its exec chain has become QEMU
+    (returned) or has ended (None), so the caller never misses a QEMU still on its way."""
+    deadline = time.monotonic() + timeout
+    while True:
+        found = find_vm_qemu(vm_uuid)
+        if found is not None or not waiter_running(exit_file) or time.monotonic() >= deadline:
+            return found
+        time.sleep(0.05)
+
+
 def find_qemus_of(folder: Path, vm_uuid: str | None) -> list[ProcessIdentity]:
     """QEMUs that run for a VM folder whose metadata may be lost: by uuid, or by the folder
     appearing in their argv (every QEMU vmkit starts names its folder's sockets)."""
