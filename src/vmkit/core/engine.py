@@ -754,6 +754,7 @@ class VM:
                 last_exit=ExitRecord(at=time.time(), reason="start-failed",
                                      status=process.read_exit_status(self.folder.exit_file),
                                      description=exc.message, log_tail=exc.detail or "")))
+            self._clear_run()  # no QEMU: its sockets, taps and cgroup go
             raise
         self._write(starting.model_copy(update={
             "state": state, "pid": identity.pid,

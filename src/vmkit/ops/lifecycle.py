@@ -209,6 +209,8 @@ def delete(vm: VM, *, force: bool = False) -> None:
             jail.unshare_layers(uid, vm.leaned_on_layers())
         vm.host._discard_vm_folder(vm.name)
         jail.release_owner(vm_uuid)
+        if vm.host.cgroups is not None:  # a VM that crashed at start left its cgroup
+            vm.host.cgroups.remove(vm.name)
     if any(nic.network != USER_NETWORK for nic in vm.config.nics):
         net_ops.forget(vm.host)  # its leases, names and forwards go too
 
