@@ -6,12 +6,14 @@
     │   ├── NotFound            unknown VM or image
     │   ├── AlreadyExists       a VM or image of that name exists
     │   ├── InvalidState        the operation is not allowed in the VM's current state
-    │   └── AdmissionRefused    starting would exceed the host's partitioning policy
+    │   ├── AdmissionRefused    starting would exceed the host's partitioning policy
+    │   └── AuthError           the host service refused the caller's credentials
     ├── LockTimeout             another vmkit process holds the VM's lock
     ├── QemuError               QEMU failed to start, died, or refused a command
     ├── AgentError              the guest agent did not answer or failed
     ├── OperationTimeout        a wait ran out of time
     ├── HostError               the host lacks something vmkit needs (QEMU, disk, ...)
+    ├── Cancelled               an operation was cancelled at a user's request
     └── ImageBuildError         building a guest image failed
 
 The SDK raises these classes; the CLI turns them into exit codes via `exit_code_for`.
@@ -93,8 +95,40 @@ class ImageBuildError(VmkitError):
     pass
 
 
+class Cancelled(VmkitError):
+    """An operation was cancelled at a user's request (between two of its steps)."""
+
+
+class AuthError(RequestError):
+    """The host service refused the caller: no or bad credentials (HTTP 401/403)."""
+
+
 class BrokenVm(VmkitError):
     """A VM folder whose metadata cannot be read: listed as broken, removable with --force."""
+
+
+#: HTTP status of each error class in the host service's API (the most specific class wins):
+#: 4xx = the request was wrong (CLI exit 2), 5xx = the operation failed (CLI exit 1).
+HTTP_STATUS: dict[str, int] = {
+    "InvalidValue": 400, "AuthError": 401, "NotFound": 404, "AlreadyExists": 409,
+    "InvalidState": 409, "AdmissionRefused": 409, "RequestError": 400, "LockTimeout": 503,
+    "OperationTimeout": 504, "Cancelled": 500, "QemuError": 500, "AgentError": 502,
+    "HostError": 500, "ImageBuildError": 500, "BrokenVm": 500, "VmkitError": 500,
+}
+
+
+def http_status_for(error: BaseException) -> int:
+    """The HTTP status of an error raised by an operation (500 for anything unexpected)."""
+    for cls in type(error).__mro__:
+        if cls.__name__ in HTTP_STATUS:
+            return HTTP_STATUS[cls.__name__]
+    return 500
+
+
+def error_class(name: str) -> type[VmkitError]:
+    """The error class an API error names (VmkitError for a name this vmkit does not know)."""
+    found = _CLASSES.get(name)
+    return found if found is not None else VmkitError
 
 
 def exit_code_for(error: BaseException) -> int:
@@ -114,3 +148,10 @@ def os_errors(what: str) -> Iterator[None]:
         where = f" ({exc.filename})" if exc.filename else ""
         raise HostError(f"{what} failed: {exc.strerror or exc}{where}",
                         hint="free some space and retry" if exc.errno == 28 else None) from exc
+
+
+_CLASSES: dict[str, type[VmkitError]] = {
+    cls.__name__: cls for cls in (
+        VmkitError, RequestError, InvalidValue, NotFound, AlreadyExists, InvalidState,
+        AdmissionRefused, AuthError, LockTimeout, QemuError, AgentError, OperationTimeout,
+        HostError, ImageBuildError, Cancelled, BrokenVm)}

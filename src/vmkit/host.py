@@ -21,19 +21,17 @@ from vmkit.core.engine import (
     LOCK_TIMEOUT,
     STOP_TIMEOUT,
     Progress,
-    Usage,
-    VmStatus,
 )
 from vmkit.errors import InvalidState
-from vmkit.images.catalog import ImageInfo
 from vmkit.model.network import Nic
+from vmkit.model.restart import RestartPolicy
+from vmkit.model.views import ExecResult, ImageInfo, SetResult, Usage, VmStatus
 from vmkit.ops import bundles, clones, lifecycle, live
 from vmkit.ops import doctor as doctor_ops
 from vmkit.ops import images as image_ops
 from vmkit.ops import networks as network_ops
 from vmkit.ops import nics as nic_ops
 from vmkit.ops import snapshots as snapshot_ops
-from vmkit.qemu.agent import ExecResult
 
 
 class Host(engine.Host):
@@ -45,25 +43,32 @@ class Host(engine.Host):
     def get(self, name: str) -> VM:
         return cast(VM, super().get(name))
 
+    def statuses(self, *, include_broken: bool = False) -> list[VmStatus]:
+        """Every VM's status (what `vmkit list` shows)."""
+        return [vm.status() for vm in self.vms(include_broken=include_broken)]
+
     def create(self, name: str, *, image: str = "tiny", cpus: int | str = 1,
                memory: int | str = "256M", disk: int | str = "2G", full_copy: bool = False,
                accel: str = "auto", start: bool = False, wait: bool = False,
                timeout: float = AGENT_READY_TIMEOUT, max_cpus: int | str | None = None,
                max_memory: int | str | None = None, hostname: str | None = None,
                ssh_keys: Iterable[str | Path] = (), user_data: str | None = None,
-               networks: Iterable[str] = (), ports: Iterable[str] = ()) -> VM:
+               networks: Iterable[str] = (), ports: Iterable[str] = (), restart: str = "no",
+               autostart: bool = False) -> VM:
         """Create a VM folder (complete or not at all); optionally start it.
 
         Maxima (room to hot-add) default to the host's cores and 4x the memory, within what
         the host can give one VM. `ssh_keys` are public-key files (or key lines) and
         `user_data` the user's own cloud-init user-data; both need a cloud-init image.
         `networks` gives a NIC on each (`user` = QEMU user-mode networking); `ports` are
-        forwards (HOST:GUEST[/udp]) to the first NIC. Neither: one restricted user-mode NIC."""
+        forwards (HOST:GUEST[/udp]) to the first NIC. Neither: one restricted user-mode NIC.
+        `restart` (no, on-failure, always) and `autostart` are applied by the host service
+        (vmkit daemon)."""
         return cast(VM, lifecycle.create(
             self, name, image=image, cpus=cpus, memory=memory, disk=disk, full_copy=full_copy,
             accel=accel, start=start, wait=wait, timeout=timeout, max_cpus=max_cpus,
             max_memory=max_memory, hostname=hostname, ssh_keys=ssh_keys, user_data=user_data,
-            networks=networks, ports=ports))
+            networks=networks, ports=ports, restart=restart, autostart=autostart))
 
     def delete_all(self) -> None:
         """Delete every VM (running ones too), linked clones before the VMs they lean on."""
@@ -173,10 +178,17 @@ class VM(engine.VM):
         """Remove the VM's NIC on `network`, hot-unplugged when the VM runs."""
         return nic_ops.remove(self, network)
 
-    def set(self, **changes: Any) -> live.SetResult:
+    def set(self, **changes: Any) -> SetResult:
         """Change vCPUs, memory, maxima, disk size, CPU weight/limit or I/O limits; live where
         the VM runs (see vmkit.ops.live), else for the next start."""
         return live.set_resources(self, **changes)
+
+    def set_restart_policy(self, *, mode: str | None = None, max_restarts: int | None = None,
+                           autostart: bool | None = None) -> RestartPolicy:
+        """What the host service does when QEMU ends: no, on-failure or always; and whether
+        it starts this VM when it starts."""
+        return lifecycle.set_restart_policy(self, mode=mode, max_restarts=max_restarts,
+                                            autostart=autostart)
 
     def snapshot(self, name: str, *, disk_only: bool = False) -> snapshot_ops.SnapshotInfo:
         """Take a snapshot: with memory when the VM runs (unless disk_only), else of the disk."""

@@ -19,7 +19,8 @@ import pytest
 
 from vmkit import VM, Host
 from vmkit.images.catalog import link_image
-from vmkit.storage.layout import HomeLayout, default_home
+from vmkit.storage.home import default_home
+from vmkit.storage.layout import HomeLayout
 
 pytestmark = pytest.mark.integration
 

@@ -52,3 +52,62 @@ def attach(socket_path: Path) -> None:
             termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         with contextlib.suppress(OSError):
             sock.close()
+
+
+def attach_remote(url: str, headers: dict[str, str], context: object | None) -> None:
+    """The same console through a daemon's websocket (`/1.0/vms/NAME/console`)."""
+    import threading
+
+    from websockets.exceptions import ConnectionClosed
+    from websockets.sync.client import connect, unix_connect
+
+    try:
+        if url.startswith("unix://"):
+            path, _, rest = url[len("unix://"):].partition("|")
+            ws = unix_connect(path, f"ws://vmkit{rest}", additional_headers=headers)
+        else:
+            ws = connect(url, additional_headers=headers, ssl=context)  # type: ignore[arg-type]
+    except (OSError, ConnectionClosed) as exc:
+        raise QemuError(f"cannot connect to the console at {url}: {exc}") from exc
+    stdin = sys.stdin.fileno()
+    stdout = sys.stdout.fileno()
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    done = threading.Event()
+
+    def pump() -> None:
+        with contextlib.suppress(ConnectionClosed, OSError):
+            for message in ws:
+                if isinstance(message, str):
+                    if message.startswith("{") and '"error"' in message:
+                        os.write(stdout, (message + "\r\n").encode())
+                        break
+                    message = message.encode()
+                os.write(stdout, message)
+        done.set()
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        if saved is not None:
+            tty.setraw(stdin)
+        ws.send(b"\r")
+        while not done.is_set():
+            ready, _, _ = select.select([stdin], [], [], 0.2)
+            if not ready:
+                continue
+            data = os.read(stdin, 1024)
+            if not data:
+                break
+            if DETACH_BYTE in data:
+                before = data.split(DETACH_BYTE, 1)[0]
+                if before:
+                    ws.send(before)
+                break
+            ws.send(data)
+    except ConnectionClosed:
+        pass
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+        with contextlib.suppress(Exception):
+            ws.close()

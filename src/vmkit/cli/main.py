@@ -45,17 +45,35 @@ class Format(StrEnum):
 
 FormatOpt = Annotated[Format, typer.Option("--format", help="table for people, json for scripts")]
 NameArg = Annotated[str, typer.Argument(help="VM name (a DNS label)")]
-_state: dict[str, float] = {"lock_timeout": LOCK_TIMEOUT}
+_state: dict[str, Any] = {"lock_timeout": LOCK_TIMEOUT, "remote": None}
 
 
 @app.callback()
 def _main(lock_timeout: Annotated[float, typer.Option(
         help="seconds to wait for another vmkit command working on the same VM")] = LOCK_TIMEOUT,
+          remote: Annotated[str | None, typer.Option(
+              "--remote", envvar="VMKIT_REMOTE",
+              help="run the command on a remote daemon (vmkit remote add); default: this "
+                   "host's daemon when it runs, else the engine in this process")] = None,
 ) -> None:
     _state["lock_timeout"] = lock_timeout
+    _state["remote"] = remote
 
 
-def _host() -> Host:
+def _host() -> Any:
+    """Where the command runs: a remote daemon (--remote), this host's daemon when one serves
+    VMKIT_HOME (set VMKIT_NO_DAEMON=1 to bypass it), else the engine in this process. All three
+    offer the same methods and raise the same errors."""
+    from vmkit.client import remotes
+
+    if _state["remote"]:
+        return remotes.open_remote(_state["remote"])
+    if not os.environ.get("VMKIT_NO_DAEMON"):
+        socket_path = remotes.local_daemon_socket()
+        if socket_path is not None:
+            from vmkit.client.remote import connect
+
+            return connect(f"unix://{socket_path}")
     return Host(lock_timeout=_state["lock_timeout"])
 
 
@@ -198,6 +216,12 @@ def create(
     port: Annotated[list[str] | None, typer.Option(
         help="forward [ADDR:]HOST:GUEST[/udp] from the host to the first NIC (ADDR: default "
              "127.0.0.1, 0.0.0.0 = every address; repeatable)")] = None,
+    restart: Annotated[str, typer.Option(
+        help="what the daemon does when QEMU ends: no, on-failure (a crash) or always "
+             "(a crash or a guest power-off); never after vmkit stop")] = "no",
+    autostart: Annotated[bool, typer.Option(
+        "--autostart", help="the daemon starts it when the daemon starts (once per boot)")
+                         ] = False,
 ) -> None:
     """Create a VM (a folder under VMKIT_HOME/vms).
 
@@ -217,7 +241,8 @@ def create(
         vm = host.create(name, image=image, cpus=cpus, memory=memory, disk=disk,
                          full_copy=full_copy, accel=accel, max_cpus=max_cpus,
                          max_memory=max_memory, hostname=hostname, ssh_keys=ssh_key or [],
-                         user_data=text, networks=network or [], ports=port or [])
+                         user_data=text, networks=network or [], ports=port or [],
+                         restart=restart, autostart=autostart)
     render.err.print(f"created VM {name}")
     if start:
         _start(vm.name, wait, timeout)
@@ -313,7 +338,7 @@ def list_vms(format: FormatOpt = Format.table) -> None:
 
     Example: vmkit list --format json
     """
-    statuses = [vm.status() for vm in _host().vms(include_broken=True)]
+    statuses = _host().statuses(include_broken=True)
     if format is Format.json:
         render.print_json([s.model_dump(mode="json") for s in statuses])
         return
@@ -403,6 +428,12 @@ def set_(
                          ] = None,
     disk_bps: Annotated[str | None, typer.Option(help="I/O bytes per second (e.g. 20M), or "
                                                  "none")] = None,
+    restart: Annotated[str | None, typer.Option(
+        help="restart policy: no, on-failure or always (applied by the daemon)")] = None,
+    max_restarts: Annotated[int | None, typer.Option(
+        help="restarts in a row before the daemon gives up (default 5)")] = None,
+    autostart: Annotated[bool | None, typer.Option(
+        "--autostart/--no-autostart", help="start with the daemon")] = None,
 ) -> None:
     """Change a VM's share; live where it runs, else at its next start.
 
@@ -412,10 +443,20 @@ def set_(
         "cpus": cpus, "memory": memory, "max_cpus": max_cpus, "max_memory": max_memory,
         "disk_size": disk_size, "cpu_weight": cpu_weight, "cpu_limit": cpu_limit,
         "disk_iops": disk_iops, "disk_bps": disk_bps}.items() if v is not None}
-    if not changes:
+    policy = restart is not None or max_restarts is not None or autostart is not None
+    if not changes and not policy:
         raise typer.BadParameter("nothing to change: give at least one option (see --help)")
-    result = _host().get(name).set(**changes)
-    for line in [*result.now, *result.at_restart]:
+    vm = _host().get(name)
+    lines: list[str] = []
+    if changes:
+        result = vm.set(**changes)
+        lines += [*result.now, *result.at_restart]
+    if policy:
+        new = vm.set_restart_policy(mode=restart, max_restarts=max_restarts,
+                                    autostart=autostart)
+        lines.append(f"restart policy {new.mode} (max {new.max_restarts} in a row), autostart "
+                     f"{'on' if new.autostart else 'off'}")
+    for line in lines:
         render.err.print(f"{name}: {line}")
 
 
@@ -496,9 +537,21 @@ def top(interval: Annotated[float, typer.Option(help="seconds between refreshes"
 @app.command(help=f"Attach to the VM's serial console; {DETACH_KEY} detaches. "
              "Example: vmkit console web")
 def console(name: NameArg) -> None:
-    path = _host().get(name).console_socket()
-    render.err.print(f"connected to {name}'s serial console; {DETACH_KEY} detaches")
-    attach(path)
+    host = _host()
+    vm = host.get(name)
+    if isinstance(host, Host):
+        path = vm.console_socket()
+        render.err.print(f"connected to {name}'s serial console; {DETACH_KEY} detaches")
+        attach(path)
+    else:
+        from vmkit.cli.console import attach_remote
+
+        connection = host.connection
+        route = f"/1.0/vms/{name}/console"
+        url = f"{connection.url}|{route}" if connection.ws_base is None else \
+            f"{connection.ws_base}{route}"
+        render.err.print(f"connected to {name}'s serial console; {DETACH_KEY} detaches")
+        attach_remote(url, connection.headers, getattr(connection, "ssl_context", None))
     render.err.print(f"\ndetached from {name}")
 
 
@@ -791,6 +844,204 @@ def snapshot_delete(name: NameArg, snapshot: SnapArg) -> None:
     with _status(f"deleting snapshot {snapshot}"):
         _host().get(name).delete_snapshot(snapshot)
     render.err.print(f"snapshot {snapshot} of {name} deleted")
+
+
+# -- the host service ------------------------------------------------------------------------
+token_app = typer.Typer(no_args_is_help=True,
+                        help="Bearer tokens for the daemon's TLS port (stored hashed).")
+app.add_typer(token_app, name="token")
+trust_app = typer.Typer(no_args_is_help=True,
+                        help="Client certificates for the daemon's TLS port (its own CA).")
+app.add_typer(trust_app, name="trust")
+remote_app = typer.Typer(no_args_is_help=True, help="Daemons on other hosts this CLI can use.")
+app.add_typer(remote_app, name="remote")
+
+
+def _daemon_paths() -> Any:
+    from vmkit.daemon.service import paths_for
+
+    return paths_for(Host(lock_timeout=_state["lock_timeout"]))
+
+
+@app.command()
+def daemon(
+    socket: Annotated[Path, typer.Option(help="unix socket to listen on")
+                      ] = Path("/run/vmkit/vmkit.sock"),
+    group: Annotated[str | None, typer.Option(
+        help="group allowed on the socket (mode 0660); default: root's only")] = None,
+    listen: Annotated[str | None, typer.Option(
+        help="also listen on IP:PORT with TLS (tokens or client certificates)")] = None,
+    detach: Annotated[bool, typer.Option("--detach", help="run in the background")] = False,
+    pidfile: Annotated[Path | None, typer.Option(
+        help="pid file (default with --detach: /run/vmkit/vmkitd.pid)")] = None,
+    log: Annotated[Path | None, typer.Option(
+        help="with --detach: the daemon's log (default /var/log/vmkitd.log)")] = None,
+    stop: Annotated[bool, typer.Option("--stop", help="stop the daemon of --pidfile; its "
+                                       "VMs keep running")] = False,
+) -> None:
+    """Run the host service: REST API /1.0, events, metrics, restart policy, autostart.
+
+    VMs keep running when it stops; when it starts again it adopts them.
+    Example: vmkit daemon --detach --listen 198.18.0.1:8443
+    """
+    from vmkit.daemon import server
+
+    options = server.DaemonOptions(socket=socket.absolute(), group=group, listen=listen,
+                                   pidfile=(pidfile or (server.DEFAULT_PIDFILE
+                                                        if detach or stop else None)),
+                                   log=log)
+    if stop:
+        assert options.pidfile is not None
+        stopped = server.stop_daemon(options.pidfile)
+        render.err.print(f"stopped daemon {stopped}" if stopped else "no daemon running")
+        return
+    if detach:
+        argv = [sys.executable, "-m", "vmkit.cli.main", "daemon", "--socket",
+                str(options.socket), "--pidfile", str(options.pidfile)]
+        if group:
+            argv += ["--group", group]
+        if listen:
+            argv += ["--listen", listen]
+        pid = server.detach(argv, options)
+        render.err.print(f"vmkit daemon {pid} listening on {options.socket}"
+                         + (f" and https://{listen}" if listen else ""))
+        return
+    server.serve(Host(lock_timeout=_state["lock_timeout"]), options)
+
+
+@token_app.command("create")
+def token_create(name: Annotated[str, typer.Argument(help="a name for the token")]) -> None:
+    """Create a token; it is printed once (only its hash is kept). Example: vmkit token create ci
+    """
+    from vmkit.daemon.auth import TokenStore
+
+    print(TokenStore(_daemon_paths().tokens).create(name))
+    render.err.print(f"token {name} created: give it to the client "
+                     "(vmkit remote add NAME https://HOST:PORT --token TOKEN)")
+
+
+@token_app.command("list")
+def token_list(format: FormatOpt = Format.table) -> None:
+    """List tokens (names and prefixes, never the tokens). Example: vmkit token list"""
+    from vmkit.daemon.auth import TokenStore
+
+    tokens = TokenStore(_daemon_paths().tokens).list()
+    if format is Format.json:
+        render.print_json([t.model_dump() for t in tokens])
+        return
+    render.table(["NAME", "PREFIX", "CREATED"],
+                 [[t.name, t.prefix + "...", time.strftime("%Y-%m-%d %H:%M",
+                                                            time.localtime(t.created_at))]
+                  for t in tokens])
+
+
+@token_app.command("revoke")
+def token_revoke(name: Annotated[str, typer.Argument(help="token name")]) -> None:
+    """Revoke a token: refused from the next request on. Example: vmkit token revoke ci"""
+    from vmkit.daemon.auth import TokenStore
+
+    TokenStore(_daemon_paths().tokens).revoke(name)
+    render.err.print(f"token {name} revoked")
+
+
+@trust_app.command("issue")
+def trust_issue(name: Annotated[str, typer.Argument(help="client name")],
+                out: Annotated[Path, typer.Option(help="folder for NAME.crt and NAME.key")
+                               ] = Path(".")) -> None:
+    """Issue a client certificate signed by this daemon's client CA.
+
+    Example: vmkit trust issue laptop --out /tmp
+    """
+    from vmkit.daemon.auth import ClientCA
+
+    pem, key, fingerprint = ClientCA(_daemon_paths().folder).issue(name)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.crt").write_bytes(pem)
+    fd = os.open(out / f"{name}.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(key)
+    render.err.print(f"issued {out / name}.crt (sha256 {fingerprint[:16]}...) and its key")
+
+
+@trust_app.command("revoke")
+def trust_revoke(name: Annotated[str, typer.Argument(help="client name")]) -> None:
+    """Refuse a client certificate from now on. Example: vmkit trust revoke laptop"""
+    from vmkit.daemon.auth import ClientCA
+
+    ClientCA(_daemon_paths().folder).revoke(name)
+    render.err.print(f"client certificate {name} revoked")
+
+
+@remote_app.command("add")
+def remote_add(
+    name: Annotated[str, typer.Argument(help="a name for the remote")],
+    url: Annotated[str, typer.Argument(help="https://HOST:PORT")],
+    token: Annotated[str | None, typer.Option(help="a token from vmkit token create")] = None,
+    client_cert: Annotated[Path | None, typer.Option(help="client certificate (vmkit trust "
+                                                     "issue)")] = None,
+    client_key: Annotated[Path | None, typer.Option(help="its key")] = None,
+    accept_fingerprint: Annotated[str | None, typer.Option(
+        help="the server certificate's SHA-256 you expect (else you are asked)")] = None,
+) -> None:
+    """Add a remote daemon: shows and pins its certificate's fingerprint.
+
+    Example: vmkit remote add lab https://198.18.0.1:8443 --token vmk_...
+    """
+    from vmkit.client import remotes
+    from vmkit.client.remote import connect
+
+    if token is None and client_cert is None:
+        raise InvalidValue("a remote needs credentials: --token or --client-cert/--client-key")
+    if (client_cert is None) != (client_key is None):
+        raise InvalidValue("--client-cert and --client-key go together")
+    pem, fingerprint = remotes.server_certificate(url)
+    render.err.print(f"certificate fingerprint of {url}: {fingerprint}")
+    if accept_fingerprint is not None:
+        if accept_fingerprint.replace(":", "").lower() != fingerprint:
+            raise InvalidValue(f"the server's certificate fingerprint is {fingerprint}, not "
+                               f"{accept_fingerprint}: refusing (someone may be in between)")
+    elif sys.stdin.isatty():
+        if not typer.confirm("trust this certificate?"):
+            raise InvalidValue("certificate not accepted; nothing was added")
+    else:
+        raise InvalidValue("not a terminal: pass --accept-fingerprint FINGERPRINT to pin it",
+                           hint=f"--accept-fingerprint {fingerprint}")
+    import tempfile
+
+    with tempfile.NamedTemporaryFile("w", suffix=".crt") as pinned:
+        pinned.write(pem)
+        pinned.flush()
+        client = (str(client_cert), str(client_key)) if client_cert and client_key else None
+        with connect(url, token=token, server_cert=pinned.name, client_cert=client) as probe:
+            info = probe.info()
+    remotes.add(name, url, pem=pem, token=token,
+                client_cert=(str(client_cert.absolute()), str(client_key.absolute()))
+                if client_cert and client_key else None)
+    render.err.print(f"remote {name} added: vmkit {info['version']} serving {info['home']} "
+                     f"(you are {info['requestor']})")
+
+
+@remote_app.command("list")
+def remote_list(format: FormatOpt = Format.table) -> None:
+    """List remotes. Example: vmkit remote list"""
+    from vmkit.client import remotes
+
+    data = remotes.load()
+    if format is Format.json:
+        render.print_json({n: {"url": e["url"]} for n, e in data.items()})
+        return
+    render.table(["NAME", "URL", "AUTH"],
+                 [[n, e["url"], "client certificate" if e.get("client_cert") else "token"]
+                  for n, e in sorted(data.items())])
+
+
+@remote_app.command("remove")
+def remote_remove(name: Annotated[str, typer.Argument(help="remote name")]) -> None:
+    """Forget a remote. Example: vmkit remote remove lab"""
+    from vmkit.client import remotes
+
+    remotes.remove(name)
+    render.err.print(f"remote {name} removed")
 
 
 def main() -> None:

@@ -25,8 +25,6 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
-
 from vmkit.core import networks as net_ops
 from vmkit.core import store
 from vmkit.core.journal import JOURNAL_FILE, Journal, recovery_rule
@@ -45,7 +43,6 @@ from vmkit.errors import (
     os_errors,
 )
 from vmkit.images import catalog
-from vmkit.images.catalog import ImageInfo
 from vmkit.images.seed import write_seed
 from vmkit.isolation import cgroups as cgroups_mod
 from vmkit.isolation import jail
@@ -79,17 +76,17 @@ from vmkit.model.spec import (
     hostname_in,
 )
 from vmkit.model.state import LIVE_STATES, Operation, VmState, check_transition
+from vmkit.model.views import ExecResult, ImageInfo, Usage, VmStatus
 from vmkit.qemu import accel as accel_mod
 from vmkit.qemu import agent, blockops, hostinfo, process
-from vmkit.qemu.agent import ExecResult
 from vmkit.qemu.argv import LaunchOptions, build_argv
 from vmkit.qemu.blockops import DISK_DEVICE
 from vmkit.qemu.hotplug import replay_args, replay_nics
 from vmkit.qemu.qmp import QmpConnection, qmp_execute, wait_qmp_ready
+from vmkit.storage.home import default_home
 from vmkit.storage.layout import (
     HomeLayout,
     VmFolder,
-    default_home,
     file_lock,
     lock_is_free,
     read_json,
@@ -112,57 +109,6 @@ DEFAULT_MACHINE = "q35"
 _UNIX_PATH_MAX = 107  # sun_path is 108 bytes including the terminating NUL
 
 Progress = Callable[[str], None]
-
-
-class VmStatus(BaseModel):
-    """What `list` and `info` show; the keys are the stable JSON of `--format json`."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    state: VmState
-    cpus: int
-    memory: int
-    disk: int
-    image: str
-    uuid: str
-    mac: str
-    pid: int | None
-    uptime: float | None
-    accel: str | None
-    accel_reason: str | None
-    isolation_note: str | None
-    machine: str
-    cpu_model: str
-    folder: str
-    disk_mode: str
-    last_exit: ExitRecord | None
-    qemu_status: str | None = None
-    max_cpus: int
-    max_memory: int
-    limits: Limits
-    usage: Usage | None = None
-    guest: dict[str, Any] | None = Field(default=None, description="what the guest agent says")
-    hostname: str | None = None
-    ssh: str | None = Field(default=None, description="user@host:port while running")
-    nics: list[Nic] = Field(default_factory=list, description="none: one restricted user NIC")
-    broken: str | None = Field(default=None, description="why the metadata cannot be read")
-
-
-class Usage(BaseModel):
-    """Live use of a running VM, read from /proc, its cgroup and QMP (no helper process)."""
-
-    model_config = ConfigDict(frozen=True)
-
-    cpu_seconds: float
-    cpu_percent_avg: float = Field(description="since start, percent of one host core")
-    rss: int
-    cgroup_memory: int | None
-    vcpus: int
-    memory_plugged: int = Field(description="boot RAM + hot-added DIMMs")
-    memory_actual: int = Field(description="what the guest has after the balloon")
-    disk_read: int
-    disk_written: int
 
 
 class Host:
@@ -592,7 +538,9 @@ class VM:
         return Usage(cpu_seconds=cpu, cpu_percent_avg=100 * cpu / elapsed, rss=rss,
                      cgroup_memory=cgroup_memory, vcpus=vcpus, memory_plugged=plugged,
                      memory_actual=actual, disk_read=int(stats.get("rd_bytes", 0)),
-                     disk_written=int(stats.get("wr_bytes", 0)))
+                     disk_written=int(stats.get("wr_bytes", 0)),
+                     disk_read_ops=int(stats.get("rd_operations", 0)),
+                     disk_write_ops=int(stats.get("wr_operations", 0)))
 
     # -- lifecycle ------------------------------------------------------------------------
     def argv(self, accel: str, *, incoming: bool = False, ssh_port: int | None = None,

@@ -15,9 +15,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-from pydantic import BaseModel, ConfigDict
+from typing import TYPE_CHECKING
 
 from vmkit.errors import AlreadyExists, HostError, InvalidState, InvalidValue, NotFound
 from vmkit.model.names import validate_name
@@ -45,6 +43,7 @@ from vmkit.model.network import (
     tap_name,
 )
 from vmkit.model.state import LIVE_STATES
+from vmkit.model.views import NetworkInfo
 from vmkit.net import links, services
 from vmkit.storage.layout import file_lock, read_json, write_json_atomic
 
@@ -53,21 +52,6 @@ if TYPE_CHECKING:
 
 NETWORK_LOCK_TIMEOUT = 60.0
 USER_MODE_SUBNET = "198.18.0.0/24"  # what user-mode NICs use inside QEMU
-
-
-class NetworkInfo(BaseModel):
-    """What `network list` and `network info` show."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    subnet: str
-    mode: NetworkMode
-    gateway: str
-    bridge: str
-    up: bool
-    dnsmasq: bool
-    attached: list[dict[str, Any]]
 
 
 def _root(host: Host) -> Path:

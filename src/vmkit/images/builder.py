@@ -16,7 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from vmkit.errors import ImageBuildError
-from vmkit.images.catalog import ImageInfo
+from vmkit.model.views import ImageInfo
 from vmkit.storage.hooks import pause_point
 from vmkit.storage.layout import HomeLayout
 

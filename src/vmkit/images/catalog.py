@@ -7,35 +7,10 @@ import os
 import shutil
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict
-
 from vmkit.errors import NotFound
 from vmkit.model.names import validate_name
+from vmkit.model.views import ImageInfo
 from vmkit.storage.layout import HomeLayout, read_json
-
-IMAGE_SCHEMA_VERSION = 1
-
-
-class ImageInfo(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
-
-    schema_version: int = IMAGE_SCHEMA_VERSION
-    name: str
-    os: str
-    kernel_version: str
-    kernel: str = "vmlinuz"
-    initrd: str = "initrd.img"
-    root_disk: str
-    cmdline: str
-    recipe_hash: str
-    sha256: str
-    size: int
-    virtual_size: int
-    built_at: float
-    packages: dict[str, str]
-    cloud_init: bool = False  # reads a NoCloud seed (hostname, ssh keys, user-data)
-    ssh_user: str | None = None  # runs an ssh server; the login keys are given to
-    build_seconds: float | None = None
 
 
 def sha256_file(path: Path) -> str:

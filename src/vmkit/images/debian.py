@@ -24,7 +24,8 @@ from pathlib import Path
 from vmkit.errors import ImageBuildError, InvalidValue
 from vmkit.images import debpkg
 from vmkit.images.builder import Progress, build_cached, fs_uuid_for, make_ext4, tree_bytes
-from vmkit.images.catalog import ImageInfo, sha256_file
+from vmkit.images.catalog import sha256_file
+from vmkit.model.views import ImageInfo
 from vmkit.qemu import img
 from vmkit.storage.layout import HomeLayout, write_json_atomic
 

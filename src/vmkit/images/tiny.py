@@ -21,7 +21,7 @@ from pathlib import Path
 from vmkit.errors import ImageBuildError
 from vmkit.images import debpkg
 from vmkit.images.builder import Progress, build_cached, make_ext4, tree_bytes
-from vmkit.images.catalog import ImageInfo, sha256_file
+from vmkit.images.catalog import sha256_file
 from vmkit.images.initramfs import (
     S_IFDIR,
     S_IFLNK,
@@ -32,6 +32,7 @@ from vmkit.images.initramfs import (
     load_order,
     parse_modules_dep,
 )
+from vmkit.model.views import ImageInfo
 from vmkit.qemu import img
 from vmkit.storage.layout import HomeLayout, write_json_atomic
 

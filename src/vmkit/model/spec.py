@@ -24,6 +24,7 @@ from vmkit.errors import InvalidValue
 from vmkit.model.cloudinit import CloudInit, instance_id_for
 from vmkit.model.names import validate_name
 from vmkit.model.network import Nic, nic_mac
+from vmkit.model.restart import RestartPolicy
 from vmkit.model.sizes import parse_count, parse_size
 
 SCHEMA_VERSION = 1
@@ -286,6 +287,8 @@ class VmConfig(BaseModel):
     ssh_user: str | None = Field(default=None, description="login of `vmkit ssh`; None: no sshd")
     ssh_identity: str | None = Field(default=None, description="host private key for vmkit ssh")
     nics: tuple[Nic, ...] = Field(default=(), description="none: one restricted user-mode NIC")
+    restart: RestartPolicy = Field(default_factory=RestartPolicy,
+                                   description="what the host service does when QEMU ends")
 
     @field_validator("schema_version")
     @classmethod

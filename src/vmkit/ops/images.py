@@ -8,8 +8,8 @@ from pathlib import Path
 from vmkit.core.engine import Host, Progress
 from vmkit.errors import InvalidValue, NotFound
 from vmkit.images import catalog
-from vmkit.images.catalog import ImageInfo
 from vmkit.model.names import validate_name
+from vmkit.model.views import ImageInfo
 
 
 def build_image(host: Host, name: str, *, force: bool = False, progress: Progress | None = None,

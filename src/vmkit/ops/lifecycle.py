@@ -49,6 +49,7 @@ from vmkit.model.resources import (
     check_fits_host,
     memory_limit,
 )
+from vmkit.model.restart import RestartPolicy, parse_mode
 from vmkit.model.sizes import format_size, parse_count, parse_size
 from vmkit.model.spec import (
     ROOT_DISK_FILE,
@@ -61,8 +62,8 @@ from vmkit.model.spec import (
     with_hostname,
 )
 from vmkit.model.state import LIVE_STATES, Operation, VmState, check_transition
+from vmkit.model.views import ExecResult
 from vmkit.qemu import agent, hostinfo, img, process
-from vmkit.qemu.agent import ExecResult
 from vmkit.qemu.argv import HOTPLUG_SPARE
 from vmkit.qemu.qmp import QmpConnection, qmp_execute
 from vmkit.storage.layout import (
@@ -344,9 +345,11 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
            timeout: float = AGENT_READY_TIMEOUT, max_cpus: int | str | None = None,
            max_memory: int | str | None = None, hostname: str | None = None,
            ssh_keys: Iterable[str | Path] = (), user_data: str | None = None,
-           networks: Iterable[str] = (), ports: Iterable[str] = ()) -> VM:
+           networks: Iterable[str] = (), ports: Iterable[str] = (), restart: str = "no",
+           autostart: bool = False) -> VM:
     """The create operation; the parameters are documented on the SDK's Host.create."""
     spec = make_spec(name, image, cpus, memory, disk, full_copy=full_copy, accel=accel)
+    restart_policy = RestartPolicy(mode=parse_mode(restart), autostart=autostart)
     hostname = validate_hostname(hostname) if hostname is not None else name
     capacity, policy = host.capacity(), host.policy()
     check_fits_host(name, spec.cpus, spec.memory, capacity, policy)
@@ -410,6 +413,7 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
             backing_file=None if spec.full_copy else str(image_dir / info.root_disk),
             base_image_sha256=info.sha256, cloud_init=seed, ssh_user=info.ssh_user,
             ssh_identity=identity if info.ssh_user else None, nics=nics,
+            restart=restart_policy,
         )
 
     # the image's lock, shared: no rebuild can retire its base before this VM is listed
@@ -424,6 +428,25 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
     if start:
         _start_vm(vm, wait=wait, timeout=timeout)
     return vm
+
+
+def set_restart_policy(vm: VM, *, mode: str | None = None, max_restarts: int | None = None,
+                       autostart: bool | None = None) -> RestartPolicy:
+    """Change what the host service does when the VM's QEMU ends (saved in vm.json)."""
+    updates: dict[str, object] = {}
+    if mode is not None:
+        updates["mode"] = parse_mode(mode)
+    if max_restarts is not None:
+        if not 0 <= max_restarts <= 1000:
+            raise InvalidValue(f"invalid max-restarts {max_restarts}: 0 to 1000")
+        updates["max_restarts"] = max_restarts
+    if autostart is not None:
+        updates["autostart"] = autostart
+    with vm.host._vm_lock(vm.name):
+        config = vm.config
+        policy = config.restart.model_copy(update=updates)
+        vm.save_config(config.model_copy(update={"restart": policy}))
+    return policy
 
 
 def delete_all(host: Host) -> None:

@@ -11,7 +11,6 @@ Every change is saved in vm.json, so the next boot matches.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from vmkit.core.journal import Journal, pause_point, register_recovery
@@ -22,6 +21,7 @@ from vmkit.model.resources import Allocation, admit, check_fits_host
 from vmkit.model.sizes import format_size, parse_count, parse_size
 from vmkit.model.spec import Limits, VmSpec
 from vmkit.model.state import VmState
+from vmkit.model.views import SetResult
 from vmkit.qemu import blockops, img
 from vmkit.qemu.qmp import QmpConnection
 
@@ -30,12 +30,6 @@ if TYPE_CHECKING:
 
 DIMM_ALIGN = 128 << 20  # Linux onlines memory in 128 MiB blocks on x86-64
 QMP_TIMEOUT = 10.0
-
-
-@dataclass
-class SetResult:
-    now: list[str] = field(default_factory=list)
-    at_restart: list[str] = field(default_factory=list)
 
 
 def parse_percent(value: str | float | None, what: str) -> float | None:

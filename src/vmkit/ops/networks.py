@@ -5,9 +5,10 @@ from __future__ import annotations
 
 from vmkit.core import networks as net_state
 from vmkit.core.engine import Host
-from vmkit.core.networks import NetworkInfo, delete, info, list_networks, reconcile
+from vmkit.core.networks import delete, info, list_networks, reconcile
 from vmkit.errors import InvalidValue
 from vmkit.model.network import NetworkMode
+from vmkit.model.views import NetworkInfo
 
 _MODES: dict[str, NetworkMode] = {"nat": "nat", "isolated": "isolated", "bridged": "bridged"}
 

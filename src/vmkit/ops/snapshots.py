@@ -17,8 +17,6 @@ import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict
-
 from vmkit.core.journal import Journal, register_recovery
 from vmkit.core.layers import (
     MEMORY_STATE_TIMEOUT,
@@ -38,6 +36,7 @@ from vmkit.errors import InvalidState, VmkitError, os_errors
 from vmkit.model.journal import JournalEntry
 from vmkit.model.snapshots import SnapshotNode
 from vmkit.model.state import LIVE_STATES, VmState
+from vmkit.model.views import SnapshotInfo
 from vmkit.qemu import agent, blockops, img
 from vmkit.qemu.qmp import QmpConnection
 
@@ -66,23 +65,6 @@ def listing(vm: VM) -> list[SnapshotInfo]:
         disk_bytes=_used_bytes(vm.folder.path / node.layer),
         memory_bytes=node.memory_size, current=tree.current == node.name,
     ) for depth, node in tree.walk()]
-
-
-class SnapshotInfo(BaseModel):
-    """One row of `snapshot list`."""
-
-    model_config = ConfigDict(frozen=True)
-
-    name: str
-    parent: str | None
-    depth: int
-    created_at: float
-    with_memory: bool
-    taken_in: str
-    quiesced: bool | None
-    disk_bytes: int
-    memory_bytes: int
-    current: bool
 
 
 # -- take ---------------------------------------------------------------------------------

@@ -15,31 +15,17 @@ import random
 import socket
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
 from vmkit.errors import AgentError, OperationTimeout, QemuError
+from vmkit.model.views import ExecResult
 from vmkit.qemu import peer
 
 _DELIMITER = b"\xff"
 # Everything the guest says is untrusted: one reply may hold a 1 MiB chunk as base64 (1.4 MB)
 # or a command's captured output; nothing larger is buffered.
 MAX_FRAME = 16 << 20
-
-
-@dataclass(frozen=True)
-class ExecResult:
-    """What a command run in the guest produced."""
-
-    exit_code: int | None
-    stdout: str
-    stderr: str
-    signal: int | None = None
-
-    @property
-    def ok(self) -> bool:
-        return self.exit_code == 0
 
 
 class AgentConnection:

@@ -32,15 +32,6 @@ from vmkit.qemu.argv import RunPaths
 M = TypeVar("M", bound=BaseModel)
 
 
-def default_home() -> Path:
-    env = os.environ.get("VMKIT_HOME")
-    if env:
-        return Path(env).expanduser().absolute()
-    if os.geteuid() == 0:
-        return Path("/var/lib/vmkit")
-    return Path.home() / ".local/share/vmkit"
-
-
 @dataclass(frozen=True)
 class HomeLayout:
     root: Path

@@ -1,0 +1,513 @@
+"""`vmkit.connect(url, token=...)`: the SDK's Host/VM methods, carried out by a vmkit daemon.
+
+    host = vmkit.connect("unix:///run/vmkit/vmkit.sock")           # local daemon
+    host = vmkit.connect("https://198.18.0.1:8443", token="vmk_...", server_cert="srv.crt")
+    vm = host.create("web", start=True, wait=True)
+    print(vm.exec(["uname", "-a"]).stdout)
+
+Same return types (VmStatus, SnapshotInfo, ...), same exceptions (NotFound, InvalidState, ...):
+the daemon names the error class and this client raises it. Long operations are followed
+until they end (with progress callbacks where the SDK has them). `connect_async` gives the same
+object with awaitable methods."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import functools
+import os
+import ssl
+import time
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from vmkit.errors import AuthError, HostError, InvalidValue, OperationTimeout, error_class
+from vmkit.model.network import Nic
+from vmkit.model.restart import RestartPolicy
+from vmkit.model.state import VmState
+from vmkit.model.views import (
+    ExecResult,
+    ImageInfo,
+    NetworkInfo,
+    SetResult,
+    SnapshotInfo,
+    Usage,
+    VmStatus,
+)
+
+CONNECT_TIMEOUT = 10.0
+REQUEST_TIMEOUT = 120.0
+OPERATION_TIMEOUT = 3600.0
+POLL = 0.3
+
+
+class Connection:
+    """One HTTP client on a daemon's unix socket or TLS port; errors become vmkit errors."""
+
+    def __init__(self, url: str, *, token: str | None = None, server_cert: str | Path | None = None,
+                 client_cert: tuple[str | Path, str | Path] | None = None):
+        self.url = url
+        headers = {"User-Agent": "vmkit-client"}
+        if token:
+            headers["Authorization"] = f"Bearer {token}"
+        timeout = httpx.Timeout(REQUEST_TIMEOUT, connect=CONNECT_TIMEOUT)
+        if url.startswith("unix://"):
+            path = url[len("unix://"):]
+            transport = httpx.HTTPTransport(uds=path)
+            self.client = httpx.Client(transport=transport, base_url="http://vmkit",
+                                       headers=headers, timeout=timeout)
+            self.ws_base = None
+        elif url.startswith("https://"):
+            context = ssl.create_default_context(
+                cafile=str(server_cert) if server_cert else None)
+            if server_cert:  # pinned: the daemon's own certificate is the only trust anchor
+                context.check_hostname = False
+            if client_cert:
+                context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
+            self.client = httpx.Client(base_url=url, headers=headers, timeout=timeout,
+                                       verify=context)
+            self.ws_base = url.replace("https://", "wss://", 1)
+            self.ssl_context = context
+        else:
+            raise InvalidValue(f"invalid daemon URL {url!r}",
+                               hint="use unix:///run/vmkit/vmkit.sock or https://HOST:PORT")
+        self.headers = headers
+
+    def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        try:
+            response = self.client.request(method, path, **kwargs)
+        except httpx.ConnectError as exc:
+            raise HostError(f"cannot reach the vmkit daemon at {self.url}: {exc}",
+                            hint="is it running? (vmkit daemon --detach)") from exc
+        except httpx.TimeoutException as exc:
+            raise OperationTimeout(f"the vmkit daemon at {self.url} did not answer in time: "
+                                   f"{exc}") from exc
+        except httpx.TransportError as exc:
+            raise HostError(f"talking to the vmkit daemon at {self.url} failed: {exc}") from exc
+        if response.status_code >= 400:
+            raise_for(response)
+        return response
+
+    def json(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.request(method, path, **kwargs).json()
+
+    def metadata(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self.json(method, path, **kwargs)["metadata"]
+
+    def run(self, method: str, path: str, *, progress: Callable[[dict[str, Any]], None]
+            | None = None, timeout: float = OPERATION_TIMEOUT, **kwargs: Any) -> Any:
+        """Start an operation and follow it to its end; its result, or its error raised."""
+        body = self.json(method, path, **kwargs)
+        if body.get("type") != "async":
+            return body.get("metadata")
+        return self.follow(body["operation"], progress=progress, timeout=timeout)
+
+    def follow(self, location: str, *, progress: Callable[[dict[str, Any]], None] | None = None,
+               timeout: float = OPERATION_TIMEOUT) -> Any:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise OperationTimeout(f"operation {location} did not end within {timeout:.0f}s")
+            if progress is None:
+                op = self.metadata("GET", f"{location}/wait",
+                                   params={"timeout": min(left, 60.0)},
+                                   timeout=min(left, 60.0) + 30)
+            else:
+                op = self.metadata("GET", location)
+                if op.get("progress"):
+                    progress(op["progress"])
+            if op["status"] in ("success", "failure", "cancelled"):
+                break
+            if progress is not None:
+                time.sleep(POLL)
+        if op["status"] != "success":
+            error = op.get("error") or {}
+            raise error_class(error.get("error_class", "VmkitError"))(
+                error.get("error", f"operation {op['kind']} {op['status']}"),
+                hint=error.get("hint"), detail=error.get("detail"))
+        return op.get("result")
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def raise_for(response: httpx.Response) -> None:
+    try:
+        body = response.json()
+    except ValueError:
+        body = {}
+    if not isinstance(body, dict):
+        body = {}
+    name = body.get("error_class") or ("AuthError" if response.status_code in (401, 403)
+                                       else "VmkitError")
+    message = body.get("error") or f"HTTP {response.status_code} from the vmkit daemon"
+    cls = AuthError if response.status_code in (401, 403) else error_class(name)
+    raise cls(message, hint=body.get("hint"), detail=body.get("detail"))
+
+
+def _bytes_progress(callback: Callable[[int, int], None] | None
+                    ) -> Callable[[dict[str, Any]], None] | None:
+    if callback is None:
+        return None
+    return lambda p: callback(int(p.get("done") or 0), int(p.get("total") or 0))
+
+
+def _stage_progress(callback: Callable[[str], None] | None
+                    ) -> Callable[[dict[str, Any]], None] | None:
+    if callback is None:
+        return None
+    return lambda p: callback(str(p.get("stage") or ""))
+
+
+class RemoteHost:
+    """The SDK's Host, through a daemon."""
+
+    def __init__(self, connection: Connection):
+        self.connection = connection
+        self.url = connection.url
+
+    def __repr__(self) -> str:
+        return f"RemoteHost({self.url!r})"
+
+    def close(self) -> None:
+        self.connection.close()
+
+    def __enter__(self) -> RemoteHost:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def info(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.connection.metadata("GET", "/1.0")
+        return result
+
+    # -- VMs ---------------------------------------------------------------------------------
+    def statuses(self, *, include_broken: bool = False) -> list[VmStatus]:
+        """Every VM's status in one request (what `vmkit list` shows)."""
+        statuses = [VmStatus.model_validate(s)
+                    for s in self.connection.metadata("GET", "/1.0/vms")]
+        return [s for s in statuses if include_broken or s.state is not VmState.BROKEN]
+
+    def vms(self, *, include_broken: bool = False) -> list[RemoteVM]:
+        return [RemoteVM(self, s.name) for s in self.statuses(include_broken=include_broken)]
+
+    def get(self, name: str) -> RemoteVM:
+        status = VmStatus.model_validate(self.connection.metadata(
+            "GET", f"/1.0/vms/{quote(name, safe='')}", params={"query": "false"}))
+        return RemoteVM(self, status.name)
+
+    def create(self, name: str, *, image: str = "tiny", cpus: int | str = 1,
+               memory: int | str = "256M", disk: int | str = "2G", full_copy: bool = False,
+               accel: str = "auto", start: bool = False, wait: bool = False,
+               timeout: float = 180.0, max_cpus: int | str | None = None,
+               max_memory: int | str | None = None, hostname: str | None = None,
+               ssh_keys: Iterable[str | Path] = (), user_data: str | None = None,
+               networks: Iterable[str] = (), ports: Iterable[str] = (), restart: str = "no",
+               autostart: bool = False) -> RemoteVM:
+        body = {"name": name, "image": image, "cpus": cpus, "memory": memory, "disk": disk,
+                "full_copy": full_copy, "accel": accel, "start": start, "wait": wait,
+                "timeout": timeout, "max_cpus": max_cpus, "max_memory": max_memory,
+                "hostname": hostname, "ssh_keys": _key_lines(ssh_keys),
+                "user_data": user_data, "networks": list(networks), "ports": list(ports),
+                "restart": restart, "autostart": autostart}
+        self.connection.run("POST", "/1.0/vms", json=body)
+        return self.get(name)
+
+    def delete_all(self) -> None:
+        for vm in self.vms(include_broken=True):
+            vm.delete(force=True)
+
+    def import_bundle(self, path: str | Path, *, name: str | None = None,
+                      progress: Callable[[int, int], None] | None = None) -> RemoteVM:
+        size = os.path.getsize(path)
+
+        def chunks() -> Iterator[bytes]:
+            sent = 0
+            with open(path, "rb") as handle:
+                while block := handle.read(1 << 20):
+                    sent += len(block)
+                    if progress is not None:
+                        progress(sent // 2, size)  # the upload is the first half
+                    yield block
+
+        params = {"name": name} if name else {}
+        result = self.connection.run(
+            "POST", "/1.0/vms/import", params=params, content=chunks(),
+            headers={"Content-Type": "application/octet-stream"},
+            progress=None if progress is None else
+            (lambda p: progress(size // 2 + int(p.get("done") or 0) // 2, size)))
+        return self.get(result["name"])
+
+    def recover(self) -> list[str]:
+        result: list[str] = self.connection.run("POST", "/1.0/host/recover")
+        return result
+
+    # -- networks, images, host ------------------------------------------------------------------
+    def create_network(self, name: str, *, subnet: str | None = None, mode: str = "nat",
+                       parent: str | None = None) -> NetworkInfo:
+        return NetworkInfo.model_validate(self.connection.run(
+            "POST", "/1.0/networks",
+            json={"name": name, "subnet": subnet, "mode": mode, "parent": parent}))
+
+    def networks(self) -> list[NetworkInfo]:
+        return [NetworkInfo.model_validate(n)
+                for n in self.connection.metadata("GET", "/1.0/networks")]
+
+    def network(self, name: str) -> NetworkInfo:
+        return NetworkInfo.model_validate(
+            self.connection.metadata("GET", f"/1.0/networks/{quote(name, safe='')}"))
+
+    def delete_network(self, name: str) -> None:
+        self.connection.run("DELETE", f"/1.0/networks/{quote(name, safe='')}")
+
+    def reconcile_networks(self) -> None:
+        self.connection.run("POST", "/1.0/networks/reconcile")
+
+    def doctor(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.connection.metadata("GET", "/1.0/host/doctor")
+        return result
+
+    def capacity_report(self) -> dict[str, Any]:
+        result: dict[str, Any] = self.connection.metadata("GET", "/1.0/host/capacity")
+        return result
+
+    def images(self) -> list[ImageInfo]:
+        return [ImageInfo.model_validate(i) for i in self.connection.metadata("GET", "/1.0/images")]
+
+    def build_image(self, name: str, *, force: bool = False,
+                    progress: Callable[[str], None] | None = None,
+                    packages: list[str] | None = None) -> tuple[ImageInfo, bool]:
+        result = self.connection.run("POST", "/1.0/images", json={
+            "name": name, "force": force, "packages": packages or []},
+            progress=_stage_progress(progress))
+        return ImageInfo.model_validate(result["image"]), bool(result["built"])
+
+
+class RemoteVM:
+    """The SDK's VM, through a daemon. State is asked for on every call, never cached."""
+
+    def __init__(self, host: RemoteHost, name: str):
+        self.host = host
+        self.name = name
+        self._path = f"/1.0/vms/{quote(name, safe='')}"
+
+    def __repr__(self) -> str:
+        return f"RemoteVM({self.name!r} on {self.host.url})"
+
+    @property
+    def _c(self) -> Connection:
+        return self.host.connection
+
+    def _run(self, method: str, path: str, **kwargs: Any) -> Any:
+        return self._c.run(method, path, **kwargs)
+
+    def status(self, *, query_qemu: bool = False) -> VmStatus:
+        return VmStatus.model_validate(self._c.metadata(
+            "GET", self._path, params={"query": "true" if query_qemu else "false"}))
+
+    @property
+    def state(self) -> VmState:
+        return self.status().state
+
+    def usage(self) -> Usage | None:
+        return self.status(query_qemu=True).usage
+
+    def _state(self, action: str, **extra: Any) -> RemoteVM:
+        self._run("PUT", f"{self._path}/state", json={"action": action, **extra})
+        return self
+
+    def start(self, *, wait: bool = False, timeout: float = 180.0) -> RemoteVM:
+        return self._state("start", wait=wait, timeout=timeout)
+
+    def wait_ready(self, *, timeout: float = 180.0) -> float:
+        return float(self._run("POST", f"{self._path}/wait-ready", params={"timeout": timeout}))
+
+    def stop(self, *, timeout: float = 30.0) -> RemoteVM:
+        return self._state("stop", timeout=timeout)
+
+    def kill(self) -> RemoteVM:
+        return self._state("kill")
+
+    def restart(self, *, wait: bool = False, timeout: float = 30.0) -> RemoteVM:
+        return self._state("restart", wait=wait, timeout=timeout)
+
+    def pause(self) -> RemoteVM:
+        return self._state("pause")
+
+    def resume(self) -> RemoteVM:
+        return self._state("resume")
+
+    def delete(self, *, force: bool = False) -> None:
+        self._run("DELETE", self._path, params={"force": "true" if force else "false"})
+
+    def exec(self, argv: list[str], *, timeout: float = 60.0,
+             stdin: bytes | None = None) -> ExecResult:
+        body: dict[str, Any] = {"argv": argv, "timeout": timeout}
+        if stdin is not None:
+            body["stdin"] = base64.b64encode(stdin).decode()
+        result = self._c.metadata("POST", f"{self._path}/exec", json=body, timeout=timeout + 30)
+        return ExecResult(exit_code=result["exit_code"], stdout=result["stdout"],
+                          stderr=result["stderr"], signal=result.get("signal"))
+
+    def copy_in(self, source: str | Path, dest: str, *, timeout: float = 600.0) -> int:
+        mode = os.stat(source).st_mode & 0o777
+        with open(source, "rb") as handle:
+            result = self._c.metadata("PUT", f"{self._path}/files",
+                                      params={"path": dest, "mode": mode}, content=handle,
+                                      timeout=timeout)
+        return int(result["bytes"])
+
+    def copy_out(self, source: str, dest: str | Path, *, timeout: float = 600.0) -> int:
+        target = Path(dest)
+        if target.is_dir():
+            target = target / Path(source).name
+        response = self._c.request("GET", f"{self._path}/files", params={"path": source},
+                                   timeout=timeout)
+        mode = int(response.headers.get("X-Vmkit-Mode", "0o644"), 8) & 0o755
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+        with os.fdopen(fd, "wb") as out:
+            out.write(response.content)
+        return len(response.content)
+
+    def console_socket(self) -> Path:
+        raise InvalidValue(f"VM {self.name!r} is on a remote host: its console socket is not "
+                           "a local file", hint="vmkit console attaches through the daemon")
+
+    def read_log(self, *, follow: bool = False, poll: float = 0.5,
+                 should_stop: Callable[[], bool] | None = None) -> Iterator[bytes]:
+        sent = 0
+        while True:
+            data = self._c.request("GET", f"{self._path}/log").content
+            if len(data) > sent:
+                yield data[sent:]
+                sent = len(data)
+            if not follow or (should_stop is not None and should_stop()):
+                return
+            time.sleep(poll)
+
+    def ssh_argv(self, command: list[str] | None = None, *, batch: bool = False) -> list[str]:
+        raise InvalidValue(f"vmkit ssh reaches VM {self.name!r} through a port forward on its "
+                           "own host; it does not work through --remote",
+                           hint="use vmkit exec or vmkit console with --remote")
+
+    def add_nic(self, network: str, *, ports: Iterable[str] = ()) -> Nic:
+        return Nic.model_validate(self._run("POST", f"{self._path}/nics",
+                                              json={"network": network, "ports": list(ports)}))
+
+    def remove_nic(self, network: str) -> Nic:
+        return Nic.model_validate(self._run(
+            "DELETE", f"{self._path}/nics/{quote(network, safe='')}"))
+
+    def set(self, **changes: Any) -> SetResult:
+        result = self._run("PATCH", self._path, json=changes)
+        return SetResult(now=list(result["now"]), at_restart=list(result["at_restart"]))
+
+    def set_restart_policy(self, *, mode: str | None = None, max_restarts: int | None = None,
+                           autostart: bool | None = None) -> RestartPolicy:
+        self._run("PATCH", self._path, json={k: v for k, v in (
+            ("restart", mode), ("max_restarts", max_restarts), ("autostart", autostart))
+            if v is not None})
+        config = self._c.metadata("GET", self._path, params={"query": "false"})
+        return RestartPolicy.model_validate(config.get("restart") or {})
+
+    def snapshot(self, name: str, *, disk_only: bool = False) -> SnapshotInfo:
+        return SnapshotInfo.model_validate(self._run(
+            "POST", f"{self._path}/snapshots", json={"name": name, "disk_only": disk_only}))
+
+    def snapshots(self) -> list[SnapshotInfo]:
+        return [SnapshotInfo.model_validate(s)
+                for s in self._c.metadata("GET", f"{self._path}/snapshots")]
+
+    def restore(self, name: str) -> RemoteVM:
+        self._run("POST", f"{self._path}/snapshots/{quote(name, safe='')}/restore")
+        return self
+
+    def delete_snapshot(self, name: str) -> None:
+        self._run("DELETE", f"{self._path}/snapshots/{quote(name, safe='')}")
+
+    def clone(self, target: str, *, linked: bool = False, from_snapshot: str | None = None,
+              live: bool = False) -> RemoteVM:
+        self._run("POST", f"{self._path}/clone", json={
+            "target": target, "linked": linked, "from_snapshot": from_snapshot, "live": live})
+        return self.host.get(target)
+
+    def export(self, path: str | Path, *,
+               progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
+        result = self._run("POST", f"{self._path}/export",
+                             progress=_bytes_progress(progress))
+        target = Path(path)
+        partial = target.with_name(f".{target.name}.partial")
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as out, self._c.client.stream(
+                    "GET", result["download"]) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise_for(response)
+                for block in response.iter_bytes(1 << 20):
+                    out.write(block)
+            os.replace(partial, target)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        manifest: dict[str, Any] = result["manifest"]
+        return manifest
+
+
+def _key_lines(sources: Iterable[str | Path]) -> list[str]:
+    """Key files are read here, on the client: the daemon accepts key lines only."""
+    lines = []
+    for source in sources:
+        text = str(source)
+        if text.startswith(("ssh-", "ecdsa-", "sk-")):
+            lines.append(text)
+            continue
+        try:
+            content = Path(text).expanduser().read_text()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise InvalidValue(f"cannot read ssh key {text!r}: "
+                               f"{getattr(exc, 'strerror', None) or exc}") from exc
+        lines += [line.strip() for line in content.splitlines()
+                  if line.strip() and not line.startswith("#")]
+    return lines
+
+
+def connect(url: str, *, token: str | None = None, server_cert: str | Path | None = None,
+            client_cert: tuple[str | Path, str | Path] | None = None) -> RemoteHost:
+    """A Host whose every method runs on the daemon at `url` (unix:///path or https://...)."""
+    return RemoteHost(Connection(url, token=token, server_cert=server_cert,
+                                 client_cert=client_cert))
+
+
+class _Async:
+    """Awaitable twins of a sync object's methods (each call runs in a worker thread)."""
+
+    def __init__(self, target: Any):
+        self._target = target
+
+    def __getattr__(self, name: str) -> Any:
+        value = getattr(self._target, name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        async def call(*args: Any, **kwargs: Any) -> Any:
+            result = await asyncio.to_thread(value, *args, **kwargs)
+            if isinstance(result, RemoteVM):
+                return _Async(result)
+            if isinstance(result, list) and result and isinstance(result[0], RemoteVM):
+                return [_Async(vm) for vm in result]
+            return result
+
+        return call
+
+
+def connect_async(url: str, **kwargs: Any) -> Any:
+    """Like connect, with every method awaitable: `await (await host.get("web")).start()`."""
+    return _Async(connect(url, **kwargs))

@@ -1,0 +1,707 @@
+"""The REST API /1.0 (Incus's shape): thin routes over the SDK's Host/VM, which call vmkit.ops.
+
+Quick reads answer `sync`; anything that may take more than a moment answers 202 with an
+operation (`GET /1.0/operations/{id}/wait`). Errors are JSON naming the SDK's error class; 4xx
+= the request was wrong (the CLI's exit 2), 5xx = the operation failed (exit 1). Handlers that
+touch the engine are plain `def`s: FastAPI runs them in worker threads, off the event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import contextlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from vmkit.daemon import auth
+from vmkit.daemon.metrics import build_registry
+from vmkit.daemon.operations import Operation
+from vmkit.daemon.service import Service
+from vmkit.errors import InvalidValue, NotFound, VmkitError, http_status_for
+from vmkit.host import VM
+from vmkit.model.api import (
+    API_VERSION,
+    Async,
+    CloneRequest,
+    CreateRequest,
+    ErrorBody,
+    ExecRequest,
+    ImageBuildRequest,
+    NetworkRequest,
+    NicRequest,
+    OperationView,
+    ServerInfo,
+    SetRequest,
+    SnapshotRequest,
+    StateRequest,
+    Sync,
+)
+from vmkit.model.cloudinit import KEY_TYPES
+from vmkit.model.names import validate_name
+from vmkit.model.network import Nic
+from vmkit.model.resources import Policy
+from vmkit.model.views import (
+    ExecResult,
+    ImageInfo,
+    NetworkInfo,
+    SetResult,
+    SnapshotInfo,
+    VmStatus,
+)
+
+VERSION = "0.2.0"
+MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+UPLOAD_LIMIT = 1 << 40
+WAIT_LIMIT = 3600.0
+_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 500, 502, 503, 504)}
+
+
+def _error(exc: VmkitError) -> JSONResponse:
+    code = http_status_for(exc)
+    return JSONResponse(ErrorBody(error=exc.message, error_code=code,
+                                  error_class=type(exc).__name__, hint=exc.hint,
+                                  detail=exc.detail).model_dump(), status_code=code)
+
+
+def _sync(metadata: Any) -> dict[str, Any]:
+    return {"type": "sync", "status": "Success", "status_code": 200, "metadata": metadata}
+
+
+class Gate:
+    """ASGI middleware: authentication per connection and request, audit, latency."""
+
+    def __init__(self, app: ASGIApp, service: Service, latency: Any):
+        self.app = app
+        self.service = service
+        self.latency = latency
+
+    def who(self, scope: Scope) -> str | None:
+        """The requestor, or None when the peer has not proven who it is."""
+        peer: auth.Peer | None = scope.get("state", {}).get("peer")
+        if peer is None:
+            return None
+        if peer.transport == "unix":
+            return peer.describe() if peer.allowed else None
+        headers = dict(scope.get("headers") or [])
+        token = auth.bearer(headers.get(b"authorization", b"").decode("latin-1"))
+        if token is not None:
+            name = self.service.tokens.check(token)
+            return f"token:{name}@{peer.address}" if name else None
+        if peer.cert_fingerprint:
+            client = self.service.client_ca.name_of(peer.cert_fingerprint)
+            return f"cert:{client}@{peer.address}" if client else None
+        return None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        who = self.who(scope)
+        if who is None:
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 4401})
+                return
+            has_credentials = any(k == b"authorization" for k, _ in scope.get("headers") or [])
+            body = ErrorBody(error="not authenticated" if not has_credentials else
+                             "credentials refused (unknown or revoked token or certificate)",
+                             error_code=401, error_class="AuthError",
+                             hint="vmkit remote add NAME https://HOST:PORT --token TOKEN "
+                                  "(vmkit token create on the server)").model_dump()
+            await JSONResponse(body, status_code=401,
+                               headers={"WWW-Authenticate": "Bearer"})(scope, receive, send)
+            self.service.audit.write(who=str(scope.get("client")), method=scope.get("method"),
+                                     path=scope["path"], status=401)
+            return
+        scope.setdefault("state", {})["who"] = who
+        started = time.perf_counter()
+        status = {"code": 0}
+
+        async def send_status(message: Any) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            if scope["type"] == "http":
+                route = scope.get("route")
+                template = getattr(route, "path", "unmatched")
+                self.latency.labels(scope["method"], template, str(status["code"])).observe(
+                    time.perf_counter() - started)
+                if scope["method"] in MUTATING:
+                    self.service.audit.write(who=who, method=scope["method"],
+                                             path=scope["path"], status=status["code"],
+                                             seconds=round(time.perf_counter() - started, 4))
+
+
+def build_app(service: Service) -> FastAPI:
+    host = service.host
+    registry, latency = build_registry(service)
+    app = FastAPI(title="vmkit", version=VERSION, openapi_url="/1.0/openapi.json",
+                  docs_url="/1.0/docs", redoc_url=None,
+                  description="The vmkit host service: VMs, snapshots, clones, images, "
+                              "networks, operations, events and metrics.")
+    app.add_middleware(Gate, service=service, latency=latency)
+
+    @app.exception_handler(VmkitError)
+    async def _vmkit_error(request: Request, exc: VmkitError) -> JSONResponse:
+        return _error(exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _error(InvalidValue(f"invalid request: {where or 'body'}: "
+                                   f"{first.get('msg', 'not accepted')}",
+                                   hint="see /1.0/openapi.json for the request's schema"))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        if exc.status_code == 404:
+            return _error(NotFound(f"no such API path: {request.url.path}",
+                                   hint="see /1.0/openapi.json"))
+        body = ErrorBody(error=str(exc.detail), error_code=exc.status_code,
+                         error_class="RequestError" if exc.status_code < 500 else "VmkitError")
+        return JSONResponse(body.model_dump(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        return _error(VmkitError(f"internal error: {exc!r}", hint="see the daemon's log"))
+
+    def requestor(request: Request | WebSocket) -> str:
+        return str(request.scope.get("state", {}).get("who", ""))
+
+    def accepted(request: Request, kind: str, description: str,
+                 work: Callable[[Operation], Any], vms: list[str] | None = None,
+                 may_cancel: bool = False) -> JSONResponse:
+        op = service.operations.submit(kind, description, work, vms=vms,
+                                       may_cancel=may_cancel, requestor=requestor(request))
+        location = f"/{API_VERSION}/operations/{op.id}"
+        body = Async(operation=location, metadata=op.view()).model_dump(mode="json")
+        return JSONResponse(body, status_code=202, headers={"Location": location})
+
+    def vm_of(name: str) -> VM:
+        return host.get(name)
+
+    # -- server --------------------------------------------------------------------------
+    @app.get("/1.0", response_model=Sync[ServerInfo], responses=_ERRORS)
+    def server_info(request: Request) -> dict[str, Any]:
+        who = requestor(request)
+        return _sync(ServerInfo(version=VERSION, home=str(host.layout.root),
+                                auth_method=who.split(":", 1)[0], requestor=who,
+                                listeners=service.listeners))
+
+    # -- VMs -----------------------------------------------------------------------------
+    @app.get("/1.0/vms", response_model=Sync[list[VmStatus]], responses=_ERRORS)
+    def list_vms() -> dict[str, Any]:
+        return _sync(host.statuses(include_broken=True))
+
+    @app.post("/1.0/vms", status_code=202, response_model=Async, responses=_ERRORS)
+    def create_vm(request: Request, body: CreateRequest) -> JSONResponse:
+        validate_name(body.name)
+        for key in body.ssh_keys:
+            if key.split(" ", 1)[0] not in KEY_TYPES:
+                raise InvalidValue("invalid ssh key: send the public key line (ssh-ed25519 "
+                                   "AAAA...), not a file name", hint="the client reads the file")
+
+        def work(op: Operation) -> dict[str, Any]:
+            op.report(stage="creating")
+            vm = host.create(body.name, image=body.image, cpus=body.cpus, memory=body.memory,
+                             disk=body.disk, full_copy=body.full_copy, accel=body.accel,
+                             max_cpus=body.max_cpus, max_memory=body.max_memory,
+                             hostname=body.hostname, ssh_keys=body.ssh_keys,
+                             user_data=body.user_data, networks=body.networks,
+                             ports=body.ports, restart=body.restart, autostart=body.autostart)
+            if body.start:
+                op.report(stage="starting")
+                vm.start()
+                if body.wait:
+                    op.report(stage="waiting for the guest agent")
+                    vm.wait_ready(timeout=body.timeout)
+            return vm.status().model_dump(mode="json")
+
+        return accepted(request, "vm.create", f"create {body.name}", work, [body.name])
+
+    @app.get("/1.0/vms/{name}", response_model=Sync[VmStatus], responses=_ERRORS)
+    def get_vm(name: str, query: bool = True) -> dict[str, Any]:
+        return _sync(vm_of(name).status(query_qemu=query))
+
+    @app.put("/1.0/vms/{name}/state", status_code=202, response_model=Async,
+             responses=_ERRORS)
+    def change_state(request: Request, name: str, body: StateRequest) -> JSONResponse:
+        vm = vm_of(name)
+
+        def work(op: Operation) -> dict[str, Any]:
+            op.report(stage=body.action)
+            service.supervisor.user_changed(name)
+            if body.action == "start":
+                vm.start()
+                if body.wait:
+                    op.report(stage="waiting for the guest agent")
+                    vm.wait_ready(timeout=body.timeout or 180.0)
+            elif body.action == "stop":
+                vm.stop(**({"timeout": body.timeout} if body.timeout else {}))
+            elif body.action == "restart":
+                vm.restart(wait=body.wait, **({"timeout": body.timeout} if body.timeout else {}))
+            else:
+                getattr(vm, body.action)()
+            return vm.status().model_dump(mode="json")
+
+        return accepted(request, f"vm.{body.action}", f"{body.action} {name}", work, [name])
+
+    @app.post("/1.0/vms/{name}/wait-ready", status_code=202, response_model=Async,
+              responses=_ERRORS)
+    def wait_ready(request: Request, name: str,
+                   timeout: Annotated[float, Query(gt=0, le=3600)] = 180.0) -> JSONResponse:
+        vm = vm_of(name)
+        return accepted(request, "vm.wait-ready", f"wait for {name}'s agent",
+                        lambda op: vm.wait_ready(timeout=timeout), [name])
+
+    @app.patch("/1.0/vms/{name}", status_code=202, response_model=Async, responses=_ERRORS)
+    def set_vm(request: Request, name: str, body: SetRequest) -> JSONResponse:
+        vm = vm_of(name)
+        changes = body.model_dump(exclude_none=True,
+                                  exclude={"restart", "max_restarts", "autostart"})
+        policy = body.restart is not None or body.max_restarts is not None or \
+            body.autostart is not None
+        if not changes and not policy:
+            raise InvalidValue("nothing to change: give at least one field")
+
+        def work(op: Operation) -> dict[str, Any]:
+            result = vm.set(**changes) if changes else SetResult()
+            if policy:
+                new = vm.set_restart_policy(mode=body.restart, max_restarts=body.max_restarts,
+                                            autostart=body.autostart)
+                result.now.append(f"restart policy {new.mode} (max {new.max_restarts}), "
+                                  f"autostart {'on' if new.autostart else 'off'}")
+            return {"now": result.now, "at_restart": result.at_restart}
+
+        return accepted(request, "vm.set", f"set {name}", work, [name])
+
+    @app.delete("/1.0/vms/{name}", status_code=202, response_model=Async, responses=_ERRORS)
+    def delete_vm(request: Request, name: str, force: bool = False) -> JSONResponse:
+        vm = vm_of(name)
+
+        def work(op: Operation) -> None:
+            vm.delete(force=force)
+            service.supervisor.forget(name)
+
+        return accepted(request, "vm.delete", f"delete {name}", work, [name])
+
+    @app.post("/1.0/vms/{name}/exec", response_model=Sync[dict[str, Any]], responses=_ERRORS)
+    def exec_sync(name: str, body: ExecRequest) -> dict[str, Any]:
+        return _sync(_exec(vm_of(name), body))
+
+    @app.get("/1.0/vms/{name}/log", response_class=PlainTextResponse, responses=_ERRORS)
+    def serial_log(name: str) -> Response:
+        data = b"".join(vm_of(name).read_log())
+        return Response(data, media_type="text/plain; charset=utf-8")
+
+    @app.put("/1.0/vms/{name}/files", response_model=Sync[dict[str, Any]], responses=_ERRORS)
+    async def push_file(request: Request, name: str,
+                        path: Annotated[str, Query(min_length=1, max_length=4096)],
+                        mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644,
+                        ) -> dict[str, Any]:
+        vm = await asyncio.to_thread(vm_of, name)
+        spool = await _receive(request, service.paths.spool)
+        try:
+            os.chmod(spool, mode & 0o777)
+            size = await asyncio.to_thread(vm.copy_in, spool, path)
+        finally:
+            spool.unlink(missing_ok=True)
+        return _sync({"bytes": size, "path": path})
+
+    @app.get("/1.0/vms/{name}/files", responses={**_ERRORS, 200: {"content": {
+        "application/octet-stream": {}}}})
+    def pull_file(name: str, path: Annotated[str, Query(min_length=1, max_length=4096)]
+                  ) -> Response:
+        vm = vm_of(name)
+        folder = Path(tempfile.mkdtemp(dir=service.paths.spool))
+        target = folder / "file"
+        try:
+            vm.copy_out(path, target)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        mode = target.stat().st_mode & 0o777
+        return _stream_once(target, folder, headers={"X-Vmkit-Mode": oct(mode)})
+
+    # -- snapshots, clones, bundles ------------------------------------------------------
+    @app.get("/1.0/vms/{name}/snapshots", response_model=Sync[list[SnapshotInfo]],
+             responses=_ERRORS)
+    def list_snapshots(name: str) -> dict[str, Any]:
+        return _sync(vm_of(name).snapshots())
+
+    @app.post("/1.0/vms/{name}/snapshots", status_code=202, response_model=Async,
+              responses=_ERRORS)
+    def take_snapshot(request: Request, name: str, body: SnapshotRequest) -> JSONResponse:
+        vm = vm_of(name)
+        validate_name(body.name, kind="snapshot name")
+
+        def work(op: Operation) -> dict[str, Any]:
+            info = vm.snapshot(body.name, disk_only=body.disk_only)
+            service.bus.lifecycle("snapshot-created", name, snapshot=body.name)
+            return info.model_dump(mode="json")
+
+        return accepted(request, "snapshot.create", f"snapshot {name}/{body.name}", work, [name])
+
+    @app.post("/1.0/vms/{name}/snapshots/{snapshot}/restore", status_code=202,
+              response_model=Async, responses=_ERRORS)
+    def restore_snapshot(request: Request, name: str, snapshot: str) -> JSONResponse:
+        vm = vm_of(name)
+
+        def work(op: Operation) -> None:
+            vm.restore(snapshot)
+            service.bus.lifecycle("snapshot-restored", name, snapshot=snapshot)
+
+        return accepted(request, "snapshot.restore", f"restore {name}/{snapshot}", work, [name])
+
+    @app.delete("/1.0/vms/{name}/snapshots/{snapshot}", status_code=202, response_model=Async,
+                responses=_ERRORS)
+    def delete_snapshot(request: Request, name: str, snapshot: str) -> JSONResponse:
+        vm = vm_of(name)
+
+        def work(op: Operation) -> None:
+            vm.delete_snapshot(snapshot)
+            service.bus.lifecycle("snapshot-deleted", name, snapshot=snapshot)
+
+        return accepted(request, "snapshot.delete", f"delete snapshot {name}/{snapshot}", work,
+                        [name])
+
+    @app.post("/1.0/vms/{name}/clone", status_code=202, response_model=Async,
+              responses=_ERRORS)
+    def clone_vm(request: Request, name: str, body: CloneRequest) -> JSONResponse:
+        vm = vm_of(name)
+        validate_name(body.target)
+
+        def work(op: Operation) -> dict[str, Any]:
+            clone = vm.clone(body.target, linked=body.linked, from_snapshot=body.from_snapshot,
+                             live=body.live)
+            service.bus.lifecycle("cloned", name, target=body.target)
+            return clone.status().model_dump(mode="json")
+
+        return accepted(request, "vm.clone", f"clone {name} to {body.target}", work,
+                        [name, body.target])
+
+    @app.post("/1.0/vms/{name}/export", status_code=202, response_model=Async,
+              responses=_ERRORS)
+    def export_vm(request: Request, name: str) -> JSONResponse:
+        vm = vm_of(name)
+
+        def work(op: Operation) -> dict[str, Any]:
+            bundle = service.paths.spool / f"export-{op.id}.vmkit"
+            manifest = vm.export(bundle, progress=op.bytes_progress("exporting"))
+            service.bus.lifecycle("exported", name)
+            return {"download": f"/1.0/operations/{op.id}/bundle", "manifest": manifest}
+
+        return accepted(request, "vm.export", f"export {name}", work, [name], may_cancel=True)
+
+    @app.get("/1.0/operations/{op_id}/bundle", responses={**_ERRORS, 200: {"content": {
+        "application/octet-stream": {}}}})
+    def download_bundle(op_id: str) -> Response:
+        op = _operation(op_id)
+        bundle = service.paths.spool / f"export-{op.id}.vmkit"
+        if op.kind != "vm.export" or op.status != "success" or not bundle.exists():
+            raise NotFound(f"operation {op_id} has no bundle to download (it is "
+                           f"{op.kind}, {op.status}; a bundle is downloaded once)")
+        return _stream_once(bundle, None)
+
+    @app.post("/1.0/vms/import", status_code=202, response_model=Async, responses=_ERRORS)
+    async def import_vm(request: Request, name: str | None = None) -> JSONResponse:
+        if name is not None:
+            validate_name(name)
+        spool = await _receive(request, service.paths.spool)
+
+        def work(op: Operation) -> dict[str, Any]:
+            try:
+                vm = host.import_bundle(spool, name=name,
+                                        progress=op.bytes_progress("importing"))
+            finally:
+                spool.unlink(missing_ok=True)
+            service.bus.lifecycle("imported", vm.name)
+            return vm.status().model_dump(mode="json")
+
+        return accepted(request, "vm.import", f"import {name or 'a bundle'}", work,
+                        [name] if name else [], may_cancel=True)
+
+    # -- NICs ----------------------------------------------------------------------------
+    @app.post("/1.0/vms/{name}/nics", status_code=202, response_model=Async, responses=_ERRORS)
+    def add_nic(request: Request, name: str, body: NicRequest) -> JSONResponse:
+        vm = vm_of(name)
+        return accepted(request, "nic.add", f"add a NIC on {body.network} to {name}",
+                        lambda op: vm.add_nic(body.network, ports=body.ports).model_dump(
+                            mode="json"), [name])
+
+    @app.delete("/1.0/vms/{name}/nics/{network}", status_code=202, response_model=Async,
+                responses=_ERRORS)
+    def remove_nic(request: Request, name: str, network: str) -> JSONResponse:
+        vm = vm_of(name)
+        return accepted(request, "nic.remove", f"remove {name}'s NIC on {network}",
+                        lambda op: vm.remove_nic(network).model_dump(mode="json"), [name])
+
+    @app.get("/1.0/vms/{name}/nics", response_model=Sync[list[Nic]], responses=_ERRORS)
+    def list_nics(name: str) -> dict[str, Any]:
+        return _sync(list(vm_of(name).config.nics))
+
+    # -- images, networks, host ----------------------------------------------------------
+    @app.get("/1.0/images", response_model=Sync[list[ImageInfo]], responses=_ERRORS)
+    def list_images() -> dict[str, Any]:
+        return _sync(host.images())
+
+    @app.post("/1.0/images", status_code=202, response_model=Async, responses=_ERRORS)
+    def build_image(request: Request, body: ImageBuildRequest) -> JSONResponse:
+        validate_name(body.name, kind="image name")
+
+        def work(op: Operation) -> dict[str, Any]:
+            info, built = host.build_image(body.name, force=body.force,
+                                           progress=op.stage_progress(),
+                                           packages=body.packages)
+            return {"image": info.model_dump(mode="json"), "built": built}
+
+        return accepted(request, "image.build", f"build image {body.name}", work,
+                        may_cancel=True)
+
+    @app.get("/1.0/networks", response_model=Sync[list[NetworkInfo]], responses=_ERRORS)
+    def list_networks() -> dict[str, Any]:
+        return _sync(host.networks())
+
+    @app.post("/1.0/networks", status_code=202, response_model=Async, responses=_ERRORS)
+    def create_network(request: Request, body: NetworkRequest) -> JSONResponse:
+        validate_name(body.name, kind="network name")
+        return accepted(request, "network.create", f"create network {body.name}",
+                        lambda op: host.create_network(body.name, subnet=body.subnet,
+                                                       mode=body.mode, parent=body.parent
+                                                       ).model_dump(mode="json"))
+
+    @app.get("/1.0/networks/{name}", response_model=Sync[NetworkInfo], responses=_ERRORS)
+    def get_network(name: str) -> dict[str, Any]:
+        return _sync(host.network(name))
+
+    @app.delete("/1.0/networks/{name}", status_code=202, response_model=Async,
+                responses=_ERRORS)
+    def delete_network(request: Request, name: str) -> JSONResponse:
+        host.network(name)
+        return accepted(request, "network.delete", f"delete network {name}",
+                        lambda op: host.delete_network(name))
+
+    @app.post("/1.0/networks/reconcile", status_code=202, response_model=Async,
+              responses=_ERRORS)
+    def reconcile_networks(request: Request) -> JSONResponse:
+        return accepted(request, "network.reconcile", "reconcile networks",
+                        lambda op: host.reconcile_networks())
+
+    @app.get("/1.0/host/doctor", response_model=Sync[dict[str, Any]], responses=_ERRORS)
+    def doctor() -> dict[str, Any]:
+        return _sync(host.doctor())
+
+    @app.get("/1.0/host/capacity", response_model=Sync[dict[str, Any]], responses=_ERRORS)
+    def capacity() -> dict[str, Any]:
+        return _sync({"capacity": host.capacity().model_dump(),
+                      "policy": host.policy().model_dump(),
+                      "allocated": host.allocated().model_dump()})
+
+    @app.put("/1.0/host/policy", response_model=Sync[Policy], responses=_ERRORS)
+    def set_policy(body: Policy) -> dict[str, Any]:
+        host.set_policy(body)
+        return _sync(host.policy())
+
+    @app.post("/1.0/host/recover", status_code=202, response_model=Async, responses=_ERRORS)
+    def recover(request: Request) -> JSONResponse:
+        return accepted(request, "host.recover", "recover interrupted operations",
+                        lambda op: host.recover())
+
+    # -- operations ----------------------------------------------------------------------
+    def _operation(op_id: str) -> Operation:
+        op = service.operations.get(op_id)
+        if op is None:
+            raise NotFound(f"unknown operation {op_id!r}",
+                           hint="operations are kept 5 minutes after they end; see "
+                                "/1.0/operations")
+        return op
+
+    @app.get("/1.0/operations", response_model=Sync[list[OperationView]], responses=_ERRORS)
+    def list_operations() -> dict[str, Any]:
+        return _sync([op.view() for op in service.operations.all()])
+
+    @app.get("/1.0/operations/{op_id}", response_model=Sync[OperationView], responses=_ERRORS)
+    def get_operation(op_id: str) -> dict[str, Any]:
+        return _sync(_operation(op_id).view())
+
+    @app.get("/1.0/operations/{op_id}/wait", response_model=Sync[OperationView],
+             responses=_ERRORS)
+    async def wait_operation(op_id: str, timeout: Annotated[
+            float, Query(ge=0, le=WAIT_LIMIT)] = 60.0) -> dict[str, Any]:
+        op = _operation(op_id)
+        await op.wait(timeout)
+        return _sync(op.view())
+
+    @app.delete("/1.0/operations/{op_id}", response_model=Sync[OperationView],
+                responses=_ERRORS)
+    def cancel_operation(op_id: str) -> dict[str, Any]:
+        op = _operation(op_id)
+        if not op.may_cancel or op.final:
+            from vmkit.errors import InvalidState
+
+            raise InvalidState(f"operation {op_id} cannot be cancelled ({op.kind}, {op.status})")
+        service.operations.cancel(op)
+        return _sync(op.view())
+
+    # -- events, metrics ------------------------------------------------------------------
+    @app.get("/1.0/events/recent", response_model=Sync[list[dict[str, Any]]],
+             responses=_ERRORS)
+    def recent_events(type: str = "", vm: str = "") -> dict[str, Any]:
+        return _sync(service.bus.recent(_split(type), _split(vm)))
+
+    @app.websocket("/1.0/events")
+    async def events(socket_: WebSocket, type: str = "", vm: str = "") -> None:
+        await socket_.accept()
+        listener = service.bus.listen(_split(type), _split(vm))
+        try:
+            while True:
+                event = await listener.queue.get()
+                if event is None:
+                    await socket_.close(code=4008, reason="too slow: events dropped")
+                    return
+                await socket_.send_json(event)
+        except (WebSocketDisconnect, RuntimeError):
+            pass
+        finally:
+            service.bus.forget(listener)
+
+    @app.get("/1.0/metrics", response_class=PlainTextResponse, responses=_ERRORS)
+    def metrics() -> Response:
+        return Response(generate_latest(registry), media_type=CONTENT_TYPE_LATEST)
+
+    # -- websockets: exec and the serial console -------------------------------------------
+    @app.websocket("/1.0/vms/{name}/exec")
+    async def exec_ws(socket_: WebSocket, name: str) -> None:
+        await socket_.accept()
+        try:
+            body = ExecRequest.model_validate(await socket_.receive_json())
+            vm = await asyncio.to_thread(vm_of, name)
+            result = await asyncio.to_thread(_exec, vm, body)
+            await socket_.send_json({"type": "result", **result})
+        except VmkitError as exc:
+            await socket_.send_json({"type": "error", **_error_dict(exc)})
+        except ValueError as exc:
+            await socket_.send_json({"type": "error", **_error_dict(InvalidValue(
+                f"invalid exec request: {exc}"))})
+        except WebSocketDisconnect:
+            return
+        with contextlib.suppress(Exception):
+            await socket_.close()
+
+    @app.websocket("/1.0/vms/{name}/console")
+    async def console_ws(socket_: WebSocket, name: str) -> None:
+        try:
+            path = await asyncio.to_thread(lambda: vm_of(name).console_socket())
+        except VmkitError as exc:
+            await socket_.accept()
+            await socket_.send_json({"type": "error", **_error_dict(exc)})
+            await socket_.close()
+            return
+        await socket_.accept()
+        await _bridge(socket_, path)
+
+    return app
+
+
+def _split(value: str) -> list[str]:
+    return [part for part in value.split(",") if part]
+
+
+def _error_dict(exc: VmkitError) -> dict[str, Any]:
+    return {"error": exc.message, "error_class": type(exc).__name__, "hint": exc.hint,
+            "error_code": http_status_for(exc)}
+
+
+def _exec(vm: VM, body: ExecRequest) -> dict[str, Any]:
+    try:
+        stdin = base64.b64decode(body.stdin, validate=True) if body.stdin is not None else None
+    except ValueError as exc:
+        raise InvalidValue("invalid exec stdin: not base64") from exc
+    result: ExecResult = vm.exec(body.argv, timeout=body.timeout, stdin=stdin)
+    return {"exit_code": result.exit_code, "stdout": result.stdout, "stderr": result.stderr,
+            "signal": result.signal}
+
+
+async def _receive(request: Request, spool: Path) -> Path:
+    """The request body streamed to a private file in the spool (never held in memory)."""
+    fd, name = tempfile.mkstemp(dir=spool, prefix="upload-")
+    path = Path(name)
+    size = 0
+    try:
+        with os.fdopen(fd, "wb") as out:
+            async for chunk in request.stream():
+                size += len(chunk)
+                if size > UPLOAD_LIMIT:
+                    raise InvalidValue("upload too large")
+                await asyncio.to_thread(out.write, chunk)
+    except BaseException:
+        path.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def _stream_once(path: Path, folder: Path | None, headers: dict[str, str] | None = None
+                 ) -> Response:
+    """Send a spooled file, removing it once sent."""
+    from starlette.background import BackgroundTask
+
+    def cleanup() -> None:
+        path.unlink(missing_ok=True)
+        if folder is not None:
+            shutil.rmtree(folder, ignore_errors=True)
+
+    return FileResponse(path, media_type="application/octet-stream", headers=headers,
+                        background=BackgroundTask(cleanup))
+
+
+async def _bridge(socket_: WebSocket, path: Path) -> None:
+    """Bytes both ways between a websocket and the VM's console socket."""
+    from vmkit.qemu.peer import connect_unix  # SO_PEERCRED-checked like every connection
+
+    try:
+        sock = await asyncio.to_thread(connect_unix, path, 5.0)
+    except (VmkitError, OSError) as exc:
+        await socket_.send_json({"type": "error", "error": str(exc)})
+        await socket_.close()
+        return
+    sock.setblocking(False)
+    reader, writer = await asyncio.open_unix_connection(sock=sock)
+
+    async def to_client() -> None:
+        while data := await reader.read(65536):
+            await socket_.send_bytes(data)
+
+    async def to_console() -> None:
+        while True:
+            message = await socket_.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes") or (message.get("text") or "").encode()
+            writer.write(data)
+            await writer.drain()
+
+    tasks = [asyncio.create_task(to_client()), asyncio.create_task(to_console())]
+    with contextlib.suppress(Exception):
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
+    writer.close()
+    with contextlib.suppress(Exception):
+        await socket_.close()

@@ -1,0 +1,163 @@
+"""The host service's API vocabulary: request bodies, the operation object and the envelopes
+(Incus's shape). Shared by the daemon (vmkit.daemon) and its clients (vmkit.client), so both
+sides validate the same models and the OpenAPI document describes exactly these."""
+
+from __future__ import annotations
+
+from typing import Any, Generic, Literal, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vmkit.model.restart import RestartMode
+
+API_VERSION = "1.0"
+T = TypeVar("T")
+
+
+class _Request(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class CreateRequest(_Request):
+    name: str = Field(max_length=63)
+    image: str = Field(default="tiny", max_length=63)
+    cpus: int | str = 1
+    memory: int | str = "256M"
+    disk: int | str = "2G"
+    full_copy: bool = False
+    accel: str = Field(default="auto", max_length=8)
+    start: bool = False
+    wait: bool = False
+    timeout: float = Field(default=180.0, gt=0, le=3600)
+    max_cpus: int | str | None = None
+    max_memory: int | str | None = None
+    hostname: str | None = Field(default=None, max_length=253)
+    ssh_keys: list[str] = Field(default_factory=list, max_length=64,
+                                description="public key lines (not file names)")
+    user_data: str | None = Field(default=None, max_length=1 << 20)
+    networks: list[str] = Field(default_factory=list, max_length=16)
+    ports: list[str] = Field(default_factory=list, max_length=64)
+    restart: RestartMode = "no"
+    autostart: bool = False
+
+
+StateAction = Literal["start", "stop", "kill", "restart", "pause", "resume"]
+
+
+class StateRequest(_Request):
+    action: StateAction
+    timeout: float | None = Field(default=None, gt=0, le=3600,
+                                  description="stop: seconds before kill; start: --wait time")
+    wait: bool = Field(default=False, description="start/restart: until the agent answers")
+
+
+class SetRequest(_Request):
+    cpus: int | str | None = None
+    memory: int | str | None = None
+    max_cpus: int | str | None = None
+    max_memory: int | str | None = None
+    disk_size: int | str | None = None
+    cpu_weight: int | str | None = None
+    cpu_limit: float | str | None = None
+    disk_iops: int | str | None = None
+    disk_bps: int | str | None = None
+    restart: RestartMode | None = None
+    max_restarts: int | None = Field(default=None, ge=0, le=1000)
+    autostart: bool | None = None
+
+
+class SnapshotRequest(_Request):
+    name: str = Field(max_length=63)
+    disk_only: bool = False
+
+
+class CloneRequest(_Request):
+    target: str = Field(max_length=63)
+    linked: bool = False
+    from_snapshot: str | None = Field(default=None, max_length=63)
+    live: bool = False
+
+
+class ExecRequest(_Request):
+    argv: list[str] = Field(min_length=1, max_length=4096)
+    stdin: str | None = Field(default=None, description="base64", max_length=64 << 20)
+    timeout: float = Field(default=60.0, gt=0, le=86400)
+
+
+class NicRequest(_Request):
+    network: str = Field(max_length=63)
+    ports: list[str] = Field(default_factory=list, max_length=64)
+
+
+class NetworkRequest(_Request):
+    name: str = Field(max_length=63)
+    subnet: str | None = Field(default=None, max_length=64)
+    mode: str = Field(default="nat", max_length=16)
+    parent: str | None = Field(default=None, max_length=15)
+
+
+class ImageBuildRequest(_Request):
+    name: str = Field(max_length=63)
+    force: bool = False
+    packages: list[str] = Field(default_factory=list, max_length=256)
+
+
+class ExportRequest(_Request):
+    pass
+
+
+class OperationView(BaseModel):
+    id: str
+    kind: str
+    description: str
+    status: str
+    status_code: int
+    created_at: float
+    updated_at: float
+    resources: dict[str, list[str]]
+    progress: dict[str, Any]
+    may_cancel: bool
+    result: Any = None
+    error: dict[str, Any] | None = None
+    requestor: str = ""
+
+
+class ErrorBody(BaseModel):
+    type: Literal["error"] = "error"
+    error: str
+    error_code: int
+    error_class: str
+    hint: str | None = None
+    detail: str | None = None
+
+
+class Sync(BaseModel, Generic[T]):
+    type: Literal["sync"] = "sync"
+    status: str = "Success"
+    status_code: int = 200
+    metadata: T
+
+
+class Async(BaseModel):
+    type: Literal["async"] = "async"
+    status: str = "Operation created"
+    status_code: int = 100
+    operation: str
+    metadata: OperationView
+
+
+class ServerInfo(BaseModel):
+    api_version: str = API_VERSION
+    server: str = "vmkit"
+    version: str
+    home: str
+    auth: Literal["trusted"] = "trusted"
+    auth_method: str
+    requestor: str
+    listeners: list[str]
+
+
+class TokenInfo(BaseModel):
+    name: str
+    created_at: float
+    prefix: str = Field(description="first characters of the token, to tell tokens apart")

@@ -1,0 +1,215 @@
+"""The host service with real guests: crash detection when it happens, the restart policy,
+autostart, direct CLI use noticed, the daemon killed (-9) in the middle of operations and
+started again (VMs adopted, none duplicated, operations resolved, events resume), metrics,
+exec and the console over websockets."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from websockets.sync.client import unix_connect
+
+from tests.integration.conftest import new_home
+from tests.integration.daemon_harness import Daemon, Events, cli, qemu_count, running_daemon
+from vmkit.errors import InvalidState
+from vmkit.model.state import VmState
+
+
+@pytest.fixture(scope="module")
+def daemon(image_home: Path) -> Iterator[Daemon]:
+    with new_home(image_home) as home, running_daemon(home) as running:
+        yield running
+
+
+@pytest.fixture
+def events(daemon: Daemon) -> Iterator[Events]:
+    listener = Events(daemon)
+    yield listener
+    listener.close()
+
+
+def _wait_state(vm: object, state: VmState, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if vm.status().state is state:  # type: ignore[attr-defined]
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{vm} not {state.value}: {vm.status()}")  # type: ignore[attr-defined]
+
+
+def test_a_crash_is_seen_within_a_second_and_on_failure_restarts_it(daemon: Daemon,
+                                                                   events: Events) -> None:
+    host = daemon.local()
+    vm = host.create("phoenix", restart="on-failure", start=True, wait=True)
+    first = vm.status()
+    assert first.state is VmState.RUNNING and first.pid
+    killed_at = time.time()
+    os.kill(first.pid, signal.SIGKILL)
+    crashed = events.wait_for("phoenix", "crashed", timeout=10)
+    assert crashed["timestamp"] - killed_at < 1.0, crashed
+    assert crashed["metadata"]["reason"] == "crash"
+    assert "signal" in crashed["metadata"]["description"] or "killed" in \
+        crashed["metadata"]["description"], crashed
+    restarted = events.wait_for("phoenix", "restarted", timeout=60)
+    _wait_state(vm, VmState.RUNNING)
+    second = vm.status()
+    assert second.pid != first.pid and qemu_count(second.uuid) == 1
+    actions = events.actions("phoenix")
+    assert actions.index("crashed") < actions.index("restarted"), actions
+    assert restarted["metadata"]["attempt"] == 1
+    vm.delete(force=True)
+
+
+def test_with_policy_no_a_crashed_vm_stays_crashed(daemon: Daemon, events: Events) -> None:
+    vm = daemon.local().create("stays-down", start=True)
+    _wait_state(vm, VmState.RUNNING)
+    os.kill(vm.status().pid or 0, signal.SIGKILL)
+    events.wait_for("stays-down", "crashed", timeout=10)
+    time.sleep(4)
+    assert vm.status().state is VmState.CRASHED
+    assert "restarted" not in events.actions("stays-down")
+    vm.delete(force=True)
+
+
+def test_a_vm_stopped_by_its_user_is_never_restarted(daemon: Daemon, events: Events) -> None:
+    vm = daemon.local().create("resting", restart="always", start=True, wait=True)
+    done = cli(daemon.home, "stop", "resting", "--timeout", "20")  # through the daemon
+    assert done.returncode == 0, done.stderr
+    events.wait_for("resting", "stopped", timeout=30)
+    time.sleep(4)
+    assert vm.status().state is VmState.STOPPED
+    assert not {"restart-scheduled", "restarted"} & set(events.actions("resting"))
+    vm.delete()
+
+
+def test_direct_cli_use_is_noticed_by_the_daemon(daemon: Daemon, events: Events) -> None:
+    direct = {"VMKIT_NO_DAEMON": "1"}
+    assert cli(daemon.home, "create", "sidestep", env=direct).returncode == 0
+    events.wait_for("sidestep", "created", timeout=5)
+    assert cli(daemon.home, "start", "sidestep", env=direct).returncode == 0
+    started = events.wait_for("sidestep", "started", timeout=5)
+    assert started["metadata"]["pid"]
+    # the daemon's API sees it running, and its lock is the CLI's lock
+    assert daemon.local().get("sidestep").status().state is VmState.RUNNING
+    assert cli(daemon.home, "delete", "sidestep", "--force", env=direct).returncode == 0
+    events.wait_for("sidestep", "deleted", timeout=5)
+
+
+def test_metrics_exec_and_console_over_the_api(daemon: Daemon) -> None:
+    vm = daemon.local().create("shown", start=True, wait=True)
+    with daemon.unix_http() as client:
+        text = client.get("/1.0/metrics").text
+    for needle in ('vmkit_vm_state{state="running",vm="shown"} 1.0',
+                   'vmkit_vm_cpu_seconds_total{vm="shown"}',
+                   'vmkit_vm_memory_bytes{kind="rss",vm="shown"}',
+                   'vmkit_vm_disk_bytes_total{direction="read",vm="shown"}',
+                   'vmkit_vm_restarts_total{vm="shown"}', 'vmkit_host_capacity{resource="cpus"}',
+                   'vmkit_host_allocated{resource="memory_bytes"}',
+                   'vmkit_api_request_seconds_bucket'):
+        assert needle in text, needle
+    with unix_connect(str(daemon.socket), "ws://vmkit/1.0/vms/shown/exec") as ws:
+        ws.send(json.dumps({"argv": ["sh", "-c", "echo hi from $(hostname)"]}))
+        answer = json.loads(ws.recv(timeout=60))
+    assert answer["type"] == "result" and answer["exit_code"] == 0
+    assert answer["stdout"].strip() == "hi from shown"
+    with unix_connect(str(daemon.socket), "ws://vmkit/1.0/vms/shown/console") as ws:
+        ws.send(b"\recho console-$((6*7))\r")
+        seen = b""
+        deadline = time.monotonic() + 30
+        while b"console-42" not in seen and time.monotonic() < deadline:
+            message = ws.recv(timeout=30)
+            seen += message if isinstance(message, bytes) else message.encode()
+    assert b"console-42" in seen
+    vm.delete(force=True)
+
+
+def test_an_export_can_be_cancelled_and_leaves_nothing(daemon: Daemon) -> None:
+    vm = daemon.local().create("parcel")
+    with daemon.unix_http() as client:
+        started = client.post("/1.0/vms/parcel/export").json()
+        op_id = started["metadata"]["id"]
+        assert started["metadata"]["may_cancel"] is True
+        client.delete(f"/1.0/operations/{op_id}")
+        final = client.get(f"/1.0/operations/{op_id}/wait", params={"timeout": 120}).json()
+    status = final["metadata"]["status"]
+    if status == "cancelled":
+        assert final["metadata"]["error"]["error_class"] == "Cancelled"
+    else:  # it finished before the cancel arrived: then it must have succeeded
+        assert status == "success", final
+    spool = daemon.home / "daemon" / "spool"
+    assert not [p for p in spool.iterdir() if status == "cancelled"]
+    assert vm.status().state is not VmState.BROKEN
+    assert not list((daemon.home / "vms" / "parcel").glob("*.partial"))
+    vm.delete()
+
+
+@pytest.mark.parametrize(("fault", "operation"), [
+    ("snapshot:memory-saved", "snapshot"), ("clone:snapshot-taken", "clone")])
+def test_the_daemon_killed_during_an_operation_comes_back_without_harm(
+        image_home: Path, fault: str, operation: str) -> None:
+    with new_home(image_home) as home:
+        daemon = Daemon(home)
+        try:
+            daemon.start(env={"VMKIT_FAULT": fault})  # dies (SIGKILL) at that step
+            host = daemon.local()
+            vm = host.create("keeper", start=True, wait=True)
+            bystander = host.create("bystander", start=True)
+            _wait_state(bystander, VmState.RUNNING)
+            before = {v.name: v.status() for v in host.vms()}
+            with daemon.unix_http() as client:
+                if operation == "snapshot":
+                    client.post("/1.0/vms/keeper/snapshots", json={"name": "s1"})
+                else:
+                    client.post("/1.0/vms/keeper/clone", json={"target": "copy"})
+            assert daemon.process is not None
+            assert daemon.process.wait(timeout=120) == -signal.SIGKILL
+            assert (home / "vms" / "keeper" / "journal.json").exists()  # cut mid-operation
+            daemon.start()  # no fault this time: recovers, adopts
+            host = daemon.local()
+            listener = Events(daemon)
+            for name, status in before.items():
+                now = host.get(name).status()
+                assert now.state is VmState.RUNNING, now
+                assert now.pid == status.pid, f"{name} was restarted"
+                assert qemu_count(status.uuid) == 1, f"{name} runs twice"
+            assert not (home / "vms" / "keeper" / "journal.json").exists()
+            assert {v.name for v in host.vms()} <= {"keeper", "bystander", "copy"}
+            if operation == "snapshot":
+                assert [s.name for s in vm.snapshots()] in ([], ["s1"])
+            vm = host.get("keeper")
+            assert vm.exec(["true"]).exit_code == 0  # the guest runs, unpaused
+            vm.pause()
+            listener.wait_for("keeper", "paused", timeout=10)  # events resume
+            vm.resume()
+            listener.wait_for("keeper", "resumed", timeout=10)
+            with pytest.raises(InvalidState):
+                vm.resume()
+            listener.close()
+        finally:
+            daemon.stop()
+
+
+def test_autostart_once_per_boot(image_home: Path) -> None:
+    with new_home(image_home) as home:
+        direct = {"VMKIT_NO_DAEMON": "1"}
+        assert cli(home, "create", "early", "--autostart", env=direct).returncode == 0
+        assert cli(home, "create", "late", env=direct).returncode == 0
+        with running_daemon(home) as daemon:
+            host = daemon.local()
+            _wait_state(host.get("early"), VmState.RUNNING)
+            assert host.get("late").status().state is VmState.DEFINED
+            assert cli(home, "stop", "early").returncode == 0
+        # the daemon restarts within the same boot: a VM its user stopped stays stopped
+        with running_daemon(home) as daemon:
+            time.sleep(3)
+            assert daemon.local().get("early").status().state is VmState.STOPPED
+        # a new boot (the marker gone) starts it again
+        (home / "daemon" / "autostart.boot").unlink()
+        with running_daemon(home) as daemon:
+            _wait_state(daemon.local().get("early"), VmState.RUNNING)
