@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import json
 import os
 import shutil
 import tempfile
@@ -207,8 +208,13 @@ def build_app(service: Service) -> FastAPI:
 
     # -- VMs -----------------------------------------------------------------------------
     @app.get("/1.0/vms", response_model=Sync[list[VmStatus]], responses=_ERRORS)
-    def list_vms() -> dict[str, Any]:
-        return _sync(host.statuses(include_broken=True))
+    async def list_vms() -> Response:
+        """Served from the status cache: stats only, unless a VM's files changed."""
+        stale = service.statuses.stale()
+        if stale:
+            await asyncio.to_thread(service.statuses.refresh, stale)
+        body = json.dumps(_sync(service.statuses.listing()), separators=(",", ":"))
+        return Response(body, media_type="application/json")
 
     @app.post("/1.0/vms", status_code=202, response_model=Async, responses=_ERRORS)
     def create_vm(request: Request, body: CreateRequest) -> JSONResponse:
@@ -237,8 +243,18 @@ def build_app(service: Service) -> FastAPI:
         return accepted(request, "vm.create", f"create {body.name}", work, [body.name])
 
     @app.get("/1.0/vms/{name}", response_model=Sync[VmStatus], responses=_ERRORS)
-    def get_vm(name: str, query: bool = True) -> dict[str, Any]:
-        return _sync(vm_of(name).status(query_qemu=query))
+    async def get_vm(name: str, query: bool = True) -> Any:
+        """query=false is served from the status cache; query=true asks QEMU and the agent."""
+        if not query:
+            stale = service.statuses.stale()
+            if stale:
+                await asyncio.to_thread(service.statuses.refresh, stale)
+            cached = service.statuses.one(name)
+            if cached is not None:
+                return Response(json.dumps(_sync(cached), separators=(",", ":")),
+                                media_type="application/json")
+        status = await asyncio.to_thread(lambda: vm_of(name).status(query_qemu=query))
+        return _sync(status)
 
     @app.put("/1.0/vms/{name}/state", status_code=202, response_model=Async,
              responses=_ERRORS)
@@ -534,11 +550,11 @@ def build_app(service: Service) -> FastAPI:
         return op
 
     @app.get("/1.0/operations", response_model=Sync[list[OperationView]], responses=_ERRORS)
-    def list_operations() -> dict[str, Any]:
+    async def list_operations() -> dict[str, Any]:
         return _sync([op.view() for op in service.operations.all()])
 
     @app.get("/1.0/operations/{op_id}", response_model=Sync[OperationView], responses=_ERRORS)
-    def get_operation(op_id: str) -> dict[str, Any]:
+    async def get_operation(op_id: str) -> dict[str, Any]:
         return _sync(_operation(op_id).view())
 
     @app.get("/1.0/operations/{op_id}/wait", response_model=Sync[OperationView],

@@ -45,6 +45,8 @@ class VmCollector(Collector):
         net = CounterMetricFamily("vmkit_vm_network_bytes", "bytes through the VM's taps "
                                   "(user-mode NICs have no counters)",
                                   labels=["vm", "network", "direction"])
+        packets = CounterMetricFamily("vmkit_vm_network_packets", "packets through the VM's taps",
+                                      labels=["vm", "network", "direction"])
         restarts = CounterMetricFamily("vmkit_vm_restarts", "restarts by the restart policy",
                                        labels=["vm"])
         for vm in host.vms(include_broken=True):
@@ -80,7 +82,11 @@ class VmCollector(Collector):
                                        int((stats / "rx_bytes").read_text()))
                         net.add_metric([vm.name, nic.network, "received"],
                                        int((stats / "tx_bytes").read_text()))
-        yield from (state, cpu, memory, vcpus, disk, disk_ops, net, restarts)
+                        packets.add_metric([vm.name, nic.network, "sent"],
+                                           int((stats / "rx_packets").read_text()))
+                        packets.add_metric([vm.name, nic.network, "received"],
+                                           int((stats / "tx_packets").read_text()))
+        yield from (state, cpu, memory, vcpus, disk, disk_ops, net, packets, restarts)
         capacity, policy = host.capacity(), host.policy()
         allocated = host.allocated()
         cap = GaugeMetricFamily("vmkit_host_capacity", "what the host has",

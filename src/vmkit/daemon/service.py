@@ -19,7 +19,7 @@ from vmkit.daemon.events import EventBus
 from vmkit.daemon.operations import Registry
 from vmkit.daemon.supervisor import Supervisor
 from vmkit.daemon.watcher import Seen, Watcher
-from vmkit.errors import HostError
+from vmkit.errors import HostError, VmkitError
 from vmkit.host import Host
 from vmkit.model.runtime import RuntimeRecord
 
@@ -108,6 +108,7 @@ class Service:
         self.audit = AuditLog(self.paths.audit)
         self.tokens = TokenStore(self.paths.tokens)
         self.client_ca = ClientCA(self.paths.folder)
+        self.statuses = StatusCache(self.host)
         self.operations.on_finished.append(lambda op: self.watcher.poke())
         self._lock_fd: int | None = None
         self.started_at = time.time()
@@ -151,3 +152,74 @@ class Service:
 
     def _exited(self, name: str, seen: Seen, record: RuntimeRecord) -> None:
         self.supervisor.on_exit(name, seen, record)
+
+
+class StatusCache:
+    """`GET /1.0/vms` without re-reading every VM: each VM's status is kept with the identity
+    (inode, size, mtime) of its vm.json and state.json, and computed again only when one of
+    them changed. Liveness needs no /proc check here: the watcher sees a QEMU end through its
+    pidfd at once and persists the exit, which changes state.json. Only `uptime` moves with
+    the clock; it is recomputed on every answer."""
+
+    def __init__(self, host: Host):
+        self.host = host
+        self._entries: dict[str, tuple[tuple[int, ...], dict[str, Any], float | None]] = {}
+        self._lock = threading.Lock()
+
+    def _key(self, name: str) -> tuple[int, ...] | None:
+        folder = self.host.layout.vm(name)
+        key: list[int] = []
+        for path in (folder.config_file, folder.state_file):
+            try:
+                info = os.stat(path)
+            except FileNotFoundError:
+                if path == folder.config_file:
+                    return None
+                key += [0, 0, 0]
+                continue
+            key += [info.st_ino, info.st_size, info.st_mtime_ns]
+        return tuple(key)
+
+    def stale(self) -> list[str]:
+        """Names whose cached status is missing or out of date (cheap: stats only)."""
+        names = sorted(entry for entry in os.listdir(self.host.layout.vms)
+                       if not entry.startswith("."))
+        with self._lock:
+            for gone in set(self._entries) - set(names):
+                del self._entries[gone]
+            return [n for n in names
+                    if (key := self._key(n)) is not None
+                    and (n not in self._entries or self._entries[n][0] != key)]
+
+    def refresh(self, names: list[str]) -> None:
+        """Compute the statuses of `names` (file reads: run it off the event loop)."""
+        for name in names:
+            key = self._key(name)
+            if key is None:
+                continue
+            try:
+                status = self.host.get(name).status()
+            except VmkitError:
+                continue
+            dumped = status.model_dump(mode="json")
+            started = time.time() - status.uptime if status.uptime is not None else None
+            with self._lock:
+                # keyed on what was read before the status: a change during it misses next time
+                self._entries[name] = (key, dumped, started)
+
+    def one(self, name: str) -> dict[str, Any] | None:
+        with self._lock:
+            entry = self._entries.get(name)
+        if entry is None:
+            return None
+        _key, dumped, started = entry
+        return {**dumped, "uptime": time.time() - started} if started else dumped
+
+    def listing(self) -> list[dict[str, Any]]:
+        now = time.time()
+        with self._lock:
+            out = []
+            for name in sorted(self._entries):
+                _key, dumped, started = self._entries[name]
+                out.append({**dumped, "uptime": now - started} if started else dumped)
+            return out
