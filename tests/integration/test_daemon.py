@@ -82,6 +82,8 @@ def test_a_vm_stopped_by_its_user_is_never_restarted(daemon: Daemon, events: Eve
     done = cli(daemon.home, "stop", "resting", "--timeout", "20")  # through the daemon
     assert done.returncode == 0, done.stderr
     events.wait_for("resting", "stopped", timeout=30)
+    audit = (daemon.home / "daemon" / "audit.log").read_text()  # the CLI went through the daemon
+    assert '"path": "/1.0/vms/resting/state"' in audit and '"who": "unix:uid=0' in audit
     time.sleep(4)
     assert vm.status().state is VmState.STOPPED
     assert not {"restart-scheduled", "restarted"} & set(events.actions("resting"))
@@ -213,3 +215,39 @@ def test_autostart_once_per_boot(image_home: Path) -> None:
         (home / "daemon" / "autostart.boot").unlink()
         with running_daemon(home) as daemon:
             _wait_state(daemon.local().get("early"), VmState.RUNNING)
+
+
+def test_the_remote_sdk_moves_files_and_bundles_and_has_an_async_twin(
+        daemon: Daemon, tmp_path: Path) -> None:
+    import asyncio
+
+    import vmkit
+
+    host = daemon.local()
+    vm = host.create("courier", start=True, wait=True)
+    source = tmp_path / "script.sh"
+    source.write_bytes(b"#!/bin/sh\necho carried\n")
+    source.chmod(0o750)
+    assert vm.copy_in(source, "/root/script.sh") == source.stat().st_size
+    assert vm.exec(["/root/script.sh"]).stdout.strip() == "carried"
+    back = tmp_path / "back.sh"
+    assert vm.copy_out("/root/script.sh", back) == source.stat().st_size
+    assert back.read_bytes() == source.read_bytes() and (back.stat().st_mode & 0o777) == 0o750
+    vm.stop()
+    progress: list[tuple[int, int]] = []
+    bundle = tmp_path / "courier.vmkit"
+    manifest = vm.export(bundle, progress=lambda done, total: progress.append((done, total)))
+    assert bundle.stat().st_size > 0 and manifest and (bundle.stat().st_mode & 0o777) == 0o600
+    copy = host.import_bundle(bundle, name="courier-copy")
+    assert copy.status().uuid != vm.status().uuid
+    assert not list((daemon.home / "daemon" / "spool").iterdir())  # nothing left in transit
+
+    async def async_side() -> list[str]:
+        remote = vmkit.connect_async(f"unix://{daemon.socket}")
+        found = await remote.get("courier-copy")
+        assert (await found.status()).state is VmState.DEFINED
+        return [v.name for v in await remote.statuses()]
+
+    assert {"courier", "courier-copy"} <= set(asyncio.run(async_side()))
+    copy.delete()
+    vm.delete()
