@@ -194,3 +194,28 @@ def test_nothing_listens_on_tcp_without_tls(daemon: Daemon) -> None:
         except (ConnectionResetError, TimeoutError):
             answer = b""
     assert b"HTTP/1.1 200" not in answer and b"vmkit" not in answer
+
+
+def test_detach_writes_a_pidfile_and_stop_ends_it(image_home: Path) -> None:
+    """Without systemd: --detach returns once the socket answers; --stop ends the daemon."""
+    with new_home(image_home) as home:
+        socket_path, pidfile, log = (Path(f"{home}.{s}") for s in ("sock", "pid", "log"))
+        started = cli(home, "daemon", "--detach", "--socket", str(socket_path), "--pidfile",
+                      str(pidfile), "--log", str(log))
+        assert started.returncode == 0, started.stderr
+        pid = int(pidfile.read_text())
+        assert f"vmkit daemon {pid} listening on {socket_path}" in started.stderr
+        assert Path(f"/proc/{pid}").exists() and socket_path.is_socket()
+        # a second daemon for the same home is refused, with the reason
+        again = cli(home, "daemon", "--detach", "--socket", f"{socket_path}2", "--pidfile",
+                    f"{pidfile}2", "--log", str(log))
+        assert again.returncode == 1 and "another vmkit daemon serves" in again.stderr + \
+            log.read_text()
+        # the local CLI finds it and goes through it
+        assert cli(home, "create", "noted").returncode == 0
+        assert '"path": "/1.0/vms"' in (home / "daemon" / "audit.log").read_text()
+        stopped = cli(home, "daemon", "--stop", "--pidfile", str(pidfile))
+        assert stopped.returncode == 0 and f"stopped daemon {pid}" in stopped.stderr
+        assert not Path(f"/proc/{pid}").exists()
+        assert not socket_path.exists() and not pidfile.exists()
+        assert cli(home, "list").returncode == 0  # and without it, the CLI runs the engine

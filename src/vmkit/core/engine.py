@@ -478,7 +478,7 @@ class VM:
             limits=cfg.spec.limits, usage=usage, guest=guest,
             hostname=cfg.cloud_init.hostname if cfg.cloud_init else hostname_in(cfg.boot.cmdline),
             ssh=self._ssh_target(record) if live and cfg.ssh_user else None,
-            nics=list(cfg.nics),
+            nics=list(cfg.nics), restart_policy=cfg.restart,
         )
 
     def _broken_status(self, reason: str) -> VmStatus:

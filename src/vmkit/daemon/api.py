@@ -195,6 +195,14 @@ def build_app(service: Service) -> FastAPI:
         body = Async(operation=location, metadata=op.view()).model_dump(mode="json")
         return JSONResponse(body, status_code=202, headers={"Location": location})
 
+    def with_restarts(status: dict[str, Any]) -> dict[str, Any]:
+        """A VM's status plus what the supervisor remembers of its restarts."""
+        entry = service.supervisor.state.get(status["name"])
+        if entry is None:
+            return status
+        return {**status, "restarts": {k: entry.get(k) for k in
+                                       ("attempts", "restarts", "last_reason")}}
+
     def vm_of(name: str) -> VM:
         return host.get(name)
 
@@ -213,8 +221,9 @@ def build_app(service: Service) -> FastAPI:
         stale = service.statuses.stale()
         if stale:
             await asyncio.to_thread(service.statuses.refresh, stale)
-        body = json.dumps(_sync(service.statuses.listing()), separators=(",", ":"))
-        return Response(body, media_type="application/json")
+        listing = [with_restarts(vm) for vm in service.statuses.listing()]
+        return Response(json.dumps(_sync(listing), separators=(",", ":")),
+                        media_type="application/json")
 
     @app.post("/1.0/vms", status_code=202, response_model=Async, responses=_ERRORS)
     def create_vm(request: Request, body: CreateRequest) -> JSONResponse:
@@ -251,10 +260,10 @@ def build_app(service: Service) -> FastAPI:
                 await asyncio.to_thread(service.statuses.refresh, stale)
             cached = service.statuses.one(name)
             if cached is not None:
-                return Response(json.dumps(_sync(cached), separators=(",", ":")),
+                return Response(json.dumps(_sync(with_restarts(cached)), separators=(",", ":")),
                                 media_type="application/json")
         status = await asyncio.to_thread(lambda: vm_of(name).status(query_qemu=query))
-        return _sync(status)
+        return _sync(with_restarts(status.model_dump(mode="json")))
 
     @app.put("/1.0/vms/{name}/state", status_code=202, response_model=Async,
              responses=_ERRORS)
@@ -304,6 +313,8 @@ def build_app(service: Service) -> FastAPI:
                                             autostart=body.autostart)
                 result.now.append(f"restart policy {new.mode} (max {new.max_restarts}), "
                                   f"autostart {'on' if new.autostart else 'off'}")
+            service.bus.lifecycle("set-applied", name, now=result.now,
+                                  at_restart=result.at_restart)
             return {"now": result.now, "at_restart": result.at_restart}
 
         return accepted(request, "vm.set", f"set {name}", work, [name])

@@ -71,7 +71,8 @@ def _protocol_class(group: int | None) -> type[asyncio.Protocol]:
 
 
 class _Quiet(uvicorn.Server):
-    """A second server in the same loop: the first one owns the signals."""
+    """uvicorn without its own signal handling (it re-raises SIGTERM after serving, which would
+    end the process before the daemon's cleanup): serve() installs the daemon's handlers."""
 
     @contextlib.contextmanager
     def capture_signals(self) -> Generator[None, None, None]:
@@ -159,7 +160,7 @@ def serve(host: Host, options: DaemonOptions, *, ready: Any = None) -> None:
     common: dict[str, Any] = {"lifespan": "off", "http": protocol, "ws": "websockets-sansio",
                               "log_level": "warning", "access_log": False,
                               "timeout_graceful_shutdown": 3}
-    main = uvicorn.Server(uvicorn.Config(app, **common))
+    main = _Quiet(uvicorn.Config(app, **common))
     servers = [main.serve(sockets=[unix_sock])]
     secure = None
     if tcp_sock is not None:
@@ -171,6 +172,10 @@ def serve(host: Host, options: DaemonOptions, *, ready: Any = None) -> None:
           f"{', '.join(listeners)}", file=sys.stderr, flush=True)
 
     async def run() -> None:
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(signum, lambda: setattr(main, "should_exit", True))
+
         async def follow() -> None:
             while not main.should_exit:
                 await asyncio.sleep(0.2)

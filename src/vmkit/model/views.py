@@ -10,6 +10,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from vmkit.model.network import NetworkMode, Nic
+from vmkit.model.restart import RestartPolicy
 from vmkit.model.runtime import ExitRecord
 from vmkit.model.spec import Limits
 from vmkit.model.state import VmState
@@ -68,6 +69,10 @@ class VmStatus(BaseModel):
     ssh: str | None = Field(default=None, description="user@host:port while running")
     nics: list[Nic] = Field(default_factory=list, description="none: one restricted user NIC")
     broken: str | None = Field(default=None, description="why the metadata cannot be read")
+    restart_policy: RestartPolicy | None = Field(default=None, description=(
+        "what the daemon does when QEMU ends"))
+    restarts: dict[str, Any] | None = Field(default=None, description=(
+        "the daemon's record: restarts in a row and in total, the last decision's reason"))
 
 
 class SnapshotInfo(BaseModel):
