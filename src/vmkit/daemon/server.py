@@ -155,6 +155,9 @@ def serve(host: Host, options: DaemonOptions, *, ready: Any = None) -> None:
         options.pidfile.parent.mkdir(parents=True, exist_ok=True)
         options.pidfile.write_text(f"{os.getpid()}\n")
     service.start()
+    # operations run in worker threads; a short GIL switch interval keeps the event loop (every
+    # read) from waiting behind them for whole 5 ms slices
+    sys.setswitchinterval(0.0005)
     app = build_app(service)
     protocol = _protocol_class(gid)
     common: dict[str, Any] = {"lifespan": "off", "http": protocol, "ws": "websockets-sansio",

@@ -109,6 +109,8 @@ class Service:
         self.tokens = TokenStore(self.paths.tokens)
         self.client_ca = ClientCA(self.paths.folder)
         self.statuses = StatusCache(self.host)
+        # the watcher keeps the cache warm, so a request rarely reads a VM's files itself
+        self.watcher.after_scan.append(lambda: self.statuses.refresh(self.statuses.stale()))
         self.operations.on_finished.append(lambda op: self.watcher.poke())
         self._lock_fd: int | None = None
         self.started_at = time.time()

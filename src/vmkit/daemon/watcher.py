@@ -62,6 +62,7 @@ class Watcher:
         self._wake_r, self._wake_w = os.pipe()
         self._thread = threading.Thread(target=self._run, name="vmkit-watcher", daemon=True)
         self.scans = 0
+        self.after_scan: list[Callable[[], None]] = []
 
     def start(self) -> None:
         self.scan(announce=False)
@@ -127,6 +128,8 @@ class Watcher:
                     self.bus.lifecycle("deleted", name, uuid=gone.uuid)
             for name in sorted(names):
                 self._observe(name, announce=announce)
+        for hook in self.after_scan:
+            hook()
 
     def _observe(self, name: str, *, announce: bool) -> None:
         vm = self.host.vm_class(self.host, name)
