@@ -21,7 +21,13 @@ from typing import Annotated, Any
 
 from fastapi import FastAPI, Query, Request, WebSocket, WebSocketDisconnect
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, Response
+from fastapi.responses import (
+    FileResponse,
+    JSONResponse,
+    PlainTextResponse,
+    Response,
+    StreamingResponse,
+)
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
@@ -335,8 +341,8 @@ def build_app(service: Service) -> FastAPI:
 
     @app.get("/1.0/vms/{name}/log", response_class=PlainTextResponse, responses=_ERRORS)
     def serial_log(name: str) -> Response:
-        data = b"".join(vm_of(name).read_log())
-        return Response(data, media_type="text/plain; charset=utf-8")
+        """Streamed as it is read: what a guest writes to its console is never held whole."""
+        return StreamingResponse(vm_of(name).read_log(), media_type="text/plain; charset=utf-8")
 
     @app.put("/1.0/vms/{name}/files", response_model=Sync[dict[str, Any]], responses=_ERRORS)
     async def push_file(request: Request, name: str,

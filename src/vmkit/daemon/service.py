@@ -112,6 +112,7 @@ class Service:
         # the watcher keeps the cache warm, so a request rarely reads a VM's files itself
         self.watcher.after_scan.append(lambda: self.statuses.refresh(self.statuses.stale()))
         self.operations.on_finished.append(lambda op: self.watcher.poke())
+        self.bus.hooks.append(self._forget_deleted)
         self._lock_fd: int | None = None
         self.started_at = time.time()
         self.recovered: list[str] = []
@@ -151,6 +152,11 @@ class Service:
         self.operations.shutdown()
         with contextlib.suppress(FileNotFoundError):
             self.paths.info.unlink()
+
+    def _forget_deleted(self, event: dict[str, Any]) -> None:
+        """A VM deleted by anyone (the CLI too): its restart record goes with it."""
+        if event["type"] == "lifecycle" and event["metadata"].get("action") == "deleted":
+            self.supervisor.forget(event["metadata"]["vm"])
 
     def _exited(self, name: str, seen: Seen, record: RuntimeRecord) -> None:
         self.supervisor.on_exit(name, seen, record)

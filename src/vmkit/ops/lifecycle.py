@@ -303,10 +303,9 @@ def read_log(vm: VM, *, follow: bool = False, poll: float = 0.2,
         if path.exists():
             with open(path, "rb") as handle:
                 handle.seek(position)
-                data = handle.read()
-                position = handle.tell()
-            if data:
-                yield data
+                while data := handle.read(1 << 20):  # a guest may have written a lot
+                    position = handle.tell()
+                    yield data
         if not follow or (should_stop is not None and should_stop()):
             return
         time.sleep(poll)
