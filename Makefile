@@ -39,6 +39,7 @@ unit: venv
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/golden
 
 bench: setup
+	$(VENV)/bin/python bench/cli.py
 	$(VENV)/bin/python bench/boot.py
 	$(VENV)/bin/python bench/machine_types.py
 	$(VENV)/bin/python bench/snapshot.py

@@ -15,7 +15,7 @@ from typing import NamedTuple
 from vmkit import Host
 from vmkit.images.catalog import link_image
 from vmkit.qemu import agent, img
-from vmkit.storage.layout import default_home
+from vmkit.storage.home import default_home
 
 
 def scratch_host(images: tuple[str, ...] = ("tiny",)) -> Host:

@@ -8,36 +8,40 @@
 Same return types (VmStatus, SnapshotInfo, ...), same exceptions (NotFound, InvalidState, ...):
 the daemon names the error class and this client raises it. Long operations are followed
 until they end (with progress callbacks where the SDK has them). `connect_async` gives the same
-object with awaitable methods."""
+object with awaitable methods.
+
+Importing this module is cheap (the fast `vmkit list` path reads the local daemon's socket
+through vmkit.client.remotes): httpx, ssl, asyncio and the pydantic models are imported by the
+methods that use them."""
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import functools
 import os
-import ssl
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-import httpx
-
 from vmkit.errors import AuthError, HostError, InvalidValue, OperationTimeout, error_class
-from vmkit.model.network import Nic
-from vmkit.model.restart import RestartPolicy
 from vmkit.model.state import VmState
-from vmkit.model.views import (
-    ExecResult,
-    ImageInfo,
-    NetworkInfo,
-    SetResult,
-    SnapshotInfo,
-    Usage,
-    VmStatus,
-)
+
+if TYPE_CHECKING:
+    import httpx
+
+    from vmkit.model.network import Nic
+    from vmkit.model.restart import RestartPolicy
+    from vmkit.model.views import (
+        ExecResult,
+        ImageInfo,
+        NetworkInfo,
+        SetResult,
+        SnapshotInfo,
+        Usage,
+        VmStatus,
+    )
 
 CONNECT_TIMEOUT = 10.0
 REQUEST_TIMEOUT = 120.0
@@ -50,6 +54,8 @@ class Connection:
 
     def __init__(self, url: str, *, token: str | None = None, server_cert: str | Path | None = None,
                  client_cert: tuple[str | Path, str | Path] | None = None):
+        import httpx
+
         self.url = url
         headers = {"User-Agent": "vmkit-client"}
         if token:
@@ -62,6 +68,8 @@ class Connection:
                                        headers=headers, timeout=timeout)
             self.ws_base = None
         elif url.startswith("https://"):
+            import ssl
+
             context = ssl.create_default_context(
                 cafile=str(server_cert) if server_cert else None)
             if server_cert:  # pinned: the daemon's own certificate is the only trust anchor
@@ -78,14 +86,15 @@ class Connection:
         self.headers = headers
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        import httpx
+
         try:
             response = self.client.request(method, path, **kwargs)
         except httpx.ConnectError as exc:
             raise HostError(f"cannot reach the vmkit daemon at {self.url}: {exc}",
                             hint="is it running? (vmkit daemon --detach)") from exc
         except httpx.TimeoutException as exc:
-            raise OperationTimeout(f"the vmkit daemon at {self.url} did not answer in time: "
-                                   f"{exc}") from exc
+            raise timed_out(self.url, exc) from exc
         except httpx.TransportError as exc:
             raise HostError(f"talking to the vmkit daemon at {self.url} failed: {exc}") from exc
         if response.status_code >= 400:
@@ -134,6 +143,11 @@ class Connection:
 
     def close(self) -> None:
         self.client.close()
+
+
+def timed_out(url: str, exc: Exception) -> OperationTimeout:
+    """The error of a request to the daemon at `url` that ran out of time."""
+    return OperationTimeout(f"the vmkit daemon at {url} did not answer in time: {exc}")
 
 
 def raise_for(response: httpx.Response) -> None:
@@ -190,6 +204,8 @@ class RemoteHost:
     # -- VMs ---------------------------------------------------------------------------------
     def statuses(self, *, include_broken: bool = False) -> list[VmStatus]:
         """Every VM's status in one request (what `vmkit list` shows)."""
+        from vmkit.model.views import VmStatus
+
         statuses = [VmStatus.model_validate(s)
                     for s in self.connection.metadata("GET", "/1.0/vms")]
         return [s for s in statuses if include_broken or s.state is not VmState.BROKEN]
@@ -198,6 +214,8 @@ class RemoteHost:
         return [RemoteVM(self, s.name) for s in self.statuses(include_broken=include_broken)]
 
     def get(self, name: str) -> RemoteVM:
+        from vmkit.model.views import VmStatus
+
         status = VmStatus.model_validate(self.connection.metadata(
             "GET", f"/1.0/vms/{quote(name, safe='')}", params={"query": "false"}))
         return RemoteVM(self, status.name)
@@ -251,15 +269,21 @@ class RemoteHost:
     # -- networks, images, host ------------------------------------------------------------------
     def create_network(self, name: str, *, subnet: str | None = None, mode: str = "nat",
                        parent: str | None = None) -> NetworkInfo:
+        from vmkit.model.views import NetworkInfo
+
         return NetworkInfo.model_validate(self.connection.run(
             "POST", "/1.0/networks",
             json={"name": name, "subnet": subnet, "mode": mode, "parent": parent}))
 
     def networks(self) -> list[NetworkInfo]:
+        from vmkit.model.views import NetworkInfo
+
         return [NetworkInfo.model_validate(n)
                 for n in self.connection.metadata("GET", "/1.0/networks")]
 
     def network(self, name: str) -> NetworkInfo:
+        from vmkit.model.views import NetworkInfo
+
         return NetworkInfo.model_validate(
             self.connection.metadata("GET", f"/1.0/networks/{quote(name, safe='')}"))
 
@@ -278,11 +302,15 @@ class RemoteHost:
         return result
 
     def images(self) -> list[ImageInfo]:
+        from vmkit.model.views import ImageInfo
+
         return [ImageInfo.model_validate(i) for i in self.connection.metadata("GET", "/1.0/images")]
 
     def build_image(self, name: str, *, force: bool = False,
                     progress: Callable[[str], None] | None = None,
                     packages: list[str] | None = None) -> tuple[ImageInfo, bool]:
+        from vmkit.model.views import ImageInfo
+
         result = self.connection.run("POST", "/1.0/images", json={
             "name": name, "force": force, "packages": packages or []},
             progress=_stage_progress(progress))
@@ -308,6 +336,8 @@ class RemoteVM:
         return self._c.run(method, path, **kwargs)
 
     def status(self, *, query_qemu: bool = False) -> VmStatus:
+        from vmkit.model.views import VmStatus
+
         return VmStatus.model_validate(self._c.metadata(
             "GET", self._path, params={"query": "true" if query_qemu else "false"}))
 
@@ -348,6 +378,8 @@ class RemoteVM:
 
     def exec(self, argv: list[str], *, timeout: float = 60.0,
              stdin: bytes | None = None) -> ExecResult:
+        from vmkit.model.views import ExecResult
+
         body: dict[str, Any] = {"argv": argv, "timeout": timeout}
         if stdin is not None:
             body["stdin"] = base64.b64encode(stdin).decode()
@@ -397,19 +429,27 @@ class RemoteVM:
                            hint="use vmkit exec or vmkit console with --remote")
 
     def add_nic(self, network: str, *, ports: Iterable[str] = ()) -> Nic:
+        from vmkit.model.network import Nic
+
         return Nic.model_validate(self._run("POST", f"{self._path}/nics",
                                               json={"network": network, "ports": list(ports)}))
 
     def remove_nic(self, network: str) -> Nic:
+        from vmkit.model.network import Nic
+
         return Nic.model_validate(self._run(
             "DELETE", f"{self._path}/nics/{quote(network, safe='')}"))
 
     def set(self, **changes: Any) -> SetResult:
+        from vmkit.model.views import SetResult
+
         result = self._run("PATCH", self._path, json=changes)
         return SetResult(now=list(result["now"]), at_restart=list(result["at_restart"]))
 
     def set_restart_policy(self, *, mode: str | None = None, max_restarts: int | None = None,
                            autostart: bool | None = None) -> RestartPolicy:
+        from vmkit.model.restart import RestartPolicy
+
         self._run("PATCH", self._path, json={k: v for k, v in (
             ("restart", mode), ("max_restarts", max_restarts), ("autostart", autostart))
             if v is not None})
@@ -417,10 +457,14 @@ class RemoteVM:
         return RestartPolicy.model_validate(config.get("restart") or {})
 
     def snapshot(self, name: str, *, disk_only: bool = False) -> SnapshotInfo:
+        from vmkit.model.views import SnapshotInfo
+
         return SnapshotInfo.model_validate(self._run(
             "POST", f"{self._path}/snapshots", json={"name": name, "disk_only": disk_only}))
 
     def snapshots(self) -> list[SnapshotInfo]:
+        from vmkit.model.views import SnapshotInfo
+
         return [SnapshotInfo.model_validate(s)
                 for s in self._c.metadata("GET", f"{self._path}/snapshots")]
 
@@ -498,6 +542,8 @@ class _Async:
 
         @functools.wraps(value)
         async def call(*args: Any, **kwargs: Any) -> Any:
+            import asyncio
+
             result = await asyncio.to_thread(value, *args, **kwargs)
             if isinstance(result, RemoteVM):
                 return _Async(result)

@@ -13,7 +13,6 @@ import json
 import re
 import struct
 
-import yaml
 from pydantic import BaseModel, ConfigDict, field_validator
 
 from vmkit.errors import InvalidValue
@@ -137,6 +136,8 @@ def check_user_data(text: str, source: str) -> str:
     """The user's user-data, unchanged, after checking cloud-init will understand it."""
     first = text.lstrip("\ufeff").split("\n", 1)[0].rstrip()
     if first == "#cloud-config":
+        import yaml  # here, not at import: `vmkit list` loads this module, never parses YAML
+
         try:
             parsed = yaml.safe_load(text)
         except yaml.YAMLError as exc:
