@@ -24,7 +24,7 @@ from _common import bare_boot, drop, median, scratch_host
 from vmkit import Host
 from vmkit.images.seed import write_seed
 from vmkit.model.cloudinit import seed_files
-from vmkit.storage.layout import default_home
+from vmkit.storage.home import default_home
 
 
 def wait_ssh(argv: list[str], timeout: float) -> None:
