@@ -397,6 +397,14 @@ def info(name: NameArg, format: FormatOpt = Format.table) -> None:
                               f"{render.format_uptime(status.guest.get('uptime'))}"])
     if status.isolation_note:
         rows.append(["isolation", status.isolation_note])
+    if status.restart_policy is not None:
+        policy = status.restart_policy
+        line = (f"{policy.mode} (at most {policy.max_restarts} in a row), autostart "
+                f"{'on' if policy.autostart else 'off'}")
+        if status.restarts:
+            line += (f"; restarted {status.restarts.get('restarts') or 0} times, last: "
+                     f"{status.restarts.get('last_reason') or '-'}")
+        rows.append(["restart policy", line])
     if status.last_exit:
         rows.append(["last exit", status.last_exit.description])
         if status.last_exit.log_tail:

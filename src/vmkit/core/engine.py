@@ -60,6 +60,7 @@ from vmkit.model.resources import (
     Policy,
     admit,
 )
+from vmkit.model.restart import RESTARTS_FILE, summary
 from vmkit.model.runtime import (
     ExitRecord,
     HotplugStep,
@@ -166,6 +167,14 @@ class Host:
                 memory += vm.config.spec.memory
         return Allocation(cpus=cpus, memory=memory)
 
+
+    def restart_record(self, name: str) -> dict[str, Any] | None:
+        """The daemon's supervisor record of a VM (restarts, last reason), when it has one."""
+        try:
+            data = json.loads((self.layout.root / RESTARTS_FILE).read_text())
+        except (OSError, ValueError):
+            return None
+        return summary(data.get(name)) if isinstance(data, dict) else None
 
     # -- images ---------------------------------------------------------------------------
 
@@ -479,6 +488,7 @@ class VM:
             hostname=cfg.cloud_init.hostname if cfg.cloud_init else hostname_in(cfg.boot.cmdline),
             ssh=self._ssh_target(record) if live and cfg.ssh_user else None,
             nics=list(cfg.nics), restart_policy=cfg.restart,
+            restarts=self.host.restart_record(self.name),
         )
 
     def _broken_status(self, reason: str) -> VmStatus:

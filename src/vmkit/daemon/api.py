@@ -59,6 +59,7 @@ from vmkit.model.cloudinit import KEY_TYPES
 from vmkit.model.names import validate_name
 from vmkit.model.network import Nic
 from vmkit.model.resources import Policy
+from vmkit.model.restart import summary
 from vmkit.model.views import (
     ExecResult,
     ImageInfo,
@@ -203,11 +204,7 @@ def build_app(service: Service) -> FastAPI:
 
     def with_restarts(status: dict[str, Any]) -> dict[str, Any]:
         """A VM's status plus what the supervisor remembers of its restarts."""
-        entry = service.supervisor.state.get(status["name"])
-        if entry is None:
-            return status
-        return {**status, "restarts": {k: entry.get(k) for k in
-                                       ("attempts", "restarts", "last_reason")}}
+        return {**status, "restarts": summary(service.supervisor.state.get(status["name"]))}
 
     def vm_of(name: str) -> VM:
         return host.get(name)

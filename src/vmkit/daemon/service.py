@@ -21,6 +21,7 @@ from vmkit.daemon.supervisor import Supervisor
 from vmkit.daemon.watcher import Seen, Watcher
 from vmkit.errors import HostError, VmkitError
 from vmkit.host import Host
+from vmkit.model.restart import RESTARTS_FILE
 from vmkit.model.runtime import RuntimeRecord
 
 
@@ -49,7 +50,7 @@ class DaemonPaths:
 
     @property
     def restarts(self) -> Path:
-        return self.folder / "restarts.json"
+        return self.folder.parent / RESTARTS_FILE
 
     @property
     def autostart(self) -> Path:

@@ -125,9 +125,10 @@ class Supervisor:
             timer = self._timers.pop(name, None)
             if timer is not None:
                 timer.cancel()
-            entry = self.entry(name)
-            entry["attempts"] = 0
-            self._save()
+            entry = self.state.get(name)
+            if entry is not None and entry["attempts"]:
+                entry["attempts"] = 0
+                self._save()
 
     # -- daemon start ----------------------------------------------------------------------
     def catch_up(self) -> None:

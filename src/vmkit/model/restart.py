@@ -69,3 +69,13 @@ def decide(policy: RestartPolicy, exit_reason: str, attempts: int) -> Decision:
 
 def backoff(attempts: int) -> float:
     return float(min(BASE_DELAY * (2 ** min(attempts, 16)), MAX_DELAY))
+
+
+RESTARTS_FILE = "daemon/restarts.json"  # under VMKIT_HOME: the supervisor's record of each VM
+
+
+def summary(entry: object) -> dict[str, object] | None:
+    """What a VM's status shows of the supervisor's record (None when there is none)."""
+    if not isinstance(entry, dict):
+        return None
+    return {key: entry.get(key) for key in ("attempts", "restarts", "last_reason")}
