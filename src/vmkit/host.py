@@ -43,10 +43,6 @@ class Host(engine.Host):
     def get(self, name: str) -> VM:
         return cast(VM, super().get(name))
 
-    def statuses(self, *, include_broken: bool = False) -> list[VmStatus]:
-        """Every VM's status (what `vmkit list` shows)."""
-        return [vm.status() for vm in self.vms(include_broken=include_broken)]
-
     def create(self, name: str, *, image: str = "tiny", cpus: int | str = 1,
                memory: int | str = "256M", disk: int | str = "2G", full_copy: bool = False,
                accel: str = "auto", start: bool = False, wait: bool = False,

@@ -66,6 +66,14 @@ def run(argv: list[str]) -> int | None:
                 return None
             render.vm_list(statuses, as_json=as_json)
             return 0
+    from vmkit.storage import statuscache
+    from vmkit.storage.home import default_home
+
+    remembered = statuscache.read_fresh(default_home())
+    if remembered is not None and all(_shaped(s, STATUS_SHAPE) and _listable(s)
+                                      for s in remembered):
+        render.vm_list(remembered, as_json=as_json)  # nothing moved since the engine listed
+        return 0
     with imports_kept():
         from vmkit.host import LOCK_TIMEOUT, Host
     host = Host(lock_timeout=LOCK_TIMEOUT if lock_timeout is None else lock_timeout)

@@ -84,6 +84,7 @@ from vmkit.qemu.argv import LaunchOptions, build_argv
 from vmkit.qemu.blockops import DISK_DEVICE
 from vmkit.qemu.hotplug import replay_args, replay_nics
 from vmkit.qemu.qmp import QmpConnection, qmp_execute, wait_qmp_ready
+from vmkit.storage import statuscache
 from vmkit.storage.home import default_home
 from vmkit.storage.layout import (
     HomeLayout,
@@ -203,6 +204,17 @@ class Host:
                     result.append(vm)
         return result
 
+
+    def statuses(self, *, include_broken: bool = False) -> list[VmStatus]:
+        """Every VM's status (what `vmkit list` shows). The full listing is remembered in
+        cache/statuses.json, which the fast CLI path reuses while nothing has moved."""
+        vms = self.vms(include_broken=include_broken)
+        keys = {vm.name: statuscache.vm_key(self.layout.root, vm.name) for vm in vms}
+        statuses = [vm.status() for vm in vms]
+        if include_broken:
+            statuscache.write(self.layout.root, keys,
+                              [s.model_dump(mode="json") for s in statuses])
+        return statuses
 
     def get(self, name: str) -> VM:
         validate_name(name)

@@ -23,6 +23,7 @@ from vmkit.errors import HostError, VmkitError
 from vmkit.host import Host
 from vmkit.model.restart import RESTARTS_FILE
 from vmkit.model.runtime import RuntimeRecord
+from vmkit.storage import statuscache
 
 
 @dataclass(frozen=True)
@@ -176,18 +177,8 @@ class StatusCache:
         self._lock = threading.Lock()
 
     def _key(self, name: str) -> tuple[int, ...] | None:
-        folder = self.host.layout.vm(name)
-        key: list[int] = []
-        for path in (folder.config_file, folder.state_file):
-            try:
-                info = os.stat(path)
-            except FileNotFoundError:
-                if path == folder.config_file:
-                    return None
-                key += [0, 0, 0]
-                continue
-            key += [info.st_ino, info.st_size, info.st_mtime_ns]
-        return tuple(key)
+        key = statuscache.vm_key(self.host.layout.root, name)
+        return tuple(key) if key[:3] != [0, 0, 0] else None  # no vm.json: not a VM (yet)
 
     def stale(self) -> list[str]:
         """Names whose cached status is missing or out of date (cheap: stats only)."""
