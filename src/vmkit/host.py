@@ -23,10 +23,11 @@ from vmkit.core.engine import (
     Progress,
 )
 from vmkit.errors import InvalidState
+from vmkit.model.hardware import HostCapabilities
 from vmkit.model.network import Nic
 from vmkit.model.restart import RestartPolicy
 from vmkit.model.views import ExecResult, ImageInfo, SetResult, Usage, VmStatus
-from vmkit.ops import bundles, clones, lifecycle, live
+from vmkit.ops import bundles, clones, lifecycle, live, migration
 from vmkit.ops import doctor as doctor_ops
 from vmkit.ops import images as image_ops
 from vmkit.ops import networks as network_ops
@@ -50,7 +51,7 @@ class Host(engine.Host):
                max_memory: int | str | None = None, hostname: str | None = None,
                ssh_keys: Iterable[str | Path] = (), user_data: str | None = None,
                networks: Iterable[str] = (), ports: Iterable[str] = (), restart: str = "no",
-               autostart: bool = False) -> VM:
+               autostart: bool = False, cpu_model: str = "qemu64") -> VM:
         """Create a VM folder (complete or not at all); optionally start it.
 
         Maxima (room to hot-add) default to the host's cores and 4x the memory, within what
@@ -59,12 +60,14 @@ class Host(engine.Host):
         `networks` gives a NIC on each (`user` = QEMU user-mode networking); `ports` are
         forwards (HOST:GUEST[/udp]) to the first NIC. Neither: one restricted user-mode NIC.
         `restart` (no, on-failure, always) and `autostart` are applied by the host service
-        (vmkit daemon)."""
+        (vmkit daemon). `cpu_model` pins the guest's CPU (vmkit cpu-baseline names one every
+        host of a group runs)."""
         return cast(VM, lifecycle.create(
             self, name, image=image, cpus=cpus, memory=memory, disk=disk, full_copy=full_copy,
             accel=accel, start=start, wait=wait, timeout=timeout, max_cpus=max_cpus,
             max_memory=max_memory, hostname=hostname, ssh_keys=ssh_keys, user_data=user_data,
-            networks=networks, ports=ports, restart=restart, autostart=autostart))
+            networks=networks, ports=ports, restart=restart, autostart=autostart,
+            cpu_model=cpu_model))
 
     def delete_all(self) -> None:
         """Delete every VM (running ones too), linked clones before the VMs they lean on."""
@@ -97,6 +100,11 @@ class Host(engine.Host):
     def doctor(self) -> dict[str, Any]:
         """A report of what this host offers vmkit; `ok` is False when vmkit cannot run VMs."""
         return doctor_ops.report(self)
+
+    def capabilities(self) -> HostCapabilities:
+        """What this host's QEMU offers (machine types, CPU models under its accelerator) and
+        the room it has: what another host checks before moving a VM here."""
+        return migration.capabilities(self)
 
     def images(self) -> list[ImageInfo]:
         return image_ops.list_images(self)
@@ -206,6 +214,12 @@ class VM(engine.VM):
         """A new VM from this one (new uuid, MAC, hostname); see vmkit.ops.clones."""
         return cast(VM, clones.clone(self, target, linked=linked, from_snapshot=from_snapshot,
                                      live=live))
+
+    def check_move(self, destination: HostCapabilities, *, name: str | None = None
+                   ) -> list[str]:
+        """Every reason this VM cannot move to the host described by `destination`
+        (Host.capabilities() there); empty when it can."""
+        return migration.check(self, destination, name=name)
 
     def export(self, path: str | Path, *,
                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:

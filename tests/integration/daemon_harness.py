@@ -34,13 +34,15 @@ def cli(home: Path, *args: str, env: dict[str, str] | None = None, timeout: floa
 
 
 class Daemon:
-    def __init__(self, home: Path, *, listen: str | None = None, group: str | None = None):
+    def __init__(self, home: Path, *, listen: str | None = None, group: str | None = None,
+                 prefix: tuple[str, ...] = ()):
         self.home = home
         self.socket = Path(f"{home}.sock")
         self.pidfile = Path(f"{home}.pid")
         self.log = Path(f"{home}.daemon.log")
         self.listen = listen or f"127.0.0.1:{free_port()}"
         self.group = group
+        self.prefix = prefix  # e.g. ip netns exec NS: the daemon in a network namespace
         self.process: subprocess.Popen[bytes] | None = None
         self.token = ""
 
@@ -53,7 +55,18 @@ class Daemon:
         return self.home / "daemon" / "server.crt"
 
     def start(self, env: dict[str, str] | None = None, timeout: float = 60) -> Daemon:
-        argv = [sys.executable, "-m", "vmkit.cli.main", "daemon", "--socket", str(self.socket),
+        """Start it and wait until it answers; on any failure the process is not left behind."""
+        try:
+            return self._start(env, timeout)
+        except BaseException:
+            if self.process is not None and self.process.poll() is None:
+                self.process.kill()
+                self.process.wait(timeout=30)
+            raise
+
+    def _start(self, env: dict[str, str] | None, timeout: float) -> Daemon:
+        argv = [*self.prefix, sys.executable, "-m", "vmkit.cli.main", "daemon", "--socket",
+                str(self.socket),
                 "--pidfile", str(self.pidfile), "--listen", self.listen]
         if self.group:
             argv += ["--group", self.group]
@@ -120,8 +133,8 @@ class Daemon:
 @contextlib.contextmanager
 def running_daemon(home: Path, **kwargs: Any) -> Iterator[Daemon]:
     daemon = Daemon(home, **kwargs)
-    daemon.start()
     try:
+        daemon.start()
         yield daemon
     finally:
         daemon.stop()

@@ -251,3 +251,41 @@ def test_the_remote_sdk_moves_files_and_bundles_and_has_an_async_twin(
     assert {"courier", "courier-copy"} <= set(asyncio.run(async_side()))
     copy.delete()
     vm.delete()
+
+
+def test_network_metrics_count_what_a_vm_sends_and_receives(image_home: Path) -> None:
+    """The daemon in a network namespace of its own (bridges and taps stay there)."""
+    import subprocess
+
+    namespace = f"vmk-metrics-{os.getpid() % 100000}"
+    subprocess.run(["ip", "netns", "add", namespace], check=True)
+    try:
+        subprocess.run(["ip", "-n", namespace, "link", "set", "lo", "up"], check=True)
+        with new_home(image_home) as home:
+            daemon = Daemon(home, prefix=("ip", "netns", "exec", namespace))
+            try:
+                daemon.start()
+                host = daemon.local()
+                net = host.create_network("mnet", mode="isolated")
+                vm = host.create("talker", networks=["mnet"], start=True, wait=True)
+                ping = vm.exec(["sh", "-c", f"ping -c 5 -W 2 {net.gateway}"], timeout=60)
+                assert ping.exit_code == 0, ping.stdout + ping.stderr
+                with daemon.unix_http() as client:
+                    text = client.get("/1.0/metrics").text
+                counters = {}
+                for line in text.splitlines():
+                    if line.startswith("vmkit_vm_network_") and 'vm="talker"' in line:
+                        name, value = line.rsplit(" ", 1)
+                        counters[name] = float(value)
+                for direction in ("sent", "received"):
+                    key = (f'vmkit_vm_network_bytes_total{{direction="{direction}",'
+                           f'network="mnet",vm="talker"}}')
+                    assert counters.get(key, 0) > 5 * 84, (key, counters)  # 5 pings at least
+                    packets = key.replace("_bytes_", "_packets_")
+                    assert counters.get(packets, 0) >= 5, (packets, counters)
+                vm.delete(force=True)
+                host.delete_network("mnet")
+            finally:
+                daemon.stop()
+    finally:
+        subprocess.run(["ip", "netns", "del", namespace], check=False)

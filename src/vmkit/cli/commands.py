@@ -223,6 +223,9 @@ def create(
     autostart: Annotated[bool, typer.Option(
         "--autostart", help="the daemon starts it when the daemon starts (once per boot)")
                          ] = False,
+    cpu_model: Annotated[str, typer.Option(
+        help="guest CPU model (default qemu64; vmkit cpu-baseline names one a group of hosts "
+             "all run)")] = "qemu64",
 ) -> None:
     """Create a VM (a folder under VMKIT_HOME/vms).
 
@@ -243,7 +246,7 @@ def create(
                          full_copy=full_copy, accel=accel, max_cpus=max_cpus,
                          max_memory=max_memory, hostname=hostname, ssh_keys=ssh_key or [],
                          user_data=text, networks=network or [], ports=port or [],
-                         restart=restart, autostart=autostart)
+                         restart=restart, autostart=autostart, cpu_model=cpu_model)
     render.err.print(f"created VM {name}")
     if start:
         _start(vm.name, wait, timeout)
@@ -1036,6 +1039,35 @@ def remote_list(format: FormatOpt = Format.table) -> None:
     render.table(["NAME", "URL", "AUTH"],
                  [[n, e["url"], "client certificate" if e.get("client_cert") else "token"]
                   for n, e in sorted(data.items())])
+
+
+@app.command("cpu-baseline")
+def cpu_baseline(
+    remotes_: Annotated[list[str], typer.Argument(
+        metavar="REMOTE...", help="remotes (vmkit remote add); 'local' is this host")],
+    format: FormatOpt = Format.table,
+) -> None:
+    """The newest CPU model every given host runs with all its features: create VMs with it
+    (then edit nothing) and they can move among these hosts.
+
+    Example: vmkit cpu-baseline local lab-a lab-b
+    """
+    from vmkit.client import remotes
+    from vmkit.model.hardware import cpu_baseline as baseline
+
+    found = {}
+    for name in dict.fromkeys(remotes_):
+        host = Host(lock_timeout=_state["lock_timeout"]) if name == "local" \
+            else remotes.open_remote(name)
+        found[name] = host.capabilities()
+    model = baseline(caps.cpu_models for caps in found.values())
+    if format is Format.json:
+        render.print_json({"cpu_model": model, "hosts": {
+            n: {"accel": c.accel, "qemu": c.qemu_version} for n, c in found.items()}})
+        return
+    print(model)
+    render.err.print("hosts: " + ", ".join(f"{n} (QEMU {c.qemu_version}, {c.accel})"
+                                          for n, c in found.items()))
 
 
 @remote_app.command("remove")

@@ -17,6 +17,7 @@ methods that use them."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import functools
 import os
 import time
@@ -31,6 +32,7 @@ from vmkit.model.state import VmState
 if TYPE_CHECKING:
     import httpx
 
+    from vmkit.model.hardware import HostCapabilities
     from vmkit.model.network import Nic
     from vmkit.model.restart import RestartPolicy
     from vmkit.model.views import (
@@ -117,6 +119,19 @@ class Connection:
 
     def follow(self, location: str, *, progress: Callable[[dict[str, Any]], None] | None = None,
                timeout: float = OPERATION_TIMEOUT) -> Any:
+        """Wait for the operation's end. Interrupted (Ctrl-C), a cancellable operation is
+        cancelled on the daemon, as if it had run here."""
+        try:
+            return self._follow(location, progress=progress, timeout=timeout)
+        except KeyboardInterrupt:
+            with contextlib.suppress(Exception):
+                if self.metadata("GET", location).get("may_cancel"):
+                    self.request("DELETE", location)
+            raise
+
+    def _follow(self, location: str, *,
+                progress: Callable[[dict[str, Any]], None] | None = None,
+                timeout: float = OPERATION_TIMEOUT) -> Any:
         deadline = time.monotonic() + timeout
         while True:
             left = deadline - time.monotonic()
@@ -227,13 +242,13 @@ class RemoteHost:
                max_memory: int | str | None = None, hostname: str | None = None,
                ssh_keys: Iterable[str | Path] = (), user_data: str | None = None,
                networks: Iterable[str] = (), ports: Iterable[str] = (), restart: str = "no",
-               autostart: bool = False) -> RemoteVM:
+               autostart: bool = False, cpu_model: str = "qemu64") -> RemoteVM:
         body = {"name": name, "image": image, "cpus": cpus, "memory": memory, "disk": disk,
                 "full_copy": full_copy, "accel": accel, "start": start, "wait": wait,
                 "timeout": timeout, "max_cpus": max_cpus, "max_memory": max_memory,
                 "hostname": hostname, "ssh_keys": _key_lines(ssh_keys),
                 "user_data": user_data, "networks": list(networks), "ports": list(ports),
-                "restart": restart, "autostart": autostart}
+                "restart": restart, "autostart": autostart, "cpu_model": cpu_model}
         self.connection.run("POST", "/1.0/vms", json=body)
         return self.get(name)
 
@@ -296,6 +311,12 @@ class RemoteHost:
     def doctor(self) -> dict[str, Any]:
         result: dict[str, Any] = self.connection.metadata("GET", "/1.0/host/doctor")
         return result
+
+    def capabilities(self) -> HostCapabilities:
+        from vmkit.model.hardware import HostCapabilities
+
+        return HostCapabilities.model_validate(
+            self.connection.metadata("GET", "/1.0/host/capabilities"))
 
     def capacity_report(self) -> dict[str, Any]:
         result: dict[str, Any] = self.connection.metadata("GET", "/1.0/host/capacity")
@@ -480,6 +501,13 @@ class RemoteVM:
         self._run("POST", f"{self._path}/clone", json={
             "target": target, "linked": linked, "from_snapshot": from_snapshot, "live": live})
         return self.host.get(target)
+
+    def check_move(self, destination: HostCapabilities, *, name: str | None = None
+                   ) -> list[str]:
+        reasons: list[str] = self._c.metadata(
+            "POST", f"{self._path}/check-move", params={"name": name} if name else {},
+            json=destination.model_dump(mode="json"))
+        return reasons
 
     def export(self, path: str | Path, *,
                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:

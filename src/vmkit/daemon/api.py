@@ -56,6 +56,7 @@ from vmkit.model.api import (
     Sync,
 )
 from vmkit.model.cloudinit import KEY_TYPES
+from vmkit.model.hardware import HostCapabilities
 from vmkit.model.names import validate_name
 from vmkit.model.network import Nic
 from vmkit.model.resources import Policy
@@ -243,7 +244,8 @@ def build_app(service: Service) -> FastAPI:
                              max_cpus=body.max_cpus, max_memory=body.max_memory,
                              hostname=body.hostname, ssh_keys=body.ssh_keys,
                              user_data=body.user_data, networks=body.networks,
-                             ports=body.ports, restart=body.restart, autostart=body.autostart)
+                             ports=body.ports, restart=body.restart, autostart=body.autostart,
+                             cpu_model=body.cpu_model)
             if body.start:
                 op.report(stage="starting")
                 vm.start()
@@ -335,6 +337,14 @@ def build_app(service: Service) -> FastAPI:
     @app.post("/1.0/vms/{name}/exec", response_model=Sync[dict[str, Any]], responses=_ERRORS)
     def exec_sync(name: str, body: ExecRequest) -> dict[str, Any]:
         return _sync(_exec(vm_of(name), body))
+
+    @app.post("/1.0/vms/{name}/check-move", response_model=Sync[list[str]], responses=_ERRORS)
+    def check_move(name: str, body: HostCapabilities, target: str | None = Query(
+            default=None, alias="name", max_length=63)) -> dict[str, Any]:
+        """Every reason this VM cannot move to the host `body` describes (its capabilities)."""
+        if target is not None:
+            validate_name(target)
+        return _sync(vm_of(name).check_move(body, name=target))
 
     @app.get("/1.0/vms/{name}/log", response_class=PlainTextResponse, responses=_ERRORS)
     def serial_log(name: str) -> Response:
@@ -537,6 +547,11 @@ def build_app(service: Service) -> FastAPI:
     @app.get("/1.0/host/doctor", response_model=Sync[dict[str, Any]], responses=_ERRORS)
     def doctor() -> dict[str, Any]:
         return _sync(host.doctor())
+
+    @app.get("/1.0/host/capabilities", response_model=Sync[HostCapabilities],
+             responses=_ERRORS)
+    def capabilities() -> dict[str, Any]:
+        return _sync(host.capabilities())
 
     @app.get("/1.0/host/capacity", response_model=Sync[dict[str, Any]], responses=_ERRORS)
     def capacity() -> dict[str, Any]:

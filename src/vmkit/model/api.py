@@ -39,6 +39,7 @@ class CreateRequest(_Request):
     ports: list[str] = Field(default_factory=list, max_length=64)
     restart: RestartMode = "no"
     autostart: bool = False
+    cpu_model: str = Field(default="qemu64", max_length=64)
 
 
 StateAction = Literal["start", "stop", "kill", "restart", "pause", "resume"]

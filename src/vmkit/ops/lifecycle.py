@@ -345,7 +345,7 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
            max_memory: int | str | None = None, hostname: str | None = None,
            ssh_keys: Iterable[str | Path] = (), user_data: str | None = None,
            networks: Iterable[str] = (), ports: Iterable[str] = (), restart: str = "no",
-           autostart: bool = False) -> VM:
+           autostart: bool = False, cpu_model: str = "qemu64") -> VM:
     """The create operation; the parameters are documented on the SDK's Host.create."""
     spec = make_spec(name, image, cpus, memory, disk, full_copy=full_copy, accel=accel)
     restart_policy = RestartPolicy(mode=parse_mode(restart), autostart=autostart)
@@ -386,6 +386,8 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
         raise InvalidValue("invalid accel 'kvm': /dev/kvm does not exist on this host",
                            hint="use --accel tcg or auto")
     machine = hostinfo.resolve_machine(DEFAULT_MACHINE)
+    if cpu_model != "qemu64":
+        _check_cpu_model(host, cpu_model)
     image_dir = host.layout.image(info.name)
 
     vm_uuid = new_uuid()
@@ -405,8 +407,9 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
         return VmConfig(
             uuid=vm_uuid, mac=new_mac(), created_at=time.time(), spec=spec,
             # SeaBIOS: qboot cannot run the ACPI WRITE_POINTER step vmgenid needs
-            hardware=HardwareProfile(machine=machine, hotplug_ports=HOTPLUG_SPARE,
-                                     firmware="seabios", vmgenid=True),
+            hardware=HardwareProfile(machine=machine, cpu_model=cpu_model,
+                                     hotplug_ports=HOTPLUG_SPARE, firmware="seabios",
+                                     vmgenid=True),
             boot=BootConfig(kernel="boot/vmlinuz", initrd="boot/initrd.img",
                             cmdline=with_hostname(info.cmdline, hostname)),
             backing_file=None if spec.full_copy else str(image_dir / info.root_disk),
@@ -427,6 +430,19 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
     if start:
         _start_vm(vm, wait=wait, timeout=timeout)
     return vm
+
+
+def _check_cpu_model(host: Host, cpu_model: str) -> None:
+    """A CPU model this host's QEMU knows and its accelerator gives with every feature."""
+    accel = host.accel().accel
+    _machines, models = hostinfo.probe_capabilities(accel)
+    if cpu_model not in models:
+        raise InvalidValue(f"invalid cpu-model {cpu_model!r}: QEMU does not know it",
+                           hint="see qemu-system-x86_64 -cpu help, or vmkit cpu-baseline")
+    if models[cpu_model]:
+        raise InvalidValue(f"invalid cpu-model {cpu_model!r}: this host ({accel}) cannot give "
+                           f"its features {', '.join(models[cpu_model])}",
+                           hint="vmkit cpu-baseline local names the newest model it runs")
 
 
 def set_restart_policy(vm: VM, *, mode: str | None = None, max_restarts: int | None = None,

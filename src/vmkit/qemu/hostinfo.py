@@ -105,3 +105,43 @@ def machine_types() -> frozenset[str]:
     """Every machine type name this QEMU accepts: versioned names and their aliases."""
     aliases = machine_aliases()
     return frozenset(aliases) | frozenset(aliases.values())
+
+
+PROBE_TIMEOUT = 30.0
+
+
+@functools.cache
+def probe_capabilities(accel: str) -> tuple[tuple[str, ...], dict[str, tuple[str, ...]]]:
+    """What this QEMU offers under `accel`, from QMP on a machine-less QEMU: (the versioned
+    machine types (query-machines), and per CPU model the features the accelerator cannot
+    give it (query-cpu-definitions `unavailable-features`; empty = usable))."""
+    import json
+
+    path = qemu_path()
+    if path is None:
+        raise HostError(f"{QEMU_BINARY} is not installed", hint=INSTALL_HINT)
+    commands = "".join(json.dumps({"execute": name}) + "\n" for name in (
+        "qmp_capabilities", "query-machines", "query-cpu-definitions", "quit"))
+    done = subprocess.run([path, "-machine", "none", "-accel", accel, "-nodefaults",
+                           "-nographic", "-display", "none", "-qmp", "stdio"],
+                          input=commands, capture_output=True, text=True,
+                          timeout=PROBE_TIMEOUT, check=False)
+    machines: list[str] = []
+    cpus: dict[str, tuple[str, ...]] = {}
+    for line in done.stdout.splitlines():
+        try:
+            answer = json.loads(line)
+        except ValueError:
+            continue
+        result = answer.get("return") if isinstance(answer, dict) else None
+        if not isinstance(result, list) or not result:
+            continue
+        if "cpu-max" in result[0]:
+            machines = [str(m["name"]) for m in result]
+        elif "typename" in result[0]:
+            cpus = {str(c["name"]): tuple(str(f) for f in c.get("unavailable-features") or ())
+                    for c in result}
+    if not machines or not cpus:
+        raise HostError(f"cannot read what QEMU offers under {accel}: "
+                        f"{done.stderr.strip()[-300:] or 'no answer on QMP'}")
+    return tuple(sorted(machines)), cpus
