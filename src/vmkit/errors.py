@@ -7,6 +7,7 @@
     │   ├── AlreadyExists       a VM or image of that name exists
     │   ├── InvalidState        the operation is not allowed in the VM's current state
     │   ├── AdmissionRefused    starting would exceed the host's partitioning policy
+    │   ├── TooLarge            an upload larger than the host can take
     │   └── AuthError           the host service refused the caller's credentials
     ├── LockTimeout             another vmkit process holds the VM's lock
     ├── QemuError               QEMU failed to start, died, or refused a command
@@ -99,6 +100,10 @@ class Cancelled(VmkitError):
     """An operation was cancelled at a user's request (between two of its steps)."""
 
 
+class TooLarge(RequestError):
+    """An upload larger than the host can take (HTTP 413)."""
+
+
 class AuthError(RequestError):
     """The host service refused the caller: no or bad credentials (HTTP 401/403)."""
 
@@ -110,7 +115,7 @@ class BrokenVm(VmkitError):
 #: HTTP status of each error class in the host service's API (the most specific class wins):
 #: 4xx = the request was wrong (CLI exit 2), 5xx = the operation failed (CLI exit 1).
 HTTP_STATUS: dict[str, int] = {
-    "InvalidValue": 400, "AuthError": 401, "NotFound": 404, "AlreadyExists": 409,
+    "InvalidValue": 400, "TooLarge": 413, "AuthError": 401, "NotFound": 404, "AlreadyExists": 409,
     "InvalidState": 409, "AdmissionRefused": 409, "RequestError": 400, "LockTimeout": 503,
     "OperationTimeout": 504, "Cancelled": 500, "QemuError": 500, "AgentError": 502,
     "HostError": 500, "ImageBuildError": 500, "BrokenVm": 500, "VmkitError": 500,
@@ -153,5 +158,5 @@ def os_errors(what: str) -> Iterator[None]:
 _CLASSES: dict[str, type[VmkitError]] = {
     cls.__name__: cls for cls in (
         VmkitError, RequestError, InvalidValue, NotFound, AlreadyExists, InvalidState,
-        AdmissionRefused, AuthError, LockTimeout, QemuError, AgentError, OperationTimeout,
+        AdmissionRefused, AuthError, TooLarge, LockTimeout, QemuError, AgentError, OperationTimeout,
         HostError, ImageBuildError, Cancelled, BrokenVm)}

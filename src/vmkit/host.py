@@ -125,6 +125,11 @@ class VM(engine.VM):
     def start(self, *, wait: bool = False, timeout: float = AGENT_READY_TIMEOUT) -> VM:
         return cast(VM, lifecycle.start(self, wait=wait, timeout=timeout))
 
+    def start_after_exit(self, exit_key: str) -> VM:
+        """Start only if the VM's last exit is still `exit_key` (what a restart policy does:
+        a user who started or stopped the VM since has the last word)."""
+        return cast(VM, lifecycle.start(self, only_after_exit=exit_key))
+
     def stop(self, *, timeout: float = STOP_TIMEOUT) -> VM:
         """ACPI power-off; if the guest has not gone within `timeout`, kill QEMU."""
         return cast(VM, lifecycle.stop(self, timeout=timeout))
@@ -163,9 +168,12 @@ class VM(engine.VM):
         return lifecycle.console_socket(self)
 
     def read_log(self, *, follow: bool = False, poll: float = 0.2,
-                 should_stop: Callable[[], bool] | None = None) -> Iterator[bytes]:
-        """The serial log; with follow, keep yielding what the guest writes next."""
-        return lifecycle.read_log(self, follow=follow, poll=poll, should_stop=should_stop)
+                 should_stop: Callable[[], bool] | None = None,
+                 offset: int = 0) -> Iterator[bytes]:
+        """The serial log from byte `offset`; with follow, keep yielding what the guest
+        writes next."""
+        return lifecycle.read_log(self, follow=follow, poll=poll, should_stop=should_stop,
+                                  offset=offset)
 
     def ssh_argv(self, command: list[str] | None = None, *,
                  batch: bool = False) -> list[str]:

@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,7 @@ class Daemon:
         else:
             raise AssertionError(f"daemon did not answer:\n{self.log.read_text()[-3000:]}")
         if not self.token:
-            done = cli(self.home, "token", "create", f"tests-{os.getpid()}-{id(self)}")
+            done = cli(self.home, "token", "create", f"tests-{uuid.uuid4().hex[:12]}")
             assert done.returncode == 0, done.stderr
             self.token = done.stdout.strip()
         return self

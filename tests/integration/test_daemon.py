@@ -289,3 +289,51 @@ def test_network_metrics_count_what_a_vm_sends_and_receives(image_home: Path) ->
                 daemon.stop()
     finally:
         subprocess.run(["ip", "netns", "del", namespace], check=False)
+
+
+def test_a_crash_while_the_vms_lock_is_held_is_still_restarted(daemon: Daemon,
+                                                                events: Events) -> None:
+    """The exit is seen (and not saved) while another command holds the VM's lock; saved
+    later by that command, it is the same exit: restarted once the lock is free."""
+    from vmkit import Host
+
+    vm = daemon.local().create("held", restart="on-failure", start=True, wait=True)
+    first = vm.status().pid
+    engine = Host(daemon.home)
+    with engine._vm_lock("held"):  # as a long snapshot or export would
+        os.kill(first or 0, signal.SIGKILL)
+        events.wait_for("held", "crashed", timeout=10)
+        time.sleep(3)  # the restart is due while the lock is held
+    events.wait_for("held", "restarted", timeout=60)
+    _wait_state(vm, VmState.RUNNING)
+    assert vm.status().pid != first
+    vm.delete(force=True)
+
+
+def test_a_restart_pending_when_the_daemon_dies_happens_when_it_is_back(
+        image_home: Path) -> None:
+    with new_home(image_home) as home:
+        daemon = Daemon(home)
+        try:
+            daemon.start()
+            vm = daemon.local().create("patient", restart="on-failure", start=True, wait=True)
+            listener = Events(daemon)
+            first = vm.status().pid
+            os.kill(first or 0, signal.SIGKILL)
+            listener.wait_for("patient", "restart-scheduled", timeout=10)
+            daemon.kill()  # within the 1 s backoff
+            listener.close()
+            engine_vm = vmkit_host(home).get("patient")
+            assert engine_vm.status().state is VmState.CRASHED
+            daemon.start()
+            _wait_state(daemon.local().get("patient"), VmState.RUNNING)
+            record = json.loads((home / "daemon" / "restarts.json").read_text())["patient"]
+            assert record["restarts"] == 1 and record["pending_exit"] is None
+        finally:
+            daemon.stop()
+
+
+def vmkit_host(home: Path) -> object:
+    from vmkit import Host
+
+    return Host(home)

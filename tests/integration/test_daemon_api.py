@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -171,7 +172,7 @@ def test_schemathesis_finds_no_server_error_and_no_schema_mismatch(daemon: Daemo
         [sys.executable, "-m", "schemathesis.cli", "run", f"{daemon.url}/1.0/openapi.json",
          "--url", daemon.url, "-H", f"Authorization: Bearer {daemon.token}",
          "--tls-verify", "false", "--checks", "not_a_server_error,response_schema_conformance",
-         "--max-examples", "15", "--phases", "examples,coverage,fuzzing", "--workers", "2",
+         "--max-examples", "15", "--phases", "examples,coverage,fuzzing", "--workers", "1",
          "--request-timeout", "60",
          "--exclude-path-regex", UNSAFE_FOR_FUZZING,
          "--suppress-health-check", "all"],
@@ -219,3 +220,22 @@ def test_detach_writes_a_pidfile_and_stop_ends_it(image_home: Path) -> None:
         assert not Path(f"/proc/{pid}").exists()
         assert not socket_path.exists() and not pidfile.exists()
         assert cli(home, "list").returncode == 0  # and without it, the CLI runs the engine
+
+
+def test_revoking_a_token_closes_its_open_websockets(daemon: Daemon) -> None:
+    from websockets.exceptions import ConnectionClosed
+
+    token = cli(daemon.home, "token", "create", "watcher").stdout.strip()
+    context = ssl.create_default_context(cafile=str(daemon.server_cert))
+    context.check_hostname = False
+    with ws_connect(f"wss://{daemon.listen}/1.0/events", ssl=context,
+                    additional_headers={"Authorization": f"Bearer {token}"}) as events:
+        assert cli(daemon.home, "token", "revoke", "watcher").returncode == 0
+        started = time.monotonic()
+        with pytest.raises(ConnectionClosed) as closed:
+            while time.monotonic() - started < 15:
+                events.recv(timeout=15)
+        assert time.monotonic() - started < 10
+        assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
+    audit = (daemon.home / "daemon" / "audit.log").read_text()
+    assert "credentials revoked: closed" in audit

@@ -36,7 +36,7 @@ STATUS_SHAPE: dict[str, Any] = {
     "folder": None, "disk_mode": None, "qemu_status": None, "max_cpus": None,
     "max_memory": None, "guest": None, "hostname": None, "ssh": None, "broken": None,
     "last_exit": {"at": None, "reason": None, "status": None, "description": None,
-                  "log_tail": None},
+                  "log_tail": None, "run": None},
     "limits": {"cpu_weight": None, "cpu_limit": None, "disk_iops": None, "disk_bps": None,
                "pids": None},
     "usage": {"cpu_seconds": None, "cpu_percent_avg": None, "rss": None,

@@ -34,6 +34,7 @@ if TYPE_CHECKING:
 
     from vmkit.model.hardware import HostCapabilities
     from vmkit.model.network import Nic
+    from vmkit.model.resources import Allocation, HostCapacity, Policy
     from vmkit.model.restart import RestartPolicy
     from vmkit.model.views import (
         ExecResult,
@@ -318,6 +319,30 @@ class RemoteHost:
         return HostCapabilities.model_validate(
             self.connection.metadata("GET", "/1.0/host/capabilities"))
 
+    def capacity(self) -> HostCapacity:
+        from vmkit.model.resources import HostCapacity
+
+        return HostCapacity.model_validate(self.capacity_report()["capacity"])
+
+    def policy(self) -> Policy:
+        from vmkit.model.resources import Policy
+
+        return Policy.model_validate(self.capacity_report()["policy"])
+
+    def set_policy(self, policy: Policy) -> None:
+        self.connection.metadata("PUT", "/1.0/host/policy", json=policy.model_dump(mode="json"))
+
+    def allocated(self) -> Allocation:
+        from vmkit.model.resources import Allocation
+
+        return Allocation.model_validate(self.capacity_report()["allocated"])
+
+    def image(self, name: str) -> ImageInfo:
+        from vmkit.model.views import ImageInfo
+
+        return ImageInfo.model_validate(
+            self.connection.metadata("GET", f"/1.0/images/{quote(name, safe='')}"))
+
     def capacity_report(self) -> dict[str, Any]:
         result: dict[str, Any] = self.connection.metadata("GET", "/1.0/host/capacity")
         return result
@@ -420,13 +445,34 @@ class RemoteVM:
         target = Path(dest)
         if target.is_dir():
             target = target / Path(source).name
-        response = self._c.request("GET", f"{self._path}/files", params={"path": source},
-                                   timeout=timeout)
-        mode = int(response.headers.get("X-Vmkit-Mode", "0o644"), 8) & 0o755
-        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-        with os.fdopen(fd, "wb") as out:
-            out.write(response.content)
-        return len(response.content)
+        partial = target.with_name(f".{target.name}.vmkit-part")
+        size = 0
+        try:
+            partial.unlink(missing_ok=True)
+            # streamed to a new file of the caller's (never through a symlink), then renamed
+            # over the destination, as a local copy does
+            fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                         | os.O_CLOEXEC, 0o600)
+            with os.fdopen(fd, "wb") as out, self._c.client.stream(
+                    "GET", f"{self._path}/files", params={"path": source},
+                    timeout=timeout) as response:
+                if response.status_code >= 400:
+                    response.read()
+                    raise_for(response)
+                mode = int(response.headers.get("X-Vmkit-Mode", "0o600"), 8) & 0o755
+                for block in response.iter_bytes(1 << 20):
+                    out.write(block)
+                    size += len(block)
+                os.fchmod(out.fileno(), mode)
+            os.replace(partial, target)
+        except OSError as exc:
+            partial.unlink(missing_ok=True)
+            raise HostError(f"copying {self.name}:{source} to {target} failed: "
+                            f"{exc.strerror or exc}") from exc
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        return size
 
     def console_socket(self) -> Path:
         raise InvalidValue(f"VM {self.name!r} is on a remote host: its console socket is not "
@@ -435,11 +481,11 @@ class RemoteVM:
     def read_log(self, *, follow: bool = False, poll: float = 0.5,
                  should_stop: Callable[[], bool] | None = None) -> Iterator[bytes]:
         sent = 0
-        while True:
-            data = self._c.request("GET", f"{self._path}/log").content
-            if len(data) > sent:
-                yield data[sent:]
-                sent = len(data)
+        while True:  # only what is new is asked for
+            data = self._c.request("GET", f"{self._path}/log", params={"offset": sent}).content
+            if data:
+                yield data
+                sent += len(data)
             if not follow or (should_stop is not None and should_stop()):
                 return
             time.sleep(poll)
@@ -475,7 +521,7 @@ class RemoteVM:
             ("restart", mode), ("max_restarts", max_restarts), ("autostart", autostart))
             if v is not None})
         config = self._c.metadata("GET", self._path, params={"query": "false"})
-        return RestartPolicy.model_validate(config.get("restart") or {})
+        return RestartPolicy.model_validate(config.get("restart_policy") or {})
 
     def snapshot(self, name: str, *, disk_only: bool = False) -> SnapshotInfo:
         from vmkit.model.views import SnapshotInfo

@@ -461,6 +461,7 @@ class VM:
         return RuntimeRecord(
             state=state, accel=record.accel, accel_reason=record.accel_reason,
             last_exit=ExitRecord(at=time.time(), reason=reason, status=status,
+                                 run=run_id(record.pid, record.start_ticks),
                                  description=description, log_tail=tail),
         )
 
@@ -846,6 +847,11 @@ class VM:
         return CgroupLimits(cpu_weight=spec.limits.cpu_weight, cpu_limit=spec.limits.cpu_limit,
                             memory=spec.memory_ceiling + QEMU_MEMORY_OVERHEAD,
                             pids=spec.limits.pids)
+
+
+def run_id(pid: int | None, start_ticks: int | None) -> str | None:
+    """One QEMU run: its pid and start time (pids are reused, the pair is not)."""
+    return f"{pid}@{start_ticks}" if pid is not None and start_ticks is not None else None
 
 
 def guest_file_mode(text: str) -> int:

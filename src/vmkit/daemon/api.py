@@ -36,7 +36,7 @@ from vmkit.daemon import auth
 from vmkit.daemon.metrics import build_registry
 from vmkit.daemon.operations import Operation
 from vmkit.daemon.service import Service
-from vmkit.errors import InvalidValue, NotFound, VmkitError, http_status_for
+from vmkit.errors import InvalidValue, NotFound, TooLarge, VmkitError, http_status_for
 from vmkit.host import VM
 from vmkit.model.api import (
     API_VERSION,
@@ -60,7 +60,8 @@ from vmkit.model.hardware import HostCapabilities
 from vmkit.model.names import validate_name
 from vmkit.model.network import Nic
 from vmkit.model.resources import Policy
-from vmkit.model.restart import summary
+from vmkit.model.state import Operation as VmOperation
+from vmkit.model.state import check_transition
 from vmkit.model.views import (
     ExecResult,
     ImageInfo,
@@ -72,10 +73,11 @@ from vmkit.model.views import (
 
 VERSION = "0.2.0"
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
-UPLOAD_LIMIT = 1 << 40
+REVALIDATE = 2.0  # seconds between two checks of an open websocket's credentials
+SPOOL_RESERVE = 1 << 30  # an upload may not take the host's last GiB
 WAIT_LIMIT = 3600.0
 _ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 500, 502, 503, 504)}
+    code: {"model": ErrorBody} for code in (400, 401, 403, 404, 409, 413, 500, 502, 503, 504)}
 
 
 def _error(exc: VmkitError) -> JSONResponse:
@@ -135,6 +137,9 @@ class Gate:
                                      path=scope["path"], status=401)
             return
         scope.setdefault("state", {})["who"] = who
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send, who)
+            return
         started = time.perf_counter()
         status = {"code": 0}
 
@@ -152,9 +157,32 @@ class Gate:
                 self.latency.labels(scope["method"], template, str(status["code"])).observe(
                     time.perf_counter() - started)
                 if scope["method"] in MUTATING:
+                    # no status sent here: an internal error answered 500 outside this layer
                     self.service.audit.write(who=who, method=scope["method"],
-                                             path=scope["path"], status=status["code"],
+                                             path=scope["path"], status=status["code"] or 500,
                                              seconds=round(time.perf_counter() - started, 4))
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send, who: str) -> None:
+        """Audited (a console or an exec is a mutation), and watched: credentials revoked
+        while it is open close it within REVALIDATE seconds."""
+        self.service.audit.write(who=who, method="WEBSOCKET", path=scope["path"],
+                                 query=scope.get("query_string", b"").decode("latin-1")[:200])
+
+        async def watchdog() -> None:
+            while True:
+                await asyncio.sleep(REVALIDATE)
+                if await asyncio.to_thread(self.who, scope) is None:
+                    self.service.audit.write(who=who, method="WEBSOCKET", path=scope["path"],
+                                             status=401, note="credentials revoked: closed")
+                    with contextlib.suppress(Exception):
+                        await send({"type": "websocket.close", "code": 4401})
+                    return
+
+        task = asyncio.create_task(watchdog())
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            task.cancel()
 
 
 def build_app(service: Service) -> FastAPI:
@@ -205,7 +233,7 @@ def build_app(service: Service) -> FastAPI:
 
     def with_restarts(status: dict[str, Any]) -> dict[str, Any]:
         """A VM's status plus what the supervisor remembers of its restarts."""
-        return {**status, "restarts": summary(service.supervisor.state.get(status["name"]))}
+        return {**status, "restarts": service.supervisor.summary(status["name"])}
 
     def vm_of(name: str) -> VM:
         return host.get(name)
@@ -347,9 +375,11 @@ def build_app(service: Service) -> FastAPI:
         return _sync(vm_of(name).check_move(body, name=target))
 
     @app.get("/1.0/vms/{name}/log", response_class=PlainTextResponse, responses=_ERRORS)
-    def serial_log(name: str) -> Response:
-        """Streamed as it is read: what a guest writes to its console is never held whole."""
-        return StreamingResponse(vm_of(name).read_log(), media_type="text/plain; charset=utf-8")
+    def serial_log(name: str, offset: Annotated[int, Query(ge=0)] = 0) -> Response:
+        """Streamed as it is read, from byte `offset` on: what a guest writes to its console
+        is never held whole."""
+        return StreamingResponse(vm_of(name).read_log(offset=offset),
+                                 media_type="text/plain; charset=utf-8")
 
     @app.put("/1.0/vms/{name}/files", response_model=Sync[dict[str, Any]], responses=_ERRORS)
     async def push_file(request: Request, name: str,
@@ -357,6 +387,8 @@ def build_app(service: Service) -> FastAPI:
                         mode: Annotated[int, Query(ge=0, le=0o7777)] = 0o644,
                         ) -> dict[str, Any]:
         vm = await asyncio.to_thread(vm_of, name)
+        state = await asyncio.to_thread(lambda: vm.state)
+        check_transition(name, state, VmOperation.EXEC)  # before taking the upload
         spool = await _receive(request, service.paths.spool)
         try:
             os.chmod(spool, mode & 0o777)
@@ -501,6 +533,10 @@ def build_app(service: Service) -> FastAPI:
     @app.get("/1.0/images", response_model=Sync[list[ImageInfo]], responses=_ERRORS)
     def list_images() -> dict[str, Any]:
         return _sync(host.images())
+
+    @app.get("/1.0/images/{image}", response_model=Sync[ImageInfo], responses=_ERRORS)
+    def get_image(image: str) -> dict[str, Any]:
+        return _sync(host.image(image))
 
     @app.post("/1.0/images", status_code=202, response_model=Async, responses=_ERRORS)
     def build_image(request: Request, body: ImageBuildRequest) -> JSONResponse:
@@ -686,6 +722,11 @@ def _exec(vm: VM, body: ExecRequest) -> dict[str, Any]:
 
 async def _receive(request: Request, spool: Path) -> Path:
     """The request body streamed to a private file in the spool (never held in memory)."""
+    limit = shutil.disk_usage(spool).free - SPOOL_RESERVE
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise TooLarge(f"upload of {declared} bytes refused: the host has room for "
+                       f"{max(0, limit)} (it keeps 1 GiB free)")
     fd, name = tempfile.mkstemp(dir=spool, prefix="upload-")
     path = Path(name)
     size = 0
@@ -693,8 +734,9 @@ async def _receive(request: Request, spool: Path) -> Path:
         with os.fdopen(fd, "wb") as out:
             async for chunk in request.stream():
                 size += len(chunk)
-                if size > UPLOAD_LIMIT:
-                    raise InvalidValue("upload too large")
+                if size > limit:
+                    raise TooLarge(f"upload refused after {size} bytes: the host has room "
+                                   f"for {max(0, limit)} (it keeps 1 GiB free)")
                 await asyncio.to_thread(out.write, chunk)
     except BaseException:
         path.unlink(missing_ok=True)

@@ -54,8 +54,7 @@ class VmCollector(Collector):
                 status = vm.status()
                 for each in VmState:
                     state.add_metric([vm.name, each.value], 1.0 if status.state is each else 0.0)
-                restarts.add_metric([vm.name], float(
-                    self.service.supervisor.entry(vm.name).get("restarts", 0)))
+                restarts.add_metric([vm.name], float(self.service.supervisor.restarts(vm.name)))
                 if status.state not in (VmState.RUNNING, VmState.PAUSED):
                     continue
                 usage = vm.usage()

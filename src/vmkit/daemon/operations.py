@@ -53,6 +53,7 @@ class Operation:
         self._registry = registry
         self._waiters: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
         self._last_progress = 0.0
+        self._state_lock = threading.Lock()
 
     @property
     def final(self) -> bool:
@@ -96,13 +97,21 @@ class Operation:
         view = self.view().model_dump(mode="json")
         return {"operation": view, "vm": self.vms[0] if self.vms else None}
 
-    def _set(self, status: str) -> None:
-        self.status = status
-        self.updated_at = time.time()
+    def _set(self, status: str, *, unless_final: bool = False) -> bool:
+        """Move to `status` (a final status is never left); False when nothing changed."""
+        with self._state_lock:
+            if self.final or (unless_final and self.status == status):
+                return False
+            self.status = status
+            self.updated_at = time.time()
+        self._announce()
+        return True
+
+    def _announce(self) -> None:
         self._registry.bus.publish("operation", **self._event())
         if self.final:
             self._done.set()
-            for loop, event in self._waiters:
+            for loop, event in list(self._waiters):
                 with contextlib.suppress(RuntimeError):
                     loop.call_soon_threadsafe(event.set)
 
@@ -114,12 +123,17 @@ class Operation:
         if self.final:
             return True
         event = asyncio.Event()
-        self._waiters.append((asyncio.get_running_loop(), event))
-        if self.final:
-            return True
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(event.wait(), timeout)
-        return self.final
+        waiter = (asyncio.get_running_loop(), event)
+        self._waiters.append(waiter)
+        try:
+            if self.final:
+                return True
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(event.wait(), timeout)
+            return self.final
+        finally:
+            with contextlib.suppress(ValueError):
+                self._waiters.remove(waiter)
 
 
 class Registry:
@@ -129,17 +143,18 @@ class Registry:
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="vmkit-op")
         self.on_finished: list[Callable[[Operation], None]] = []
+        self.on_forgotten: list[Callable[[Operation], None]] = []
 
     def submit(self, kind: str, description: str, work: Callable[[Operation], Any], *,
                vms: list[str] | None = None, may_cancel: bool = False,
-               requestor: str = "") -> Operation:
+               requestor: str = "", pool: ThreadPoolExecutor | None = None) -> Operation:
         op = Operation(self, kind, description, vms=vms or [], may_cancel=may_cancel,
                        requestor=requestor)
         with self._lock:
             self._forget_old()
             self._ops[op.id] = op
         self.bus.publish("operation", **op._event())
-        self._pool.submit(self._run, op, work)
+        (pool or self._pool).submit(self._run, op, work)
         return op
 
     def _run(self, op: Operation, work: Callable[[Operation], Any]) -> None:
@@ -178,7 +193,7 @@ class Registry:
             return
         op.cancel_requested.set()
         if op.status == "running":
-            op._set("cancelling")
+            op._set("cancelling", unless_final=True)
 
     def running(self) -> list[Operation]:
         return [op for op in self.all() if not op.final]
@@ -186,7 +201,10 @@ class Registry:
     def _forget_old(self) -> None:
         limit = time.time() - KEEP_FINISHED
         for op_id in [i for i, o in self._ops.items() if o.final and o.updated_at < limit]:
-            del self._ops[op_id]
+            op = self._ops.pop(op_id)
+            for hook in self.on_forgotten:
+                with contextlib.suppress(Exception):
+                    hook(op)
 
     def shutdown(self) -> None:
         for op in self.running():

@@ -33,6 +33,9 @@ from vmkit.host import Host
 DEFAULT_SOCKET = Path("/run/vmkit/vmkit.sock")
 DEFAULT_PIDFILE = Path("/run/vmkit/vmkitd.pid")
 DETACH_TIMEOUT = 30.0
+MAX_CONNECTIONS = 1000  # beyond this uvicorn answers 503; descriptors stay for the VMs' pidfds
+TLS_HANDSHAKE_TIMEOUT = 10.0
+STOP_GRACE = 10.0  # seconds running operations get at SIGTERM before the process ends
 
 
 @dataclass(frozen=True)
@@ -132,6 +135,7 @@ def _tls_context(service: Service, host: str) -> ssl.SSLContext:
 def serve(host: Host, options: DaemonOptions, *, ready: Any = None) -> None:
     """Run the daemon in this process until SIGTERM/SIGINT."""
     gid = _group_id(options.group)
+    _raise_file_limit()
     service = Service(host, paths_for(host), group=gid)
     service.acquire()
     unix_sock = _bind_unix(options.socket, gid)
@@ -154,7 +158,11 @@ def serve(host: Host, options: DaemonOptions, *, ready: Any = None) -> None:
     if options.pidfile:
         options.pidfile.parent.mkdir(parents=True, exist_ok=True)
         options.pidfile.write_text(f"{os.getpid()}\n")
-    service.start()
+    try:
+        service.start()
+    except BaseException:
+        _remove(options)
+        raise
     # operations run in worker threads; a short GIL switch interval keeps the event loop (every
     # read) from waiting behind them for whole 5 ms slices
     sys.setswitchinterval(0.0005)
@@ -162,7 +170,8 @@ def serve(host: Host, options: DaemonOptions, *, ready: Any = None) -> None:
     protocol = _protocol_class(gid)
     common: dict[str, Any] = {"lifespan": "off", "http": protocol, "ws": "websockets-sansio",
                               "log_level": "warning", "access_log": False,
-                              "timeout_graceful_shutdown": 3}
+                              "timeout_graceful_shutdown": 3, "proxy_headers": False,
+                              "limit_concurrency": MAX_CONNECTIONS}
     main = _Quiet(uvicorn.Config(app, **common))
     servers = [main.serve(sockets=[unix_sock])]
     secure = None
@@ -189,12 +198,33 @@ def serve(host: Host, options: DaemonOptions, *, ready: Any = None) -> None:
     try:
         asyncio.run(run())
     finally:
-        service.stop()
+        service.stop(grace=STOP_GRACE)
+        _remove(options)
+    # an operation still running after the grace is cut here, as a kill would cut it: its
+    # journal finishes or undoes it at the next start (waiting for it would keep the
+    # daemon's lock and its socket's name from the next daemon)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _remove(options: DaemonOptions) -> None:
+    with contextlib.suppress(FileNotFoundError):
+        options.socket.unlink()
+    if options.pidfile:
         with contextlib.suppress(FileNotFoundError):
-            options.socket.unlink()
-        if options.pidfile:
-            with contextlib.suppress(FileNotFoundError):
-                options.pidfile.unlink()
+            options.pidfile.unlink()
+
+
+def _raise_file_limit() -> None:
+    """Descriptors: one pidfd per live VM plus every connection; the soft limit goes up to
+    the hard one."""
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
 async def _serve_tls(server: uvicorn.Server, sock: socket.socket,
@@ -210,7 +240,8 @@ async def _serve_tls(server: uvicorn.Server, sock: socket.socket,
         return config.http_protocol_class(  # type: ignore[call-arg]
             config=config, server_state=server.server_state, app_state={})
 
-    listener = await loop.create_server(factory, sock=sock, ssl=context, backlog=128)
+    listener = await loop.create_server(factory, sock=sock, ssl=context, backlog=128,
+                                        ssl_handshake_timeout=TLS_HANDSHAKE_TIMEOUT)
     server.servers = [listener]
     server.started = True
     await server.main_loop()
@@ -253,8 +284,13 @@ def stop_daemon(pidfile: Path, timeout: float = 30.0) -> int | None:
     """SIGTERM the daemon of `pidfile` and wait for it to go; its VMs keep running."""
     try:
         pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
-        return None
+        return None  # no pid file, or its process is gone
+    if (b"vmkit.cli.main" not in cmdline and not any(a.endswith(b"vmkit") for a in cmdline)) \
+            or b"daemon" not in cmdline:
+        raise HostError(f"pid {pid} in {pidfile} is not a vmkit daemon: not signalled",
+                        hint=f"remove the stale pid file {pidfile}")
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, signal.SIGTERM)
     deadline = time.monotonic() + timeout

@@ -8,6 +8,7 @@ import contextlib
 import fcntl
 import json
 import os
+import shutil
 import threading
 import time
 from dataclasses import dataclass, field
@@ -114,6 +115,9 @@ class Service:
         # the watcher keeps the cache warm, so a request rarely reads a VM's files itself
         self.watcher.after_scan.append(lambda: self.statuses.refresh(self.statuses.stale()))
         self.operations.on_finished.append(lambda op: self.watcher.poke())
+        self.operations.on_finished.append(self._audit_result)
+        self.operations.on_forgotten.append(
+            lambda op: (self.paths.spool / f"export-{op.id}.vmkit").unlink(missing_ok=True))
         self.bus.hooks.append(self._forget_deleted)
         self._lock_fd: int | None = None
         self.started_at = time.time()
@@ -133,6 +137,11 @@ class Service:
 
     def start(self) -> None:
         """Adopt what runs, finish what a killed daemon (or CLI) left half-done, then watch."""
+        for leftover in self.paths.spool.iterdir():  # uploads and exports of a previous run
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
         self.recovered = self.host.recover()  # journal: roll forward or back
         for name in self.recovered:
             self.bus.publish("operation-recovered", vm=name)
@@ -148,19 +157,30 @@ class Service:
         os.chmod(tmp, 0o644)
         os.replace(tmp, self.paths.info)
 
-    def stop(self) -> None:
+    def stop(self, grace: float = 0.0) -> None:
+        """Stop watching; give running operations `grace` seconds (cancellable ones are
+        cancelled at once)."""
         self.supervisor.stop()
         self.watcher.stop()
         self.operations.shutdown()
+        deadline = time.monotonic() + grace
+        for op in self.operations.running():
+            op.wait_blocking(max(0.0, deadline - time.monotonic()))
         with contextlib.suppress(FileNotFoundError):
             self.paths.info.unlink()
+
+    def _audit_result(self, op: Any) -> None:
+        """How each operation a request started ended (the request's line says 202)."""
+        self.audit.write(who=op.requestor, operation=op.id, kind=op.kind,
+                         description=op.description, result=op.status,
+                         error=(op.error or {}).get("error"))
 
     def _forget_deleted(self, event: dict[str, Any]) -> None:
         """A VM deleted by anyone (the CLI too): its restart record goes with it."""
         if event["type"] == "lifecycle" and event["metadata"].get("action") == "deleted":
             self.supervisor.forget(event["metadata"]["vm"])
 
-    def _exited(self, name: str, seen: Seen, record: RuntimeRecord) -> None:
+    def _exited(self, name: str, seen: Seen | None, record: RuntimeRecord) -> None:
         self.supervisor.on_exit(name, seen, record)
 
 
@@ -173,7 +193,9 @@ class StatusCache:
 
     def __init__(self, host: Host):
         self.host = host
-        self._entries: dict[str, tuple[tuple[int, ...], dict[str, Any], float | None]] = {}
+        # name -> (files' identity, status, start time, QEMU's start ticks when live)
+        self._entries: dict[str, tuple[tuple[int, ...], dict[str, Any], float | None,
+                                       int | None]] = {}
         self._lock = threading.Lock()
 
     def _key(self, name: str) -> tuple[int, ...] | None:
@@ -189,7 +211,19 @@ class StatusCache:
                 del self._entries[gone]
             return [n for n in names
                     if (key := self._key(n)) is not None
-                    and (n not in self._entries or self._entries[n][0] != key)]
+                    and (n not in self._entries or self._entries[n][0] != key
+                         or not self._still_running(self._entries[n]))]
+
+    @staticmethod
+    def _still_running(entry: tuple[tuple[int, ...], dict[str, Any], float | None,
+                                    int | None]) -> bool:
+        """A live VM's QEMU is the one the status was read with (its exit may not be saved
+        yet when an operation holds the VM's lock)."""
+        _key, dumped, _started, ticks = entry
+        pid = dumped.get("pid")
+        if dumped.get("state") not in statuscache.LIVE or not isinstance(pid, int):
+            return True
+        return ticks is not None and statuscache.start_ticks(pid) == ticks
 
     def refresh(self, names: list[str]) -> None:
         """Compute the statuses of `names` (file reads: run it off the event loop)."""
@@ -203,16 +237,17 @@ class StatusCache:
                 continue
             dumped = status.model_dump(mode="json")
             started = time.time() - status.uptime if status.uptime is not None else None
+            ticks = statuscache.start_ticks(status.pid) if status.pid is not None else None
             with self._lock:
                 # keyed on what was read before the status: a change during it misses next time
-                self._entries[name] = (key, dumped, started)
+                self._entries[name] = (key, dumped, started, ticks)
 
     def one(self, name: str) -> dict[str, Any] | None:
         with self._lock:
             entry = self._entries.get(name)
         if entry is None:
             return None
-        _key, dumped, started = entry
+        _key, dumped, started, _ticks = entry
         return {**dumped, "uptime": time.time() - started} if started else dumped
 
     def listing(self) -> list[dict[str, Any]]:
@@ -220,6 +255,6 @@ class StatusCache:
         with self._lock:
             out = []
             for name in sorted(self._entries):
-                _key, dumped, started = self._entries[name]
+                _key, dumped, started, _ticks = self._entries[name]
                 out.append({**dumped, "uptime": now - started} if started else dumped)
             return out

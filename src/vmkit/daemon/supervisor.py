@@ -1,8 +1,13 @@
 """The supervisor: applies each VM's restart policy when its QEMU ends, and autostart.
 
-What it remembers per VM (restarts in a row, in total, the last reason, and which exit it has
-handled) is in daemon/restarts.json, so a daemon killed between a crash and its restart still
-restarts the VM after it comes back, and never twice for one exit."""
+An exit is identified by the run that ended (its QEMU's pid and start time), so the same exit
+seen twice — by the watcher, a scan, `catch_up` after a daemon restart — is handled once.
+What it remembers per VM is in VMKIT_HOME/daemon/restarts.json: restarts in a row and in
+total, the last decision's reason, the exit handled last and the exit whose restart is pending.
+A pending restart survives a daemon killed during its backoff (catch_up schedules it again).
+The restart itself starts the VM only if its last exit is still that one, checked under the
+VM's lock: a user who started or stopped it meanwhile always has the last word. A restart that
+fails counts as an attempt and the policy decides again (back off, or give up)."""
 
 from __future__ import annotations
 
@@ -12,11 +17,12 @@ import os
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vmkit.errors import VmkitError
-from vmkit.model.restart import STABLE_AFTER, decide
+from vmkit.model.restart import STABLE_AFTER, decide, summary
 from vmkit.model.runtime import RuntimeRecord
 from vmkit.model.state import LIVE_STATES, VmState
 
@@ -25,13 +31,17 @@ if TYPE_CHECKING:
     from vmkit.daemon.watcher import Seen
     from vmkit.host import VM
 
+WORKERS = 2  # restarts and autostarts never wait behind users' long operations
+
 
 class Supervisor:
     def __init__(self, service: Service, state_file: Path):
         self.service = service
         self.path = state_file
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._timers: dict[str, threading.Timer] = {}
+        self._inflight: set[str] = set()  # restarts due, their start not yet done
+        self.pool = ThreadPoolExecutor(max_workers=WORKERS, thread_name_prefix="vmkit-restart")
         self.state: dict[str, dict[str, Any]] = self._load()
 
     def _load(self) -> dict[str, dict[str, Any]]:
@@ -46,70 +56,115 @@ class Supervisor:
         tmp.write_text(json.dumps(self.state, indent=1))
         os.replace(tmp, self.path)
 
-    def entry(self, name: str) -> dict[str, Any]:
+    def _entry(self, name: str) -> dict[str, Any]:
         return self.state.setdefault(name, {"attempts": 0, "restarts": 0, "last_reason": None,
-                                            "handled_exit": None})
+                                            "handled_exit": None, "pending_exit": None})
+
+    def summary(self, name: str) -> dict[str, object] | None:
+        with self._lock:
+            return summary(self.state.get(name))
+
+    def restarts(self, name: str) -> int:
+        with self._lock:
+            return int((self.state.get(name) or {}).get("restarts", 0))
 
     # -- an exit ---------------------------------------------------------------------------
     def on_exit(self, name: str, seen: Seen | None, record: RuntimeRecord) -> None:
         exit_record = record.last_exit
         if exit_record is None or record.state in LIVE_STATES:
             return
-        bus = self.service.bus
+        key = exit_record.key
         with self._lock:
-            entry = self.entry(name)
-            if entry["handled_exit"] == exit_record.at:
+            entry = self._entry(name)
+            if entry.get("pending_exit") == key and (name in self._timers or
+                                                     name in self._inflight):
+                return  # already scheduled or starting
+            if entry.get("handled_exit") == key:
                 return
-            entry["handled_exit"] = exit_record.at
             if seen is not None and seen.started_at and \
                     exit_record.at - seen.started_at >= STABLE_AFTER:
                 entry["attempts"] = 0  # the run that ended was healthy
-            try:
-                policy = self.service.host.get(name).config.restart
-            except VmkitError:
-                self._save()
-                return
-            decision = decide(policy, exit_record.reason, entry["attempts"])
-            entry["last_reason"] = decision.reason
-            self._save()
-            if not decision.restart:
-                if policy.mode != "no" and exit_record.reason != "requested":
-                    bus.lifecycle("restart-gave-up", name, reason=decision.reason)
-                return
-            timer = threading.Timer(decision.delay, self._restart, (name, exit_record.at,
-                                                                    decision.reason))
-            timer.daemon = True
-            if name in self._timers:
-                self._timers[name].cancel()
-            self._timers[name] = timer
-        bus.lifecycle("restart-scheduled", name, delay=decision.delay, reason=decision.reason)
-        timer.start()
+            self._decide(name, key, exit_record.reason)
 
-    def _restart(self, name: str, exit_at: float, reason: str) -> None:
-        with self._lock:
-            self._timers.pop(name, None)
+    def _decide(self, name: str, key: str, reason: str) -> None:
+        """Apply the policy to exit `key` of `name` (under the lock)."""
+        entry = self._entry(name)
         try:
-            vm = self.service.host.get(name)
-            record = vm._observe(persist=False)
+            policy = self.service.host.get(name).config.restart
         except VmkitError:
             return
-        if record.state in LIVE_STATES or record.last_exit is None or \
-                record.last_exit.at != exit_at:
-            return  # someone started or stopped it meanwhile: their decision stands
+        decision = decide(policy, reason, entry["attempts"])
+        entry["last_reason"] = decision.reason
+        if not decision.restart:
+            entry["handled_exit"], entry["pending_exit"] = key, None
+            self._save()
+            if policy.mode != "no" and reason != "requested":
+                self.service.bus.lifecycle("restart-gave-up", name, reason=decision.reason)
+            return
+        entry["pending_exit"] = key
+        self._save()
+        timer = threading.Timer(decision.delay, self._due, (name, key, decision.reason))
+        timer.daemon = True
+        old = self._timers.pop(name, None)
+        if old is not None:
+            old.cancel()
+        self._timers[name] = timer
+        timer.start()
+        self.service.bus.lifecycle("restart-scheduled", name, delay=decision.delay,
+                                   reason=decision.reason)
 
+    def _due(self, name: str, key: str, reason: str) -> None:
+        with self._lock:
+            self._timers.pop(name, None)
+            self._inflight.add(name)
+        self.service.operations.submit("vm.restart-policy", f"restart {name}: {reason}",
+                                       self._restarter(name, key, reason), vms=[name],
+                                       requestor="restart-policy", pool=self.pool)
+
+    def _restarter(self, name: str, key: str, reason: str) -> Callable[[Any], None]:
         def work(op: Any) -> None:
-            vm.start()
-            with self._lock:
-                entry = self.entry(name)
-                entry["attempts"] += 1
-                entry["restarts"] += 1
-                self._save()
-            self.service.bus.lifecycle("restarted", name, reason=reason,
-                                       attempt=self.entry(name)["attempts"],
-                                       pid=vm.status().pid)
+            try:
+                self._start(name, key, reason)
+            finally:
+                with self._lock:
+                    self._inflight.discard(name)
 
-        self.service.operations.submit("vm.restart-policy", f"restart {name}: {reason}", work,
-                                       vms=[name], requestor="restart-policy")
+        return work
+
+    def _start(self, name: str, key: str, reason: str) -> None:
+        """Start the VM for exit `key`; a failed start counts and the policy decides again."""
+        try:
+            vm = self.service.host.get(name)
+            vm.start_after_exit(key)
+        except VmkitError as exc:
+            with self._lock:
+                entry = self._entry(name)
+                if entry.get("pending_exit") != key:
+                    raise
+                try:
+                    current = self.service.host.get(name)._observe(persist=False)
+                except VmkitError:
+                    raise exc from None
+                latest = current.last_exit
+                entry["pending_exit"], entry["handled_exit"] = None, key
+                if current.state in LIVE_STATES or latest is None or (
+                        latest.key != key and latest.reason != "start-failed"):
+                    self._save()  # someone else acted on the VM: their decision stands
+                    raise
+                # the start failed (refused, or QEMU did not come up): an attempt; the policy
+                # decides again on what the VM's last exit is now
+                entry["attempts"] += 1
+                self._decide(name, latest.key, latest.reason)
+            raise
+        with self._lock:
+            entry = self._entry(name)
+            entry["attempts"] += 1
+            entry["restarts"] += 1
+            entry["handled_exit"], entry["pending_exit"] = key, None
+            self._save()
+            attempt = entry["attempts"]
+        self.service.bus.lifecycle("restarted", name, reason=reason, attempt=attempt,
+                                   pid=vm.status().pid)
 
     def forget(self, name: str) -> None:
         with self._lock:
@@ -120,19 +175,22 @@ class Supervisor:
                 self._save()
 
     def user_changed(self, name: str) -> None:
-        """A user started or stopped the VM: a pending restart is dropped, the count reset."""
+        """A user started or stopped the VM: a pending restart is dropped (the restart would
+        also refuse: its exit is no longer the last), the count of attempts reset."""
         with self._lock:
             timer = self._timers.pop(name, None)
             if timer is not None:
                 timer.cancel()
             entry = self.state.get(name)
-            if entry is not None and entry["attempts"]:
+            if entry is not None and (entry["attempts"] or entry.get("pending_exit")):
                 entry["attempts"] = 0
+                entry["pending_exit"] = None
                 self._save()
 
     # -- daemon start ----------------------------------------------------------------------
     def catch_up(self) -> None:
-        """Exits that happened while no daemon ran (or before it handled them)."""
+        """Exits that happened while no daemon ran, or whose restart was pending when it was
+        killed: handled now."""
         for vm in self.service.host.vms():
             with contextlib.suppress(VmkitError):
                 record = vm._observe(persist=True)
@@ -152,7 +210,7 @@ class Supervisor:
                 if vm.config.restart.autostart and vm.state not in LIVE_STATES:
                     self.service.operations.submit(
                         "vm.autostart", f"autostart {vm.name}", _starter(vm), vms=[vm.name],
-                        requestor="autostart")
+                        requestor="autostart", pool=self.pool)
                     started.append(vm.name)
         boot_file.write_text(boot_id + "\n")
         return started
@@ -162,6 +220,13 @@ class Supervisor:
             for timer in self._timers.values():
                 timer.cancel()
             self._timers.clear()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _starter(vm: VM) -> Callable[[Any], None]:
+    def work(op: Any) -> None:
+        vm.start()
+    return work
 
 
 def _boot_id() -> str:
@@ -169,9 +234,3 @@ def _boot_id() -> str:
         return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
     except OSError:
         return str(int(time.time() - time.monotonic()))
-
-
-def _starter(vm: VM) -> Callable[[Any], None]:
-    def work(op: Any) -> None:
-        vm.start()
-    return work

@@ -52,7 +52,7 @@ def action_for(before: VmState | None, after: VmState) -> str | None:
 
 class Watcher:
     def __init__(self, host: Host, bus: EventBus,
-                 on_exit: Callable[[str, Seen, RuntimeRecord], None]):
+                 on_exit: Callable[[str, Seen | None, RuntimeRecord], None]):
         self.host = host
         self.bus = bus
         self.on_exit = on_exit
@@ -149,7 +149,12 @@ class Watcher:
         if state in LIVE_STATES and record.pid is not None and record.start_ticks is not None:
             identity = process.ProcessIdentity(record.pid, record.start_ticks)
             if before is None or before.pid != record.pid or before.pidfd is None:
-                pidfd = _pidfd(identity, uuid)
+                try:
+                    pidfd = _pidfd(identity, uuid)
+                except WatchFailed:
+                    # watched at the next scan; until then the scan sees its exit
+                    self.seen[name] = Seen(uuid, state, record.pid, record.started_at)
+                    return
                 if pidfd is None:  # recorded as live, already gone: observe the exit
                     seen = Seen(uuid, state, record.pid, record.started_at)
                     self.seen[name] = seen
@@ -174,6 +179,8 @@ class Watcher:
                 action = action_for(VmState.DEFINED, state)
             if action is not None:
                 self._announce(name, action, record)
+            if action in ("crashed", "stopped"):  # saved by someone else before a pidfd saw it
+                self.on_exit(name, before, record)
 
     def _exited(self, name: str) -> None:
         """A watched QEMU ended: observe it now (classifies the exit), announce, tell the
@@ -215,13 +222,20 @@ class Watcher:
             seen.pidfd = None
 
 
+class WatchFailed(Exception):
+    """No pidfd could be had for a live QEMU (out of descriptors or memory): retried at the
+    next scan; the VM is not taken for gone."""
+
+
 def _pidfd(identity: process.ProcessIdentity, vm_uuid: str) -> int | None:
     """A pidfd on the VM's QEMU; None when it is gone. The identity is checked after the pidfd
     is open, so a recycled pid cannot be watched in its place."""
     try:
         fd = os.pidfd_open(identity.pid)
-    except OSError:
+    except ProcessLookupError:
         return None
+    except OSError as exc:
+        raise WatchFailed(str(exc)) from exc
     if not process.is_alive(identity, vm_uuid):
         os.close(fd)
         return None

@@ -24,6 +24,13 @@ class ExitRecord(BaseModel):
     status: int | None = None
     description: str
     log_tail: str = ""
+    run: str | None = Field(default=None, description=(
+        "which run ended: its QEMU's pid and start time (the same exit seen twice has one)"))
+
+    @property
+    def key(self) -> str:
+        """What identifies this exit (its run; the time it was recorded for older records)."""
+        return self.run or f"at:{self.at}"
 
 
 _KEY = re.compile(r"^[a-z][a-z0-9-]{0,31}$")

@@ -74,10 +74,17 @@ from vmkit.storage.layout import (
 QEMU_SETTLE_TIMEOUT = 10.0  # a cut start's exec chain (sh, setpriv) becoming QEMU
 
 
-def start(vm: VM, *, wait: bool = False, timeout: float = AGENT_READY_TIMEOUT) -> VM:
-    """Boot the VM (journalled: a cut start is adopted when its QEMU answers, else undone)."""
+def start(vm: VM, *, wait: bool = False, timeout: float = AGENT_READY_TIMEOUT,
+          only_after_exit: str | None = None) -> VM:
+    """Boot the VM (journalled: a cut start is adopted when its QEMU answers, else undone).
+    `only_after_exit` (the restart policy's): start only if the VM's last exit is still that
+    one — checked under the VM's lock, so a user's start or stop since then always wins."""
     with vm.host._vm_lock(vm.name) as held:
         record = vm._observe(persist=True, held=held)
+        if only_after_exit is not None and (
+                record.last_exit is None or record.last_exit.key != only_after_exit):
+            raise InvalidState(f"VM {vm.name!r} changed since the exit the restart was for: "
+                               "not restarted")
         check_transition(vm.name, record.state, Operation.START)
         log = Journal(vm.folder.path)
         log.begin("start")
@@ -295,10 +302,10 @@ def console_socket(vm: VM) -> Path:
 
 
 def read_log(vm: VM, *, follow: bool = False, poll: float = 0.2,
-             should_stop: Callable[[], bool] | None = None) -> Iterator[bytes]:
-    """The serial log; with follow, keep yielding what the guest writes next."""
+             should_stop: Callable[[], bool] | None = None, offset: int = 0) -> Iterator[bytes]:
+    """The serial log from byte `offset`; with follow, keep yielding what the guest writes."""
     path = vm.folder.serial_log
-    position = 0
+    position = offset
     while True:
         if path.exists():
             with open(path, "rb") as handle:

@@ -33,8 +33,10 @@ def file_key(path: Path) -> list[int]:
 
 
 def vm_key(home: Path, name: str) -> list[int]:
+    """The files a VM's status is read from (snapshots.json: a damaged tree makes it broken)."""
     folder = home / "vms" / name
-    return [*file_key(folder / "vm.json"), *file_key(folder / "state.json")]
+    return [*file_key(folder / "vm.json"), *file_key(folder / "state.json"),
+            *file_key(folder / "snapshots.json")]
 
 
 def start_ticks(pid: int) -> int | None:
