@@ -337,3 +337,36 @@ def vmkit_host(home: Path) -> object:
     from vmkit import Host
 
     return Host(home)
+
+
+def test_vmkit_console_and_logs_through_the_daemon(daemon: Daemon) -> None:
+    """The CLI's console and logs when a daemon serves the home: the websocket bridge and the
+    log read from an offset, with Ctrl-] detaching as locally."""
+    import pty
+    import subprocess
+    import sys
+
+    from tests.integration.test_cli_tools import _read_until
+
+    daemon.local().create("remote-tty", start=True, wait=True)
+    master, slave = pty.openpty()
+    env = {**os.environ, "VMKIT_HOME": str(daemon.home)}
+    proc = subprocess.Popen([sys.executable, "-m", "vmkit.cli.main", "console", "remote-tty"],
+                            stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=env)
+    os.close(slave)
+    try:
+        time.sleep(1.5)
+        os.write(master, b"echo bridged-$((40+2))\r")
+        assert b"bridged-42" in _read_until(master, b"bridged-42", 30)
+        os.write(master, b"\x1d")
+        assert proc.wait(timeout=10) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    assert proc.stderr is not None and b"detached from remote-tty" in proc.stderr.read()
+    audit = (daemon.home / "daemon" / "audit.log").read_text()
+    assert '"path": "/1.0/vms/remote-tty/console"' in audit  # it went through the daemon
+    logs = cli(daemon.home, "logs", "remote-tty")
+    assert logs.returncode == 0 and "bridged-42" in logs.stdout
+    daemon.local().get("remote-tty").delete(force=True)

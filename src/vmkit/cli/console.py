@@ -8,6 +8,7 @@ import select
 import sys
 import termios
 import tty
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from vmkit.errors import QemuError
@@ -15,6 +16,34 @@ from vmkit.qemu import peer
 
 DETACH_BYTE = b"\x1d"  # Ctrl-]
 DETACH_KEY = "Ctrl-]"
+
+
+@contextlib.contextmanager
+def _raw_terminal(stdin: int) -> Iterator[None]:
+    """The terminal in raw mode (when it is one) for the console's life, restored after."""
+    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
+    try:
+        if saved is not None:
+            tty.setraw(stdin)
+        yield
+    finally:
+        if saved is not None:
+            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
+
+
+def _typed(stdin: int, send: Callable[[bytes], object]) -> bool:
+    """Forward what was typed; False at end of input or at the detach key (what came before
+    it is still sent)."""
+    data = os.read(stdin, 1024)
+    if not data:
+        return False
+    if DETACH_BYTE in data:
+        before = data.split(DETACH_BYTE, 1)[0]
+        if before:
+            send(before)
+        return False
+    send(data)
+    return True
 
 
 def attach(socket_path: Path) -> None:
@@ -25,31 +54,19 @@ def attach(socket_path: Path) -> None:
         raise QemuError(f"cannot connect to the serial console {socket_path}: {exc}") from exc
     stdin = sys.stdin.fileno()
     stdout = sys.stdout.fileno()
-    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     try:
-        if saved is not None:
-            tty.setraw(stdin)
-        sock.sendall(b"\r")  # make the guest print a prompt
-        while True:
-            ready, _, _ = select.select([stdin, sock], [], [])
-            if sock in ready:
-                data = sock.recv(4096)
-                if not data:
+        with _raw_terminal(stdin):
+            sock.sendall(b"\r")  # make the guest print a prompt
+            while True:
+                ready, _, _ = select.select([stdin, sock], [], [])
+                if sock in ready:
+                    data = sock.recv(4096)
+                    if not data:
+                        break
+                    os.write(stdout, data)
+                if stdin in ready and not _typed(stdin, sock.sendall):
                     break
-                os.write(stdout, data)
-            if stdin in ready:
-                data = os.read(stdin, 1024)
-                if not data:
-                    break
-                if DETACH_BYTE in data:
-                    before = data.split(DETACH_BYTE, 1)[0]
-                    if before:
-                        sock.sendall(before)
-                    break
-                sock.sendall(data)
     finally:
-        if saved is not None:
-            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         with contextlib.suppress(OSError):
             sock.close()
 
@@ -71,7 +88,6 @@ def attach_remote(url: str, headers: dict[str, str], context: object | None) -> 
         raise QemuError(f"cannot connect to the console at {url}: {exc}") from exc
     stdin = sys.stdin.fileno()
     stdout = sys.stdout.fileno()
-    saved = termios.tcgetattr(stdin) if os.isatty(stdin) else None
     done = threading.Event()
 
     def pump() -> None:
@@ -88,26 +104,14 @@ def attach_remote(url: str, headers: dict[str, str], context: object | None) -> 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
     try:
-        if saved is not None:
-            tty.setraw(stdin)
-        ws.send(b"\r")
-        while not done.is_set():
-            ready, _, _ = select.select([stdin], [], [], 0.2)
-            if not ready:
-                continue
-            data = os.read(stdin, 1024)
-            if not data:
-                break
-            if DETACH_BYTE in data:
-                before = data.split(DETACH_BYTE, 1)[0]
-                if before:
-                    ws.send(before)
-                break
-            ws.send(data)
+        with _raw_terminal(stdin):
+            ws.send(b"\r")
+            while not done.is_set():
+                ready, _, _ = select.select([stdin], [], [], 0.2)
+                if ready and not _typed(stdin, ws.send):
+                    break
     except ConnectionClosed:
         pass
     finally:
-        if saved is not None:
-            termios.tcsetattr(stdin, termios.TCSADRAIN, saved)
         with contextlib.suppress(Exception):
             ws.close()

@@ -378,9 +378,6 @@ class RemoteVM:
     def _c(self) -> Connection:
         return self.host.connection
 
-    def _run(self, method: str, path: str, **kwargs: Any) -> Any:
-        return self._c.run(method, path, **kwargs)
-
     def status(self, *, query_qemu: bool = False) -> VmStatus:
         from vmkit.model.views import VmStatus
 
@@ -395,14 +392,14 @@ class RemoteVM:
         return self.status(query_qemu=True).usage
 
     def _state(self, action: str, **extra: Any) -> RemoteVM:
-        self._run("PUT", f"{self._path}/state", json={"action": action, **extra})
+        self._c.run("PUT", f"{self._path}/state", json={"action": action, **extra})
         return self
 
     def start(self, *, wait: bool = False, timeout: float = 180.0) -> RemoteVM:
         return self._state("start", wait=wait, timeout=timeout)
 
     def wait_ready(self, *, timeout: float = 180.0) -> float:
-        return float(self._run("POST", f"{self._path}/wait-ready", params={"timeout": timeout}))
+        return float(self._c.run("POST", f"{self._path}/wait-ready", params={"timeout": timeout}))
 
     def stop(self, *, timeout: float = 30.0) -> RemoteVM:
         return self._state("stop", timeout=timeout)
@@ -420,7 +417,7 @@ class RemoteVM:
         return self._state("resume")
 
     def delete(self, *, force: bool = False) -> None:
-        self._run("DELETE", self._path, params={"force": "true" if force else "false"})
+        self._c.run("DELETE", self._path, params={"force": "true" if force else "false"})
 
     def exec(self, argv: list[str], *, timeout: float = 60.0,
              stdin: bytes | None = None) -> ExecResult:
@@ -498,26 +495,26 @@ class RemoteVM:
     def add_nic(self, network: str, *, ports: Iterable[str] = ()) -> Nic:
         from vmkit.model.network import Nic
 
-        return Nic.model_validate(self._run("POST", f"{self._path}/nics",
+        return Nic.model_validate(self._c.run("POST", f"{self._path}/nics",
                                               json={"network": network, "ports": list(ports)}))
 
     def remove_nic(self, network: str) -> Nic:
         from vmkit.model.network import Nic
 
-        return Nic.model_validate(self._run(
+        return Nic.model_validate(self._c.run(
             "DELETE", f"{self._path}/nics/{quote(network, safe='')}"))
 
     def set(self, **changes: Any) -> SetResult:
         from vmkit.model.views import SetResult
 
-        result = self._run("PATCH", self._path, json=changes)
+        result = self._c.run("PATCH", self._path, json=changes)
         return SetResult(now=list(result["now"]), at_restart=list(result["at_restart"]))
 
     def set_restart_policy(self, *, mode: str | None = None, max_restarts: int | None = None,
                            autostart: bool | None = None) -> RestartPolicy:
         from vmkit.model.restart import RestartPolicy
 
-        self._run("PATCH", self._path, json={k: v for k, v in (
+        self._c.run("PATCH", self._path, json={k: v for k, v in (
             ("restart", mode), ("max_restarts", max_restarts), ("autostart", autostart))
             if v is not None})
         config = self._c.metadata("GET", self._path, params={"query": "false"})
@@ -526,7 +523,7 @@ class RemoteVM:
     def snapshot(self, name: str, *, disk_only: bool = False) -> SnapshotInfo:
         from vmkit.model.views import SnapshotInfo
 
-        return SnapshotInfo.model_validate(self._run(
+        return SnapshotInfo.model_validate(self._c.run(
             "POST", f"{self._path}/snapshots", json={"name": name, "disk_only": disk_only}))
 
     def snapshots(self) -> list[SnapshotInfo]:
@@ -536,15 +533,15 @@ class RemoteVM:
                 for s in self._c.metadata("GET", f"{self._path}/snapshots")]
 
     def restore(self, name: str) -> RemoteVM:
-        self._run("POST", f"{self._path}/snapshots/{quote(name, safe='')}/restore")
+        self._c.run("POST", f"{self._path}/snapshots/{quote(name, safe='')}/restore")
         return self
 
     def delete_snapshot(self, name: str) -> None:
-        self._run("DELETE", f"{self._path}/snapshots/{quote(name, safe='')}")
+        self._c.run("DELETE", f"{self._path}/snapshots/{quote(name, safe='')}")
 
     def clone(self, target: str, *, linked: bool = False, from_snapshot: str | None = None,
               live: bool = False) -> RemoteVM:
-        self._run("POST", f"{self._path}/clone", json={
+        self._c.run("POST", f"{self._path}/clone", json={
             "target": target, "linked": linked, "from_snapshot": from_snapshot, "live": live})
         return self.host.get(target)
 
@@ -557,7 +554,7 @@ class RemoteVM:
 
     def export(self, path: str | Path, *,
                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
-        result = self._run("POST", f"{self._path}/export",
+        result = self._c.run("POST", f"{self._path}/export",
                              progress=_bytes_progress(progress))
         target = Path(path)
         partial = target.with_name(f".{target.name}.partial")

@@ -12,7 +12,7 @@ import itertools
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,13 +40,13 @@ class EventBus:
     _listeners: list[Listener] = field(default_factory=list)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _recent: deque[dict[str, Any]] = field(default_factory=lambda: deque(maxlen=RECENT))
-    _serial: Iterable[int] = field(default_factory=itertools.count)
+    _serial: Iterator[int] = field(default_factory=itertools.count)
     hooks: list[Callable[[dict[str, Any]], None]] = field(default_factory=list)
 
     def publish(self, kind: str, **metadata: Any) -> dict[str, Any]:
         """Send an event to every listener that wants it; callable from any thread."""
         with self._lock:
-            event = {"type": kind, "timestamp": time.time(), "serial": next(iter(self._serial)),
+            event = {"type": kind, "timestamp": time.time(), "serial": next(self._serial),
                      "location": self.location, "metadata": metadata}
             self._recent.append(event)
             listeners = list(self._listeners)

@@ -103,10 +103,6 @@ class ImageBuildRequest(_Request):
     packages: list[str] = Field(default_factory=list, max_length=256)
 
 
-class ExportRequest(_Request):
-    pass
-
-
 class OperationView(BaseModel):
     id: str
     kind: str
