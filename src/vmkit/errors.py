@@ -7,6 +7,7 @@
     │   ├── AlreadyExists       a VM or image of that name exists
     │   ├── InvalidState        the operation is not allowed in the VM's current state
     │   ├── AdmissionRefused    starting would exceed the host's partitioning policy
+    │   ├── MoveRefused         a move's pre-flight refused (every reason named)
     │   ├── TooLarge            an upload larger than the host can take
     │   └── AuthError           the host service refused the caller's credentials
     ├── LockTimeout             another vmkit process holds the VM's lock
@@ -100,6 +101,10 @@ class Cancelled(VmkitError):
     """An operation was cancelled at a user's request (between two of its steps)."""
 
 
+class MoveRefused(RequestError):
+    """A move's pre-flight found reasons it cannot happen (each is named; nothing changed)."""
+
+
 class TooLarge(RequestError):
     """An upload larger than the host can take (HTTP 413)."""
 
@@ -116,7 +121,8 @@ class BrokenVm(VmkitError):
 #: 4xx = the request was wrong (CLI exit 2), 5xx = the operation failed (CLI exit 1).
 HTTP_STATUS: dict[str, int] = {
     "InvalidValue": 400, "TooLarge": 413, "AuthError": 401, "NotFound": 404, "AlreadyExists": 409,
-    "InvalidState": 409, "AdmissionRefused": 409, "RequestError": 400, "LockTimeout": 503,
+    "InvalidState": 409, "AdmissionRefused": 409, "MoveRefused": 409, "RequestError": 400,
+    "LockTimeout": 503,
     "OperationTimeout": 504, "Cancelled": 500, "QemuError": 500, "AgentError": 502,
     "HostError": 500, "ImageBuildError": 500, "BrokenVm": 500, "VmkitError": 500,
 }
@@ -158,5 +164,5 @@ def os_errors(what: str) -> Iterator[None]:
 _CLASSES: dict[str, type[VmkitError]] = {
     cls.__name__: cls for cls in (
         VmkitError, RequestError, InvalidValue, NotFound, AlreadyExists, InvalidState,
-        AdmissionRefused, AuthError, TooLarge, LockTimeout, QemuError, AgentError, OperationTimeout,
-        HostError, ImageBuildError, Cancelled, BrokenVm)}
+        AdmissionRefused, AuthError, TooLarge, MoveRefused, LockTimeout, QemuError, AgentError,
+        OperationTimeout, HostError, ImageBuildError, Cancelled, BrokenVm)}

@@ -24,6 +24,8 @@ from vmkit.core.engine import (
 )
 from vmkit.errors import InvalidState
 from vmkit.model.hardware import HostCapabilities
+from vmkit.model.migration import MigrationOptions
+from vmkit.model.migration import Progress as MigrationProgress
 from vmkit.model.network import Nic
 from vmkit.model.restart import RestartPolicy
 from vmkit.model.views import ExecResult, ImageInfo, SetResult, Usage, VmStatus
@@ -228,6 +230,18 @@ class VM(engine.VM):
         """Every reason this VM cannot move to the host described by `destination`
         (Host.capabilities() there); empty when it can."""
         return migration.check(self, destination, name=name)
+
+    def migrate(self, destination: dict[str, Any], options: MigrationOptions | None = None, *,
+                report: Callable[[MigrationProgress], None] | None = None) -> dict[str, Any]:
+        """Move this VM to another host (live when it runs; see vmkit.ops.migration).
+        `destination`: that host's daemon — {"url", "server_cert" (PEM), "token"}, what
+        `vmkit remote add` keeps."""
+        from vmkit.client.remote import MovePeer
+
+        migration.peer_for_recovery = MovePeer
+        return migration.migrate(self, MovePeer(destination), options or MigrationOptions(),
+                                 credentials=destination, pack=bundles._write_bundle,
+                                 report=report)
 
     def export(self, path: str | Path, *,
                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:

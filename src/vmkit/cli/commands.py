@@ -20,8 +20,10 @@ import typer
 
 from vmkit.cli import render
 from vmkit.cli.console import DETACH_KEY, attach
-from vmkit.errors import InvalidValue, VmkitError
+from vmkit.errors import InvalidState, InvalidValue, VmkitError
 from vmkit.host import AGENT_READY_TIMEOUT, EXEC_TIMEOUT, LOCK_TIMEOUT, STOP_TIMEOUT, Host
+from vmkit.model.names import validate_name
+from vmkit.model.sizes import parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
@@ -772,6 +774,115 @@ def export_(name: NameArg,
         result = vm.export(path, progress=progress)
     render.err.print(f"exported {name} to {result['path']} ({render.size(result['bytes'])}, "
                      f"mode {result['mode']}: readable by its owner only)")
+
+
+def _move(name: str, remote: str, *, live: bool | None, storage: str, bandwidth: str | None,
+          downtime_ms: int, auto_converge: bool, postcopy: bool, check: bool,
+          target: str | None, format: Format) -> None:
+    """`vmkit migrate` and `vmkit move`: pre-flight on the destination's capabilities, then
+    the move (driven by the source's daemon when one runs, else by this process)."""
+    from vmkit.client import remotes
+    from vmkit.model.migration import MigrationOptions
+
+    try:
+        options = MigrationOptions(
+            storage=storage, bandwidth=parse_size(bandwidth) if bandwidth else None,
+            downtime_ms=downtime_ms, auto_converge=auto_converge, postcopy=postcopy,
+            name=target)
+    except ValueError as exc:
+        raise InvalidValue(f"invalid move option: {exc}") from None
+    if target is not None:
+        validate_name(target)
+    destination = remotes.credentials(remote)
+    vm = _host().get(name)
+    state = vm.state
+    if live is True and state.value not in ("running", "paused"):
+        raise InvalidState(f"VM {name!r} is {state.value}: vmkit migrate moves a running or "
+                           "paused VM", hint=f"move a stopped one with vmkit move {name} {remote}")
+    if live is False and state.value in ("starting", "running", "paused", "stopping"):
+        raise InvalidState(f"VM {name!r} is {state.value}: vmkit move moves a stopped VM",
+                           hint=f"move it live with vmkit migrate {name} {remote}")
+    if check:
+        reasons = vm.check_move(remotes.open_remote(remote).capabilities(), name=target)
+        if format is Format.json:
+            render.print_json({"vm": name, "destination": remote, "reasons": reasons})
+        elif reasons:
+            for reason in reasons:
+                render.err.print(f"refused: {reason}")
+        else:
+            render.err.print(f"{name} can move to {remote}")
+        if reasons:
+            raise typer.Exit(2)
+        return
+    from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+                   TextColumn("{task.fields[extra]}"), console=render.err,
+                   disable=not sys.stderr.isatty())
+    task = bar.add_task(f"move {name}", total=None, extra="")
+
+    def report(progress: Any) -> None:
+        extra = ""
+        if progress.stage == "memory":
+            extra = (f"dirty {render.size(progress.dirty_rate)}/s"
+                     + (f", pause ~{progress.expected_downtime_ms} ms"
+                        if progress.expected_downtime_ms else ""))
+        bar.update(task, description=f"{name}: {progress.stage}",
+                   completed=progress.transferred, total=progress.total or None, extra=extra)
+
+    with bar:
+        result = vm.migrate(destination, options, report=report)
+    if format is Format.json:
+        render.print_json(result)
+        return
+    downtime = result.get("downtime_ms")
+    render.err.print(f"moved {name} to {remote} as {result['name']} in {result['seconds']:.2f}s"
+                     + (f" (guest paused {downtime} ms)" if downtime is not None else ""))
+
+
+MoveRemote = Annotated[str, typer.Argument(help="destination remote (vmkit remote add)")]
+
+
+@app.command("migrate")
+def migrate_(
+    name: NameArg, remote: MoveRemote,
+    storage: Annotated[str, typer.Option(help="auto|shared|copy: how the disks get there "
+                                              "(copy: mirrored while the guest runs)")] = "auto",
+    bandwidth: Annotated[str | None, typer.Option(help="cap per second, e.g. 100M")] = None,
+    downtime_ms: Annotated[int, typer.Option("--downtime-ms", help="target pause at the "
+                                             "switch-over, ms")] = 50,
+    auto_converge: Annotated[bool, typer.Option("--auto-converge", help="slow a guest that "
+                                                "dirties memory faster than it is sent")] = False,
+    postcopy: Annotated[bool, typer.Option("--postcopy", help="switch to post-copy when "
+                                           "pre-copy does not converge")] = False,
+    check: Annotated[bool, typer.Option("--check", help="pre-flight only: list every reason "
+                                        "it cannot move, change nothing")] = False,
+    target: Annotated[str | None, typer.Option("--name", help="its name there")] = None,
+    format: FormatOpt = Format.table,
+) -> None:
+    """Move a running (or paused) VM to another host without stopping it.
+
+    Example: vmkit migrate web lab-b --downtime-ms 50
+    """
+    _move(name, remote, live=None if check else True, storage=storage, bandwidth=bandwidth,
+          downtime_ms=downtime_ms, auto_converge=auto_converge, postcopy=postcopy,
+          check=check, target=target, format=format)
+
+
+@app.command("move")
+def move_(
+    name: NameArg, remote: MoveRemote,
+    check: Annotated[bool, typer.Option("--check", help="pre-flight only")] = False,
+    target: Annotated[str | None, typer.Option("--name", help="its name there")] = None,
+    format: FormatOpt = Format.table,
+) -> None:
+    """Move a stopped VM (disks, snapshots, memory states, settings) to another host.
+
+    Example: vmkit move web lab-b
+    """
+    _move(name, remote, live=None if check else False, storage="auto", bandwidth=None,
+          downtime_ms=50, auto_converge=False, postcopy=False, check=check, target=target,
+          format=format)
 
 
 @app.command("import")

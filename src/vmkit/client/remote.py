@@ -26,7 +26,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
-from vmkit.errors import AuthError, HostError, InvalidValue, OperationTimeout, error_class
+from vmkit.errors import (
+    AuthError,
+    HostError,
+    InvalidValue,
+    NotFound,
+    OperationTimeout,
+    VmkitError,
+    error_class,
+)
 from vmkit.model.state import VmState
 
 if TYPE_CHECKING:
@@ -56,7 +64,8 @@ class Connection:
     """One HTTP client on a daemon's unix socket or TLS port; errors become vmkit errors."""
 
     def __init__(self, url: str, *, token: str | None = None, server_cert: str | Path | None = None,
-                 client_cert: tuple[str | Path, str | Path] | None = None):
+                 client_cert: tuple[str | Path, str | Path] | None = None,
+                 server_pem: str | None = None):
         import httpx
 
         self.url = url
@@ -74,8 +83,9 @@ class Connection:
             import ssl
 
             context = ssl.create_default_context(
-                cafile=str(server_cert) if server_cert else None)
-            if server_cert:  # pinned: the daemon's own certificate is the only trust anchor
+                cafile=str(server_cert) if server_cert else None, cadata=server_pem)
+            if server_cert or server_pem:  # pinned: the daemon's own certificate is the only
+                # trust anchor
                 context.check_hostname = False
             if client_cert:
                 context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
@@ -260,16 +270,8 @@ class RemoteHost:
     def import_bundle(self, path: str | Path, *, name: str | None = None,
                       progress: Callable[[int, int], None] | None = None) -> RemoteVM:
         size = os.path.getsize(path)
-
-        def chunks() -> Iterator[bytes]:
-            sent = 0
-            with open(path, "rb") as handle:
-                while block := handle.read(1 << 20):
-                    sent += len(block)
-                    if progress is not None:
-                        progress(sent // 2, size)  # the upload is the first half
-                    yield block
-
+        chunks = _upload(Path(path), None if progress is None else
+                         (lambda sent, total: progress(sent // 2, total)))  # the first half
         params = {"name": name} if name else {}
         result = self.connection.run(
             "POST", "/1.0/vms/import", params=params, content=chunks(),
@@ -552,6 +554,29 @@ class RemoteVM:
             json=destination.model_dump(mode="json"))
         return reasons
 
+    def migrate(self, destination: dict[str, Any], options: Any = None, *,
+                report: Callable[[Any], None] | None = None) -> dict[str, Any]:
+        """Move the VM to another host; the daemon drives it (see Host's VM.migrate)."""
+        from vmkit.model.migration import MigrationOptions, Progress
+
+        opts = options or MigrationOptions()
+        body = {"destination": destination, "storage": opts.storage,
+                "bandwidth": opts.bandwidth, "downtime_ms": opts.downtime_ms,
+                "auto_converge": opts.auto_converge, "postcopy": opts.postcopy,
+                "name": opts.name}
+
+        def progress(p: dict[str, Any]) -> None:
+            if report is not None and p.get("stage"):
+                report(Progress(stage=str(p["stage"]), transferred=int(p.get("done") or 0),
+                                remaining=int(p.get("remaining") or 0),
+                                total=int(p.get("total") or 0),
+                                dirty_rate=int(p.get("dirty_rate") or 0),
+                                expected_downtime_ms=p.get("expected_downtime_ms")))
+
+        result: dict[str, Any] = self._c.run("POST", f"/1.0/vms/{self.name}/migrate",
+                                             json=body, progress=progress)
+        return result
+
     def export(self, path: str | Path, *,
                progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
         result = self._c.run("POST", f"{self._path}/export",
@@ -573,6 +598,23 @@ class RemoteVM:
             raise
         manifest: dict[str, Any] = result["manifest"]
         return manifest
+
+
+def _upload(path: Path, progress: Callable[[int, int], None] | None
+            ) -> Callable[[], Iterator[bytes]]:
+    """A file as an upload body, read 1 MiB at a time, with bytes-sent progress."""
+    size = os.path.getsize(path)
+
+    def chunks() -> Iterator[bytes]:
+        sent = 0
+        with open(path, "rb") as handle:
+            while block := handle.read(1 << 20):
+                sent += len(block)
+                if progress is not None:
+                    progress(sent, size)
+                yield block
+
+    return chunks
 
 
 def _key_lines(sources: Iterable[str | Path]) -> list[str]:
@@ -628,3 +670,60 @@ class _Async:
 def connect_async(url: str, **kwargs: Any) -> Any:
     """Like connect, with every method awaitable: `await (await host.get("web")).start()`."""
     return _Async(connect(url, **kwargs))
+
+
+class MovePeer:
+    """The destination of a move as the source's engine sees it (ops/migration.Peer): the
+    destination daemon's /1.0/migrations routes, with the credentials the user's remote
+    holds (URL, pinned certificate, token)."""
+
+    def __init__(self, credentials: dict[str, Any]):
+        from urllib.parse import urlsplit
+
+        self.credentials = credentials
+        self.url = str(credentials["url"])
+        self.connection = Connection(self.url, token=credentials.get("token"),
+                                     server_pem=str(credentials["server_cert"]))
+        self.address = urlsplit(self.url).hostname or ""
+
+    def describe(self) -> str:
+        return self.url
+
+    def capabilities(self) -> HostCapabilities:
+        from vmkit.model.hardware import HostCapabilities
+
+        return HostCapabilities.model_validate(
+            self.connection.metadata("GET", "/1.0/host/capabilities"))
+
+    def prepare(self, bundle: Path, *, name: str, generation: int, live: bool,
+                progress: Callable[[int, int], None]) -> str:
+        chunks = _upload(bundle, progress)
+        result = self.connection.run(
+            "POST", "/1.0/migrations", content=chunks(),
+            params={"name": name, "generation": generation, "live": live},
+            headers={"Content-Type": "application/octet-stream"})
+        return str(result["id"])
+
+    def incoming(self, migration: str, *, key: str, machine: dict[str, Any] | None,
+                 paused: bool, postcopy: bool) -> dict[str, Any]:
+        answer: dict[str, Any] = self.connection.metadata(
+            "POST", f"/1.0/migrations/{migration}/incoming",
+            json={"key": key, "machine": machine, "paused": paused, "postcopy": postcopy})
+        return answer
+
+    def finish(self, migration: str) -> dict[str, Any]:
+        answer: dict[str, Any] = self.connection.metadata(
+            "POST", f"/1.0/migrations/{migration}/finish", timeout=300)
+        return answer
+
+    def abort(self, migration: str) -> None:
+        self.connection.request("DELETE", f"/1.0/migrations/{migration}")
+
+    def owns(self, migration: str) -> bool | None:
+        try:
+            state = self.connection.metadata("GET", f"/1.0/migrations/{migration}")["state"]
+        except NotFound:
+            return False
+        except VmkitError:
+            return None
+        return bool(state == "finished")

@@ -126,3 +126,19 @@ def local_daemon_socket(home: Path | None = None) -> str | None:
     finally:
         probe.close()
     return path
+
+
+def credentials(name: str) -> dict[str, Any]:
+    """What a daemon needs to reach remote `name` itself (a move's destination): its URL, its
+    pinned certificate (PEM) and its token."""
+    data = load()
+    entry = data.get(name)
+    if entry is None:
+        raise NotFound(f"unknown remote {name!r} (remotes: {', '.join(data) or 'none'})",
+                       hint="vmkit remote add NAME https://HOST:PORT --token TOKEN")
+    if not entry.get("token"):
+        raise InvalidValue(f"remote {name!r} has no token: a move's source daemon "
+                           "authenticates with one", hint=f"vmkit remote remove {name}; then "
+                           "add it again with --token")
+    return {"url": entry["url"], "server_cert": Path(entry["server_cert"]).read_text(),
+            "token": entry["token"]}

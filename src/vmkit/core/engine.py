@@ -45,7 +45,7 @@ from vmkit.errors import (
 from vmkit.images import catalog
 from vmkit.images.seed import write_seed
 from vmkit.isolation import cgroups as cgroups_mod
-from vmkit.isolation import jail
+from vmkit.isolation import jail, uids
 from vmkit.isolation.cgroups import CgroupLimits
 from vmkit.model.cloudinit import (
     KEY_TYPES,
@@ -634,6 +634,7 @@ class VM:
         state that `incoming(qmp)` feeds it (a file or another QEMU), then continues from it."""
         held.require(self.name)
         hostinfo.require_supported_qemu()
+        store.check_may_start(self)
         spec = self.config.spec
         accel, reason = self._choose_accel()
         # the host lock covers admission and the record that reserves the share, nothing
@@ -766,6 +767,24 @@ class VM:
 
 
 
+    def _remove_locked(self, held: Held, record: RuntimeRecord) -> None:
+        """Kill the VM's QEMU if it runs, then remove its taps, uid, cgroup and folder (the
+        caller holds the lock and has checked that it may)."""
+        held.require(self.name)
+        if record.state in LIVE_STATES:
+            self._kill_locked(held, record)
+        net_ops.release(self)
+        vm_uuid = self.config.uuid
+        uid = uids.lookup(vm_uuid) if os.geteuid() == 0 else None
+        if uid is not None:
+            jail.unshare_layers(uid, self.leaned_on_layers())
+        self.host._discard_vm_folder(self.name)
+        jail.release_owner(vm_uuid)
+        if self.host.cgroups is not None:  # a VM that crashed at start left its cgroup
+            self.host.cgroups.remove(self.name)
+        if any(nic.network != USER_NETWORK for nic in self.config.nics):
+            net_ops.forget(self.host)  # its leases, names and forwards go too
+
     def recover_locked(self, held: Held) -> None:
         """Roll an unfinished operation recorded in the journal forward or back, then sweep
         files nothing names."""
@@ -776,7 +795,8 @@ class VM:
             return
         recovery_rule(entry.op)(held, self, entry)
         journal.end()
-        store.sweep_orphans(self)
+        if self.folder.path.exists():  # a rolled-back arrival leaves no folder
+            store.sweep_orphans(self)
 
 
     def leaned_on_layers(self) -> list[Path]:

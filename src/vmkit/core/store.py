@@ -3,15 +3,20 @@ written atomically) and the layer files it names; what nothing names is swept.""
 
 from __future__ import annotations
 
+import json
+import time
 import uuid as uuidlib
-from typing import TYPE_CHECKING
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
+from vmkit.errors import InvalidState
+from vmkit.model.migration import may_start
 from vmkit.model.snapshots import SnapshotTree
-from vmkit.model.spec import check_relative_path
+from vmkit.model.spec import VmConfig, check_relative_path
 from vmkit.storage.layout import read_metadata, write_json_atomic
 
 if TYPE_CHECKING:
-    from vmkit.core.engine import VM
+    from vmkit.core.engine import VM, Host
 
 TREE_FILE = "snapshots.json"
 
@@ -75,3 +80,36 @@ def sweep_orphans(vm: VM) -> list[str]:
                 entry.unlink(missing_ok=True)
                 removed.append(rel)
     return removed
+
+
+# -- ownership: where a VM went (model/migration.may_start) ----------------------------------
+def _tombstones(host: Host) -> Path:
+    return host.layout.root / "moved"
+
+
+def tombstone(host: Host, vm_uuid: str) -> dict[str, Any] | None:
+    """What this host remembers of a VM that moved away (None: it never left from here)."""
+    try:
+        data = json.loads((_tombstones(host) / f"{vm_uuid}.json").read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def check_may_start(vm: VM) -> None:
+    """Refuse to start a VM another host owns at a newer generation (it moved away)."""
+    moved = tombstone(vm.host, vm.config.uuid)
+    owner = moved.get("generation") if moved else None
+    if not may_start(vm.config.generation, owner if isinstance(owner, int) else None):
+        raise InvalidState(f"VM {vm.name!r} moved to {moved and moved.get('destination')} "
+                           f"(generation {owner}; this copy is {vm.config.generation}): it "
+                           "runs there, never here", hint="delete this stale copy")
+
+
+def bury(host: Host, config: VmConfig, generation: int, destination: str) -> None:
+    """Remember that the VM left for `destination`, which owns it from `generation` on."""
+    folder = _tombstones(host)
+    folder.mkdir(mode=0o700, exist_ok=True)
+    write_json_atomic(folder / f"{config.uuid}.json", {
+        "uuid": config.uuid, "name": config.spec.name, "generation": generation,
+        "destination": destination, "at": time.time()})

@@ -32,6 +32,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from vmkit.client.remote import MovePeer
 from vmkit.daemon import auth
 from vmkit.daemon.metrics import build_registry
 from vmkit.daemon.operations import Operation
@@ -46,6 +47,8 @@ from vmkit.model.api import (
     ErrorBody,
     ExecRequest,
     ImageBuildRequest,
+    IncomingRequest,
+    MigrateRequest,
     NetworkRequest,
     NicRequest,
     OperationView,
@@ -57,6 +60,8 @@ from vmkit.model.api import (
 )
 from vmkit.model.cloudinit import KEY_TYPES
 from vmkit.model.hardware import HostCapabilities
+from vmkit.model.migration import MigrationOptions
+from vmkit.model.migration import Progress as MoveProgress
 from vmkit.model.names import validate_name
 from vmkit.model.network import Nic
 from vmkit.model.resources import Policy
@@ -509,6 +514,88 @@ def build_app(service: Service) -> FastAPI:
 
         return accepted(request, "vm.import", f"import {name or 'a bundle'}", work,
                         [name] if name else [], may_cancel=True)
+
+    # -- moves between hosts ---------------------------------------------------------------
+    @app.post("/1.0/vms/{name}/migrate", status_code=202, response_model=Async,
+              responses=_ERRORS)
+    def migrate_vm(request: Request, name: str, body: MigrateRequest) -> JSONResponse:
+        """Move the VM to the host `destination` names (live when it runs); `check`: only
+        the pre-flight's reasons (an empty list: it can move)."""
+        vm = vm_of(name)
+        if body.name is not None:
+            validate_name(body.name)
+        credentials = body.destination.model_dump()
+        options = MigrationOptions(storage=body.storage, bandwidth=body.bandwidth,
+                                   downtime_ms=body.downtime_ms,
+                                   auto_converge=body.auto_converge, postcopy=body.postcopy,
+                                   name=body.name)
+
+        def work(op: Operation) -> Any:
+            if body.check:
+                return vm.check_move(MovePeer(credentials).capabilities(), name=body.name)
+
+            def report(progress: MoveProgress) -> None:
+                op.progress.update({"transferred": progress.transferred,
+                                    "remaining": progress.remaining,
+                                    "dirty_rate": progress.dirty_rate,
+                                    "expected_downtime_ms": progress.expected_downtime_ms})
+                op.report(stage=progress.stage, done=progress.transferred,
+                          total=progress.total)
+
+            result = vm.migrate(credentials, options, report=report)
+            service.bus.lifecycle("migrated", name, destination=credentials["url"],
+                                  target=result["name"])
+            service.supervisor.forget(name)
+            return result
+
+        return accepted(request, "vm.migrate", f"move {name} to {body.destination.url}", work,
+                        [name], may_cancel=True)
+
+    @app.post("/1.0/migrations", status_code=202, response_model=Async, responses=_ERRORS)
+    async def migration_prepare(request: Request, name: Annotated[str, Query(max_length=63)],
+                                generation: Annotated[int, Query(ge=1)],
+                                live: bool = False) -> JSONResponse:
+        """Destination, prepare: the moving VM's files (a bundle without its active layer
+        when live), imported as an incoming VM that nothing else may touch until finish."""
+        validate_name(name)
+        spool = await _receive(request, service.paths.spool)
+
+        def work(op: Operation) -> dict[str, Any]:
+            try:
+                return service.arrivals.receive(spool, name=name, generation=generation,
+                                                live=live,
+                                                progress=op.bytes_progress("importing"))
+            finally:
+                spool.unlink(missing_ok=True)
+
+        return accepted(request, "migration.prepare", f"receive {name}", work, [name])
+
+    @app.post("/1.0/migrations/{mid}/incoming", response_model=Sync[dict[str, Any]],
+              responses=_ERRORS)
+    def migration_incoming(mid: str, body: IncomingRequest) -> dict[str, Any]:
+        """Destination: start the paused QEMU that receives the memory; the ports and the
+        one-time token of its stream."""
+        return _sync(service.arrivals.start(mid, key=body.key, machine=body.machine,
+                                            paused=body.paused, postcopy=body.postcopy))
+
+    @app.post("/1.0/migrations/{mid}/finish", response_model=Sync[dict[str, Any]],
+              responses=_ERRORS)
+    def migration_finish(mid: str) -> dict[str, Any]:
+        """Destination: everything arrived and the source is paused for good: resume here."""
+        status = service.arrivals.finish(mid)
+        service.bus.lifecycle("arrived", status["name"])
+        return _sync(status)
+
+    @app.get("/1.0/migrations/{mid}", response_model=Sync[dict[str, Any]], responses=_ERRORS)
+    def migration_outcome(mid: str) -> dict[str, Any]:
+        return _sync(service.arrivals.outcome(mid))
+
+    @app.delete("/1.0/migrations/{mid}", response_model=Sync[dict[str, Any]],
+                responses=_ERRORS)
+    def migration_abort(mid: str) -> dict[str, Any]:
+        """Destination: drop everything the move made here (the source keeps the VM)."""
+        service.arrivals.abort(mid)
+        return _sync({"id": mid, "state": "aborted"})
 
     # -- NICs ----------------------------------------------------------------------------
     @app.post("/1.0/vms/{name}/nics", status_code=202, response_model=Async, responses=_ERRORS)

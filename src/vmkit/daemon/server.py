@@ -154,7 +154,7 @@ def serve(host: Host, options: DaemonOptions, *, ready: Any = None) -> None:
             raise HostError(f"cannot listen on {options.listen}: {exc.strerror}") from exc
         tcp_sock.listen(128)
         listeners.append(f"https://{options.listen}")
-    service.listeners = listeners
+    service.listeners[:] = listeners  # shared with the parts that read it
     if options.pidfile:
         options.pidfile.parent.mkdir(parents=True, exist_ok=True)
         options.pidfile.write_text(f"{os.getpid()}\n")

@@ -15,8 +15,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from vmkit.client.remote import MovePeer
 from vmkit.daemon.auth import ClientCA, TokenStore
 from vmkit.daemon.events import EventBus
+from vmkit.daemon.migrations import Arrivals
 from vmkit.daemon.operations import Registry
 from vmkit.daemon.supervisor import Supervisor
 from vmkit.daemon.watcher import Seen, Watcher
@@ -24,6 +26,7 @@ from vmkit.errors import HostError, VmkitError
 from vmkit.host import Host
 from vmkit.model.restart import RESTARTS_FILE
 from vmkit.model.runtime import RuntimeRecord
+from vmkit.ops import migration
 from vmkit.storage import statuscache
 
 
@@ -112,6 +115,9 @@ class Service:
         self.tokens = TokenStore(self.paths.tokens)
         self.client_ca = ClientCA(self.paths.folder)
         self.statuses = StatusCache(self.host)
+        self.arrivals = Arrivals(self.host, self.paths.folder / "migrations", self.listeners)
+        # a restarted source asks its destination how an interrupted move ended
+        migration.peer_for_recovery = MovePeer
         # the watcher keeps the cache warm, so a request rarely reads a VM's files itself
         self.watcher.after_scan.append(lambda: self.statuses.refresh(self.statuses.stale()))
         self.operations.on_finished.append(lambda op: self.watcher.poke())
@@ -163,6 +169,7 @@ class Service:
         self.supervisor.stop()
         self.watcher.stop()
         self.operations.shutdown()
+        self.arrivals.shutdown()
         deadline = time.monotonic() + grace
         for op in self.operations.running():
             op.wait_blocking(max(0.0, deadline - time.monotonic()))

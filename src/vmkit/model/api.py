@@ -158,3 +158,30 @@ class TokenInfo(BaseModel):
     name: str
     created_at: float
     prefix: str = Field(description="first characters of the token, to tell tokens apart")
+
+
+class Destination(_Request):
+    """Where a VM moves: the destination daemon's URL, its pinned certificate and a token
+    (the CLI reads them from its remotes; the source daemon talks to it with them)."""
+
+    url: str = Field(max_length=2048, pattern=r"^https://")
+    server_cert: str = Field(max_length=65536, description="PEM of the destination's certificate")
+    token: str | None = Field(default=None, max_length=512)
+
+
+class MigrateRequest(_Request):
+    destination: Destination
+    storage: Literal["auto", "shared", "copy"] = "auto"
+    bandwidth: int | None = Field(default=None, ge=1 << 20, description="bytes/s")
+    downtime_ms: int = Field(default=50, ge=1, le=2000)
+    auto_converge: bool = False
+    postcopy: bool = False
+    name: str | None = Field(default=None, max_length=63)
+    check: bool = Field(default=False, description="pre-flight only: the reasons, nothing moved")
+
+
+class IncomingRequest(_Request):
+    key: str = Field(min_length=32, max_length=128, pattern=r"^[0-9a-f]+$")
+    machine: dict[str, Any] | None = None
+    paused: bool = False
+    postcopy: bool = False

@@ -11,7 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 OpKind = Literal["start", "stop", "snapshot", "restore", "delete-snapshot", "clone",
-                 "instant-clone", "export", "set", "nic-add", "nic-remove"]
+                 "instant-clone", "export", "set", "nic-add", "nic-remove", "migrate-out",
+                 "migrate-in"]
 
 #: The named steps of each operation, in order (the fault matrix kills the CLI at each one).
 STEPS: dict[str, tuple[str, ...]] = {
@@ -31,6 +32,10 @@ STEPS: dict[str, tuple[str, ...]] = {
     "instant-clone": ("begun", "paused", "snapshot-taken", "clone-published", "clone-started",
                       "source-resumed"),
     "export": ("begun", "snapshot-taken", "written", "published"),
+    # a live move, source side: files sent, memory and disk in flight, source paused for
+    # good, destination running; destination side: its folder exists, its guest runs
+    "migrate-out": ("begun", "snapshot-taken", "prepared", "perform", "performed", "confirm"),
+    "migrate-in": ("begun", "finish"),
 }
 
 

@@ -101,3 +101,60 @@ def may_start(local_generation: int, owner_generation: int | None) -> bool:
     """A host may start its copy of a VM only when no other host owns a newer generation
     (None: no other host claims it)."""
     return owner_generation is None or owner_generation <= local_generation
+
+
+# -- what a user asks for, and what a running migration reports -------------------------
+STORAGE_CHOICES = ("auto", "shared", "copy")
+DEFAULT_DOWNTIME_MS = 50
+MAX_DOWNTIME_MS = 2000  # Proxmox doubles from 100 ms; beyond 2 s the guest would notice
+
+
+@dataclass(frozen=True)
+class MigrationOptions:
+    """`vmkit migrate` / `vmkit move` options. `bandwidth` in bytes/s (None: unthrottled);
+    `downtime_ms` is the pause QEMU aims for at the switch-over."""
+
+    storage: str = "auto"
+    bandwidth: int | None = None
+    downtime_ms: int = DEFAULT_DOWNTIME_MS
+    auto_converge: bool = False
+    postcopy: bool = False
+    name: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.storage not in STORAGE_CHOICES:
+            raise ValueError(f"storage {self.storage!r} is not one of "
+                             f"{', '.join(STORAGE_CHOICES)}")
+        if not 1 <= self.downtime_ms <= MAX_DOWNTIME_MS:
+            raise ValueError(f"downtime {self.downtime_ms} ms is not between 1 and "
+                             f"{MAX_DOWNTIME_MS} ms")
+        if self.bandwidth is not None and self.bandwidth < 1 << 20:
+            raise ValueError(f"bandwidth {self.bandwidth} B/s is below 1 MiB/s")
+
+
+@dataclass(frozen=True)
+class Progress:
+    """One reading of a migration: bytes sent and left, the guest's dirty rate, QEMU's
+    expected pause; `stage` says which part runs (files, disk, memory, finishing)."""
+
+    stage: str
+    transferred: int = 0
+    remaining: int = 0
+    total: int = 0
+    dirty_rate: int = 0  # bytes/s the guest dirties
+    expected_downtime_ms: int | None = None
+    status: str = ""
+
+
+def memory_progress(info: dict[str, object]) -> Progress:
+    """A `query-migrate` answer as a Progress (QEMU's dirty-pages-rate is in pages/s)."""
+    ram = info.get("ram")
+    ram = ram if isinstance(ram, dict) else {}
+    page = int(ram.get("page-size", 4096) or 4096)
+    expected = info.get("expected-downtime")
+    return Progress(stage="memory", transferred=int(ram.get("transferred", 0) or 0),
+                    remaining=int(ram.get("remaining", 0) or 0),
+                    total=int(ram.get("total", 0) or 0),
+                    dirty_rate=int(ram.get("dirty-pages-rate", 0) or 0) * page,
+                    expected_downtime_ms=int(expected) if isinstance(expected, int) else None,
+                    status=str(info.get("status", "")))

@@ -289,6 +289,8 @@ class VmConfig(BaseModel):
     nics: tuple[Nic, ...] = Field(default=(), description="none: one restricted user-mode NIC")
     restart: RestartPolicy = Field(default_factory=RestartPolicy,
                                    description="what the host service does when QEMU ends")
+    generation: int = Field(default=0, ge=0, description="ownership generation: each move "
+                            "to another host adds one (model/migration.may_start)")
 
     @field_validator("schema_version")
     @classmethod
@@ -392,7 +394,7 @@ def as_new_machine(config: VmConfig, name: str, *, created_at: float) -> VmConfi
                  for index, nic in enumerate(config.nics))  # addresses: given at the next start
     return config.model_copy(update={
         "uuid": vm_uuid, "mac": new_mac(), "created_at": created_at, "cloud_init": seed,
-        "nics": nics,
+        "nics": nics, "generation": 0,
         "spec": config.spec.model_copy(update={"name": name}),
         "boot": config.boot.model_copy(update={"cmdline": with_hostname(config.boot.cmdline,
                                                                         name)}),

@@ -178,7 +178,10 @@ def _publish(partial: Path, path: Path) -> None:
 
 
 def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
-                  progress: Progress | None) -> dict[str, Any]:
+                  progress: Progress | None, *, leave_out_active: bool = False
+                  ) -> dict[str, Any]:
+    """`leave_out_active`: a live move's files (the active layer is what the guest writes
+    now: it travels by the disk mirror into an empty overlay the manifest describes)."""
     folder = vm.folder.path
     tree = store.load_tree(vm)
     config = vm.config
@@ -187,7 +190,14 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
         active = tree.nodes[point].layer
         tree = tree.without(point).model_copy(update={"current": tree.nodes[point].parent})
     tree = tree.model_copy(update={"active_layer": active})
-    layers = {active, *(node.layer for node in tree.nodes.values())}
+    layers = {*(node.layer for node in tree.nodes.values())}
+    overlay: dict[str, Any] = {}
+    if leave_out_active:
+        info = img.info(folder / active)
+        overlay = {"path": active, "backing": info.get("backing-filename"),
+                   "size": int(info["virtual-size"])}
+    else:
+        layers.add(active)
     files: dict[str, Path] = {f"boot/{p.name}": p for p in sorted(vm.folder.boot.iterdir())}
     for layer in sorted(layers):
         files[layer] = folder / layer
@@ -195,6 +205,8 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
         if node.memory:
             files[node.memory] = folder / node.memory
     repoint: dict[str, str] = {}
+    if config.backing_file is not None and not Path(config.backing_file).is_absolute():
+        files[f"disks/{config.backing_file}"] = folder / "disks" / config.backing_file
     if config.backing_file is not None and Path(config.backing_file).is_absolute():
         # the base outside the folder travels flattened; the layers keep their bytes and the
         # manifest says which backing name import re-points at it (no copy of big layers here)
@@ -221,8 +233,8 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
     started = time.monotonic()
     with _create_private(path) as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            _fill_tar(tar, {"vm": vm.name, "repoint": repoint}, metadata, files, entries,
-                      advance)
+            _fill_tar(tar, {"vm": vm.name, "repoint": repoint, "overlay": overlay}, metadata,
+                      files, entries, advance)
         raw.flush()
         os.fsync(raw.fileno())
     elapsed = time.monotonic() - started
@@ -261,7 +273,10 @@ def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
 
 # -- import -------------------------------------------------------------------------------
 def import_bundle(host: Host, path: Path, *, name: str | None = None,
-                  progress: Progress | None = None) -> VM:
+                  progress: Progress | None = None,
+                  arriving: Callable[[VmFolder, VmConfig], VmConfig] | None = None) -> VM:
+    """`arriving`: a VM moving here (ops/migration): it keeps its identity under `name`, and
+    the callback marks the folder as incoming before it is published."""
     path = Path(path)
     if not path.is_file():
         raise NotFound(f"bundle {path} does not exist")
@@ -276,17 +291,22 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
                 with os_errors(f"importing {path}"):
                     _extract_checked(tar, work.path, expected, path, progress)
                 fault_point("import", "extracted")
-                config = _check_metadata(work.path, path)
                 # the disks are inspected by qemu-img without root: they become its files
                 # (disks are what a VM's uid owns anyway; the folders stay root's)
                 owner = img.untrusted_owner()
                 with os_errors(f"importing {path}"):
                     _hand_disks(work.path, owner)
                 _repoint(work.path, manifest.get("repoint") or {}, path, owner)
+                if arriving is not None:
+                    _empty_overlay(work.path, manifest.get("overlay") or {}, path, owner)
+                config = _check_metadata(work.path, path)
                 _check_disks(work.path, path, owner)
                 fault_point("import", "checked")
                 # ssh_identity names a key file on the exporting host: never used here
                 config = config.model_copy(update={"ssh_identity": None})
+                if arriving is not None:  # the same machine, maybe under a new name
+                    return arriving(work, config.model_copy(update={
+                        "spec": config.spec.model_copy(update={"name": target})}))
                 if target != original:  # a copy: a new identity, never the source's
                     config = as_new_machine(config, target, created_at=time.time())
                 return config
@@ -349,6 +369,31 @@ def _extract_checked(tar: tarfile.TarFile, dest: Path, expected: dict[str, dict[
     if missing:
         raise BundleError(f"bundle {path} is incomplete: missing {', '.join(missing)}",
                           hint="was it truncated in transfer?")
+
+
+def _empty_overlay(folder: Path, overlay: dict[str, Any], path: Path,
+                   owner: jail.RunAs | None) -> None:
+    """The layer a live move's disk mirror fills: empty, on the bundle's layer it names."""
+    if not overlay:
+        return
+    layer, backing, size = overlay.get("path"), overlay.get("backing"), overlay.get("size")
+    try:
+        if not isinstance(layer, str):
+            raise InvalidValue("path")
+        check_relative_path("overlay", layer, under="disks", suffix=".qcow2")
+        if not isinstance(backing, str) or not re.fullmatch(r"[\w.-]+\.qcow2", backing) \
+                or not (folder / "disks" / backing).is_file():
+            raise InvalidValue("backing")
+        if not isinstance(size, int) or size <= 0:
+            raise InvalidValue("size")
+    except InvalidValue:
+        raise BundleError(f"bundle {path}: its manifest's overlay {shown(overlay)} is not an "
+                          "overlay on a disk of the bundle; refused") from None
+    target = folder / str(layer)
+    if os.path.lexists(target):
+        raise BundleError(f"bundle {path}: the overlay {layer} is also a member; refused")
+    img.create_overlay(target, backing, size, unopened=True)  # checked with the rest
+    _hand_disks(folder, owner)
 
 
 def _hand_disks(folder: Path, owner: jail.RunAs | None) -> None:

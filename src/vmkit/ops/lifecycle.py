@@ -36,7 +36,7 @@ from vmkit.errors import (
     VmkitError,
     os_errors,
 )
-from vmkit.isolation import jail, uids
+from vmkit.isolation import jail
 from vmkit.model.cloudinit import (
     CloudInit,
     check_user_data,
@@ -206,21 +206,9 @@ def delete(vm: VM, *, force: bool = False) -> None:
             raise InvalidState(
                 f"cannot delete VM {vm.name!r}: linked clones use its disk layers "
                 f"({', '.join(users)})", hint="delete those clones first")
-        if record.state in LIVE_STATES:
-            if not force:
-                check_transition(vm.name, record.state, Operation.DELETE)
-            vm._kill_locked(held, record)
-        net_ops.release(vm)
-        vm_uuid = vm.config.uuid
-        uid = uids.lookup(vm_uuid) if os.geteuid() == 0 else None
-        if uid is not None:
-            jail.unshare_layers(uid, vm.leaned_on_layers())
-        vm.host._discard_vm_folder(vm.name)
-        jail.release_owner(vm_uuid)
-        if vm.host.cgroups is not None:  # a VM that crashed at start left its cgroup
-            vm.host.cgroups.remove(vm.name)
-    if any(nic.network != USER_NETWORK for nic in vm.config.nics):
-        net_ops.forget(vm.host)  # its leases, names and forwards go too
+        if record.state in LIVE_STATES and not force:
+            check_transition(vm.name, record.state, Operation.DELETE)
+        vm._remove_locked(held, record)
 
 
 def _delete_broken(vm: VM) -> None:

@@ -136,14 +136,15 @@ def _opened(path: Path, *, write: bool) -> Iterator[int]:
 
 def create_overlay(path: Path, backing: Path | str, size: int | None = None, *,
                    timeout: float = 60, untrusted: bool = False,
-                   owner: RunAs | None = None) -> None:
+                   owner: RunAs | None = None, unopened: bool = False) -> None:
     """A qcow2 whose unchanged blocks are read from `backing` (a qcow2): O(1) in disk size.
 
     A relative `backing` is resolved from the overlay's own folder and stored relative, so the
-    folder can move. Without `size` the overlay takes the backing file's size.
+    folder can move. Without `size` the overlay takes the backing file's size. `unopened`
+    (with a size): the backing is not opened at all (an untrusted file, checked later).
     """
     args = ["create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(backing),
-            "-o", "cluster_size=65536", str(path)]
+            "-o", "cluster_size=65536", *(["-u"] if unopened else []), str(path)]
     _run(args + ([str(size)] if size is not None else []), timeout=timeout,
          owner=untrusted_owner(owner) if untrusted else None)
 

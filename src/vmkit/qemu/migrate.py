@@ -1,0 +1,244 @@
+"""QEMU's side of a move between hosts: TLS-PSK credentials, the memory stream on a socket
+vmkit hands over, the disk copied by a mirror job into the destination's NBD export.
+
+Both QEMUs speak TLS with a pre-shared key made for this one migration (QEMU's tls-creds-psk:
+a folder with `keys.psk`, `USER:HEXKEY`), so neither the memory stream nor the NBD export can be
+read or joined by a third party: a connection without the key fails its handshake. The memory
+socket is connected by the daemons (a one-time token first, see daemon/migrations.py) and given
+to QEMU with `getfd`; the NBD export listens on a socket vmkit bound and handed over."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from vmkit.errors import OperationTimeout, QemuError, VmkitError
+from vmkit.isolation.jail import RunAs
+from vmkit.model.migration import MigrationOptions, Progress, memory_progress
+from vmkit.qemu.blockops import top_node
+from vmkit.qemu.qmp import QmpConnection
+
+PSK_USER = "vmkit"
+TLS_ID = "vmkit-migration-tls"
+NBD_NODE = "vmkit-migration-nbd"
+MIRROR_JOB = "vmkit-migration-mirror"
+EXPORT = "vmkit-disk"
+_UNTHROTTLED = 1 << 40
+
+
+def write_psk(folder: Path, key_hex: str, owner: RunAs | None) -> None:
+    """`folder/keys.psk` readable by root and the VM's group only; the folder is root's (so
+    the VM's uid cannot swap the file) and made fresh (never an existing path followed)."""
+    if not key_hex or any(c not in "0123456789abcdef" for c in key_hex) or len(key_hex) < 32:
+        raise ValueError("a migration key is at least 16 bytes of lower-case hex")
+    with contextlib.suppress(FileNotFoundError):
+        remove_psk(folder)
+    os.mkdir(folder, 0o700)
+    fd = os.open(folder / "keys.psk", os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW,
+                 0o600)
+    try:
+        os.write(fd, f"{PSK_USER}:{key_hex}\n".encode())
+        if owner is not None:
+            os.fchown(fd, 0, owner.gid)
+            os.fchmod(fd, 0o640)
+    finally:
+        os.close(fd)
+    if owner is not None:
+        os.chown(folder, 0, owner.gid, follow_symlinks=False)
+        os.chmod(folder, 0o750)
+
+
+def remove_psk(folder: Path) -> None:
+    if folder.is_symlink():
+        folder.unlink()
+        return
+    (folder / "keys.psk").unlink(missing_ok=True)
+    folder.rmdir()
+
+
+def add_tls(qmp: QmpConnection, psk_dir: Path, *, server: bool) -> None:
+    arguments: dict[str, Any] = {"qom-type": "tls-creds-psk", "id": TLS_ID,
+                                 "endpoint": "server" if server else "client",
+                                 "dir": str(psk_dir)}
+    if not server:
+        arguments["username"] = PSK_USER
+    qmp.execute("object-add", arguments)
+
+
+def tune_source(qmp: QmpConnection, options: MigrationOptions) -> None:
+    """Bandwidth, downtime target, TLS, and the convergence aids the user asked for."""
+    capabilities = [{"capability": "auto-converge", "state": options.auto_converge},
+                    {"capability": "postcopy-ram", "state": options.postcopy},
+                    {"capability": "events", "state": True}]
+    qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
+    qmp.execute("migrate-set-parameters", {
+        "tls-creds": TLS_ID, "tls-hostname": "",
+        "max-bandwidth": options.bandwidth or _UNTHROTTLED,
+        "downtime-limit": options.downtime_ms})
+
+
+def tune_destination(qmp: QmpConnection, *, postcopy: bool) -> None:
+    """TLS, and disks activated only at `cont` (the NBD export writes them until then)."""
+    qmp.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "late-block-activate", "state": True},
+        {"capability": "postcopy-ram", "state": postcopy}]})
+    qmp.execute("migrate-set-parameters", {"tls-creds": TLS_ID})
+
+
+def serve_disk(qmp: QmpConnection, listener: socket.socket) -> None:
+    """Export the incoming VM's disk (its top layer) over NBD on `listener`, TLS only."""
+    qmp.send_fd(listener.fileno(), "vmkit-nbd-listen")
+    qmp.execute("nbd-server-start", {"addr": {"type": "fd", "data": {"str": "vmkit-nbd-listen"}},
+                                     "tls-creds": TLS_ID})
+    qmp.execute("nbd-server-add", {"device": top_node(qmp), "name": EXPORT, "writable": True})
+
+
+def stop_serving(qmp: QmpConnection) -> None:
+    with contextlib.suppress(QemuError):
+        qmp.execute("nbd-server-stop")
+
+
+def start_mirror(qmp: QmpConnection, host: str, port: int) -> None:
+    """Copy the source's top layer into the destination's export; writes keep being copied
+    once it is in step (`ready`). The layers below already exist on the destination."""
+    qmp.execute("blockdev-add", {
+        "driver": "nbd", "node-name": NBD_NODE, "export": EXPORT, "tls-creds": TLS_ID,
+        "server": {"type": "inet", "host": host, "port": str(port)}})
+    qmp.execute("blockdev-mirror", {"job-id": MIRROR_JOB, "device": top_node(qmp),
+                                    "target": NBD_NODE, "sync": "top",
+                                    "auto-finalize": True, "auto-dismiss": True})
+
+
+def mirror_state(qmp: QmpConnection) -> dict[str, Any] | None:
+    for job in qmp.execute("query-block-jobs"):
+        if job.get("device") == MIRROR_JOB:
+            return dict(job)
+    return None
+
+
+def wait_mirror_ready(qmp: QmpConnection, timeout: float,
+                      report: Callable[[Progress], None]) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        job = mirror_state(qmp)
+        if job is None:
+            raise QemuError("the disk copy to the destination stopped (its connection failed)")
+        report(Progress(stage="disk", transferred=int(job["offset"]),
+                        remaining=max(0, int(job["len"]) - int(job["offset"])),
+                        total=int(job["len"]), status=str(job["status"])))
+        if job.get("ready"):
+            return
+        if time.monotonic() >= deadline:
+            raise OperationTimeout(f"the disk copy was not in step within {timeout:g}s")
+        time.sleep(0.05)
+
+
+def complete_mirror(qmp: QmpConnection, timeout: float) -> None:
+    """End the mirror once the source is paused: what is in flight lands, the source keeps
+    its own disk (a ready mirror's cancel completes without switching over)."""
+    qmp.execute("block-job-cancel", {"device": MIRROR_JOB})
+    deadline = time.monotonic() + timeout
+    while mirror_state(qmp) is not None:
+        if time.monotonic() >= deadline:
+            raise OperationTimeout(f"the disk copy did not finish within {timeout:g}s")
+        time.sleep(0.01)
+    drop_nbd(qmp)
+
+
+def abandon_mirror(qmp: QmpConnection) -> None:
+    """Stop copying (a failed or cancelled move): forced, the destination is thrown away."""
+    if mirror_state(qmp) is not None:
+        with contextlib.suppress(QemuError):
+            qmp.execute("block-job-cancel", {"device": MIRROR_JOB, "force": True})
+        deadline = time.monotonic() + 10
+        while mirror_state(qmp) is not None and time.monotonic() < deadline:
+            time.sleep(0.02)
+    drop_nbd(qmp)
+
+
+def drop_nbd(qmp: QmpConnection) -> None:
+    with contextlib.suppress(QemuError):
+        qmp.execute("blockdev-del", {"node-name": NBD_NODE})
+
+
+def send_memory(qmp: QmpConnection, sock: socket.socket) -> None:
+    qmp.send_fd(sock.fileno(), "vmkit-migration-out")
+    qmp.execute("migrate", {"channels": [{"channel-type": "main", "addr": {
+        "transport": "socket", "type": "fd", "str": "vmkit-migration-out"}}]})
+
+
+def receive_memory(qmp: QmpConnection, sock: socket.socket) -> None:
+    qmp.send_fd(sock.fileno(), "vmkit-migration-in")
+    qmp.execute("migrate-incoming", {"channels": [{"channel-type": "main", "addr": {
+        "transport": "socket", "type": "fd", "str": "vmkit-migration-in"}}]})
+
+
+def watch_memory(qmp: QmpConnection, *, timeout: float, stall: float, postcopy: bool,
+                 report: Callable[[Progress], None]) -> dict[str, Any]:
+    """Poll the outgoing migration to its end. A stream that sends nothing for `stall`
+    seconds (a cut link) is cancelled; with post-copy allowed, a pre-copy that has not
+    converged after three passes over memory switches to post-copy."""
+    deadline = time.monotonic() + timeout
+    last_bytes, last_move = -1, time.monotonic()
+    switched = False
+    delay = 0.005
+    while True:
+        info: dict[str, Any] = qmp.execute("query-migrate")
+        status = info.get("status", "")
+        if status == "completed":
+            return info
+        if status in ("failed", "cancelled"):
+            raise QemuError(f"the memory transfer {status}: {info.get('error-desc', status)}")
+        reading = memory_progress(info)
+        report(reading)
+        now = time.monotonic()
+        if reading.transferred != last_bytes:
+            last_bytes, last_move = reading.transferred, now
+        elif now - last_move > stall:
+            cancel(qmp)
+            raise OperationTimeout(f"the memory transfer sent nothing for {stall:g}s "
+                                   "(the link to the destination is cut?)")
+        if now >= deadline:
+            cancel(qmp)
+            raise OperationTimeout(f"the memory transfer did not finish within {timeout:g}s")
+        ram = info.get("ram") or {}
+        if (postcopy and not switched and status == "active"
+                and int(ram.get("dirty-sync-count", 0)) >= 3):
+            qmp.execute("migrate-start-postcopy")
+            switched = True
+        time.sleep(delay)
+        delay = min(0.05, delay * 2)
+
+
+def cancel(qmp: QmpConnection) -> None:
+    with contextlib.suppress(VmkitError):
+        qmp.execute("migrate_cancel")
+
+
+def incoming_status(qmp: QmpConnection) -> str:
+    return str(qmp.execute("query-migrate").get("status", ""))
+
+
+def wait_incoming(qmp: QmpConnection, timeout: float) -> None:
+    """Block until the destination has the whole memory state (QEMU: completed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status = incoming_status(qmp)
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise QemuError(f"the incoming memory transfer {status}")
+        if time.monotonic() >= deadline:
+            raise OperationTimeout(f"the incoming memory did not arrive within {timeout:g}s")
+        time.sleep(0.005)
+
+
+def announce(qmp: QmpConnection) -> None:
+    """Tell the network where the guest's MACs are now (gratuitous ARP/RARP)."""
+    with contextlib.suppress(QemuError):
+        qmp.execute("announce-self", {"initial": 50, "max": 550, "rounds": 5, "step": 100})
