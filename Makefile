@@ -46,6 +46,7 @@ bench: setup
 	$(VENV)/bin/python bench/density.py
 	$(VENV)/bin/python bench/guest_boot.py
 	$(VENV)/bin/python bench/network.py
+	$(VENV)/bin/python bench/migrate.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info

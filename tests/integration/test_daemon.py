@@ -327,7 +327,13 @@ def test_a_restart_pending_when_the_daemon_dies_happens_when_it_is_back(
             assert engine_vm.status().state is VmState.CRASHED
             daemon.start()
             _wait_state(daemon.local().get("patient"), VmState.RUNNING)
-            record = json.loads((home / "daemon" / "restarts.json").read_text())["patient"]
+            # the supervisor counts the restart once the start has returned
+            deadline = time.monotonic() + 10
+            while True:
+                record = json.loads((home / "daemon" / "restarts.json").read_text())["patient"]
+                if record["restarts"] == 1 or time.monotonic() > deadline:
+                    break
+                time.sleep(0.1)
             assert record["restarts"] == 1 and record["pending_exit"] is None
         finally:
             daemon.stop()

@@ -6,112 +6,32 @@ move, the disks are mirrored into the destination's NBD export (copy storage).""
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import signal
-import ssl
 import subprocess
 import tempfile
 import threading
 import time
 import uuid
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import new_home
-from tests.integration.daemon_harness import Daemon, cli, qemu_count
+from tests.integration.daemon_harness import qemu_count
+from tests.integration.multihost import Side, ip, two_hosts
 
 A_ADDRESS, B_ADDRESS = "198.18.78.1", "198.18.78.2"
 
 
-@dataclass
-class Side:
-    name: str
-    home: Path
-    namespace: str
-    daemon: Daemon
-    env: dict[str, str]
-
-    def cli(self, *args: str, timeout: float = 600) -> subprocess.CompletedProcess[str]:
-        return cli(self.home, *args, env=self.env, prefix=self.daemon.prefix, timeout=timeout)
-
-    def ok(self, *args: str, timeout: float = 600) -> str:
-        done = self.cli(*args, timeout=timeout)
-        assert done.returncode == 0, f"vmkit {' '.join(args)}: {done.stderr}"
-        return done.stdout
-
-    def exec(self, vm: str, script: str) -> str:
-        return self.ok("exec", vm, "--", "sh", "-c", script)
-
-    def has_vm(self, vm: str) -> bool:
-        return (self.home / "vms" / vm).exists()
-
-    def qemus(self, vm_uuid: str) -> list[int]:
-        found = []
-        for entry in os.listdir("/proc"):
-            if not entry.isdigit():
-                continue
-            with contextlib.suppress(OSError):
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-                if vm_uuid.encode() in cmdline and str(self.home).encode() in cmdline \
-                        and cmdline.startswith(b"qemu-system"):
-                    found.append(int(entry))
-        return found
-
-
-def _ip(*args: str) -> None:
-    subprocess.run(["ip", *args], check=True, capture_output=True)
-
-
-def _fingerprint(cert: Path) -> str:
-    return hashlib.sha256(ssl.PEM_cert_to_DER_cert(cert.read_text())).hexdigest()
-
-
 @pytest.fixture(scope="module")
-def hosts(image_home: Path) -> Iterator[tuple[Side, Side]]:
-    tag = uuid.uuid4().hex[:6]
-    ns_a, ns_b = f"vmk-mig-a-{tag}", f"vmk-mig-b-{tag}"
-    veth_a, veth_b = f"vmkm{tag}a", f"vmkm{tag}b"
-    stack = contextlib.ExitStack()
-    with stack:
-        for ns in (ns_a, ns_b):
-            _ip("netns", "add", ns)
-            stack.callback(subprocess.run, ["ip", "netns", "del", ns], capture_output=True,
-                           check=False)
-        _ip("link", "add", veth_a, "type", "veth", "peer", "name", veth_b)
-        _ip("link", "set", veth_a, "netns", ns_a)
-        _ip("link", "set", veth_b, "netns", ns_b)
-        for ns, veth, address in ((ns_a, veth_a, A_ADDRESS), (ns_b, veth_b, B_ADDRESS)):
-            _ip("-n", ns, "addr", "add", f"{address}/30", "dev", veth)
-            _ip("-n", ns, "link", "set", veth, "up")
-            _ip("-n", ns, "link", "set", "lo", "up")
-        sides = []
-        for index, (name, ns, address) in enumerate((("a", ns_a, A_ADDRESS),
-                                                     ("b", ns_b, B_ADDRESS))):
-            home = stack.enter_context(new_home(image_home))
-            config = Path(tempfile.mkdtemp(prefix=f"vmk-cfg-{name}-"))
-            stack.callback(subprocess.run, ["rm", "-rf", str(config)], check=False)
-            registry = Path(tempfile.mkdtemp(prefix=f"vmk-uids-{name}-"))
-            stack.callback(subprocess.run, ["rm", "-rf", str(registry)], check=False)
-            env = {"VMKIT_CONFIG_DIR": str(config), "VMKIT_UID_REGISTRY": str(registry),
-                   "VMKIT_UID_RANGE": f"{2_100_000 + index * 1000}:1000"}
-            daemon = Daemon(home, listen=f"{address}:8443",
-                            prefix=("ip", "netns", "exec", ns))
-            daemon.start(env=env)
-            stack.callback(daemon.stop)
-            sides.append(Side(name, home, ns, daemon, env))
-            # a stale VM folder left by a failed test is deleted through the right registry
-            stack.callback(cli, home, "delete", "--all", "--force", env=env)
-        a, b = sides
-        for here, there in ((a, b), (b, a)):
-            here.ok("remote", "add", there.name, there.daemon.url, "--token",
-                    there.daemon.token, "--accept-fingerprint",
-                    _fingerprint(there.daemon.server_cert))
-        yield a, b
+def hosts(debian_home: Path) -> Iterator[tuple[Side, Side]]:
+    with contextlib.ExitStack() as stack:
+        # both images, linked into each host's home
+        yield two_hosts(stack, lambda: stack.enter_context(new_home(debian_home)),
+                        addresses=(A_ADDRESS, B_ADDRESS), uid_base=2_100_000, tag="vmkm")
 
 
 def _uuid(side: Side, vm: str) -> str:
@@ -120,6 +40,10 @@ def _uuid(side: Side, vm: str) -> str:
 
 def _uptime(side: Side, vm: str) -> float:
     return float(side.exec(vm, "cut -d' ' -f1 /proc/uptime").split()[0])
+
+
+def _snapshots(side: Side, vm: str) -> list[str]:
+    return [s["name"] for s in json.loads(side.ok("snapshot", "list", vm, "--format", "json"))]
 
 
 def _one_qemu_on(side: Side, other: Side, vm_uuid: str) -> None:
@@ -153,8 +77,8 @@ def test_live_there_and_back_keeps_guest_files_and_snapshots(hosts: tuple[Side, 
     assert _uptime(b, "mover") > up_before
     assert b.exec("mover", "cat /root/before.txt /root/after.txt").split() == ["kept", "later"]
     assert b.exec("mover", "sha256sum /root/blob").split()[0] == blob
-    snaps = json.loads(b.ok("snapshot", "list", "mover", "--format", "json"))
-    assert [s["name"] for s in snaps] == ["before"], "the snapshot tree moved, no helper left"
+    _wait_for(lambda: _snapshots(b, "mover") == ["before"], 60,
+              "the snapshot tree, without the move's helper")
     info = json.loads(b.ok("info", "mover", "--format", "json"))
     assert info["state"] == "running" and info["uuid"] == vm_uuid
     # and back
@@ -205,7 +129,8 @@ def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-
     raise AssertionError(f"timed out waiting for {what}")
 
 
-@pytest.mark.parametrize("failure", ["destination-qemu-killed", "cancel", "link-cut"])
+@pytest.mark.parametrize("failure", ["destination-qemu-killed", "destination-daemon-killed",
+                                     "cancel", "link-cut"])
 def test_a_failed_move_leaves_the_source_running_and_nothing_there(
         hosts: tuple[Side, Side], failure: str) -> None:
     a, b = hosts
@@ -224,6 +149,10 @@ def test_a_failed_move_leaves_the_source_running_and_nothing_there(
         time.sleep(2)
         if failure == "destination-qemu-killed":
             os.kill(b.qemus(vm_uuid)[0], signal.SIGKILL)
+        elif failure == "destination-daemon-killed":
+            b.daemon.kill()
+            time.sleep(3)
+            b.daemon.start(env=b.env)  # it rolls the arrival back; the source asks it
         elif failure == "cancel":
             with a.daemon.unix_http() as http:
                 ops = http.get("/1.0/operations").json()["metadata"]
@@ -232,11 +161,11 @@ def test_a_failed_move_leaves_the_source_running_and_nothing_there(
                 assert running, ops
                 http.delete(f"/1.0/operations/{running[0]['id']}")
         else:
-            _ip("-n", a.namespace, "link", "set", f"vmkm{a.namespace[-6:]}a", "down")
+            ip("-n", a.namespace, "link", "set", a.veth, "down")
     finally:
         mover.join(timeout=300)
         if failure == "link-cut":
-            _ip("-n", a.namespace, "link", "set", f"vmkm{a.namespace[-6:]}a", "up")
+            ip("-n", a.namespace, "link", "set", a.veth, "up")
     done = result["done"]
     assert done.returncode != 0, done.stderr
     _wait_for(lambda: not b.has_vm("stayer") and not b.qemus(vm_uuid), 60,
@@ -246,22 +175,27 @@ def test_a_failed_move_leaves_the_source_running_and_nothing_there(
     assert a.exec("stayer", "cat /proc/sys/kernel/random/boot_id").strip() == boot_id
     info = json.loads(a.ok("info", "stayer", "--format", "json"))
     assert info["state"] == "running"
-    snaps = json.loads(a.ok("snapshot", "list", "stayer", "--format", "json"))
-    assert snaps == [], "the helper snapshot was merged away"
+    assert _snapshots(a, "stayer") == [], "the helper snapshot was merged away"
     taps = subprocess.run(["ip", "-n", b.namespace, "-o", "link"], capture_output=True,
                           text=True).stdout
     assert "vmkt" not in taps
     a.ok("delete", "stayer", "--force")
 
 
-def test_a_source_killed_after_the_destination_finished_never_runs_the_vm_again(
-        hosts: tuple[Side, Side]) -> None:
+@pytest.mark.parametrize("step", ["perform", "performed", "confirm"])
+def test_a_source_killed_mid_move_settles_with_the_destination(
+        hosts: tuple[Side, Side], step: str) -> None:
+    """The source's daemon dies right after a journal step (a power cut); restarted, it
+    settles with the destination. Before the state was sent (perform) the arrival is aborted
+    and the guest runs on here; once the source's QEMU sent it all (performed) the
+    destination finishes on its own, and the source never runs the guest again."""
     a, b = hosts
     a.ok("create", "once", "--memory", "192M")
     a.ok("start", "once", "--wait")
     vm_uuid = _uuid(a, "once")
+    a.exec("once", "echo here > /root/mark.txt; sync")
     a.daemon.stop()
-    a.daemon.start(env={**a.env, "VMKIT_FAULT": "migrate-out:confirm"})
+    a.daemon.start(env={**a.env, "VMKIT_FAULT": f"migrate-out:{step}"})
     try:
         cut = a.cli("migrate", "once", "b")
         assert cut.returncode != 0
@@ -269,7 +203,278 @@ def test_a_source_killed_after_the_destination_finished_never_runs_the_vm_again(
         a.daemon.process.wait(timeout=30)  # killed at the step, like a power cut
     finally:
         a.daemon.start(env=a.env)
-    _wait_for(lambda: not a.has_vm("once"), 60, "the restarted source to finish confirm")
-    _one_qemu_on(b, a, vm_uuid)
-    assert b.exec("once", "echo alive").strip() == "alive"
-    b.ok("delete", "once", "--force")
+    owner, other = (a, b) if step == "perform" else (b, a)
+    _wait_for(lambda: not other.has_vm("once"), 60, "the move to be settled")
+    _one_qemu_on(owner, other, vm_uuid)
+    assert owner.exec("once", "cat /root/mark.txt").strip() == "here"
+    assert json.loads(owner.ok("info", "once", "--format", "json"))["state"] == "running"
+    _wait_for(lambda: _snapshots(owner, "once") == [], 60, "the helper snapshot merged away")
+    owner.ok("delete", "once", "--force")
+
+
+def _third_party(side: Side, port: int) -> str:
+    """Connect to `port` on the side's address from its own namespace, send garbage, and say
+    what came back (a refused stranger gets nothing, or a TLS alert)."""
+    code = ("import socket,sys\n"
+            f"s=socket.create_connection(('{side.daemon.listen.split(':')[0]}',{port}),5)\n"
+            "s.sendall(b'\\x16\\x03\\x01garbage'*64)\ns.settimeout(3)\n"
+            "try:\n  print(len(s.recv(100)))\nexcept Exception as e:\n  print(type(e).__name__)\n")
+    return subprocess.run(["ip", "netns", "exec", side.namespace, "python3", "-c", code],
+                          capture_output=True, text=True, timeout=30).stdout.strip()
+
+
+def _migration_ports(side: Side) -> list[int]:
+    listening = subprocess.run(["ip", "netns", "exec", side.namespace, "ss", "-ltnH"],
+                               capture_output=True, text=True, check=True).stdout
+    ports = {int(line.split()[3].rsplit(":", 1)[1]) for line in listening.splitlines()
+             if line.strip()}
+    return sorted(ports - {8443})
+
+
+def test_memory_stays_intact_over_20_moves_while_the_guest_dirties_it(
+        hosts: tuple[Side, Side]) -> None:
+    """QEMU migration-test style: known data in guest RAM is checksummed after every move
+    while a loop keeps dirtying another region; a stranger knocking on the migration ports
+    during the first move is refused and changes nothing."""
+    a, b = hosts
+    a.ok("create", "churn", "--memory", "192M")
+    a.ok("start", "churn", "--wait")
+    vm_uuid = _uuid(a, "churn")
+    known = a.exec("churn", "mkdir -p /mnt/ram && mount -t tmpfs -o size=96m tmpfs /mnt/ram && "
+                            "dd if=/dev/urandom of=/mnt/ram/known bs=1M count=32 2>/dev/null && "
+                            "sha256sum /mnt/ram/known").split()[0]
+    a.exec("churn", DIRTY_LOOP.format(mib=16))
+    sides = [a, b]
+    mismatches = 0
+    # the first move is throttled so a stranger can try the ports while it runs
+    first: dict[str, subprocess.CompletedProcess[str]] = {}
+    mover = threading.Thread(target=lambda: first.setdefault("done", a.cli(
+        "migrate", "churn", "b", "--bandwidth", "16M", "--auto-converge")))
+    mover.start()
+    try:
+        _wait_for(lambda: len(b.qemus(vm_uuid)) == 1, 120, "the incoming QEMU")
+        _wait_for(lambda: len(_migration_ports(b)) >= 1, 30, "the migration ports")
+        answers = [_third_party(b, port) for port in _migration_ports(b)]
+    finally:
+        mover.join(timeout=600)
+    assert first["done"].returncode == 0, first["done"].stderr
+    assert answers, "a stranger found at least one migration port to try"
+    for move in range(20):
+        here, there = sides[(move + 1) % 2], sides[move % 2]
+        if move:
+            there.ok("migrate", "churn", here.name)
+        got = here.exec("churn", "sha256sum /mnt/ram/known").split()[0]
+        mismatches += got != known
+        _one_qemu_on(here, there, vm_uuid)
+    assert mismatches == 0
+    assert _still_dirtying(a if a.has_vm("churn") else b, "churn")
+    (a if a.has_vm("churn") else b).ok("delete", "churn", "--force")
+
+
+UFFD_SYSCTL = Path("/proc/sys/vm/unprivileged_userfaultfd")
+
+
+DIRTY_LOOP = ("(i=0; while :; do dd if=/dev/urandom of=/mnt/ram/dirty bs=1M count={mib} "
+              "2>/dev/null; i=$((i+1)); echo $i > /mnt/ram/count; done) "
+              ">/dev/null 2>&1 </dev/null & echo started")
+
+
+def _still_dirtying(side: Side, vm: str) -> bool:
+    """The guest's dirtying loop goes on (its counter moves)."""
+    before = int(side.exec(vm, "cat /mnt/ram/count").strip() or 0)
+    time.sleep(4)
+    return int(side.exec(vm, "cat /mnt/ram/count").strip() or 0) > before
+
+
+@pytest.mark.parametrize("aid", ["--auto-converge", "--postcopy"])
+def test_a_busy_guest_converges(hosts: tuple[Side, Side], aid: str) -> None:
+    """The guest dirties memory (random data) faster than the 8 MiB/s the move may use:
+    auto-converge throttles its vCPUs until the rest fits the downtime target; post-copy
+    switches over and fetches the rest on demand (it needs userfaultfd for the VM's uid:
+    refused by the pre-flight until the host allows it)."""
+    a, b = hosts
+    allowed = UFFD_SYSCTL.read_text()
+    try:
+        a.ok("create", "busy", "--memory", "192M")
+        a.ok("start", "busy", "--wait")
+        a.exec("busy", "mkdir -p /mnt/ram && mount -t tmpfs -o size=64m tmpfs /mnt/ram && "
+               + DIRTY_LOOP.format(mib=32))
+        if aid == "--postcopy":
+            UFFD_SYSCTL.write_text("0")
+            refused = a.cli("migrate", "busy", "b", "--postcopy", "--check")
+            assert refused.returncode == 2 and "userfaultfd" in refused.stderr
+            UFFD_SYSCTL.write_text("1")
+        moved = json.loads(a.ok("migrate", "busy", "b", "--bandwidth", "8M", aid,
+                                "--format", "json", timeout=900))
+        assert moved["live"] and moved["dirty_syncs"] >= 2
+        if aid == "--postcopy":
+            assert moved["postcopy"] is True, moved
+        assert _still_dirtying(b, "busy")
+    finally:
+        UFFD_SYSCTL.write_text(allowed)
+        for side in (a, b):
+            side.cli("delete", "busy", "--force")
+
+
+def test_preflight_lists_every_reason_and_changes_nothing(hosts: tuple[Side, Side]) -> None:
+    a, b = hosts
+    from vmkit.host import Host
+    from vmkit.model.resources import Policy
+
+    a.ok("network", "create", "only-a", "--subnet", "198.18.80.0/24")
+    try:
+        a.ok("create", "picky", "--memory", "192M", "--network", "only-a")
+        config_file = a.home / "vms" / "picky" / "vm.json"
+        config = json.loads(config_file.read_text())
+        config["hardware"]["machine"] = "pc-q35-99.0"  # newer than any QEMU here
+        config["hardware"]["cpu_model"] = "Skylake-Server"  # features TCG cannot give
+        config_file.write_text(json.dumps(config))
+        before = config_file.read_bytes()
+        Host(b.home).set_policy(Policy(memory_ratio=0.001))
+        try:
+            checked = a.cli("move", "picky", "b", "--check", "--format", "json")
+            assert checked.returncode == 2, checked.stderr
+            reasons = json.loads(checked.stdout)["reasons"]
+            text = " ".join(reasons)
+            for expected in ("machine type pc-q35-99.0", "CPU model Skylake-Server",
+                             "network 'only-a'"):
+                assert expected in text, reasons
+            refused = a.cli("move", "picky", "b")
+            assert refused.returncode == 2 and "cannot move" in refused.stderr
+            # a running VM needs its memory there
+            a.ok("create", "roomy", "--memory", "192M")
+            a.ok("start", "roomy")
+            full = a.cli("migrate", "roomy", "b")
+            assert full.returncode == 2 and "not enough memory" in full.stderr, full.stderr
+            assert a.has_vm("roomy") and not b.has_vm("roomy")
+            assert json.loads(a.ok("info", "roomy", "--format", "json"))["state"] == "running"
+            a.ok("delete", "roomy", "--force")
+        finally:
+            Host(b.home).set_policy(Policy())
+        assert config_file.read_bytes() == before and not b.has_vm("picky")
+        assert not any(p.name.startswith(".") for p in (b.home / "vms").iterdir())
+        a.ok("delete", "picky", "--force")
+    finally:
+        a.cli("network", "delete", "only-a")
+
+
+ECHO_CLIENT = """
+import json, os, socket, sys, time
+stop = sys.argv[1]
+s = socket.create_connection(("198.18.79.50", 5000), 10)
+s.settimeout(15)
+count, gaps, last = 0, [], time.monotonic()
+while not os.path.exists(stop):
+    msg = f"{count}\\n".encode()
+    s.sendall(msg)
+    got = b""
+    while not got.endswith(b"\\n"):
+        chunk = s.recv(100)
+        if not chunk:
+            raise SystemExit("the stream was closed")
+        got += chunk
+    if got != msg:
+        raise SystemExit(f"echo {got!r} != {msg!r}")
+    now = time.monotonic()
+    gaps.append(now - last)
+    last, count = now, count + 1
+    time.sleep(0.02)
+print(json.dumps({"count": count, "max_gap": max(gaps)}))
+"""
+
+
+@pytest.fixture
+def shared_lan(hosts: tuple[Side, Side]) -> Iterator[str]:
+    """One L2 segment (198.18.79.0/24): a switch namespace bridging host A's and host B's
+    `lanbr` and a client namespace at .1; vmkit network `lan` bridged onto lanbr on both."""
+    a, b = hosts
+    tag = uuid.uuid4().hex[:6]
+    switch, client = f"vmk-sw-{tag}", f"vmk-cl-{tag}"
+    with contextlib.ExitStack() as stack:
+        for ns in (switch, client):
+            ip("netns", "add", ns)
+            stack.callback(subprocess.run, ["ip", "netns", "del", ns], capture_output=True,
+                           check=False)
+        ip("-n", switch, "link", "add", "sw", "type", "bridge")
+        ip("-n", switch, "link", "set", "sw", "up")
+        for index, (ns, side) in enumerate(((a.namespace, a), (b.namespace, b),
+                                            (client, None))):
+            inner, outer = f"vmkl{tag}{index}", f"vmks{tag}{index}"
+            ip("link", "add", inner, "type", "veth", "peer", "name", outer)
+            ip("link", "set", outer, "netns", switch)
+            ip("-n", switch, "link", "set", outer, "master", "sw", "up")
+            ip("link", "set", inner, "netns", ns)
+            if side is None:
+                ip("-n", ns, "addr", "add", "198.18.79.1/24", "dev", inner)
+                ip("-n", ns, "link", "set", "lo", "up")
+            else:
+                ip("-n", ns, "link", "add", "lanbr", "type", "bridge")
+                stack.callback(subprocess.run, ["ip", "-n", ns, "link", "del", "lanbr"],
+                               capture_output=True, check=False)
+                ip("-n", ns, "link", "set", inner, "master", "lanbr")
+                ip("-n", ns, "link", "set", "lanbr", "up")
+            ip("-n", ns, "link", "set", inner, "up")
+        for side in (a, b):
+            side.ok("network", "create", "lan", "--bridged", "--parent", "lanbr")
+            stack.callback(side.cli, "network", "delete", "lan")
+        yield client
+
+
+def test_network_identity_and_an_open_tcp_stream_survive_the_move(
+        hosts: tuple[Side, Side], shared_lan: str) -> None:
+    a, b = hosts
+    a.ok("create", "web", "--memory", "192M", "--network", "lan")
+    a.ok("start", "web", "--wait")
+    try:
+        mac = json.loads(a.ok("info", "web", "--format", "json"))["nics"][0]["mac"]
+        a.exec("web", "n=$(ls /sys/class/net | grep -v '^lo$' | head -1); "
+                      "ip addr add 198.18.79.50/24 dev $n; ip link set $n up; "
+                      "(while :; do nc -l -p 5000 -e cat; done) >/dev/null 2>&1 </dev/null & "
+                      "echo up")
+        stop = Path(tempfile.mkdtemp(prefix="vmk-stream-")) / "stop"
+        stream = subprocess.Popen(["ip", "netns", "exec", shared_lan, "python3", "-c",
+                                   ECHO_CLIENT, str(stop)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(3)
+            assert stream.poll() is None, stream.communicate()
+            a.ok("migrate", "web", "b")
+            time.sleep(3)  # it keeps flowing on the destination
+            stop.touch()
+            out, err = stream.communicate(timeout=60)
+        finally:
+            if stream.poll() is None:
+                stream.kill()
+            stop.unlink(missing_ok=True)
+            stop.parent.rmdir()
+        assert stream.returncode == 0, err
+        result = json.loads(out)
+        assert result["count"] > 50 and result["max_gap"] < 10, result
+        info = json.loads(b.ok("info", "web", "--format", "json"))
+        assert info["nics"][0]["mac"] == mac
+        shown = b.exec("web", "ip -o addr; cat /sys/class/net/*/address")
+        assert "198.18.79.50/24" in shown and mac in shown
+    finally:
+        for side in (a, b):
+            side.cli("delete", "web", "--force")
+
+
+@pytest.mark.slow
+def test_a_debian_guest_moves_there_and_back(hosts: tuple[Side, Side]) -> None:
+    a, b = hosts
+    a.ok("create", "deb", "--image", "debian-12", "--memory", "512M", "--disk", "4G")
+    try:
+        a.ok("start", "deb", "--wait", "--timeout", "300")
+        a.exec("deb", "echo debian > /root/moved.txt; sync")
+        boot_id = a.exec("deb", "cat /proc/sys/kernel/random/boot_id").strip()
+        up = _uptime(a, "deb")
+        there = json.loads(a.ok("migrate", "deb", "b", "--format", "json"))
+        assert there["live"] and not a.has_vm("deb")
+        assert b.exec("deb", "cat /root/moved.txt").strip() == "debian"
+        assert b.exec("deb", "cat /proc/1/comm").strip() == "systemd"
+        b.ok("migrate", "deb", "a")
+        assert a.exec("deb", "cat /proc/sys/kernel/random/boot_id").strip() == boot_id
+        assert _uptime(a, "deb") > up
+    finally:
+        for side in (a, b):
+            side.cli("delete", "deb", "--force")

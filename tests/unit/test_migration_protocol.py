@@ -7,10 +7,13 @@ import pytest
 
 from vmkit.model.migration import (
     Action,
+    MigrationOptions,
     Phase,
     Side,
     may_start,
+    memory_progress,
     next_phase,
+    option_reasons,
     recover,
 )
 
@@ -62,3 +65,30 @@ def test_the_guest_never_runs_on_both_sides() -> None:
 def test_a_host_never_starts_a_vm_that_moved_on() -> None:
     assert may_start(3, None) and may_start(3, 3)
     assert not may_start(3, 4)
+
+
+def test_a_query_migrate_answer_reads_as_progress() -> None:
+    """QEMU's dirty rate is in pages/s; the progress says bytes/s."""
+    info = {"status": "active", "expected-downtime": 37, "ram": {
+        "transferred": 10 << 20, "remaining": 3 << 20, "total": 512 << 20,
+        "dirty-pages-rate": 1000, "page-size": 4096}}
+    got = memory_progress(info)
+    assert (got.stage, got.transferred, got.remaining, got.total) == (
+        "memory", 10 << 20, 3 << 20, 512 << 20)
+    assert got.dirty_rate == 4096 * 1000 and got.expected_downtime_ms == 37
+    assert memory_progress({"status": "setup"}).transferred == 0
+
+
+@pytest.mark.parametrize(("options", "wrong"), [
+    ({"storage": "nfs"}, "storage"), ({"downtime_ms": 0}, "downtime"),
+    ({"downtime_ms": 5000}, "downtime"), ({"bandwidth": 1000}, "bandwidth")])
+def test_move_options_out_of_range_are_refused(options: dict[str, object], wrong: str) -> None:
+    with pytest.raises(ValueError, match=wrong):
+        MigrationOptions(**options)  # type: ignore[arg-type]
+    assert MigrationOptions().downtime_ms == 50
+
+
+def test_post_copy_is_refused_where_userfaultfd_is_closed_to_the_vm() -> None:
+    assert option_reasons(MigrationOptions(postcopy=True), postcopy_possible=True) == []
+    assert "userfaultfd" in option_reasons(MigrationOptions(postcopy=True), False)[0]
+    assert option_reasons(MigrationOptions(auto_converge=True), False) == []

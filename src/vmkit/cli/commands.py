@@ -803,7 +803,10 @@ def _move(name: str, remote: str, *, live: bool | None, storage: str, bandwidth:
         raise InvalidState(f"VM {name!r} is {state.value}: vmkit move moves a stopped VM",
                            hint=f"move it live with vmkit migrate {name} {remote}")
     if check:
-        reasons = vm.check_move(remotes.open_remote(remote).capabilities(), name=target)
+        from vmkit.model.migration import option_reasons
+
+        caps = remotes.open_remote(remote).capabilities()
+        reasons = vm.check_move(caps, name=target) + option_reasons(options, caps.postcopy)
         if format is Format.json:
             render.print_json({"vm": name, "destination": remote, "reasons": reasons})
         elif reasons:

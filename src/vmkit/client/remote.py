@@ -30,9 +30,7 @@ from vmkit.errors import (
     AuthError,
     HostError,
     InvalidValue,
-    NotFound,
     OperationTimeout,
-    VmkitError,
     error_class,
 )
 from vmkit.model.state import VmState
@@ -696,11 +694,12 @@ class MovePeer:
             self.connection.metadata("GET", "/1.0/host/capabilities"))
 
     def prepare(self, bundle: Path, *, name: str, generation: int, live: bool,
-                progress: Callable[[int, int], None]) -> str:
+                helper: str | None, progress: Callable[[int, int], None]) -> str:
         chunks = _upload(bundle, progress)
         result = self.connection.run(
             "POST", "/1.0/migrations", content=chunks(),
-            params={"name": name, "generation": generation, "live": live},
+            params={"name": name, "generation": generation, "live": live,
+                    **({"helper": helper} if helper else {})},
             headers={"Content-Type": "application/octet-stream"})
         return str(result["id"])
 
@@ -716,14 +715,6 @@ class MovePeer:
             "POST", f"/1.0/migrations/{migration}/finish", timeout=300)
         return answer
 
-    def abort(self, migration: str) -> None:
-        self.connection.request("DELETE", f"/1.0/migrations/{migration}")
-
-    def owns(self, migration: str) -> bool | None:
-        try:
-            state = self.connection.metadata("GET", f"/1.0/migrations/{migration}")["state"]
-        except NotFound:
-            return False
-        except VmkitError:
-            return None
-        return bool(state == "finished")
+    def settle(self, migration: str) -> str:
+        """Abort there unless the guest runs there: "aborted", "finishing" or "finished"."""
+        return str(self.connection.metadata("DELETE", f"/1.0/migrations/{migration}")["state"])

@@ -296,7 +296,9 @@ class Host:
         done = []
         for folder in sorted(self.layout.vms.iterdir()):
             if not folder.name.startswith(".") and (folder / JOURNAL_FILE).exists():
-                with self._vm_lock(folder.name):
+                # one VM that cannot be decided now (a move on hold, a busy lock) does not
+                # keep the others from being recovered; its next command says why
+                with contextlib.suppress(VmkitError), self._vm_lock(folder.name):
                     pass
                 done.append(folder.name)
         return done
@@ -580,7 +582,9 @@ class VM:
         if machine is not None:
             argv += replay_args(machine.hotplug)
             argv += replay_nics(machine.nics, dict(tap_fds))
-        return [*argv, "-incoming", "defer"] if incoming else argv
+        # -S: an incoming machine stays paused when the state has arrived; vmkit says when it
+        # runs (a move's destination only at finish, after the source stopped for good)
+        return [*argv, "-S", "-incoming", "defer"] if incoming else argv
 
     def record_nic_plugged(self, nic: Nic, port_index: int) -> None:
         """Note a NIC hot-plugged on root port `port_index`, so a rebuilt machine has it there

@@ -60,7 +60,7 @@ from vmkit.model.api import (
 )
 from vmkit.model.cloudinit import KEY_TYPES
 from vmkit.model.hardware import HostCapabilities
-from vmkit.model.migration import MigrationOptions
+from vmkit.model.migration import MigrationOptions, option_reasons
 from vmkit.model.migration import Progress as MoveProgress
 from vmkit.model.names import validate_name
 from vmkit.model.network import Nic
@@ -532,7 +532,9 @@ def build_app(service: Service) -> FastAPI:
 
         def work(op: Operation) -> Any:
             if body.check:
-                return vm.check_move(MovePeer(credentials).capabilities(), name=body.name)
+                caps = MovePeer(credentials).capabilities()
+                return vm.check_move(caps, name=body.name) + option_reasons(options,
+                                                                            caps.postcopy)
 
             def report(progress: MoveProgress) -> None:
                 op.progress.update({"transferred": progress.transferred,
@@ -554,7 +556,9 @@ def build_app(service: Service) -> FastAPI:
     @app.post("/1.0/migrations", status_code=202, response_model=Async, responses=_ERRORS)
     async def migration_prepare(request: Request, name: Annotated[str, Query(max_length=63)],
                                 generation: Annotated[int, Query(ge=1)],
-                                live: bool = False) -> JSONResponse:
+                                live: bool = False,
+                                helper: Annotated[str | None, Query(max_length=63)] = None
+                                ) -> JSONResponse:
         """Destination, prepare: the moving VM's files (a bundle without its active layer
         when live), imported as an incoming VM that nothing else may touch until finish."""
         validate_name(name)
@@ -563,7 +567,7 @@ def build_app(service: Service) -> FastAPI:
         def work(op: Operation) -> dict[str, Any]:
             try:
                 return service.arrivals.receive(spool, name=name, generation=generation,
-                                                live=live,
+                                                live=live, helper=helper,
                                                 progress=op.bytes_progress("importing"))
             finally:
                 spool.unlink(missing_ok=True)
@@ -572,11 +576,14 @@ def build_app(service: Service) -> FastAPI:
 
     @app.post("/1.0/migrations/{mid}/incoming", response_model=Sync[dict[str, Any]],
               responses=_ERRORS)
-    def migration_incoming(mid: str, body: IncomingRequest) -> dict[str, Any]:
+    def migration_incoming(request: Request, mid: str, body: IncomingRequest
+                           ) -> dict[str, Any]:
         """Destination: start the paused QEMU that receives the memory; the ports and the
-        one-time token of its stream."""
-        return _sync(service.arrivals.start(mid, key=body.key, machine=body.machine,
-                                            paused=body.paused, postcopy=body.postcopy))
+        one-time token of its stream (admitted from the caller's address only)."""
+        source = request.client.host if request.client and request.client.port else None
+        return _sync(service.arrivals.start(mid, key=body.key, source=source,
+                                            machine=body.machine, paused=body.paused,
+                                            postcopy=body.postcopy))
 
     @app.post("/1.0/migrations/{mid}/finish", response_model=Sync[dict[str, Any]],
               responses=_ERRORS)
@@ -593,9 +600,9 @@ def build_app(service: Service) -> FastAPI:
     @app.delete("/1.0/migrations/{mid}", response_model=Sync[dict[str, Any]],
                 responses=_ERRORS)
     def migration_abort(mid: str) -> dict[str, Any]:
-        """Destination: drop everything the move made here (the source keeps the VM)."""
-        service.arrivals.abort(mid)
-        return _sync({"id": mid, "state": "aborted"})
+        """Destination: drop everything the move made here, unless the guest already runs
+        here; the answer says which ("aborted", "finishing", "finished")."""
+        return _sync({"id": mid, "state": service.arrivals.settle(mid)})
 
     # -- NICs ----------------------------------------------------------------------------
     @app.post("/1.0/vms/{name}/nics", status_code=202, response_model=Async, responses=_ERRORS)

@@ -1,6 +1,7 @@
 """The destination's side of moves, as the daemon keeps them: one `Incoming` per arriving VM
-(ops/migration.py), found by the migration's id, and a small record of each one's outcome in
-VMKIT_HOME/daemon/migrations/ so a source can still ask "did you finish?" after this daemon
+(ops/migration.py), found by the migration's id, and a record of each one's state in
+VMKIT_HOME/daemon/migrations/ID.json — written before the guest is resumed ("finishing") and
+after ("finished" / "aborted") — so a source can settle with this host even after this daemon
 restarted (model/migration.recover needs that answer)."""
 
 from __future__ import annotations
@@ -13,14 +14,18 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any
 
+from vmkit.core.journal import JOURNAL_FILE
 from vmkit.errors import InvalidValue, NotFound
 from vmkit.host import Host
 from vmkit.ops import migration
 from vmkit.ops.migration import Incoming
 from vmkit.storage.layout import write_json_atomic
 
-#: a prepared destination nobody finishes is rolled back after this long
+#: a prepared arrival whose QEMU nobody started is rolled back after this long (a started one
+#: is watched: it rolls back when its stream breaks)
 ABANDONED_AFTER = 600.0
+#: outcome records are kept this long (a source asks within minutes)
+RECORDS_KEPT = 7 * 86400.0
 
 
 class Arrivals:
@@ -29,9 +34,9 @@ class Arrivals:
         self.folder = folder
         self.listeners = listeners
         self._sessions: dict[str, Incoming] = {}
-        self._names: dict[str, str] = {}
         self._lock = threading.Lock()
         folder.mkdir(mode=0o700, exist_ok=True)
+        self._prune()
 
     def listen_address(self) -> str:
         """The address the migration ports bind to: the daemon's own TLS listener's."""
@@ -43,18 +48,20 @@ class Arrivals:
                            hint="start it with --listen IP:PORT")
 
     def receive(self, bundle: Path, *, name: str, generation: int, live: bool,
-                progress: Any = None) -> dict[str, Any]:
+                helper: str | None, progress: Any = None) -> dict[str, Any]:
         self.listen_address()  # refuse before importing anything
         mid = uuidlib.uuid4().hex
         from vmkit.ops import bundles
 
         vm = migration.receive(self.host, bundle, name=name, generation=generation,
-                               migration=mid, unpack=bundles.import_bundle, progress=progress)
-        session = Incoming(vm, mid)
+                               migration=mid, helper=helper, unpack=bundles.import_bundle,
+                               progress=progress)
+        session = Incoming(vm, mid, helper=helper,
+                           on_end=lambda state: self._ended(mid, state, vm.name),
+                           before_resume=lambda: self._record(mid, "finishing", vm.name))
         with self._lock:
             self._sessions[mid] = session
-            self._names[mid] = vm.name
-        self._record(mid, "prepared", vm)
+        self._record(mid, "prepared", vm.name)
         timer = threading.Timer(ABANDONED_AFTER, self._expire, args=(mid,))
         timer.daemon = True
         timer.start()
@@ -67,55 +74,90 @@ class Arrivals:
             raise NotFound(f"no migration {mid!r} in progress here")
         return found
 
-    def start(self, mid: str, *, key: str, machine: dict[str, Any] | None, paused: bool,
-              postcopy: bool) -> dict[str, Any]:
-        return self.session(mid).start(key=key, listen=self.listen_address(),
+    def start(self, mid: str, *, key: str, source: str | None, machine: dict[str, Any] | None,
+              paused: bool, postcopy: bool) -> dict[str, Any]:
+        return self.session(mid).start(key=key, listen=self.listen_address(), source=source,
                                        machine=machine, paused=paused, postcopy=postcopy)
 
     def finish(self, mid: str) -> dict[str, Any]:
-        session = self.session(mid)
-        status = session.finish()
-        self._record(mid, "finished", session.vm)
-        self._drop(mid)
-        return status
+        """The guest runs here (it may have finished on its own at completion): its status."""
+        try:
+            return self.session(mid).finish()
+        except NotFound:
+            if self._settled(mid) != "finished":
+                raise
+        data = self._read(mid) or {}
+        return self.host.get(str(data.get("vm"))).status().model_dump(mode="json")
 
-    def abort(self, mid: str) -> None:
+    def settle(self, mid: str) -> str:
+        """Abort unless the guest runs here: what this host did ("aborted", "finishing",
+        "finished")."""
         try:
             session = self.session(mid)
         except NotFound:
-            return
-        session.abort()
-        self._record(mid, "aborted", session.vm)
-        self._drop(mid)
+            return self._settled(mid)
+        return session.settle()
 
     def outcome(self, mid: str) -> dict[str, Any]:
+        data = self._read(mid)
+        if data is None:
+            raise NotFound(f"no migration {mid!r} here")
+        return {**data, "state": self._settled(mid) if mid not in self._sessions
+                else data["state"]}
+
+    def _settled(self, mid: str) -> str:
+        """Without a session (this daemon restarted): its journal recovery kept the VM
+        (finished) or removed it (aborted); an unknown id never arrived."""
+        data = self._read(mid)
+        if data is None or data.get("state") in ("prepared", "aborted"):
+            return "aborted"
+        if data.get("state") == "finished":
+            return "finished"
+        folder = self.host.layout.vm(str(data.get("vm", ""))).path
+        if not folder.exists():
+            return "aborted"
+        if (folder / JOURNAL_FILE).exists():  # its recovery decides, now nothing holds it
+            with contextlib.suppress(Exception), self.host._vm_lock(folder.name, timeout=5):
+                pass
+        if not folder.exists():
+            return "aborted"
+        return "finishing" if (folder / JOURNAL_FILE).exists() else "finished"
+
+    def _read(self, mid: str) -> dict[str, Any] | None:
         if not mid.isalnum():
-            raise NotFound(f"no migration {mid!r}")
+            return None
         try:
-            data: dict[str, Any] = json.loads((self.folder / f"{mid}.json").read_text())
+            data = json.loads((self.folder / f"{mid}.json").read_text())
         except (OSError, ValueError):
-            raise NotFound(f"no migration {mid!r} here") from None
-        return data
+            return None
+        return data if isinstance(data, dict) else None
 
-    def _record(self, mid: str, state: str, vm: Any) -> None:
+    def _record(self, mid: str, state: str, vm: str) -> None:
         write_json_atomic(self.folder / f"{mid}.json", {
-            "id": mid, "state": state, "vm": vm.name, "at": time.time()})
+            "id": mid, "state": state, "vm": vm, "at": time.time()})
 
-    def _drop(self, mid: str) -> None:
+    def _ended(self, mid: str, state: str, vm: str) -> None:
+        self._record(mid, state, vm)
         with self._lock:
             self._sessions.pop(mid, None)
-            self._names.pop(mid, None)
 
     def _expire(self, mid: str) -> None:
         with contextlib.suppress(Exception):
             session = self.session(mid)
-            if not session.finished:
-                self.abort(mid)
+            if session.state == "prepared":
+                session.settle()
+
+    def _prune(self) -> None:
+        cutoff = time.time() - RECORDS_KEPT
+        for record in self.folder.glob("*.json"):
+            with contextlib.suppress(OSError):
+                if record.stat().st_mtime < cutoff:
+                    record.unlink()
 
     def shutdown(self) -> None:
-        """A daemon stopping aborts what has not finished (the sources roll back)."""
+        """A daemon stopping rolls back what has not begun finishing (the sources resume)."""
         with self._lock:
-            pending = list(self._sessions)
-        for mid in pending:
+            pending = list(self._sessions.values())
+        for session in pending:
             with contextlib.suppress(Exception):
-                self.abort(mid)
+                session.settle()

@@ -49,6 +49,8 @@ class HostCapabilities(BaseModel):
     memory_room: int = Field(description="memory the policy still lets a new VM have")
     vcpu_room: int = Field(description="vCPUs the policy still lets a new VM have")
     disk_free: int = Field(description="free bytes where the VM's folder would go")
+    postcopy: bool = Field(default=False, description=(
+        "whether a VM's QEMU may use userfaultfd here (post-copy migration)"))
 
 
 def machine_version(machine: str) -> tuple[int, int] | None:

@@ -146,6 +146,15 @@ class Progress:
     status: str = ""
 
 
+def option_reasons(options: MigrationOptions, postcopy_possible: bool) -> list[str]:
+    """What the destination cannot do of what the user asked for (besides the VM's fit)."""
+    if options.postcopy and not postcopy_possible:
+        return ["post-copy needs userfaultfd for the VM's QEMU on the destination (sysctl "
+                "vm.unprivileged_userfaultfd=1 there, a trade-off: see the threat model), or "
+                "move with --auto-converge instead"]
+    return []
+
+
 def memory_progress(info: dict[str, object]) -> Progress:
     """A `query-migrate` answer as a Progress (QEMU's dirty-pages-rate is in pages/s)."""
     ram = info.get("ram")

@@ -49,16 +49,18 @@ from vmkit.errors import (
     VmkitError,
 )
 from vmkit.images import catalog
+from vmkit.isolation import uids
 from vmkit.model.hardware import HostCapabilities, preflight
 from vmkit.model.journal import JournalEntry
-from vmkit.model.migration import MigrationOptions, Progress
+from vmkit.model.migration import MigrationOptions, Progress, option_reasons
+from vmkit.model.names import validate_name
 from vmkit.model.resources import memory_limit, vcpu_limit
 from vmkit.model.runtime import MachineRecord, RuntimeRecord
 from vmkit.model.spec import KNOWN_DEVICES, VmConfig
 from vmkit.model.state import LIVE_STATES, VmState
 from vmkit.qemu import hostinfo
 from vmkit.qemu import migrate as qm
-from vmkit.qemu.qmp import QmpConnection
+from vmkit.qemu.qmp import QmpConnection, qmp_execute
 from vmkit.storage.layout import VmFolder, file_lock
 
 if TYPE_CHECKING:
@@ -70,6 +72,8 @@ MIRROR_TIMEOUT = 3600.0
 MEMORY_TIMEOUT = 3600.0
 STALL_TIMEOUT = 15.0       # no byte sent for this long: the link is cut
 FINISH_TIMEOUT = 120.0
+OWNER_ASK_TIMEOUT = 90.0   # a destination that stopped answering at finish: how long to ask
+RECOVER_ASK_TIMEOUT = 10.0
 INCOMING_TIMEOUT = 3600.0  # a prepared destination nobody finishes is rolled back
 QMP_TIMEOUT = 30.0
 PSK_FOLDER = "migration"   # in the VM folder, root's: the key QEMU reads for this move
@@ -91,7 +95,22 @@ def capabilities(host: Host) -> HostCapabilities:
         images={image.name: image.sha256 for image in catalog.list_images(host.layout)},
         memory_room=max(0, memory_limit(capacity, policy) - allocated.memory),
         vcpu_room=max(0, vcpu_limit(capacity, policy) - allocated.cpus),
-        disk_free=shutil.disk_usage(host.layout.root).free)
+        disk_free=shutil.disk_usage(host.layout.root).free, postcopy=postcopy_possible())
+
+
+def postcopy_possible() -> bool:
+    """Post-copy needs userfaultfd in the (unprivileged) QEMU: /dev/userfaultfd open to it, or
+    the sysctl vm.unprivileged_userfaultfd=1. Both widen the kernel surface a VM's uid reaches;
+    vmkit never changes them (docs/architecture.md, threat model)."""
+    try:
+        if Path("/proc/sys/vm/unprivileged_userfaultfd").read_text().strip() == "1":
+            return True
+    except OSError:
+        pass
+    try:
+        return os.stat("/dev/userfaultfd").st_mode & 0o006 == 0o006
+    except OSError:
+        return False
 
 
 def folder_bytes(vm: VM) -> int:
@@ -123,16 +142,18 @@ class Peer(Protocol):
     def capabilities(self) -> HostCapabilities: ...
 
     def prepare(self, bundle: Path, *, name: str, generation: int, live: bool,
-                progress: Callable[[int, int], None]) -> str: ...
+                helper: str | None, progress: Callable[[int, int], None]) -> str: ...
 
     def incoming(self, migration: str, *, key: str, machine: dict[str, Any] | None,
                  paused: bool, postcopy: bool) -> dict[str, Any]: ...
 
     def finish(self, migration: str) -> dict[str, Any]: ...
 
-    def abort(self, migration: str) -> None: ...
-
-    def owns(self, migration: str) -> bool | None: ...
+    def settle(self, migration: str) -> str:
+        """Abort the move unless the destination already runs the guest: "aborted" (it
+        never will), "finished" (it does), "finishing" (ask again). Raises when it cannot
+        be reached."""
+        ...
 
 
 #: How a source that was killed mid-move reaches its destination again (set by the daemon
@@ -159,7 +180,8 @@ def migrate(vm: VM, peer: Peer, options: MigrationOptions, *, credentials: dict[
     said = report or (lambda progress: None)
     target = options.name or vm.name
     started = time.monotonic()
-    reasons = check(vm, peer.capabilities(), name=target)
+    caps = peer.capabilities()
+    reasons = check(vm, caps, name=target) + option_reasons(options, caps.postcopy)
     if reasons:
         raise _refusal(vm, peer.describe(), reasons)
     if options.storage == "shared":
@@ -179,7 +201,7 @@ def migrate(vm: VM, peer: Peer, options: MigrationOptions, *, credentials: dict[
         staging = host.layout.cache / f"move-{uuidlib.uuid4().hex[:8]}"
         log = Journal(vm.folder.path)
         log.begin("migrate-out", destination=peer.describe(), credentials=credentials,
-                  point=point, staging=str(staging), live=live,
+                  point=point, staging=str(staging), live=live, frozen=live,
                   paused=record.state is VmState.PAUSED)
         mid: str | None = None
         outcome: dict[str, Any] = {}
@@ -194,16 +216,19 @@ def migrate(vm: VM, peer: Peer, options: MigrationOptions, *, credentials: dict[
                     Progress(stage="packing", transferred=d, total=t, remaining=t - d)),
                 leave_out_active=live)
             mid = peer.prepare(bundle, name=target, generation=vm.config.generation + 1,
-                               live=live, progress=lambda d, t: said(Progress(
+                               live=live, helper=point, progress=lambda d, t: said(Progress(
                                    stage="files", transferred=d, total=t, remaining=t - d)))
             log.step("prepared", migration=mid)
             shutil.rmtree(staging, ignore_errors=True)
             if live:
                 log.step("perform")
                 outcome = _perform(vm, peer, mid, options, record, said)
-                log.step("performed")
+            # from here the source never runs again unless the destination says it will not
+            log.step("performed")
             said(Progress(stage="finishing"))
             there = _finish_or_ask(peer, mid)
+            if outcome.get("postcopy"):  # the destination runs; the last pages follow
+                outcome.update(_postcopy_tail(vm))
         except BaseException:
             _roll_back(held, vm, peer, mid, point, staging)
             log.end()
@@ -235,32 +260,69 @@ def _perform(vm: VM, peer: Peer, mid: str, options: MigrationOptions,
             sock.settimeout(None)
             _keepalive(sock)
             qm.send_memory(qmp, sock)
+        # the vCPUs stop at the switch-over, with the disks still active: the mirror lands
+        # its last writes there, then the device state goes (libvirt's order)
         info = qm.watch_memory(qmp, timeout=MEMORY_TIMEOUT, stall=STALL_TIMEOUT,
-                               postcopy=options.postcopy, report=said)
-        qm.complete_mirror(qmp, FINISH_TIMEOUT)
+                               postcopy=options.postcopy, report=said,
+                               at_switchover=lambda: qm.complete_mirror(qmp, FINISH_TIMEOUT))
+    return _figures(info) | {"postcopy": info.get("status") == "postcopy-active"}
+
+
+def _figures(info: dict[str, Any]) -> dict[str, Any]:
     ram = info.get("ram") or {}
     return {"downtime_ms": info.get("downtime"), "memory_seconds": info.get("total-time", 0)
             / 1000, "memory_bytes": ram.get("transferred"), "mbps": ram.get("mbps"),
-            "dirty_syncs": ram.get("dirty-sync-count")}
+            "dirty_syncs": ram.get("dirty-sync-count"),
+            "postcopy_requests": ram.get("postcopy-requests")}
+
+
+def _postcopy_tail(vm: VM) -> dict[str, Any]:
+    """After a post-copy switch-over the guest runs on the destination while the source still
+    holds pages it has not sent: wait for the last one. A failure here cannot be undone by
+    resuming the source (the guest ran there): the source holds, paused, with its journal."""
+    try:
+        with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+            return _figures(qm.wait_outgoing(qmp, MEMORY_TIMEOUT))
+    except VmkitError as exc:
+        raise _Undecided(f"the post-copy of VM {vm.name!r} failed after the destination took "
+                         f"over ({exc.message}); the source stays paused and is never started",
+                         hint="see the destination; vmkit recover decides once it answers"
+                         ) from exc
 
 
 def _finish_or_ask(peer: Peer, mid: str) -> dict[str, Any]:
-    """The destination resumes the guest. When its answer is lost, ask who owns the VM: a
-    source never runs again a guest the destination may have resumed."""
+    """The destination resumes the guest. When anything goes wrong once finish was sent
+    (an error, a lost answer, Ctrl-C), the source settles with the destination first: it
+    resumes only when the destination has aborted for good."""
     try:
         return peer.finish(mid)
-    except VmkitError as exc:
-        owns = None
-        with contextlib.suppress(Exception):
-            owns = peer.owns(mid)
+    except BaseException as exc:
+        owns = _settle(peer, mid, OWNER_ASK_TIMEOUT)
         if owns is True:
             return {}
         if owns is None:
             raise _Undecided(f"the destination did not say whether it finished the move "
-                             f"({exc.message}); the source stays paused and is never "
-                             "started", hint="run vmkit recover once the destination answers"
-                             ) from exc
+                             f"({exc}); the source stays paused and is never started",
+                             hint="run vmkit recover once the destination answers") from exc
         raise
+
+
+def _settle(peer: Peer, mid: str, timeout: float) -> bool | None:
+    """True: the destination runs the guest; False: it aborted and never will; None: no
+    decision within `timeout` (a destination daemon that restarts answers from its
+    records; one that is finishing is asked again)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        state = None
+        with contextlib.suppress(Exception):
+            state = peer.settle(mid)
+        if state == "finished":
+            return True
+        if state == "aborted":
+            return False
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(1.0)
 
 
 class _Undecided(VmkitError):
@@ -270,17 +332,38 @@ class _Undecided(VmkitError):
 def _roll_back(held: Held, vm: VM, peer: Peer, mid: str | None, point: str | None,
                staging: Path) -> None:
     """A move that did not happen: the destination drops what it made, the source runs on
-    its own disk with its helper snapshot merged away. A move that may have happened
-    (_Undecided) is left paused with its journal for `recover`."""
+    its own disk with its helper snapshot merged away. Once the source's QEMU has sent the
+    whole state the destination may already run the guest (it finishes on its own at
+    completion): then the source resumes only when the destination settles as aborted, and
+    otherwise holds, paused, with its journal for `recover` (_Undecided)."""
     import sys
 
-    if isinstance(sys.exc_info()[1], _Undecided):
-        raise sys.exc_info()[1]  # type: ignore[misc]
+    failure = sys.exc_info()[1]
+    if isinstance(failure, _Undecided):
+        raise failure
     if mid is not None:
-        with contextlib.suppress(Exception):
-            peer.abort(mid)
+        sent_all = _source_sent_all(vm)
+        verdict = _settle(peer, mid, OWNER_ASK_TIMEOUT if sent_all else 5.0)
+        if sent_all and verdict is not False:
+            raise _Undecided(f"the move of VM {vm.name!r} failed after the whole state was "
+                             f"sent ({failure}); the destination "
+                             + ("runs the guest" if verdict else "did not say whether it does")
+                             + ": the source stays paused and is never started",
+                             hint="vmkit recover decides (it asks the destination)")
     _source_back(held, vm, point)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _source_sent_all(vm: VM) -> bool:
+    """Whether the source's QEMU sent the whole state (or switched to post-copy): from then
+    on only the destination may say the guest did not move. A dead QEMU counts as sent."""
+    if not vm._alive(vm._record()):
+        return True
+    try:
+        status = str(qmp_execute(vm.folder.qmp_socket, "query-migrate").get("status", ""))
+    except VmkitError:
+        return True
+    return status == "completed" or status.startswith("postcopy")
 
 
 def _source_back(held: Held, vm: VM, point: str | None) -> None:
@@ -295,8 +378,7 @@ def _source_back(held: Held, vm: VM, point: str | None) -> None:
                     time.monotonic() < deadline:
                 time.sleep(0.02)
             qm.abandon_mirror(qmp)
-            with contextlib.suppress(VmkitError):
-                qmp.execute("object-del", {"id": qm.TLS_ID})
+            qm.reset(qmp)
             status = qmp.execute("query-status")["status"]
             if status != "running" and record.state is VmState.RUNNING:
                 qmp.execute("cont")
@@ -325,10 +407,11 @@ def recover_out(held: Held, vm: VM, entry: JournalEntry) -> None:
     if peer_for_recovery is not None and isinstance(intent.get("credentials"), dict):
         with contextlib.suppress(Exception):
             peer = peer_for_recovery(intent["credentials"])
+    if phase is Phase.PERFORM and _source_sent_all(vm):
+        phase = Phase.PERFORMED  # cut between QEMU's completion and the journal's step
     owns: bool | None = None
     if phase is Phase.PERFORMED and peer is not None and isinstance(mid, str):
-        with contextlib.suppress(Exception):
-            owns = peer.owns(mid)
+        owns = _settle(peer, mid, RECOVER_ASK_TIMEOUT)
     decision = recover(Side.SOURCE, phase, destination_owns=owns)
     point = intent.get("point") if isinstance(intent.get("point"), str) else None
     staging = Path(str(intent.get("staging")))
@@ -343,31 +426,43 @@ def recover_out(held: Held, vm: VM, entry: JournalEntry) -> None:
                            f"vmkit stopped, and the destination cannot be asked whether it "
                            "took over: the guest stays paused here and is not started",
                            hint="make the destination reachable, then run vmkit recover")
-    if peer is not None and isinstance(mid, str):
+    if phase is not Phase.PERFORMED and peer is not None and isinstance(mid, str):
         with contextlib.suppress(Exception):
-            peer.abort(mid)
+            peer.settle(mid)  # finish was never sent (PERFORMED: settled above)
     _source_back(held, vm, point)
+    if intent.get("frozen") and not entry.done("snapshot-taken") and vm._alive(vm._record()):
+        with contextlib.suppress(VmkitError):
+            layers.thaw(vm)  # cut while the helper snapshot had the guest frozen
 
 
 # -- destination --------------------------------------------------------------------------------
 def receive(host: Host, bundle: Path, *, name: str, generation: int, migration: str,
-            unpack: Unpack, progress: Callable[[int, int], None] | None = None) -> VM:
+            helper: str | None, unpack: Unpack,
+            progress: Callable[[int, int], None] | None = None) -> VM:
     """Import the moving VM's files as an incoming VM (journal `migrate-in`: any other
     command on it before finish rolls it back), at its new generation. `unpack` is
     ops/bundles.import_bundle (passed by the facade)."""
     if host.layout.vm(name).path.exists():
         raise MoveRefused(f"a VM named {name!r} already exists here",
                           hint="pick another name on the destination (--name)")
+    if helper is not None:
+        validate_name(helper, kind="helper snapshot name")
 
     def arriving(work: VmFolder, config: VmConfig) -> VmConfig:
         moved = store.tombstone(host, config.uuid)
         if moved is not None and int(moved.get("generation", 0)) >= generation:
             raise MoveRefused(f"VM {config.uuid} already left this host at generation "
                               f"{moved.get('generation')}; generation {generation} is stale")
+        # a uuid is a VM's identity here (its uid claim, its QEMU): never a second holder
+        if any(v.config.uuid == config.uuid for v in host.vms()) or \
+                (os.geteuid() == 0 and uids.lookup(config.uuid) is not None):
+            raise MoveRefused(f"a VM with uuid {config.uuid} already exists on this host",
+                              hint="the same machine cannot live here twice")
         with _ARRIVING_LOCK:
             _ARRIVING.add(migration)
         log = Journal(work.path)
-        log.begin("migrate-in", migration=migration)
+        log.begin("migrate-in", migration=migration, helper=helper,
+                  started=_process_start(os.getpid()))
         return config.model_copy(update={"generation": generation})
 
     try:
@@ -379,34 +474,45 @@ def receive(host: Host, bundle: Path, *, name: str, generation: int, migration: 
 
 
 class Incoming:
-    """One VM arriving here: its QEMU waits for the stream; finish resumes it, abort
-    removes every trace. Holds the VM's lock from start to end."""
+    """One VM arriving here, as a state machine under one lock:
 
-    def __init__(self, vm: VM, migration: str):
+        prepared → starting → started → finishing → finished
+               ↘          ↘          ↘ (a failure before the guest runs: back to started)
+                aborted (every trace removed; the guest never ran here)
+
+    `settle` (the source's abort) is refused once finishing has begun: it answers what the
+    destination did instead. The VM's lock is held from `start` to the end."""
+
+    def __init__(self, vm: VM, migration: str, *, helper: str | None = None,
+                 on_end: Callable[[str], None] | None = None,
+                 before_resume: Callable[[], None] | None = None):
         self.vm = vm
         self.migration = migration
+        self.helper = helper
+        self.state = "prepared"
         self.token = secrets.token_bytes(TOKEN_BYTES)
-        self.finished = False
-        self.ended = threading.Event()
+        self.refused = 0  # connections without the token (a third party)
+        self._on_end = on_end or (lambda state: None)
+        self._before_resume = before_resume or (lambda: None)
+        self._mutex = threading.RLock()
         self._lock_cm: Any = None
         self._held: Held | None = None
         self._listeners: list[socket.socket] = []
-        self._gate: threading.Thread | None = None
         self._accepted = threading.Event()
+        self._ended = threading.Event()
         self._paused = False
-        self.refused = 0  # connections without the token (a third party)
-        self._finishing = threading.Event()
-        self._state_lock = threading.Lock()
+        self._postcopy = False
+        self._live = False
+        self._status: dict[str, Any] = {}
 
-    # the lock is taken here and released by finish/abort (from another request's thread);
-    # taken without recovery: the journal `migrate-in` is this session's own
+    # the VM's lock, taken without recovery (the journal `migrate-in` is this session's own)
     def _take_lock(self) -> Held:
         if self._held is None:
             host = self.vm.host
-            self._lock_cm = file_lock(host._lock_path(self.vm.name), timeout=host.lock_timeout,
-                                      what=f"VM {self.vm.name!r}")
-            self._lock_cm.__enter__()
-            self._held = Held(self.vm.name)
+            cm = file_lock(host._lock_path(self.vm.name), timeout=host.lock_timeout,
+                           what=f"VM {self.vm.name!r}")
+            cm.__enter__()
+            self._lock_cm, self._held = cm, Held(self.vm.name)
         return self._held
 
     def _release_lock(self) -> None:
@@ -419,22 +525,32 @@ class Incoming:
         with _ARRIVING_LOCK:
             _ARRIVING.discard(self.migration)
 
-    def start(self, *, key: str, listen: str, machine: dict[str, Any] | None, paused: bool,
-              postcopy: bool) -> dict[str, Any]:
-        """Start the incoming QEMU (paused), its NBD export and the memory gate; returns the
-        ports and the one-time token the source presents."""
+    def _enter(self, wanted: tuple[str, ...], next_state: str) -> None:
+        if self.state not in wanted:
+            raise InvalidState(f"the move of VM {self.vm.name!r} here is {self.state}, not "
+                               f"{' or '.join(wanted)}")
+        self.state = next_state
+
+    def start(self, *, key: str, listen: str, source: str | None,
+              machine: dict[str, Any] | None, paused: bool, postcopy: bool) -> dict[str, Any]:
+        """Start the incoming QEMU (paused, -S), its NBD export and the memory gate (which
+        admits the one connection from `source` that presents the token)."""
+        with self._mutex:
+            self._enter(("prepared",), "starting")
+            try:
+                return self._start(key=key, listen=listen, source=source, machine=machine,
+                                   paused=paused, postcopy=postcopy)
+            except BaseException:
+                self._abort_locked()
+                raise
+
+    def _start(self, *, key: str, listen: str, source: str | None,
+               machine: dict[str, Any] | None, paused: bool, postcopy: bool
+               ) -> dict[str, Any]:
         vm = self.vm
         held = self._take_lock()
-        self._paused = paused
-        running_as = None
-        if machine is not None:
-            running_as = MachineRecord.model_validate(machine)
-            config = vm.config
-            if running_as.config.uuid != config.uuid:
-                raise InvalidValue("the machine record names another VM")
-            running_as = running_as.model_copy(update={"config": running_as.config.model_copy(
-                update={"spec": running_as.config.spec.model_copy(
-                    update={"name": vm.name}), "generation": config.generation})})
+        self._paused, self._postcopy, self._live = paused, postcopy, True
+        running_as = _checked_machine(vm, machine)
         psk = vm.folder.path / PSK_FOLDER
         qm.write_psk(psk, key, vm.owner())
         memory = socket.create_server((listen, 0))
@@ -446,123 +562,183 @@ class Incoming:
             qm.tune_destination(qmp, postcopy=postcopy)
             qm.serve_disk(qmp, nbd)
 
-        try:
-            vm._start_locked(held, RuntimeRecord(), incoming=setup, resume=False,
-                             machine=running_as)
-        except BaseException:
-            self.abort()
-            raise
+        vm._start_locked(held, RuntimeRecord(), incoming=setup, resume=False,
+                         machine=running_as)
         ports = {"port": memory.getsockname()[1], "nbd_port": nbd.getsockname()[1]}
         nbd.close()  # QEMU holds its own copy
-        self._gate = threading.Thread(target=self._admit, args=(memory,), daemon=True,
-                                      name=f"migration-gate-{self.migration}")
-        self._gate.start()
+        threading.Thread(target=self._admit, args=(memory, source), daemon=True,
+                         name=f"migration-gate-{self.migration}").start()
         threading.Thread(target=self._watch, daemon=True,
                          name=f"migration-watch-{self.migration}").start()
+        self.state = "started"
         return {**ports, "token": self.token.hex()}
 
-    def _watch(self) -> None:
-        """Roll back on our own when the stream breaks (QEMU gone, the transfer failed, or
-        nothing connected in time): a source cut off by the network cannot tell us."""
-        while not self.ended.wait(1.0):
-            if self._finishing.is_set():
-                continue
-            broken = not self.vm._alive(self.vm._record())
-            if not broken:
-                try:
-                    with QmpConnection(self.vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
-                        broken = qm.incoming_status(qmp) in ("failed", "cancelled")
-                except VmkitError:
-                    broken = True
-            if broken or (self._gate is not None and not self._gate.is_alive()
-                          and not self._accepted.is_set()):
-                with contextlib.suppress(Exception):
-                    self.abort()
-                return
-
-    def _admit(self, listener: socket.socket) -> None:
-        """Accept until a connection presents the token (others are closed unanswered), then
-        hand that socket to QEMU."""
-        deadline = time.monotonic() + GATE_TIMEOUT
+    def _admit(self, listener: socket.socket, source: str | None) -> None:
+        """Accept until the source's connection presents the token (any other peer is closed
+        unanswered), then hand that socket to QEMU."""
+        deadline = time.monotonic() + INCOMING_TIMEOUT
         try:
-            while not self.ended.is_set() and time.monotonic() < deadline:
-                listener.settimeout(max(0.1, min(1.0, deadline - time.monotonic())))
+            while not self._ended.is_set() and time.monotonic() < deadline:
+                listener.settimeout(1.0)
                 try:
-                    conn, _ = listener.accept()
+                    conn, peer = listener.accept()
                 except TimeoutError:
                     continue
                 except OSError:
                     return
-                with contextlib.suppress(OSError):
-                    conn.settimeout(5)
+                with contextlib.closing(conn), contextlib.suppress(OSError, VmkitError):
+                    if source is not None and peer[0] != source:
+                        self.refused += 1
+                        continue
+                    conn.settimeout(2)
                     got = b""
                     while len(got) < TOKEN_BYTES:
                         chunk = conn.recv(TOKEN_BYTES - len(got))
                         if not chunk:
                             break
                         got += chunk
-                    if hmac.compare_digest(got, self.token):
-                        conn.settimeout(None)
-                        _keepalive(conn)
-                        with QmpConnection(self.vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as q:
-                            qm.receive_memory(q, conn)
-                        self._accepted.set()
-                        conn.close()
-                        return
-                self.refused += 1
-                conn.close()
+                    if not hmac.compare_digest(got, self.token):
+                        self.refused += 1
+                        continue
+                    conn.settimeout(None)
+                    _keepalive(conn)
+                    with QmpConnection(self.vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as q:
+                        qm.receive_memory(q, conn)
+                    self._accepted.set()
+                    break
         finally:
             listener.close()
+        if self._accepted.is_set():
+            self._follow()
+
+    def _follow(self) -> None:
+        """Finish as soon as the whole state is here: the source's QEMU completed (its disk
+        mirror ended before, at the switch-over), so it is stopped for good, and the guest's
+        pause is QEMU's downtime plus a few ms here, not a round trip to the source."""
+        try:
+            with QmpConnection(self.vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+                qm.wait_incoming(qmp, INCOMING_TIMEOUT, postcopy=self._postcopy)
+        except VmkitError:
+            with self._mutex:
+                if self.state == "started":
+                    self._abort_locked()
+            return
+        with contextlib.suppress(Exception):  # the source's finish call says what failed
+            self.finish()
+
+    def _watch(self) -> None:
+        """Roll back on our own when the stream breaks (QEMU gone, the transfer failed): a
+        source cut off by the network cannot tell us."""
+        while not self._ended.wait(1.0):
+            with self._mutex:
+                if self.state != "started":
+                    continue
+                broken = not self.vm._alive(self.vm._record())
+                # once the stream is in, _follow holds the monitor and watches the transfer
+                if not broken and not self._accepted.is_set():
+                    try:
+                        with QmpConnection(self.vm.folder.qmp_socket,
+                                           timeout=QMP_TIMEOUT) as qmp:
+                            broken = qm.incoming_status(qmp) in ("failed", "cancelled")
+                    except VmkitError:
+                        broken = True
+                if broken:
+                    self._abort_locked()
+                    return
 
     def finish(self, timeout: float = FINISH_TIMEOUT) -> dict[str, Any]:
         """The whole state arrived and the source is paused for good: run the guest here."""
-        with self._state_lock:
-            if self.ended.is_set():
-                raise InvalidState(f"the move of VM {self.vm.name!r} here was rolled back")
-            self._finishing.set()
-        vm, held = self.vm, self._take_lock()
-        if self._gate is not None:
-            if not self._accepted.wait(timeout):
-                raise OperationTimeout("the source never connected its memory stream")
-            with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
-                qm.wait_incoming(qmp, timeout)
-                qm.stop_serving(qmp)
-                if not self._paused:
-                    qmp.execute("cont")
-                qm.announce(qmp)
-                with contextlib.suppress(VmkitError):
-                    qmp.execute("object-del", {"id": qm.TLS_ID})
-            record = vm._record()
-            vm._write(record.model_copy(update={
-                "state": VmState.PAUSED if self._paused else VmState.RUNNING}))
-        Journal(vm.folder.path).end()  # from here on this host owns the VM
-        self.finished = True
-        with contextlib.suppress(OSError):
-            qm.remove_psk(vm.folder.path / PSK_FOLDER)
-        tree = store.load_tree(vm)
-        helpers = [n for n in tree.nodes if n.startswith("move-")]
-        for point in helpers:  # the source's helper snapshot: merged away here too
-            with contextlib.suppress(VmkitError):
-                layers.delete_locked(held, vm, vm._observe(persist=True, held=held), point)
-        self._end()
-        return vm.status().model_dump(mode="json")
+        with self._mutex:
+            if self.state == "finished":  # it finished on its own at completion
+                return self._status
+            self._enter(("started", "prepared"), "finishing")
+            vm, live = self.vm, self._live
+            with contextlib.ExitStack() as stack:
+                try:
+                    self._take_lock()
+                    qmp = None
+                    if live:
+                        if not self._accepted.wait(timeout):
+                            raise OperationTimeout("the source never connected its memory "
+                                                   "stream")
+                        qmp = stack.enter_context(QmpConnection(vm.folder.qmp_socket,
+                                                                timeout=QMP_TIMEOUT))
+                        qm.wait_incoming(qmp, timeout, postcopy=self._postcopy)
+                        qm.stop_serving(qmp)
+                except BaseException:
+                    self.state = "started" if live else "prepared"  # the source will settle
+                    raise
+                # the point of no return, recorded first: a restart keeps a running guest
+                log = Journal(vm.folder.path)
+                log.entry = log.read()
+                log.step("finish", paused=self._paused)
+                self._before_resume()
+                if qmp is not None:
+                    if not self._paused:
+                        qmp.execute("cont")
+                    qm.announce(qmp)
+                    qm.reset(qmp)
+            if live:
+                vm._write(vm._record().model_copy(update={
+                    "state": VmState.PAUSED if self._paused else VmState.RUNNING}))
+            Journal(vm.folder.path).end()  # from here on this host owns the VM
+            self.state = "finished"
+            with contextlib.suppress(OSError):
+                qm.remove_psk(vm.folder.path / PSK_FOLDER)
+            status = self._status = vm.status().model_dump(mode="json")
+            self._end("finished")
+        if self.helper is not None:  # the source's helper snapshot, merged away here too
+            threading.Thread(target=_merge_helper, args=(vm, self.helper), daemon=True).start()
+        return status
 
-    def abort(self) -> None:
-        """Nothing of the move stays here (idempotent; the guest never ran here)."""
-        with self._state_lock:
-            if self.finished or self.ended.is_set():
-                return
-            held = self._take_lock()
-            with contextlib.suppress(FileNotFoundError):
-                _destroy_incoming(held, self.vm)
-            self._end()
+    def settle(self) -> str:
+        """The source's abort: done unless the guest runs here (or is about to)."""
+        with self._mutex:
+            if self.state in ("finishing", "finished", "aborted"):
+                return self.state
+            self._abort_locked()
+            return "aborted"
 
-    def _end(self) -> None:
-        self.ended.set()
+    def _abort_locked(self) -> None:
+        held = self._take_lock()
+        with contextlib.suppress(FileNotFoundError):
+            _destroy_incoming(held, self.vm)
+        self.state = "aborted"
+        self._end("aborted")
+
+    def _end(self, state: str) -> None:
+        self._ended.set()
         for listener in self._listeners:
             with contextlib.suppress(OSError):
                 listener.close()
         self._release_lock()
+        with contextlib.suppress(Exception):
+            self._on_end(state)
+
+
+def _checked_machine(vm: VM, machine: dict[str, Any] | None) -> MachineRecord | None:
+    """The source's running machine, accepted only as the machine vm.json describes: same
+    uuid, hardware and NICs (forwards included), CPUs and memory within its maxima."""
+    if machine is None:
+        return None
+    running = MachineRecord.model_validate(machine)
+    config, ran = vm.config, running.config
+    spec = config.spec
+    if ran.uuid != config.uuid or ran.hardware != config.hardware or ran.nics != config.nics \
+            or ran.spec.cpu_ceiling > spec.cpu_ceiling \
+            or ran.spec.memory_ceiling > spec.memory_ceiling \
+            or ran.spec.accel != spec.accel:
+        raise InvalidValue(f"the running machine sent for VM {vm.name!r} is not the one its "
+                           "vm.json describes; refused")
+    return running.model_copy(update={"config": ran.model_copy(update={
+        "spec": ran.spec.model_copy(update={"name": vm.name}),
+        "generation": config.generation})})
+
+
+def _merge_helper(vm: VM, helper: str) -> None:
+    with contextlib.suppress(VmkitError), vm.host._vm_lock(vm.name) as held:
+        if helper in store.load_tree(vm).nodes:
+            layers.delete_locked(held, vm, vm._observe(persist=True, held=held), helper)
 
 
 def _keepalive(sock: socket.socket) -> None:
@@ -581,25 +757,41 @@ def _destroy_incoming(held: Held, vm: VM) -> None:
 
 
 def recover_in(held: Held, vm: VM, entry: JournalEntry) -> None:
-    """A destination that did not finish: the guest never ran here; nothing of it stays —
-    unless the move is still under way (in this process, or in a live one)."""
-    mid = entry.intent.get("migration")
+    """A destination interrupted mid-arrival (model/migration.recover, destination side):
+    past the point of no return with the guest running here, it keeps the VM; otherwise the
+    guest never ran here and nothing of it stays — unless the move is still under way (in
+    this process, or in the live process that journalled it)."""
+    from vmkit.model.migration import Action, Phase, Side, recover
+
+    intent = entry.intent
     with _ARRIVING_LOCK:
-        ours = mid in _ARRIVING
-    if ours or (entry.pid != os.getpid() and _pid_alive(entry.pid)):
+        ours = intent.get("migration") in _ARRIVING
+    started = intent.get("started")
+    if ours or (entry.pid != os.getpid() and started is not None
+                and _process_start(entry.pid) == started):
         raise LockTimeout(f"VM {vm.name!r} is arriving from another host (process "
                           f"{entry.pid})", hint="wait until the move has finished")
+    running, status = False, ""
+    if entry.done("finish") and vm._alive(vm._record()):
+        with contextlib.suppress(VmkitError):
+            status = qmp_execute(vm.folder.qmp_socket, "query-status")["status"]
+            running = status == "running" or (status == "paused" and bool(intent.get("paused")))
+    decision = recover(Side.DESTINATION, Phase.FINISH if entry.done("finish")
+                       else Phase.PREPARE, destination_owns=None, destination_running=running)
+    if decision.action is Action.KEEP:
+        vm._write(vm._record().model_copy(update={
+            "state": VmState.RUNNING if status == "running" else VmState.PAUSED}))
+        return
     _destroy_incoming(held, vm)
 
 
-def _pid_alive(pid: int) -> bool:
+def _process_start(pid: int) -> int | None:
+    """A process's start time (clock ticks since boot): with the pid, its identity."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return int(stat.rsplit(")", 1)[1].split()[19])
 
 
 _ARRIVING: set[str] = set()  # migrations this process is receiving now

@@ -74,12 +74,27 @@ def tune_source(qmp: QmpConnection, options: MigrationOptions) -> None:
     """Bandwidth, downtime target, TLS, and the convergence aids the user asked for."""
     capabilities = [{"capability": "auto-converge", "state": options.auto_converge},
                     {"capability": "postcopy-ram", "state": options.postcopy},
-                    {"capability": "events", "state": True}]
+                    {"capability": "pause-before-switchover", "state": True}]
     qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
     qmp.execute("migrate-set-parameters", {
         "tls-creds": TLS_ID, "tls-hostname": "",
         "max-bandwidth": options.bandwidth or _UNTHROTTLED,
         "downtime-limit": options.downtime_ms})
+
+
+def reset(qmp: QmpConnection) -> None:
+    """Leave QEMU as a move found it: no TLS, default capabilities and limits (a later
+    memory snapshot or instant clone migrates to a file or a socketpair without them)."""
+    with contextlib.suppress(QemuError):
+        qmp.execute("migrate-set-parameters", {"tls-creds": "", "downtime-limit": 300,
+                                               "max-bandwidth": _UNTHROTTLED})
+    with contextlib.suppress(QemuError):
+        qmp.execute("migrate-set-capabilities", {"capabilities": [
+            {"capability": name, "state": False} for name in (
+                "auto-converge", "postcopy-ram", "pause-before-switchover",
+                "late-block-activate")]})
+    with contextlib.suppress(QemuError):
+        qmp.execute("object-del", {"id": TLS_ID})
 
 
 def tune_destination(qmp: QmpConnection, *, postcopy: bool) -> None:
@@ -94,7 +109,7 @@ def serve_disk(qmp: QmpConnection, listener: socket.socket) -> None:
     """Export the incoming VM's disk (its top layer) over NBD on `listener`, TLS only."""
     qmp.send_fd(listener.fileno(), "vmkit-nbd-listen")
     qmp.execute("nbd-server-start", {"addr": {"type": "fd", "data": {"str": "vmkit-nbd-listen"}},
-                                     "tls-creds": TLS_ID})
+                                     "tls-creds": TLS_ID, "max-connections": 4})
     qmp.execute("nbd-server-add", {"device": top_node(qmp), "name": EXPORT, "writable": True})
 
 
@@ -179,21 +194,30 @@ def receive_memory(qmp: QmpConnection, sock: socket.socket) -> None:
 
 
 def watch_memory(qmp: QmpConnection, *, timeout: float, stall: float, postcopy: bool,
-                 report: Callable[[Progress], None]) -> dict[str, Any]:
+                 report: Callable[[Progress], None],
+                 at_switchover: Callable[[], None]) -> dict[str, Any]:
     """Poll the outgoing migration to its end. A stream that sends nothing for `stall`
     seconds (a cut link) is cancelled; with post-copy allowed, a pre-copy that has not
-    converged after three passes over memory switches to post-copy."""
+    converged after three passes over memory switches to post-copy, and this returns once it
+    has (the source is paused for good; the rest follows on demand: `wait_outgoing`)."""
     deadline = time.monotonic() + timeout
     last_bytes, last_move = -1, time.monotonic()
     switched = False
-    delay = 0.005
+    # polled every 5 ms throughout (a query costs ~0.3 ms): the switch-over's pause starts
+    # when QEMU stops the vCPUs and lasts until vmkit has seen it and answered
+    poll = 0.005
     while True:
         info: dict[str, Any] = qmp.execute("query-migrate")
         status = info.get("status", "")
-        if status == "completed":
+        if status == "completed" or (switched and status == "postcopy-active"):
             return info
         if status in ("failed", "cancelled"):
             raise QemuError(f"the memory transfer {status}: {info.get('error-desc', status)}")
+        if status == "pre-switchover":  # vCPUs stopped, disks still active
+            at_switchover()
+            qmp.execute("migrate-continue", {"state": "pre-switchover"})
+            last_move = time.monotonic()
+            continue
         reading = memory_progress(info)
         report(reading)
         now = time.monotonic()
@@ -211,8 +235,7 @@ def watch_memory(qmp: QmpConnection, *, timeout: float, stall: float, postcopy: 
                 and int(ram.get("dirty-sync-count", 0)) >= 3):
             qmp.execute("migrate-start-postcopy")
             switched = True
-        time.sleep(delay)
-        delay = min(0.05, delay * 2)
+        time.sleep(poll)
 
 
 def cancel(qmp: QmpConnection) -> None:
@@ -224,12 +247,27 @@ def incoming_status(qmp: QmpConnection) -> str:
     return str(qmp.execute("query-migrate").get("status", ""))
 
 
-def wait_incoming(qmp: QmpConnection, timeout: float) -> None:
-    """Block until the destination has the whole memory state (QEMU: completed)."""
+def wait_outgoing(qmp: QmpConnection, timeout: float) -> dict[str, Any]:
+    """Block until a post-copy has sent its last page (QEMU: completed)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        info: dict[str, Any] = qmp.execute("query-migrate")
+        if info.get("status") == "completed":
+            return info
+        if info.get("status") in ("failed", "cancelled", "postcopy-paused"):
+            raise QemuError(f"the post-copy transfer stopped: {info.get('status')}")
+        if time.monotonic() >= deadline:
+            raise OperationTimeout(f"the post-copy did not finish within {timeout:g}s")
+        time.sleep(0.02)
+
+
+def wait_incoming(qmp: QmpConnection, timeout: float, *, postcopy: bool = False) -> None:
+    """Block until the destination has the whole memory state (QEMU: completed), or, with
+    post-copy, until the source has switched over (the rest arrives on demand)."""
     deadline = time.monotonic() + timeout
     while True:
         status = incoming_status(qmp)
-        if status == "completed":
+        if status == "completed" or (postcopy and status == "postcopy-active"):
             return
         if status in ("failed", "cancelled"):
             raise QemuError(f"the incoming memory transfer {status}")
