@@ -685,10 +685,12 @@ class Incoming:
             self.state = "finished"
             with contextlib.suppress(OSError):
                 qm.remove_psk(vm.folder.path / PSK_FOLDER)
+            # the source's helper snapshot, merged away here too while the guest runs, and
+            # before the VM's lock is let go (a next command never races the merge's job)
+            if self.helper is not None:
+                _merge_helper(vm, self.helper, self._held)
             status = self._status = vm.status().model_dump(mode="json")
             self._end("finished")
-        if self.helper is not None:  # the source's helper snapshot, merged away here too
-            threading.Thread(target=_merge_helper, args=(vm, self.helper), daemon=True).start()
         return status
 
     def settle(self) -> str:
@@ -735,8 +737,10 @@ def _checked_machine(vm: VM, machine: dict[str, Any] | None) -> MachineRecord | 
         "generation": config.generation})})
 
 
-def _merge_helper(vm: VM, helper: str) -> None:
-    with contextlib.suppress(VmkitError), vm.host._vm_lock(vm.name) as held:
+def _merge_helper(vm: VM, helper: str, held: Held | None) -> None:
+    if held is None:
+        return
+    with contextlib.suppress(VmkitError):
         if helper in store.load_tree(vm).nodes:
             layers.delete_locked(held, vm, vm._observe(persist=True, held=held), helper)
 

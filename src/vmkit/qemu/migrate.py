@@ -126,13 +126,21 @@ def start_mirror(qmp: QmpConnection, host: str, port: int) -> None:
         "server": {"type": "inet", "host": host, "port": str(port)}})
     qmp.execute("blockdev-mirror", {"job-id": MIRROR_JOB, "device": top_node(qmp),
                                     "target": NBD_NODE, "sync": "top",
-                                    "auto-finalize": True, "auto-dismiss": True})
+                                    "auto-finalize": True, "auto-dismiss": False})
 
 
 def mirror_state(qmp: QmpConnection) -> dict[str, Any] | None:
-    for job in qmp.execute("query-block-jobs"):
-        if job.get("device") == MIRROR_JOB:
-            return dict(job)
+    """The mirror job as `query-jobs` shows it (kept after it ends, so its error is known):
+    offset/len/ready added in the shape of query-block-jobs; None once dismissed."""
+    for job in qmp.execute("query-jobs"):
+        if job.get("id") == MIRROR_JOB:
+            if job.get("status") == "concluded":
+                with contextlib.suppress(QemuError):
+                    qmp.execute("job-dismiss", {"id": MIRROR_JOB})
+                raise QemuError("the disk copy to the destination stopped: "
+                                f"{job.get('error', 'it ended early')}")
+            return {**job, "offset": job.get("current-progress", 0),
+                    "len": job.get("total-progress", 0), "ready": job.get("status") == "ready"}
     return None
 
 
@@ -156,23 +164,33 @@ def wait_mirror_ready(qmp: QmpConnection, timeout: float,
 def complete_mirror(qmp: QmpConnection, timeout: float) -> None:
     """End the mirror once the source is paused: what is in flight lands, the source keeps
     its own disk (a ready mirror's cancel completes without switching over)."""
+    mirror_state(qmp)  # raises when it already ended on an error
     qmp.execute("block-job-cancel", {"device": MIRROR_JOB})
     deadline = time.monotonic() + timeout
-    while mirror_state(qmp) is not None:
+    while True:
+        job = next((j for j in qmp.execute("query-jobs") if j.get("id") == MIRROR_JOB), None)
+        if job is None or job.get("status") == "concluded":
+            break
         if time.monotonic() >= deadline:
             raise OperationTimeout(f"the disk copy did not finish within {timeout:g}s")
-        time.sleep(0.01)
+        time.sleep(0.002)
+    with contextlib.suppress(QemuError):
+        qmp.execute("job-dismiss", {"id": MIRROR_JOB})
     drop_nbd(qmp)
 
 
 def abandon_mirror(qmp: QmpConnection) -> None:
     """Stop copying (a failed or cancelled move): forced, the destination is thrown away."""
-    if mirror_state(qmp) is not None:
-        with contextlib.suppress(QemuError):
-            qmp.execute("block-job-cancel", {"device": MIRROR_JOB, "force": True})
-        deadline = time.monotonic() + 10
-        while mirror_state(qmp) is not None and time.monotonic() < deadline:
-            time.sleep(0.02)
+    with contextlib.suppress(QemuError):
+        qmp.execute("block-job-cancel", {"device": MIRROR_JOB, "force": True})
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        job = next((j for j in qmp.execute("query-jobs") if j.get("id") == MIRROR_JOB), None)
+        if job is None or job.get("status") == "concluded":
+            break
+        time.sleep(0.02)
+    with contextlib.suppress(QemuError):
+        qmp.execute("job-dismiss", {"id": MIRROR_JOB})
     drop_nbd(qmp)
 
 
