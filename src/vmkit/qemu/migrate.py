@@ -166,31 +166,30 @@ def complete_mirror(qmp: QmpConnection, timeout: float) -> None:
     its own disk (a ready mirror's cancel completes without switching over)."""
     mirror_state(qmp)  # raises when it already ended on an error
     qmp.execute("block-job-cancel", {"device": MIRROR_JOB})
+    if not _mirror_ended(qmp, timeout):
+        raise OperationTimeout(f"the disk copy did not finish within {timeout:g}s")
+    drop_nbd(qmp)
+
+
+def _mirror_ended(qmp: QmpConnection, timeout: float) -> bool:
+    """Wait for the cancelled mirror job to conclude, then dismiss it; False on timeout."""
     deadline = time.monotonic() + timeout
     while True:
         job = next((j for j in qmp.execute("query-jobs") if j.get("id") == MIRROR_JOB), None)
         if job is None or job.get("status") == "concluded":
-            break
+            with contextlib.suppress(QemuError):
+                qmp.execute("job-dismiss", {"id": MIRROR_JOB})
+            return True
         if time.monotonic() >= deadline:
-            raise OperationTimeout(f"the disk copy did not finish within {timeout:g}s")
+            return False
         time.sleep(0.002)
-    with contextlib.suppress(QemuError):
-        qmp.execute("job-dismiss", {"id": MIRROR_JOB})
-    drop_nbd(qmp)
 
 
 def abandon_mirror(qmp: QmpConnection) -> None:
     """Stop copying (a failed or cancelled move): forced, the destination is thrown away."""
     with contextlib.suppress(QemuError):
         qmp.execute("block-job-cancel", {"device": MIRROR_JOB, "force": True})
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        job = next((j for j in qmp.execute("query-jobs") if j.get("id") == MIRROR_JOB), None)
-        if job is None or job.get("status") == "concluded":
-            break
-        time.sleep(0.02)
-    with contextlib.suppress(QemuError):
-        qmp.execute("job-dismiss", {"id": MIRROR_JOB})
+    _mirror_ended(qmp, 10)
     drop_nbd(qmp)
 
 
