@@ -219,7 +219,7 @@ def watch_memory(qmp: QmpConnection, *, timeout: float, stall: float, postcopy: 
     has (the source is paused for good; the rest follows on demand: `wait_outgoing`)."""
     deadline = time.monotonic() + timeout
     last_bytes, last_move = -1, time.monotonic()
-    switched = False
+    switched = continued = False
     # polled every 5 ms throughout (a query costs ~0.3 ms): the switch-over's pause starts
     # when QEMU stops the vCPUs and lasts until vmkit has seen it and answered
     poll = 0.005
@@ -231,9 +231,17 @@ def watch_memory(qmp: QmpConnection, *, timeout: float, stall: float, postcopy: 
         if status in ("failed", "cancelled"):
             raise QemuError(f"the memory transfer {status}: {info.get('error-desc', status)}")
         if status == "pre-switchover":  # vCPUs stopped, disks still active
-            at_switchover()
-            qmp.execute("migrate-continue", {"state": "pre-switchover"})
-            last_move = time.monotonic()
+            # once only: migrate-continue just wakes QEMU's migration thread, so the next
+            # query may still say pre-switchover (the mirror is gone by then)
+            if not continued:
+                at_switchover()
+                qmp.execute("migrate-continue", {"state": "pre-switchover"})
+                continued = True
+                last_move = time.monotonic()
+            elif time.monotonic() - last_move > stall:
+                cancel(qmp)
+                raise OperationTimeout(f"the switch-over did not go on within {stall:g}s")
+            time.sleep(0.001)
             continue
         reading = memory_progress(info)
         report(reading)
