@@ -7,7 +7,7 @@ VENV := .venv
 VMKIT := $(VENV)/bin/vmkit
 export VMKIT_HOME ?= /var/lib/vmkit
 
-.PHONY: run test setup deps venv image lint unit integration bench clean
+.PHONY: run test setup deps venv web image lint unit integration bench clean
 
 run: setup
 	$(VENV)/bin/python scripts/demo.py
@@ -15,7 +15,7 @@ run: setup
 test: setup lint
 	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
 
-setup: deps venv image
+setup: deps venv web image
 
 deps:
 	bash scripts/install-host-deps.sh
@@ -26,6 +26,13 @@ $(VENV)/.installed: pyproject.toml
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
 	$(VENV)/bin/pip install -q -e '.[dev]'
+	touch $@
+
+# the dashboard's JavaScript libraries, pinned by web/package-lock.json (nothing from a CDN)
+web: web/node_modules/.installed
+
+web/node_modules/.installed: web/package.json web/package-lock.json
+	cd web && npm ci --no-audit --no-fund --loglevel=error
 	touch $@
 
 image: venv
@@ -49,4 +56,4 @@ bench: setup
 	$(VENV)/bin/python bench/migrate.py
 
 clean:
-	rm -rf $(VENV) build src/*.egg-info
+	rm -rf $(VENV) build src/*.egg-info web/node_modules

@@ -73,6 +73,18 @@ if [ "$missing" = 1 ]; then
   # shellcheck disable=SC2086
   apt-get install -y -q --no-install-recommends $tools
 fi
+# The web dashboard's tests drive Debian's chromium; its JavaScript comes from npm (web/).
+web_missing=""
+dpkg -s chromium >/dev/null 2>&1 || web_missing="chromium"
+command -v npm >/dev/null || web_missing="$web_missing nodejs npm"
+if [ -n "$web_missing" ]; then
+  if [ "$need_update" = 1 ]; then
+    apt-get update -q
+    mkdir -p "$(dirname "$stamp")" && touch "$stamp"
+  fi
+  # shellcheck disable=SC2086
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends $web_missing
+fi
 # QEMU runs as this unprivileged user when vmkit runs as root (the jailer model).
 if ! getent passwd vmkit >/dev/null; then
   useradd --system --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin vmkit

@@ -32,11 +32,13 @@ class VmkitError(Exception):
 
     exit_code = 1
 
-    def __init__(self, message: str, *, hint: str | None = None, detail: str | None = None):
+    def __init__(self, message: str, *, hint: str | None = None, detail: str | None = None,
+                 field: str | None = None):
         super().__init__(message)
         self.message = message
         self.hint = hint
         self.detail = detail
+        self.field = field  # the request field that was wrong (a form shows it there)
 
     def __str__(self) -> str:
         parts = [self.message]
@@ -113,6 +115,10 @@ class AuthError(RequestError):
     """The host service refused the caller: no or bad credentials (HTTP 401/403)."""
 
 
+class Forbidden(AuthError):
+    """Authenticated, but this request may not be made that way (e.g. no CSRF header)."""
+
+
 class BrokenVm(VmkitError):
     """A VM folder whose metadata cannot be read: listed as broken, removable with --force."""
 
@@ -120,7 +126,8 @@ class BrokenVm(VmkitError):
 #: HTTP status of each error class in the host service's API (the most specific class wins):
 #: 4xx = the request was wrong (CLI exit 2), 5xx = the operation failed (CLI exit 1).
 HTTP_STATUS: dict[str, int] = {
-    "InvalidValue": 400, "TooLarge": 413, "AuthError": 401, "NotFound": 404, "AlreadyExists": 409,
+    "InvalidValue": 400, "TooLarge": 413, "AuthError": 401, "Forbidden": 403, "NotFound": 404,
+    "AlreadyExists": 409,
     "InvalidState": 409, "AdmissionRefused": 409, "MoveRefused": 409, "RequestError": 400,
     "LockTimeout": 503,
     "OperationTimeout": 504, "Cancelled": 500, "QemuError": 500, "AgentError": 502,

@@ -33,11 +33,19 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vmkit.client.remote import MovePeer
-from vmkit.daemon import auth
+from vmkit.daemon import auth, web
 from vmkit.daemon.metrics import build_registry
-from vmkit.daemon.operations import Operation
+from vmkit.daemon.operations import Operation, error_body
 from vmkit.daemon.service import Service
-from vmkit.errors import InvalidValue, NotFound, TooLarge, VmkitError, http_status_for
+from vmkit.errors import (
+    AuthError,
+    Forbidden,
+    InvalidValue,
+    NotFound,
+    TooLarge,
+    VmkitError,
+    http_status_for,
+)
 from vmkit.host import VM
 from vmkit.model.api import (
     API_VERSION,
@@ -48,6 +56,7 @@ from vmkit.model.api import (
     ExecRequest,
     ImageBuildRequest,
     IncomingRequest,
+    LoginRequest,
     MigrateRequest,
     NetworkRequest,
     NicRequest,
@@ -63,8 +72,9 @@ from vmkit.model.hardware import HostCapabilities
 from vmkit.model.migration import MigrationOptions, option_reasons
 from vmkit.model.migration import Progress as MoveProgress
 from vmkit.model.names import validate_name
-from vmkit.model.network import Nic
+from vmkit.model.network import Nic, parse_forward
 from vmkit.model.resources import Policy
+from vmkit.model.sizes import parse_count, parse_size
 from vmkit.model.state import Operation as VmOperation
 from vmkit.model.state import check_transition
 from vmkit.model.views import (
@@ -86,10 +96,8 @@ _ERRORS: dict[int | str, dict[str, Any]] = {
 
 
 def _error(exc: VmkitError) -> JSONResponse:
-    code = http_status_for(exc)
-    return JSONResponse(ErrorBody(error=exc.message, error_code=code,
-                                  error_class=type(exc).__name__, hint=exc.hint,
-                                  detail=exc.detail).model_dump(), status_code=code)
+    return JSONResponse(ErrorBody(**error_body(exc)).model_dump(),
+                        status_code=http_status_for(exc))
 
 
 def _sync(metadata: Any) -> dict[str, Any]:
@@ -119,6 +127,30 @@ class Gate:
         if peer.cert_fingerprint:
             client = self.service.client_ca.name_of(peer.cert_fingerprint)
             return f"cert:{client}@{peer.address}" if client else None
+        session = self.service.sessions.get(web.session_id(headers))
+        if session is not None:
+            # the session's token is checked again each time: revoking it logs browsers out
+            name = self.service.tokens.check_digest(session.token_digest)
+            return f"web:{name}@{peer.address}" if name else None
+        return None
+
+    def refused_session_use(self, scope: Scope) -> VmkitError | None:
+        """A browser session may change things only with its CSRF header, and may open a
+        websocket only from the daemon's own pages."""
+        state = scope.get("state", {})
+        if not str(state.get("who", "")).startswith("web:"):
+            return None
+        headers = dict(scope.get("headers") or [])
+        if scope["type"] == "websocket":
+            if not web.same_origin(headers):
+                return Forbidden("websocket refused: it must come from this daemon's pages")
+            return None
+        if scope["method"] not in MUTATING or (scope["method"], scope["path"]) in web.PUBLIC:
+            return None
+        session = self.service.sessions.get(web.session_id(headers))
+        if session is None or not web.csrf_ok(session, headers):
+            return Forbidden(f"missing or wrong CSRF header ({web.CSRF_HEADER})",
+                             hint="the dashboard sends it; a script can use a bearer token")
         return None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -126,6 +158,14 @@ class Gate:
             await self.app(scope, receive, send)
             return
         who = self.who(scope)
+        if who is None and scope["type"] == "http" and \
+                (scope["method"], scope["path"]) in web.PUBLIC:
+            who = "anonymous"  # the login page and the login itself
+        elif who is None and scope["type"] == "http" and scope["method"] == "GET" and \
+                scope["path"] in ("/ui", "/ui/"):
+            to_login = {"Location": "/ui/login", **web.SECURITY_HEADERS}
+            await Response(status_code=303, headers=to_login)(scope, receive, send)
+            return
         if who is None:
             if scope["type"] == "websocket":
                 await send({"type": "websocket.close", "code": 4401})
@@ -142,6 +182,15 @@ class Gate:
                                      path=scope["path"], status=401)
             return
         scope.setdefault("state", {})["who"] = who
+        refusal = self.refused_session_use(scope)
+        if refusal is not None:
+            self.service.audit.write(who=who, method=scope.get("method", "WEBSOCKET"),
+                                     path=scope["path"], status=403, note=refusal.message)
+            if scope["type"] == "websocket":
+                await send({"type": "websocket.close", "code": 4403})
+            else:
+                await _error(refusal)(scope, receive, send)
+            return
         if scope["type"] == "websocket":
             await self._websocket(scope, receive, send, who)
             return
@@ -207,9 +256,12 @@ def build_app(service: Service) -> FastAPI:
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        field = next((str(p) for p in first.get("loc", ()) if p not in ("body", "query")),
+                     None)
         return _error(InvalidValue(f"invalid request: {where or 'body'}: "
                                    f"{first.get('msg', 'not accepted')}",
-                                   hint="see /1.0/openapi.json for the request's schema"))
+                                   hint="see /1.0/openapi.json for the request's schema",
+                                   field=field))
 
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -264,11 +316,7 @@ def build_app(service: Service) -> FastAPI:
 
     @app.post("/1.0/vms", status_code=202, response_model=Async, responses=_ERRORS)
     def create_vm(request: Request, body: CreateRequest) -> JSONResponse:
-        validate_name(body.name)
-        for key in body.ssh_keys:
-            if key.split(" ", 1)[0] not in KEY_TYPES:
-                raise InvalidValue("invalid ssh key: send the public key line (ssh-ed25519 "
-                                   "AAAA...), not a file name", hint="the client reads the file")
+        _check_fields(body)
 
         def work(op: Operation) -> dict[str, Any]:
             op.report(stage="creating")
@@ -771,9 +819,9 @@ def build_app(service: Service) -> FastAPI:
             result = await asyncio.to_thread(_exec, vm, body)
             await socket_.send_json({"type": "result", **result})
         except VmkitError as exc:
-            await socket_.send_json({"type": "error", **_error_dict(exc)})
+            await socket_.send_json({"type": "error", **error_body(exc)})
         except ValueError as exc:
-            await socket_.send_json({"type": "error", **_error_dict(InvalidValue(
+            await socket_.send_json({"type": "error", **error_body(InvalidValue(
                 f"invalid exec request: {exc}"))})
         except WebSocketDisconnect:
             return
@@ -786,22 +834,116 @@ def build_app(service: Service) -> FastAPI:
             path = await asyncio.to_thread(lambda: vm_of(name).console_socket())
         except VmkitError as exc:
             await socket_.accept()
-            await socket_.send_json({"type": "error", **_error_dict(exc)})
+            await socket_.send_json({"type": "error", **error_body(exc)})
             await socket_.close()
             return
         await socket_.accept()
-        await _bridge(socket_, path)
+        await _bridge(socket_, path, resize=lambda cols, rows: _resize(vm_of(name), cols, rows))
+
+    # -- graphs ------------------------------------------------------------------------------
+    @app.get("/1.0/vms/{name}/history", response_model=Sync[dict[str, Any]], responses=_ERRORS)
+    def vm_history(name: str) -> dict[str, Any]:
+        vm_of(name)  # 404 for a VM that is not there
+        return _sync({"interval": service.history.interval,
+                      "samples": service.history.vm(name)})
+
+    @app.get("/1.0/host/history", response_model=Sync[dict[str, Any]], responses=_ERRORS)
+    def host_history() -> dict[str, Any]:
+        return _sync({"interval": service.history.interval,
+                      "samples": service.history.totals()})
+
+    # -- the web dashboard -------------------------------------------------------------------
+    @app.post("/ui/session", include_in_schema=False)
+    def login(request: Request, body: LoginRequest) -> JSONResponse:
+        user = service.tokens.check(body.token)
+        if user is None:
+            raise AuthError("unknown or revoked token",
+                            hint="create one on the host: vmkit token create NAME")
+        session_id, session = service.sessions.open(user, auth.digest(body.token))
+        service.audit.write(who=f"web:{user}@{_client(request)}", method="LOGIN",
+                            path="/ui/session", status=200)
+        return JSONResponse({"user": user, "csrf": session.csrf},
+                            headers={"Set-Cookie": web.cookie_header(session_id),
+                                     **web.SECURITY_HEADERS})
+
+    @app.get("/ui/session", include_in_schema=False)
+    def who_am_i(request: Request) -> JSONResponse:
+        session = service.sessions.get(web.session_id(dict(request.scope["headers"])))
+        return JSONResponse({"user": session.user if session else requestor(request),
+                             "csrf": session.csrf if session else None},
+                            headers=web.SECURITY_HEADERS)
+
+    @app.delete("/ui/session", include_in_schema=False)
+    def logout(request: Request) -> JSONResponse:
+        service.sessions.close(web.session_id(dict(request.scope["headers"])))
+        return JSONResponse({}, headers={"Set-Cookie": web.cookie_header("", clear=True),
+                                         **web.SECURITY_HEADERS})
+
+    root = web.web_root()
+
+    def page(name: str) -> Response:
+        if root is None:
+            raise NotFound("the dashboard's files are not installed here",
+                           hint="run make setup in vmkit's source tree (it installs web/), "
+                                "or set VMKIT_WEB")
+        return FileResponse(root / "static" / name, headers=web.SECURITY_HEADERS)
+
+    @app.get("/ui/login", include_in_schema=False)
+    def login_page() -> Response:
+        return page("login.html")
+
+    @app.get("/ui", include_in_schema=False)
+    @app.get("/ui/", include_in_schema=False)
+    def dashboard() -> Response:
+        return page("index.html")
+
+    if root is not None:
+        app.mount("/ui/static", web.StaticPages(directory=root / "static"), name="ui-static")
+        vendor = root / "node_modules" / "@xterm"
+        if vendor.is_dir():
+            app.mount("/ui/vendor/@xterm", web.StaticPages(directory=vendor), name="ui-vendor")
 
     return app
 
 
+def _client(request: Request) -> str:
+    return request.client.host if request.client else "?"
+
+
+def _resize(vm: VM, cols: int, rows: int) -> None:
+    """Tell the guest's serial terminal its new size (a serial line has no size of its own:
+    the agent sets it, and the shell on it gets SIGWINCH)."""
+    with contextlib.suppress(VmkitError):
+        vm.exec(["stty", "-F", "/dev/ttyS0", "rows", str(rows), "cols", str(cols)], timeout=5)
+
+
+def _check_fields(body: CreateRequest) -> None:
+    """What a create request says, checked before anything starts; the error names the field
+    (the dashboard's form shows it there)."""
+    checks: list[tuple[str, Callable[[], object]]] = [
+        ("name", lambda: validate_name(body.name)),
+        ("image", lambda: validate_name(body.image, kind="image name")),
+        ("cpus", lambda: parse_count(body.cpus, "cpus")),
+        ("memory", lambda: parse_size(body.memory, field="memory", default_unit="M")),
+        ("disk", lambda: parse_size(body.disk, field="disk", default_unit="G")),
+        ("ports", lambda: [parse_forward(port) for port in body.ports]),
+        ("networks", lambda: [validate_name(net, kind="network name") for net in body.networks]),
+    ]
+    for field, check in checks:
+        try:
+            check()
+        except VmkitError as exc:
+            exc.field = field
+            raise
+    for key in body.ssh_keys:
+        if key.split(" ", 1)[0] not in KEY_TYPES:
+            raise InvalidValue("invalid ssh key: send the public key line (ssh-ed25519 "
+                               "AAAA...), not a file name", hint="the client reads the file",
+                               field="ssh_keys")
+
+
 def _split(value: str) -> list[str]:
     return [part for part in value.split(",") if part]
-
-
-def _error_dict(exc: VmkitError) -> dict[str, Any]:
-    return {"error": exc.message, "error_class": type(exc).__name__, "hint": exc.hint,
-            "error_code": http_status_for(exc)}
 
 
 def _exec(vm: VM, body: ExecRequest) -> dict[str, Any]:
@@ -838,6 +980,19 @@ async def _receive(request: Request, spool: Path) -> Path:
     return path
 
 
+def _resize_request(text: str) -> tuple[int, int] | None:
+    if not text.startswith("{"):
+        return None
+    try:
+        asked = json.loads(text)
+        if asked.get("type") != "resize":
+            return None
+        cols, rows = int(asked["cols"]), int(asked["rows"])
+    except (ValueError, KeyError, TypeError, AttributeError):
+        return None
+    return (cols, rows) if 2 <= cols <= 1000 and 2 <= rows <= 1000 else None
+
+
 def _stream_once(path: Path, folder: Path | None, headers: dict[str, str] | None = None
                  ) -> Response:
     """Send a spooled file, removing it once sent."""
@@ -852,8 +1007,11 @@ def _stream_once(path: Path, folder: Path | None, headers: dict[str, str] | None
                         background=BackgroundTask(cleanup))
 
 
-async def _bridge(socket_: WebSocket, path: Path) -> None:
-    """Bytes both ways between a websocket and the VM's console socket."""
+async def _bridge(socket_: WebSocket, path: Path,
+                  resize: Callable[[int, int], None] | None = None) -> None:
+    """Bytes both ways between a websocket and the VM's console socket. Binary frames are
+    the terminal's bytes; a text frame {"type": "resize", "cols": C, "rows": R} resizes it
+    (any other text frame is typed, as older clients send)."""
     from vmkit.qemu.peer import connect_unix  # SO_PEERCRED-checked like every connection
 
     try:
@@ -874,7 +1032,12 @@ async def _bridge(socket_: WebSocket, path: Path) -> None:
             message = await socket_.receive()
             if message["type"] == "websocket.disconnect":
                 return
-            data = message.get("bytes") or (message.get("text") or "").encode()
+            text = message.get("text")
+            size = _resize_request(text) if text and resize is not None else None
+            if size is not None and resize is not None:
+                asyncio.get_running_loop().run_in_executor(None, resize, *size)
+                continue
+            data = message.get("bytes") or (text or "").encode()
             writer.write(data)
             await writer.drain()
 

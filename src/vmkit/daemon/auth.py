@@ -69,7 +69,7 @@ def _groups(pid: int, gid: int) -> set[int]:
 
 
 # -- tokens ------------------------------------------------------------------------------------
-def _digest(token: str) -> str:
+def digest(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
@@ -104,7 +104,7 @@ class TokenStore:
                                 hint=f"revoke it first (vmkit token revoke {name}) or pick "
                                      "another name")
         token = TOKEN_PREFIX + secrets.token_urlsafe(32)
-        data[name] = {"sha256": _digest(token), "created_at": time.time(),
+        data[name] = {"sha256": digest(token), "created_at": time.time(),
                       "prefix": token[:10]}
         self._save(data)
         return token
@@ -124,10 +124,13 @@ class TokenStore:
     def check(self, token: str) -> str | None:
         """The name of the token, or None: compared in constant time, read fresh each time so
         a revocation takes effect on the next request."""
-        digest = _digest(token)
+        return self.check_digest(digest(token))
+
+    def check_digest(self, token_digest: str) -> str | None:
+        """The same by the token's SHA-256 (what a browser session keeps instead of it)."""
         found = None
         for name, entry in self._load().items():
-            if hmac.compare_digest(str(entry.get("sha256", "")), digest):
+            if hmac.compare_digest(str(entry.get("sha256", "")), token_digest):
                 found = name
         return found
 

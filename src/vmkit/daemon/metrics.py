@@ -1,20 +1,19 @@
 """Prometheus metrics (prometheus-client): per VM state, CPU, memory, disk and network, restarts;
 host capacity and allocation; API request latency. Read at scrape time from /proc, cgroups,
-QMP and the taps' counters: nothing is sampled in the background."""
+QMP and the taps' counters (the dashboard's graphs come from vmkit.daemon.history's sampler)."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from vmkit.daemon.history import tap_counters
 from vmkit.errors import VmkitError
-from vmkit.model.network import USER_NETWORK, tap_name
 from vmkit.model.resources import memory_limit, vcpu_limit
 from vmkit.model.state import VmState
 
@@ -71,20 +70,11 @@ class VmCollector(Collector):
                 disk.add_metric([vm.name, "write"], usage.disk_written)
                 disk_ops.add_metric([vm.name, "read"], usage.disk_read_ops)
                 disk_ops.add_metric([vm.name, "write"], usage.disk_write_ops)
-                for nic in status.nics:
-                    if nic.network == USER_NETWORK:
-                        continue
-                    stats = Path("/sys/class/net") / tap_name(status.uuid, nic.mac) / "statistics"
-                    with contextlib.suppress(OSError, ValueError):
-                        # a tap's rx is what the guest sent, its tx what the guest received
-                        net.add_metric([vm.name, nic.network, "sent"],
-                                       int((stats / "rx_bytes").read_text()))
-                        net.add_metric([vm.name, nic.network, "received"],
-                                       int((stats / "tx_bytes").read_text()))
-                        packets.add_metric([vm.name, nic.network, "sent"],
-                                           int((stats / "rx_packets").read_text()))
-                        packets.add_metric([vm.name, nic.network, "received"],
-                                           int((stats / "tx_packets").read_text()))
+                for tap in tap_counters(status):
+                    net.add_metric([vm.name, tap.network, "sent"], tap.sent_bytes)
+                    net.add_metric([vm.name, tap.network, "received"], tap.received_bytes)
+                    packets.add_metric([vm.name, tap.network, "sent"], tap.sent_packets)
+                    packets.add_metric([vm.name, tap.network, "received"], tap.received_packets)
         yield from (state, cpu, memory, vcpus, disk, disk_ops, net, packets, restarts)
         capacity, policy = host.capacity(), host.policy()
         allocated = host.allocated()

@@ -162,10 +162,10 @@ class Registry:
         try:
             op.result = work(op)
         except Cancelled as exc:
-            op.error = _error_body(exc)
+            op.error = error_body(exc)
             op._set("cancelled")
         except VmkitError as exc:
-            op.error = _error_body(exc)
+            op.error = error_body(exc)
             op._set("failure")
         except Exception as exc:  # a bug: reported on the operation, logged with its trace
             op.error = {"error_class": "VmkitError", "error": f"internal error: {exc!r}",
@@ -212,6 +212,7 @@ class Registry:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
 
-def _error_body(exc: VmkitError) -> dict[str, Any]:
+def error_body(exc: VmkitError) -> dict[str, Any]:
+    """An error as the API shows it (an operation's error, a websocket's error message)."""
     return {"error_class": type(exc).__name__, "error": exc.message, "hint": exc.hint,
-            "detail": exc.detail, "error_code": http_status_for(exc)}
+            "detail": exc.detail, "field": exc.field, "error_code": http_status_for(exc)}

@@ -18,10 +18,12 @@ from typing import Any
 from vmkit.client.remote import MovePeer
 from vmkit.daemon.auth import ClientCA, TokenStore
 from vmkit.daemon.events import EventBus
+from vmkit.daemon.history import History
 from vmkit.daemon.migrations import Arrivals
 from vmkit.daemon.operations import Registry
 from vmkit.daemon.supervisor import Supervisor
 from vmkit.daemon.watcher import Seen, Watcher
+from vmkit.daemon.web import Sessions
 from vmkit.errors import HostError, VmkitError
 from vmkit.host import Host
 from vmkit.model.restart import RESTARTS_FILE
@@ -113,6 +115,8 @@ class Service:
         self.watcher = Watcher(self.host, self.bus, self._exited)
         self.audit = AuditLog(self.paths.audit)
         self.tokens = TokenStore(self.paths.tokens)
+        self.sessions = Sessions(self.paths.folder / "sessions.json")
+        self.history = History(self.host)
         self.client_ca = ClientCA(self.paths.folder)
         self.statuses = StatusCache(self.host)
         self.arrivals = Arrivals(self.host, self.paths.folder / "migrations", self.listeners)
@@ -152,6 +156,7 @@ class Service:
         for name in self.recovered:
             self.bus.publish("operation-recovered", vm=name)
         self.watcher.start()
+        self.history.start()
         self.supervisor.catch_up()
         self.supervisor.autostart(self.paths.autostart)
 
@@ -168,6 +173,7 @@ class Service:
         cancelled at once)."""
         self.supervisor.stop()
         self.watcher.stop()
+        self.history.stop()
         self.operations.shutdown()
         self.arrivals.shutdown()
         deadline = time.monotonic() + grace

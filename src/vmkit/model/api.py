@@ -67,6 +67,10 @@ class SetRequest(_Request):
     autostart: bool | None = None
 
 
+class LoginRequest(_Request):
+    token: str = Field(min_length=1, max_length=256)
+
+
 class SnapshotRequest(_Request):
     name: str = Field(max_length=63)
     disk_only: bool = False
@@ -126,6 +130,7 @@ class ErrorBody(BaseModel):
     error_class: str
     hint: str | None = None
     detail: str | None = None
+    field: str | None = Field(default=None, description="the request field that was wrong")
 
 
 class Sync(BaseModel, Generic[T]):
