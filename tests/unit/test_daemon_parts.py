@@ -71,7 +71,7 @@ def test_operations_run_report_fail_and_cancel() -> None:
     bad = registry.submit("t.bad", "fails", lambda op: (_ for _ in ()).throw(NotFound("gone")))
     assert bad.wait_blocking(5)
     assert bad.status == "failure" and bad.error == {
-        "error_class": "NotFound", "error": "gone", "hint": None, "detail": None,
+        "error_class": "NotFound", "error": "gone", "hint": None, "detail": None, "field": None,
         "error_code": 404}
     release = threading.Event()
 
