@@ -20,6 +20,7 @@ from websockets.sync.client import connect as ws_connect
 
 from tests.integration.conftest import new_home
 from tests.integration.daemon_harness import Daemon, cli, running_daemon
+from vmkit.daemon.web import COOKIE
 
 playwright_sync = pytest.importorskip("playwright.sync_api")
 CHROMIUM = Path("/usr/bin/chromium")
@@ -83,15 +84,19 @@ def test_without_a_token_every_page_and_api_call_is_refused(daemon: Daemon) -> N
                      "/ui/vendor/@xterm/xterm/package.json", "/1.0/vms", "/1.0/host/history",
                      "/ui/session"):
             answer = anonymous.get(path, follow_redirects=True)
-            assert answer.status_code in (401, 200) and "vmkit_session" not in answer.text
+            assert answer.status_code in (401, 200) and COOKIE not in answer.text
             assert answer.status_code == 401 or answer.url.path == "/ui/login", (path, answer)
         login = anonymous.get("/ui/login")
         assert login.status_code == 200 and "frame-ancestors 'none'" in \
             login.headers["content-security-policy"]
         refused = anonymous.post("/ui/session", json={"token": "vmk_not-a-token"})
         assert refused.status_code == 401 and "set-cookie" not in refused.headers
-        forged = anonymous.get("/1.0/vms", headers={"cookie": "vmkit_session=made-up"})
+        forged = anonymous.get("/1.0/vms", headers={"cookie": f"{COOKIE}=made-up"})
         assert forged.status_code == 401
+        # no credentials: a body of more than a few KiB is refused before it is read
+        flood = anonymous.post("/ui/session", content=b'{"token": "' + b"x" * (1 << 20) + b'"}',
+                               headers={"content-type": "application/json"})
+        assert flood.status_code == 413, flood.text
         opened = anonymous.post("/ui/session", json={"token": daemon.token})
         assert opened.status_code == 200, opened.text
         cookie = opened.headers["set-cookie"]
@@ -106,7 +111,7 @@ def test_without_a_token_every_page_and_api_call_is_refused(daemon: Daemon) -> N
         bad_csrf = anonymous.delete("/ui/session", headers={"x-vmkit-csrf": "guess"})
         assert bad_csrf.status_code == 403
         websocket_url = daemon.url.replace("https://", "wss://") + "/1.0/events"
-        cookie_header = f"vmkit_session={anonymous.cookies['vmkit_session']}"
+        cookie_header = f"{COOKIE}={anonymous.cookies[COOKIE]}"
         with pytest.raises(InvalidStatus):  # cross-site websocket hijacking
             ws_connect(websocket_url, ssl=_insecure(),
                        additional_headers={"cookie": cookie_header,
@@ -114,6 +119,11 @@ def test_without_a_token_every_page_and_api_call_is_refused(daemon: Daemon) -> N
         with ws_connect(websocket_url, ssl=_insecure(), additional_headers={
                 "cookie": cookie_header, "origin": daemon.url}):
             pass
+        # another site's page is refused whatever it holds: a bearer token, say
+        foreign = httpx.post(f"{daemon.url}/1.0/networks", verify=False, json={
+            "name": "xsite", "subnet": "198.18.91.0/24"}, headers={
+            "authorization": f"Bearer {daemon.token}", "origin": "https://evil.example"})
+        assert foreign.status_code == 403, foreign.text
         # revoking the token ends its sessions
         name = _token_name(daemon)
         logout = anonymous.delete("/ui/session", headers={"x-vmkit-csrf": session["csrf"]})

@@ -5,7 +5,15 @@ from __future__ import annotations
 from pathlib import Path
 
 from vmkit.daemon.history import Reading, host_point, rates
-from vmkit.daemon.web import Sessions, cookie_header, csrf_ok, same_origin, session_id
+from vmkit.daemon.web import (
+    COOKIE,
+    Sessions,
+    cookie_header,
+    csrf_ok,
+    foreign_origin,
+    same_origin,
+    session_id,
+)
 
 
 def _reading(at: float, cpu: float, disk: int, net: int) -> Reading:
@@ -39,11 +47,15 @@ def test_host_totals_sum_the_vms_sampled_at_that_moment() -> None:
 def test_a_session_is_found_only_by_its_own_cookie_and_ends_on_close() -> None:
     sessions = Sessions()
     sid, session = sessions.open("alice", "0" * 64)
-    header = {b"cookie": f"theme=dark; vmkit_session={sid}".encode()}
+    # another app on the same host name may set cookies vmkit does not understand
+    header = {b"cookie": f'grafana={{"theme":"dark"}}; {COOKIE}={sid}'.encode()}
     assert session_id(header) == sid and sessions.get(sid) is session
-    assert sessions.get("vmkit_session") is None and sessions.get(None) is None
-    assert session_id({b"cookie": b"vmkit_session"}) is None  # malformed: no session
-    assert session_id({b"cookie": b'x="unterminated; vmkit_session'}) is None
+    assert sessions.get(COOKIE) is None and sessions.get(None) is None
+    assert session_id({b"cookie": COOKIE.encode()}) is None  # malformed: no session
+    assert session_id({b"cookie": b"vmkit_session=" + sid.encode()}) is None  # not the name
+    # a second cookie of vmkit's name (planted by another site on this host) never wins
+    planted = {b"cookie": f"{COOKIE}={sid}; {COOKIE}=evil".encode()}
+    assert session_id(planted) is None
     sessions.close(sid)
     assert sessions.get(sid) is None
 
@@ -52,6 +64,7 @@ def test_csrf_needs_the_sessions_own_value() -> None:
     _, session = Sessions().open("alice", "0" * 64)
     assert csrf_ok(session, {b"x-vmkit-csrf": session.csrf.encode()})
     assert not csrf_ok(session, {b"x-vmkit-csrf": b"guess"})
+    assert not csrf_ok(session, {b"x-vmkit-csrf": "é".encode("latin-1")})  # no TypeError
     assert not csrf_ok(session, {})
 
 
@@ -61,11 +74,16 @@ def test_a_websocket_must_come_from_the_daemons_own_origin() -> None:
     assert not same_origin({**host, b"origin": b"https://evil.example"})
     assert not same_origin({**host, b"origin": b"http://198.18.0.1:8443"})
     assert not same_origin(host)
+    # any request from another site's page is foreign; one without Origin (the CLI) is not
+    assert foreign_origin({**host, b"origin": b"https://evil.example"})
+    assert foreign_origin({**host, b"origin": b"null"})
+    assert not foreign_origin({**host, b"origin": b"https://198.18.0.1:8443"})
+    assert not foreign_origin(host)
 
 
 def test_the_cookie_is_http_only_secure_and_same_site_strict() -> None:
     cookie = cookie_header("abc")
-    assert cookie.startswith("vmkit_session=abc;")
+    assert cookie.startswith(f"{COOKIE}=abc;") and COOKIE.startswith("__Host-")
     assert all(part in cookie for part in ("HttpOnly", "Secure", "SameSite=Strict", "Path=/"))
     assert "Max-Age=0" in cookie_header("", clear=True)
 

@@ -16,6 +16,7 @@ import shutil
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -88,6 +89,7 @@ from vmkit.model.views import (
 
 VERSION = "0.2.0"
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+RESIZE_POOL = ThreadPoolExecutor(max_workers=2, thread_name_prefix="vmkit-resize")
 REVALIDATE = 2.0  # seconds between two checks of an open websocket's credentials
 SPOOL_RESERVE = 1 << 30  # an upload may not take the host's last GiB
 WAIT_LIMIT = 3600.0
@@ -135,12 +137,15 @@ class Gate:
         return None
 
     def refused_session_use(self, scope: Scope) -> VmkitError | None:
-        """A browser session may change things only with its CSRF header, and may open a
-        websocket only from the daemon's own pages."""
-        state = scope.get("state", {})
-        if not str(state.get("who", "")).startswith("web:"):
-            return None
+        """No change and no websocket from another site's page; a browser session may change
+        things only with its CSRF header, and open a websocket only from the daemon's own
+        pages."""
         headers = dict(scope.get("headers") or [])
+        changes = scope["type"] == "websocket" or scope["method"] in MUTATING
+        if changes and web.foreign_origin(headers):
+            return Forbidden("refused: the request comes from another site's page")
+        if not str(scope.get("state", {}).get("who", "")).startswith("web:"):
+            return None
         if scope["type"] == "websocket":
             if not web.same_origin(headers):
                 return Forbidden("websocket refused: it must come from this daemon's pages")
@@ -160,7 +165,13 @@ class Gate:
         who = self.who(scope)
         if who is None and scope["type"] == "http" and \
                 (scope["method"], scope["path"]) in web.PUBLIC:
-            who = "anonymous"  # the login page and the login itself
+            who = "anonymous"  # the login page and the login itself, with a small body only
+            declared = dict(scope.get("headers") or []).get(b"content-length", b"0")
+            if not declared.isdigit() or int(declared) > web.PUBLIC_BODY_LIMIT:
+                await _error(TooLarge(f"a request without credentials may send at most "
+                                      f"{web.PUBLIC_BODY_LIMIT} bytes"))(scope, receive, send)
+                return
+            receive = _bounded(receive, web.PUBLIC_BODY_LIMIT)
         elif who is None and scope["type"] == "http" and scope["method"] == "GET" and \
                 scope["path"] in ("/ui", "/ui/"):
             to_login = {"Location": "/ui/login", **web.SECURITY_HEADERS}
@@ -237,6 +248,23 @@ class Gate:
             await self.app(scope, receive, send)
         finally:
             task.cancel()
+
+
+def _bounded(receive: Receive, limit: int) -> Receive:
+    """The request's body, cut off (as a disconnect) past `limit` bytes: a client without
+    credentials never makes the daemon hold more than that."""
+    seen = 0
+
+    async def bounded() -> Any:
+        nonlocal seen
+        message = await receive()
+        if message["type"] == "http.request":
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                return {"type": "http.disconnect"}
+        return message
+
+    return bounded
 
 
 def build_app(service: Service) -> FastAPI:
@@ -1027,15 +1055,28 @@ async def _bridge(socket_: WebSocket, path: Path,
         while data := await reader.read(65536):
             await socket_.send_bytes(data)
 
+    wanted: dict[str, tuple[int, int]] = {}
+    resizer: asyncio.Task[None] | None = None
+
+    async def apply_resizes() -> None:
+        """One resize at a time per console, the newest size winning (a burst of frames
+        costs one or two agent calls, on a pool of their own)."""
+        while wanted and resize is not None:
+            cols, rows = wanted.pop("size")
+            await asyncio.get_running_loop().run_in_executor(RESIZE_POOL, resize, cols, rows)
+
     async def to_console() -> None:
+        nonlocal resizer
         while True:
             message = await socket_.receive()
             if message["type"] == "websocket.disconnect":
                 return
             text = message.get("text")
             size = _resize_request(text) if text and resize is not None else None
-            if size is not None and resize is not None:
-                asyncio.get_running_loop().run_in_executor(None, resize, *size)
+            if size is not None:
+                wanted["size"] = size
+                if resizer is None or resizer.done():
+                    resizer = asyncio.create_task(apply_resizes())
                 continue
             data = message.get("bytes") or (text or "").encode()
             writer.write(data)
@@ -1044,8 +1085,9 @@ async def _bridge(socket_: WebSocket, path: Path,
     tasks = [asyncio.create_task(to_client()), asyncio.create_task(to_console())]
     with contextlib.suppress(Exception):
         await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-    for task in tasks:
-        task.cancel()
+    for task in [*tasks, resizer]:
+        if task is not None:
+            task.cancel()
     writer.close()
     with contextlib.suppress(Exception):
         await socket_.close()

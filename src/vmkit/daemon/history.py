@@ -9,6 +9,7 @@ samples in memory. Nothing is written to disk: after a daemon restart the graphs
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import threading
 import time
@@ -18,13 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from vmkit.errors import VmkitError
 from vmkit.model.network import USER_NETWORK, tap_name
 from vmkit.model.state import VmState
 from vmkit.model.views import VmStatus
 
 if TYPE_CHECKING:
     from vmkit.host import Host
+
+log = logging.getLogger(__name__)
 
 INTERVAL = 2.0
 KEEP = 300  # 10 minutes
@@ -99,6 +101,7 @@ class History:
         self.interval = interval
         self.keep = keep
         self._last: dict[str, Reading] = {}
+        self._failing: set[str] = set()
         self._vms: dict[str, deque[dict[str, Any]]] = {}
         self._host: deque[dict[str, Any]] = deque(maxlen=keep)
         self._lock = threading.Lock()
@@ -130,7 +133,7 @@ class History:
         points: dict[str, dict[str, Any]] = {}
         readings: dict[str, Reading] = {}
         for vm in self.host.vms():
-            with contextlib.suppress(VmkitError, OSError, KeyError, ValueError):
+            try:
                 status = vm.status()
                 if status.state not in (VmState.RUNNING, VmState.PAUSED):
                     continue
@@ -141,6 +144,12 @@ class History:
                 before = self._last.get(vm.name)
                 if before is not None:
                     points[vm.name] = rates(before, reading)
+            except Exception as exc:  # one VM's bad moment never costs the others' graphs
+                if vm.name not in self._failing:
+                    self._failing.add(vm.name)
+                    log.warning("history: cannot sample %s: %r", vm.name, exc)
+            else:
+                self._failing.discard(vm.name)
         with self._lock:
             self._last = readings
             for name, point in points.items():

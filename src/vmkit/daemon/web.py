@@ -23,19 +23,19 @@ import secrets
 import threading
 import time
 from dataclasses import asdict, dataclass, field
-from http.cookies import SimpleCookie
 from pathlib import Path
 
 from starlette.responses import Response
 from starlette.staticfiles import StaticFiles
 from starlette.types import Scope
 
-COOKIE = "vmkit_session"
+COOKIE = "__Host-vmkit_session"  # __Host-: Secure, Path=/, no Domain
 CSRF_HEADER = "x-vmkit-csrf"
 IDLE_LIMIT = 8 * 3600.0  # a session unused this long is closed
 SESSION_LIMIT = 1000  # the oldest session goes when a new one would exceed this
 SAVE_USE_EVERY = 600.0  # seconds: how stale the saved last-use times may get
 # reachable before logging in: the login page and what it loads
+PUBLIC_BODY_LIMIT = 4096  # bytes: what an unauthenticated request may send (the login)
 PUBLIC = frozenset({("GET", "/ui/login"), ("POST", "/ui/session"),
                     ("GET", "/ui/static/login.js"), ("GET", "/ui/static/style.css")})
 SECURITY_HEADERS = {
@@ -125,22 +125,29 @@ def _key(session_id: str) -> str:
 
 
 def session_id(headers: dict[bytes, bytes]) -> str | None:
-    """The session named by the request's cookie header, if any."""
-    raw = headers.get(b"cookie", b"").decode("latin-1")
-    if COOKIE not in raw:
-        return None
-    cookie: SimpleCookie = SimpleCookie()
-    try:
-        cookie.load(raw)
-    except Exception:  # a malformed cookie header is no session, not an error
-        return None
-    morsel = cookie.get(COOKIE)
-    return morsel.value if morsel is not None else None
+    """The session named by the request's cookie header. Parsed by hand: another site on the
+    same host name (cookies ignore ports) may add cookies vmkit does not understand, which must
+    not log the user out, or a second cookie of vmkit's name, which must not win: two of them
+    are no session at all."""
+    found: list[str] = []
+    for part in headers.get(b"cookie", b"").decode("latin-1").split(";"):
+        name, _, value = part.strip().partition("=")
+        if name == COOKIE:
+            found.append(value.strip())
+    return found[0] if len(found) == 1 and found[0] else None
 
 
 def csrf_ok(session: Session, headers: dict[bytes, bytes]) -> bool:
-    sent = headers.get(CSRF_HEADER.encode(), b"").decode("latin-1")
-    return bool(sent) and hmac.compare_digest(sent, session.csrf)
+    sent = headers.get(CSRF_HEADER.encode(), b"")
+    return bool(sent) and hmac.compare_digest(sent, session.csrf.encode())
+
+
+def foreign_origin(headers: dict[bytes, bytes]) -> bool:
+    """A request a browser sent from another site's page (CLI and SDK clients send no Origin):
+    refused for any change and any websocket, whatever the credentials (a client certificate
+    installed in a browser too)."""
+    origin = headers.get(b"origin")
+    return origin is not None and not same_origin(headers)
 
 
 def same_origin(headers: dict[bytes, bytes]) -> bool:
