@@ -54,6 +54,7 @@ bench: setup
 	$(VENV)/bin/python bench/guest_boot.py
 	$(VENV)/bin/python bench/network.py
 	$(VENV)/bin/python bench/migrate.py
+	$(VENV)/bin/python bench/libvirt.py
 
 clean:
 	rm -rf $(VENV) build src/*.egg-info web/node_modules

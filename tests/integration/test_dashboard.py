@@ -329,3 +329,54 @@ def _try_exec(vm: Any, argv: list[str]) -> str:
         return str(vm.exec(argv, timeout=10).stdout.strip())
     except Exception:  # the guest may still be coming back from the restore
         return ""
+
+
+def test_two_viewers_pause_resume_export_and_import_from_the_page(
+        browser: Any, page: Any, daemon: Daemon, tmp_path: Path) -> None:
+    """Keyboard-only login; two consoles on one VM see the same output; pause and resume;
+    the export downloads a bundle that the import form uploads as a new VM."""
+    expect = _playwright_expect()
+    page.goto("/ui/login")
+    page.keyboard.type(daemon.token)  # the token field has the focus
+    page.keyboard.press("Enter")
+    page.wait_for_url(re.compile(r"/ui/(#.*)?$"))
+    vm = daemon.local().create("twin", start=True, wait=True)
+    page.goto("/ui/#/vm/twin")
+    expect(page.locator("#console-status")).to_have_text("connected", timeout=30_000)
+    second = page.context.new_page()
+    second.goto(f"{daemon.url}/ui/#/vm/twin")
+    expect(second.locator("#console-status")).to_have_text("connected", timeout=30_000)
+    second.click("#console")
+    second.keyboard.type("echo seen-by-$((20+22))")
+    second.keyboard.press("Enter")
+    for viewer in (page, second):
+        expect(viewer.locator("#console .xterm-rows")).to_contain_text("seen-by-42",
+                                                                      timeout=30_000)
+    second.close()
+
+    page.click('#vm-actions button[data-action="pause"]')
+    expect(page.locator("#vm-state")).to_have_text("paused", timeout=30_000)
+    page.click('#vm-actions button[data-action="resume"]')
+    expect(page.locator("#vm-state")).to_have_text("running", timeout=30_000)
+    vm.exec(["sh", "-c", "echo carried > /root/mark"])
+    page.click('#vm-actions button[data-action="stop"]')
+    expect(page.locator("#vm-state")).to_have_text("stopped", timeout=STATE_TIMEOUT)
+
+    with page.expect_download(timeout=180_000) as download_info:
+        page.click("#export-go")
+        page.locator("#export-link").click(timeout=180_000)
+    bundle = tmp_path / "twin.vmkit"
+    download_info.value.save_as(bundle)
+    assert bundle.stat().st_size > 1 << 20
+
+    page.goto("/ui/#/vms")
+    page.set_input_files("#import-file", str(bundle))
+    page.fill("#import-name", "twin-copy")
+    page.click("#import-go")
+    expect(page.locator("#vm-name")).to_have_text("twin-copy", timeout=180_000)  # its page
+    copy = daemon.local().get("twin-copy")
+    copy.start()
+    copy.wait_ready(timeout=180)
+    assert copy.exec(["cat", "/root/mark"]).stdout.strip() == "carried"
+    for each in (copy, vm):
+        each.delete(force=True)

@@ -35,6 +35,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from vmkit.client.remote import MovePeer
 from vmkit.daemon import auth, web
+from vmkit.daemon.consoles import ConsoleHub
 from vmkit.daemon.metrics import build_registry
 from vmkit.daemon.operations import Operation, error_body
 from vmkit.daemon.service import Service
@@ -275,6 +276,7 @@ def build_app(service: Service) -> FastAPI:
                   description="The vmkit host service: VMs, snapshots, clones, images, "
                               "networks, operations, events and metrics.")
     app.add_middleware(Gate, service=service, latency=latency)
+    consoles = ConsoleHub()
 
     @app.exception_handler(VmkitError)
     async def _vmkit_error(request: Request, exc: VmkitError) -> JSONResponse:
@@ -866,7 +868,8 @@ def build_app(service: Service) -> FastAPI:
             await socket_.close()
             return
         await socket_.accept()
-        await _bridge(socket_, path, resize=lambda cols, rows: _resize(vm_of(name), cols, rows))
+        await _bridge(socket_, consoles, path,
+                      resize=lambda cols, rows: _resize(vm_of(name), cols, rows))
 
     # -- graphs ------------------------------------------------------------------------------
     @app.get("/1.0/vms/{name}/history", response_model=Sync[dict[str, Any]], responses=_ERRORS)
@@ -1035,24 +1038,20 @@ def _stream_once(path: Path, folder: Path | None, headers: dict[str, str] | None
                         background=BackgroundTask(cleanup))
 
 
-async def _bridge(socket_: WebSocket, path: Path,
+async def _bridge(socket_: WebSocket, hub: ConsoleHub, path: Path,
                   resize: Callable[[int, int], None] | None = None) -> None:
-    """Bytes both ways between a websocket and the VM's console socket. Binary frames are
-    the terminal's bytes; a text frame {"type": "resize", "cols": C, "rows": R} resizes it
-    (any other text frame is typed, as older clients send)."""
-    from vmkit.qemu.peer import connect_unix  # SO_PEERCRED-checked like every connection
-
+    """A websocket as one viewer of the VM's shared console (daemon/consoles.py). Binary
+    frames are the terminal's bytes; a text frame {"type": "resize", "cols": C, "rows": R}
+    resizes it (any other text frame is typed, as older clients send)."""
     try:
-        sock = await asyncio.to_thread(connect_unix, path, 5.0)
+        viewer = await hub.join(path)
     except (VmkitError, OSError) as exc:
         await socket_.send_json({"type": "error", "error": str(exc)})
         await socket_.close()
         return
-    sock.setblocking(False)
-    reader, writer = await asyncio.open_unix_connection(sock=sock)
 
     async def to_client() -> None:
-        while data := await reader.read(65536):
+        while (data := await viewer.queue.get()) is not None:
             await socket_.send_bytes(data)
 
     wanted: dict[str, tuple[int, int]] = {}
@@ -1078,9 +1077,7 @@ async def _bridge(socket_: WebSocket, path: Path,
                 if resizer is None or resizer.done():
                     resizer = asyncio.create_task(apply_resizes())
                 continue
-            data = message.get("bytes") or (text or "").encode()
-            writer.write(data)
-            await writer.drain()
+            await viewer.send(message.get("bytes") or (text or "").encode())
 
     tasks = [asyncio.create_task(to_client()), asyncio.create_task(to_console())]
     with contextlib.suppress(Exception):
@@ -1088,6 +1085,6 @@ async def _bridge(socket_: WebSocket, path: Path,
     for task in [*tasks, resizer]:
         if task is not None:
             task.cancel()
-    writer.close()
+    await hub.leave(viewer)
     with contextlib.suppress(Exception):
         await socket_.close()
