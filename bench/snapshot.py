@@ -1,7 +1,9 @@
 """Snapshot, clone and bundle benchmark. Prints one JSON object per figure and a summary line.
 
 - live snapshot (with memory) and restore: vmkit's external layers + memory file, for 256 MiB
-  and 1 GiB guests, next to QEMU's internal snapshots (snapshot-save / snapshot-load into the
+  and 1 GiB guests, with how long the guest was paused (QEMU's downtime of the live save's last
+  pass + the disk switch and `cont`), idle and while the guest rewrites RAM, next to QEMU's
+  internal snapshots (snapshot-save / snapshot-load into the
   qcow2) on the same guest: the measurement behind the mechanism choice;
 - linked clone of a 1 GiB and a 20 GiB disk (target: equal within noise, <= 0.2 s);
 - instant clone of a running 256 MiB guest until the clone answers exec (target <= 2 s);
@@ -63,10 +65,18 @@ def snapshot_figures(host: Host, memory: str, ram_fill: int, runs: int) -> dict[
     vm = host.create(f"snap-{memory.lower()}", memory=memory)
     vm.start(wait=True)
     fill_ram(vm, ram_fill)
-    takes, restores = [], []
+    takes, restores, paused, busy_paused, busy_takes = [], [], [], [], []
     for run in range(runs):
         takes.append(timed(lambda run=run: vm.snapshot(f"s{run}")))
+        paused.append(vm.snapshots()[-1].paused_ms or 0.0)
         restores.append(timed(lambda run=run: vm.restore(f"s{run}")))
+    # the same while the guest rewrites 32 MiB of RAM in a loop (QEMU re-sends it)
+    vm.exec(["sh", "-c", "(while :; do dd if=/dev/urandom of=/run/dirty bs=1M count=32 "
+                         "2>/dev/null; done) >/dev/null 2>&1 </dev/null &"])
+    for run in range(runs):
+        busy_takes.append(timed(lambda run=run: vm.snapshot(f"b{run}")))
+        busy_paused.append(next(s.paused_ms for s in vm.snapshots() if s.name == f"b{run}")
+                           or 0.0)
     vm.kill()
     vm.delete()
     fresh = host.create(f"int-{memory.lower()}", memory=memory)
@@ -77,6 +87,9 @@ def snapshot_figures(host: Host, memory: str, ram_fill: int, runs: int) -> dict[
     fresh.delete()
     return {"figure": "live_snapshot", "memory": memory, "ram_filled_mib": ram_fill,
             "external_snapshot_s": round(median(takes), 3),
+            "guest_paused_ms": round(median(paused), 1),
+            "busy_snapshot_s": round(median(busy_takes), 3),
+            "busy_guest_paused_ms": round(median(busy_paused), 1),
             "external_restore_s": round(median(restores), 3),
             "internal_snapshot_s": round(median([s for s, _ in internal]), 3),
             "internal_restore_s": round(median([r for _, r in internal]), 3)}

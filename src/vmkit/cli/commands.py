@@ -23,6 +23,7 @@ from vmkit.cli.console import DETACH_KEY, attach
 from vmkit.errors import InvalidState, InvalidValue, VmkitError
 from vmkit.host import AGENT_READY_TIMEOUT, EXEC_TIMEOUT, LOCK_TIMEOUT, STOP_TIMEOUT, Host
 from vmkit.model.names import validate_name
+from vmkit.model.resources import Policy
 from vmkit.model.sizes import parse_size
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -136,6 +137,7 @@ def doctor(format: FormatOpt = Format.table) -> None:
                        f"memory limit {render.size(cap['memory_limit'])} "
                        f"(allocated {render.size(cap['allocated_memory'])})"],
             ["images", ", ".join(report["images"]) or "none (vmkit image build tiny)"],
+            ["ksm", _ksm_line(report["ksm"])],
         ]
         render.table(["", ""], rows)
         for problem in report["problems"]:
@@ -919,7 +921,8 @@ def snapshot_create(name: NameArg, snapshot: SnapArg,
     with _status(f"snapshotting {name}"):
         info = _host().get(name).snapshot(snapshot, disk_only=disk_only)
     kind = "disk + memory" if info.with_memory else "disk only"
-    render.err.print(f"snapshot {snapshot} of {name} taken ({kind})")
+    paused = f", guest paused {info.paused_ms:g} ms" if info.paused_ms is not None else ""
+    render.err.print(f"snapshot {snapshot} of {name} taken ({kind}{paused})")
     if info.quiesced is False:
         render.err.print("warning: the guest agent did not freeze the file systems; the "
                          "snapshot is crash-consistent only")
@@ -936,11 +939,12 @@ def snapshot_list(name: NameArg, format: FormatOpt = Format.table) -> None:
         render.print_json([r.model_dump(mode="json") for r in rows])
         return
     render.table(
-        ["SNAPSHOT", "PARENT", "CREATED", "DISK", "MEMORY", "TAKEN", ""],
+        ["SNAPSHOT", "PARENT", "CREATED", "DISK", "MEMORY", "TAKEN", "PAUSED", ""],
         [["  " * r.depth + r.name, r.parent or "-",
           time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r.created_at)),
           render.size(r.disk_bytes), render.size(r.memory_bytes) if r.with_memory else "no",
-          r.taken_in, "<- current" if r.current else ""] for r in rows])
+          r.taken_in, f"{r.paused_ms:g} ms" if r.paused_ms is not None else "-",
+          "<- current" if r.current else ""] for r in rows])
 
 
 @snapshot_app.command("restore")
@@ -967,6 +971,79 @@ def snapshot_delete(name: NameArg, snapshot: SnapArg) -> None:
 
 
 # -- the host service ------------------------------------------------------------------------
+def _ksm_line(state: dict[str, Any]) -> str:
+    if not state["available"]:
+        return "not in this kernel"
+    policy = {None: "left to the host", True: "on", False: "off"}[state["policy"]]
+    running = "merging" if state["running"] else "off"
+    return (f"{running}, saves {render.size(int(state['saved_bytes']))} "
+            f"(policy: {policy}; vmkit host set --ksm on|off|host)")
+
+
+host_app = typer.Typer(no_args_is_help=True, help="This host's policy: overcommit limits, KSM.")
+app.add_typer(host_app, name="host")
+
+
+@host_app.command("show")
+def host_show(format: FormatOpt = Format.table) -> None:
+    """The host policy (what VMs may be promised, memory merging) and what KSM saves now.
+
+    Example: vmkit host show
+    """
+    host = _host()
+    policy = host.policy()
+    if format is Format.json:
+        render.print_json(policy.model_dump(mode="json"))
+        return
+    ksm_state = host.doctor()["ksm"]  # read where the host is (a remote's, too)
+    render.table(["", ""], [
+        ["vcpu ratio", f"{policy.vcpu_ratio:g} vCPUs per core"],
+        ["memory ratio", f"{policy.memory_ratio:g}"],
+        ["memory reserve", render.size(policy.memory_reserve)],
+        ["ksm", _ksm_line(ksm_state)]])
+
+
+@host_app.command("set")
+def host_set(
+    vcpu_ratio: Annotated[float | None, typer.Option(
+        "--vcpu-ratio", help="vCPUs VMs may be promised per host core")] = None,
+    memory_ratio: Annotated[float | None, typer.Option(
+        "--memory-ratio", help="memory VMs may be promised per byte of RAM (after the "
+        "reserve)")] = None,
+    memory_reserve: Annotated[str | None, typer.Option(
+        "--memory-reserve", help="RAM kept for the host, e.g. 1G")] = None,
+    ksm: Annotated[str | None, typer.Option(
+        "--ksm", help="on: merge identical pages across VMs (costs some CPU); off; host: "
+        "leave the kernel's setting")] = None,
+) -> None:
+    """Change the host policy; what is not given stays.
+
+    Example: vmkit host set --ksm on --vcpu-ratio 8
+    """
+    host = _host()
+    changes: dict[str, Any] = {}
+    if vcpu_ratio is not None:
+        changes["vcpu_ratio"] = vcpu_ratio
+    if memory_ratio is not None:
+        changes["memory_ratio"] = memory_ratio
+    if memory_reserve is not None:
+        changes["memory_reserve"] = parse_size(memory_reserve, field="memory reserve",
+                                               default_unit="M")
+    if ksm is not None:
+        choices = {"on": True, "off": False, "host": None}
+        if ksm not in choices:
+            raise InvalidValue(f"invalid --ksm {ksm!r}", hint="use on, off or host")
+        changes["ksm"] = choices[ksm]
+    if not changes:
+        raise InvalidValue("nothing to set", hint="see vmkit host set --help")
+    try:
+        policy = Policy.model_validate({**host.policy().model_dump(), **changes})
+    except ValueError as exc:
+        raise InvalidValue(f"invalid policy: {exc}") from None
+    host.set_policy(policy)
+    render.err.print("host policy set")
+
+
 token_app = typer.Typer(no_args_is_help=True,
                         help="Bearer tokens for the daemon's TLS port (stored hashed).")
 app.add_typer(token_app, name="token")

@@ -25,8 +25,8 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from vmkit.core import ksm, store
 from vmkit.core import networks as net_ops
-from vmkit.core import store
 from vmkit.core.journal import JOURNAL_FILE, Journal, recovery_rule
 from vmkit.core.locks import Held
 from vmkit.errors import (
@@ -147,7 +147,16 @@ class Host:
         return Policy()
 
     def set_policy(self, policy: Policy) -> None:
+        if policy.ksm is not None:
+            ksm.switch(policy.ksm)  # first: a host that cannot do it keeps its old policy
         write_json_atomic(self.layout.policy_file, policy.model_dump(mode="json"))
+
+    def apply_policy(self) -> None:
+        """What the policy sets outside VMKIT_HOME (KSM is off again after a reboot); called
+        when the daemon starts."""
+        policy = self.policy()
+        if policy.ksm is not None and ksm.read().running != policy.ksm:
+            ksm.switch(policy.ksm)
 
     def accel(self, *, refresh: bool = False) -> accel_mod.AccelDecision:
         kernels = sorted(self.layout.images.glob("*/vmlinuz"))

@@ -36,6 +36,8 @@ if TYPE_CHECKING:
 
 QMP_TIMEOUT = 10.0
 MEMORY_STATE_TIMEOUT = 300.0
+LIVE_SAVE_DOWNTIME_MS = 20  # QEMU's target for the last pass of a running VM's save
+LIVE_SAVE_LIMIT = 20.0  # seconds of live copying before a save that does not converge pauses
 MERGE_TIMEOUT = 3600.0
 FREEZE_TIMEOUT = 10.0
 
@@ -85,26 +87,43 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
                     _step(log, "paused", frozen=True)
                     quiesced = _freeze(vm)
             elif was_running:
-                _step(log, "paused", paused_by_us=True)
-                qmp.execute("stop")
+                # the save pauses the guest only for its last pass, and leaves it paused:
+                # the disk switches at that same moment, then it resumes
+                _step(log, "paused", paused_by_us=True, live_save=True)
                 paused_by_us = True
-            memory_size = 0
-            if memory_path is not None:
-                memory_path.parent.mkdir(mode=0o700, exist_ok=True)
-                blockops.save_memory(qmp, memory_path, MEMORY_STATE_TIMEOUT)
-                memory_size = memory_path.stat().st_size
-                _step(log, "memory-saved")
+            # the new layer is made and journalled before the pause: the pause holds only
+            # the save's last pass, the disk switch and `cont`
             img.create_overlay(new_path, Path(active).name)
             jail.give_file(vm.owner(), vm.folder.path, new_active)  # QEMU opens it as the VM
             node = SnapshotNode(
                 name=name, parent=tree.current, created_at=time.time(), layer=active,
-                memory=memory_rel, memory_size=memory_size, taken_in=taken_in,
-                quiesced=quiesced, machine=record.machine if with_memory else None)
+                memory=memory_rel, taken_in=taken_in, quiesced=quiesced,
+                machine=record.machine if with_memory else None)
             _step(log, "overlay-created", node=node.model_dump(mode="json"))
+            saved: dict[str, object] = {}
+            if memory_path is not None:
+                memory_path.parent.mkdir(mode=0o700, exist_ok=True)
+                if was_running:
+                    saved = blockops.save_memory_live(
+                        qmp, memory_path, MEMORY_STATE_TIMEOUT,
+                        downtime_ms=LIVE_SAVE_DOWNTIME_MS, live_for=LIVE_SAVE_LIMIT)
+                else:
+                    blockops.save_memory(qmp, memory_path, MEMORY_STATE_TIMEOUT)
+            completed = time.monotonic()
             # switch QEMU over first, then publish the tree: the tree never names a layer
             # QEMU is not writing to; a cut in between is rolled forward by the journal
             blockops.add_overlay_on_top(qmp, new_path, f"layer-{Path(new_active).stem}")
             switched = True
+            if paused_by_us:
+                qmp.execute("cont")
+                paused_by_us = False
+                # QEMU's figure (vCPUs stopped → state written) + the switch and `cont`
+                paused_ms = float(saved.get("downtime", 0) or 0)  # type: ignore[arg-type]
+                node = node.model_copy(update={"paused_ms": round(
+                    paused_ms + 1000 * (time.monotonic() - completed), 1)})
+            if memory_path is not None:
+                node = node.model_copy(update={"memory_size": memory_path.stat().st_size})
+                _step(log, "memory-saved")
             _step(log, "switched")
             save_tree(vm, tree.with_node(node).model_copy(update={"active_layer": new_active}))
             _step(log, "tree-saved")
@@ -119,7 +138,8 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
         finally:
             if freeze_tried:
                 thaw(vm)  # also when the freeze timed out: the guest may be frozen anyway
-            if paused_by_us:
+            if paused_by_us:  # a save that failed: it may still be going, or have paused it
+                blockops.cancel_migration(qmp)
                 qmp.execute("cont")
     if log is not None:
         log.end()
@@ -148,6 +168,10 @@ def recover_take(held: Held, vm: VM, entry: JournalEntry) -> None:
     node_data = intent.get("node")
     if forward and node_data is not None and intent["name"] not in tree.nodes:
         node = SnapshotNode.model_validate(node_data)
+        if node.memory is not None:  # journalled before the save: its size is known now
+            with contextlib.suppress(OSError):
+                node = node.model_copy(update={
+                    "memory_size": (vm.folder.path / node.memory).stat().st_size})
         save_tree(vm, tree.with_node(node).model_copy(update={"active_layer": new_layer}))
     elif not forward:
         remove_unreferenced(vm, [new_layer, intent.get("memory")])
@@ -161,6 +185,8 @@ def recover_take(held: Held, vm: VM, entry: JournalEntry) -> None:
 def _continue_if_paused(vm: VM) -> None:
     with contextlib.suppress(VmkitError), \
             QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+        # a live save cut short may still be copying: it would pause the guest when it ends
+        blockops.cancel_migration(qmp)
         # after a completed save QEMU says postmigrate; both continue with `cont`
         if qmp.execute("query-status")["status"] in ("paused", "postmigrate"):
             qmp.execute("cont")

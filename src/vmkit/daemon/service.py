@@ -152,6 +152,8 @@ class Service:
                 shutil.rmtree(leftover, ignore_errors=True)
             else:
                 leftover.unlink(missing_ok=True)
+        with contextlib.suppress(VmkitError):  # doctor says why, the daemon runs on
+            self.host.apply_policy()
         self.recovered = self.host.recover()  # journal: roll forward or back
         for name in self.recovered:
             self.bus.publish("operation-recovered", vm=name)

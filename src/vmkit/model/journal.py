@@ -25,7 +25,7 @@ STEPS: dict[str, tuple[str, ...]] = {
     # import builds a hidden folder published by one rename: no VM to journal in, only the
     # fault points (the hidden folder of a cut import is swept by the next listing)
     "import": ("extracted", "checked", "published"),
-    "snapshot": ("begun", "paused", "memory-saved", "overlay-created", "switched",
+    "snapshot": ("begun", "paused", "overlay-created", "memory-saved", "switched",
                  "tree-saved"),
     "restore": ("begun", "stopped", "overlay-created", "started", "tree-saved"),
     "delete-snapshot": ("begun", "merged", "tree-saved"),

@@ -23,6 +23,8 @@ class Policy(BaseModel):
     vcpu_ratio: float = Field(default=4.0, gt=0)
     memory_ratio: float = Field(default=1.0, gt=0)
     memory_reserve: int = Field(default=1 << 30, ge=0, description="bytes kept for the host")
+    ksm: bool | None = Field(default=None, description=(
+        "kernel same-page merging across VMs: on, off, or None to leave the host's setting"))
 
 
 class Allocation(BaseModel):

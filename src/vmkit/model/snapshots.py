@@ -36,6 +36,9 @@ class SnapshotNode(BaseModel):
     memory_size: int = 0
     taken_in: TakenIn
     quiesced: bool | None = None
+    paused_ms: float | None = Field(default=None, description=(
+        "how long a running guest was paused to take it (a live save pauses only its last "
+        "pass)"))
     machine: MachineRecord | None = Field(default=None, description=(
         "the machine a memory snapshot was taken from (vm.json then + hot-plugged devices)"))
 

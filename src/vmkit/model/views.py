@@ -90,6 +90,7 @@ class SnapshotInfo(BaseModel):
     disk_bytes: int
     memory_bytes: int
     current: bool
+    paused_ms: float | None = None
 
 
 class NetworkInfo(BaseModel):

@@ -7,6 +7,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from vmkit.core import ksm
 from vmkit.core.engine import Host, _cgroup_version
 from vmkit.errors import (
     HostError,
@@ -54,6 +55,15 @@ def report(host: Host) -> dict[str, Any]:
         report["ok"] = False
         report["problems"].append({"message": f"SeaBIOS ({seabios}) is not installed",
                                    "hint": "apt-get install seabios (make run does it)"})
+    memory_merging = ksm.read()
+    wanted = host.policy().ksm
+    report["ksm"] = {**memory_merging.as_dict(), "policy": wanted}
+    if wanted is not None and memory_merging.available and memory_merging.running != wanted:
+        report["problems"].append({
+            "message": f"KSM is {'off' if wanted else 'on'} but the policy says "
+                       f"{'on' if wanted else 'off'} (the host rebooted?)",
+            "hint": "vmkit daemon applies it at start; or vmkit host set --ksm "
+                    f"{'on' if wanted else 'off'}"})
     if path is not None:
         decision = host.accel()
         report["accelerator"] = {"chosen": decision.accel, "reason": decision.reason,

@@ -64,6 +64,7 @@ def listing(vm: VM) -> list[SnapshotInfo]:
         with_memory=node.memory is not None, taken_in=node.taken_in, quiesced=node.quiesced,
         disk_bytes=_used_bytes(vm.folder.path / node.layer),
         memory_bytes=node.memory_size, current=tree.current == node.name,
+        paused_ms=node.paused_ms,
     ) for depth, node in tree.walk()]
 
 

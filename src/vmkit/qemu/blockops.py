@@ -78,7 +78,7 @@ def _fdset_channel(fdset: int) -> list[dict[str, Any]]:
 
 
 def _file_migration(qmp: QmpConnection, path: Path, *, write: bool, timeout: float,
-                    what: str) -> dict[str, Any]:
+                    what: str, stop_after: float | None = None) -> dict[str, Any]:
     fd = _open_state(path, write=write)
     try:
         fdset = qmp.add_fd(fd)
@@ -90,7 +90,7 @@ def _file_migration(qmp: QmpConnection, path: Path, *, write: bool, timeout: flo
             qmp.execute("migrate", {"channels": _fdset_channel(fdset)})
         else:
             qmp.execute("migrate-incoming", {"channels": _fdset_channel(fdset)})
-        return wait_migration(qmp, timeout, what)
+        return wait_migration(qmp, timeout, what, stop_after=stop_after)
     finally:
         with contextlib.suppress(QemuError):
             qmp.execute("remove-fd", {"fdset-id": fdset})
@@ -108,9 +108,16 @@ def _open_state(path: Path, *, write: bool) -> int:
     return fd
 
 
-def wait_migration(qmp: QmpConnection, timeout: float, what: str) -> dict[str, Any]:
-    deadline = time.monotonic() + timeout
-    delay = 0.005
+def wait_migration(qmp: QmpConnection, timeout: float, what: str, *,
+                   stop_after: float | None = None) -> dict[str, Any]:
+    """Poll a migration to its end. With `stop_after` (a live save), the polling stays at
+    LIVE_POLL throughout: the guest is paused from QEMU's switch-over until the caller has
+    seen `completed` and resumed it, so every millisecond of polling is pause; a save still
+    running after `stop_after` seconds stops the guest so that it ends."""
+    started = time.monotonic()
+    deadline = started + timeout
+    delay = LIVE_POLL if stop_after is not None else 0.005
+    stopped = False
     while True:
         info: dict[str, Any] = qmp.execute("query-migrate")
         status = info.get("status")
@@ -118,11 +125,33 @@ def wait_migration(qmp: QmpConnection, timeout: float, what: str) -> dict[str, A
             return info
         if status in ("failed", "cancelled"):
             raise QemuError(f"{what} failed: {info.get('error-desc', status)}")
-        if time.monotonic() >= deadline:
+        now = time.monotonic()
+        if now >= deadline:
             qmp.execute("migrate_cancel")
             raise OperationTimeout(f"{what} did not finish within {timeout:g}s")
+        if stop_after is not None and not stopped and now - started > stop_after:
+            qmp.execute("stop")  # not converging: finish as a paused save
+            stopped = True
         time.sleep(delay)
-        delay = min(0.05, delay * 2)
+        if stop_after is None:
+            delay = min(0.05, delay * 2)
+
+
+LIVE_POLL = 0.002
+
+
+def cancel_migration(qmp: QmpConnection, timeout: float = 10.0) -> None:
+    """Cancel a migration still going (a live save its caller never finished); returns once
+    QEMU no longer migrates (a cancelled migration restarts vCPUs it had stopped)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = qmp.execute("query-migrate").get("status")
+        if status not in ("setup", "active", "device", "pre-switchover", "cancelling",
+                          "wait-unplug"):
+            return
+        if status != "cancelling":
+            qmp.execute("migrate_cancel")
+        time.sleep(0.01)
 
 
 # QEMU throttles migration to 128 MiB/s by default (to spare a network); a local file or
@@ -138,6 +167,18 @@ def save_memory(qmp: QmpConnection, path: Path, timeout: float) -> dict[str, Any
     """Write the VM's memory and device state to a new file `path` (the VM must be paused)."""
     return _file_migration(qmp, path, write=True, timeout=timeout,
                            what=f"saving memory to {path}")
+
+
+def save_memory_live(qmp: QmpConnection, path: Path, timeout: float, *, downtime_ms: int,
+                     live_for: float) -> dict[str, Any]:
+    """Write a RUNNING VM's memory and device state to `path` without stopping it first: QEMU
+    copies RAM while the guest runs, then re-sends what the guest dirtied, and stops the vCPUs
+    only for the last pass (about `downtime_ms`). It ends with the VM paused (postmigrate), so
+    the caller switches the disk at that same moment and resumes. A guest that dirties memory
+    faster than the file takes it is stopped after `live_for` seconds (a plain save then)."""
+    qmp.execute("migrate-set-parameters", {"downtime-limit": downtime_ms})
+    return _file_migration(qmp, path, write=True, timeout=timeout,
+                           what=f"saving memory to {path}", stop_after=live_for)
 
 
 def load_memory(qmp: QmpConnection, path: Path, timeout: float) -> None:
