@@ -126,3 +126,16 @@ def test_readme_sdk_snippet(home: Path, monkeypatch: pytest.MonkeyPatch,
     vm.start(wait=True); print(vm.exec(["uname", "-a"]).stdout); vm.stop()  # noqa: E702
     assert capsys.readouterr().out.startswith("Linux web ")
     assert vm.state.value == "stopped"
+
+
+def test_host_policy_is_shown_set_and_bad_values_change_nothing(home: Path) -> None:
+    assert run_cli(home, "host", "set", "--vcpu-ratio", "8", "--memory-reserve", "2G"
+                   ).returncode == 0
+    shown = json.loads(run_cli(home, "host", "show", "--format", "json").stdout)
+    assert shown["vcpu_ratio"] == 8 and shown["memory_reserve"] == 2 << 30
+    for bad, said in ((["--vcpu-ratio", "0"], "--vcpu-ratio"), (["--ksm", "maybe"], "--ksm"),
+                      (["--memory-reserve", "lots"], "memory reserve"), ([], "nothing to set")):
+        done = run_cli(home, "host", "set", *bad)
+        assert done.returncode == 2 and said in done.stderr, done.stderr
+        assert "Traceback" not in done.stderr
+    assert json.loads(run_cli(home, "host", "show", "--format", "json").stdout) == shown

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from pydantic import ValidationError
 
 from vmkit.cli import render
 from vmkit.cli.console import DETACH_KEY, attach
@@ -1038,8 +1039,11 @@ def host_set(
         raise InvalidValue("nothing to set", hint="see vmkit host set --help")
     try:
         policy = Policy.model_validate({**host.policy().model_dump(), **changes})
-    except ValueError as exc:
-        raise InvalidValue(f"invalid policy: {exc}") from None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
+        raise InvalidValue(f"invalid {where} {first.get('input')!r}: {first['msg'].lower()}",
+                           hint="see vmkit host set --help") from None
     host.set_policy(policy)
     render.err.print("host policy set")
 
