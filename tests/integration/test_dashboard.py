@@ -4,7 +4,6 @@ daemon started here and real TCG guests. Screenshots go to $VMKIT_ARTIFACTS (def
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import signal
@@ -71,8 +70,11 @@ def _state_cell(page: Any, name: str) -> Any:
     return page.locator(f'#vm-list tr[data-vm="{name}"] td.state')
 
 
-def _playwright_expect() -> Any:
-    return playwright_sync.expect
+def _fill_create(page: Any, name: str, memory: str) -> None:
+    page.goto("/ui/#/create")
+    page.fill('#create-form [name="name"]', name)
+    page.fill('#create-form [name="memory"]', memory)
+    page.click("#create-submit")
 
 
 # -- access ----------------------------------------------------------------------------------
@@ -124,12 +126,9 @@ def test_without_a_token_every_page_and_api_call_is_refused(daemon: Daemon) -> N
             "name": "xsite", "subnet": "198.18.91.0/24"}, headers={
             "authorization": f"Bearer {daemon.token}", "origin": "https://evil.example"})
         assert foreign.status_code == 403, foreign.text
-        # revoking the token ends its sessions
-        name = _token_name(daemon)
         logout = anonymous.delete("/ui/session", headers={"x-vmkit-csrf": session["csrf"]})
         assert logout.status_code == 200
         assert anonymous.get("/1.0/vms").status_code == 401
-        assert name
 
 
 def _insecure() -> Any:
@@ -139,11 +138,6 @@ def _insecure() -> Any:
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
     return context
-
-
-def _token_name(daemon: Daemon) -> str:
-    listed = json.loads(cli(daemon.home, "token", "list", "--format", "json").stdout or "[]")
-    return str(listed[0]["name"]) if listed else ""
 
 
 def test_a_revoked_token_logs_its_browser_out(daemon: Daemon) -> None:
@@ -166,12 +160,9 @@ def test_the_page_never_holds_the_token(page: Any, daemon: Daemon) -> None:
 # -- forms -----------------------------------------------------------------------------------
 def test_a_bad_value_in_the_form_shows_the_apis_message_at_the_field(page: Any,
                                                                      daemon: Daemon) -> None:
-    expect = _playwright_expect()
+    expect = playwright_sync.expect
     _login(page, daemon)
-    page.goto("/ui/#/create")
-    page.fill('#create-form [name="name"]', "fine")
-    page.fill('#create-form [name="memory"]', "0")
-    page.click("#create-submit")
+    _fill_create(page, "fine", "0")
     expect(page.locator('.field-error[data-for="memory"]')).to_contain_text("memory")
     page.fill('#create-form [name="memory"]', "256M")
     page.fill('#create-form [name="name"]', "../x")
@@ -184,12 +175,9 @@ def test_a_bad_value_in_the_form_shows_the_apis_message_at_the_field(page: Any,
 # -- a VM's life from the page -------------------------------------------------------------
 def test_create_console_snapshot_clone_graphs_crash_and_delete_from_the_page(
         page: Any, daemon: Daemon) -> None:
-    expect = _playwright_expect()
+    expect = playwright_sync.expect
     _login(page, daemon)
-    page.goto("/ui/#/create")
-    page.fill('#create-form [name="name"]', "webvm")
-    page.fill('#create-form [name="memory"]', "256M")
-    page.click("#create-submit")
+    _fill_create(page, "webvm", "256M")
     page.goto("/ui/#/vms")
     expect(_state_cell(page, "webvm")).to_have_text("running", timeout=STATE_TIMEOUT)
     vm = daemon.local().get("webvm")
@@ -335,7 +323,7 @@ def test_two_viewers_pause_resume_export_and_import_from_the_page(
         browser: Any, page: Any, daemon: Daemon, tmp_path: Path) -> None:
     """Keyboard-only login; two consoles on one VM see the same output; pause and resume;
     the export downloads a bundle that the import form uploads as a new VM."""
-    expect = _playwright_expect()
+    expect = playwright_sync.expect
     page.goto("/ui/login")
     page.keyboard.type(daemon.token)  # the token field has the focus
     page.keyboard.press("Enter")

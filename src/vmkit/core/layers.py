@@ -100,13 +100,14 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
                 memory=memory_rel, taken_in=taken_in, quiesced=quiesced,
                 machine=record.machine if with_memory else None)
             _step(log, "overlay-created", node=node.model_dump(mode="json"))
-            saved: dict[str, object] = {}
+            downtime_ms = 0.0
             if memory_path is not None:
                 memory_path.parent.mkdir(mode=0o700, exist_ok=True)
                 if was_running:
-                    saved = blockops.save_memory_live(
+                    downtime_ms = blockops.save_memory_live(
                         qmp, memory_path, MEMORY_STATE_TIMEOUT,
-                        downtime_ms=LIVE_SAVE_DOWNTIME_MS, live_for=LIVE_SAVE_LIMIT)
+                        downtime_ms=LIVE_SAVE_DOWNTIME_MS, live_for=LIVE_SAVE_LIMIT
+                    ).get("downtime", 0)
                 else:
                     blockops.save_memory(qmp, memory_path, MEMORY_STATE_TIMEOUT)
             completed = time.monotonic()
@@ -118,9 +119,8 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
                 qmp.execute("cont")
                 paused_by_us = False
                 # QEMU's figure (vCPUs stopped → state written) + the switch and `cont`
-                paused_ms = float(saved.get("downtime", 0) or 0)  # type: ignore[arg-type]
                 node = node.model_copy(update={"paused_ms": round(
-                    paused_ms + 1000 * (time.monotonic() - completed), 1)})
+                    float(downtime_ms) + 1000 * (time.monotonic() - completed), 1)})
             if memory_path is not None:
                 node = node.model_copy(update={"memory_size": memory_path.stat().st_size})
                 _step(log, "memory-saved")

@@ -103,7 +103,3 @@ class ConsoleHub:
                     await console.pump
                 if self._consoles.get(console.path) is console:
                     del self._consoles[console.path]
-
-    def viewers(self, path: Path) -> int:
-        console = self._consoles.get(str(path))
-        return len(console.viewers) if console is not None else 0

@@ -14,7 +14,7 @@ import os
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -96,8 +96,10 @@ def host_point(at: float, points: list[dict[str, Any]]) -> dict[str, Any]:
 class History:
     """The sampler thread and what it kept."""
 
-    def __init__(self, host: Host, interval: float = INTERVAL, keep: int = KEEP):
+    def __init__(self, host: Host, statuses: Callable[[], list[dict[str, Any]]],
+                 interval: float = INTERVAL, keep: int = KEEP):
         self.host = host
+        self.statuses = statuses  # the daemon's status cache: no VM's files read again here
         self.interval = interval
         self.keep = keep
         self._last: dict[str, Reading] = {}
@@ -132,24 +134,25 @@ class History:
         at = time.time()
         points: dict[str, dict[str, Any]] = {}
         readings: dict[str, Reading] = {}
-        for vm in self.host.vms():
+        for listed in self.statuses():
+            if listed.get("state") not in (VmState.RUNNING.value, VmState.PAUSED.value):
+                continue
+            name = str(listed["name"])
             try:
-                status = vm.status()
-                if status.state not in (VmState.RUNNING, VmState.PAUSED):
-                    continue
-                reading = _read(vm, status)
+                status = VmStatus.model_validate(listed)
+                reading = _read(self.host.get(name), status)
                 if reading is None:
                     continue
-                readings[vm.name] = reading
-                before = self._last.get(vm.name)
+                readings[name] = reading
+                before = self._last.get(name)
                 if before is not None:
-                    points[vm.name] = rates(before, reading)
+                    points[name] = rates(before, reading)
             except Exception as exc:  # one VM's bad moment never costs the others' graphs
-                if vm.name not in self._failing:
-                    self._failing.add(vm.name)
-                    log.warning("history: cannot sample %s: %r", vm.name, exc)
+                if name not in self._failing:
+                    self._failing.add(name)
+                    log.warning("history: cannot sample %s: %r", name, exc)
             else:
-                self._failing.discard(vm.name)
+                self._failing.discard(name)
         with self._lock:
             self._last = readings
             for name, point in points.items():

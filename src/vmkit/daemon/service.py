@@ -116,9 +116,9 @@ class Service:
         self.audit = AuditLog(self.paths.audit)
         self.tokens = TokenStore(self.paths.tokens)
         self.sessions = Sessions(self.paths.folder / "sessions.json")
-        self.history = History(self.host)
         self.client_ca = ClientCA(self.paths.folder)
         self.statuses = StatusCache(self.host)
+        self.history = History(self.host, self.statuses.listing)
         self.arrivals = Arrivals(self.host, self.paths.folder / "migrations", self.listeners)
         # a restarted source asks its destination how an interrupted move ended
         migration.peer_for_recovery = MovePeer
