@@ -12,6 +12,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -90,3 +91,66 @@ def chain_is_sound(folder: Path) -> None:
     for layer in (folder / "disks").glob("*.qcow2"):
         subprocess.run(["qemu-img", "info", "-U", "--backing-chain", "-f", "qcow2", str(layer)],
                        check=True, capture_output=True)
+
+
+# -- a known QEMU abort, run once more --------------------------------------------------------
+# QEMU 10.0.2's TCG (Debian's bookworm-backports build, the newest there is) sometimes aborts
+# with `iotlb_to_section: Assertion 'section_index < d->map.sections_nb' failed` (seen in 1 of
+# ~8 full runs, in a different test each time). It is a crash inside QEMU, not in vmkit, so a
+# test that failed while a QEMU of this session wrote exactly that line runs once more; any other
+# failure, and a second failure, stands. The first attempt is kept in the report.
+KNOWN_QEMU_ABORT = "iotlb_to_section: Assertion"
+
+
+def _qemu_logs() -> Iterator[Path]:
+    yield from Path("/tmp").glob("*/vms/*/logs/qemu.log")
+    yield from (default_home() / "vms").glob("*/logs/qemu.log")
+
+
+def known_qemu_abort_since(started: float) -> str | None:
+    """The QEMU log (written since `started`) that holds the known abort, if any."""
+    for log in _qemu_logs():
+        with contextlib.suppress(OSError):
+            if log.stat().st_mtime >= started and KNOWN_QEMU_ABORT in log.read_text(
+                    errors="replace"):
+                return str(log)
+    return None
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and call.when in ("setup", "call"):
+        # looked at now: a function-scoped home is gone after teardown
+        found = known_qemu_abort_since(getattr(item, "_vmkit_started", call.start))
+        if found:
+            item._vmkit_qemu_abort = found  # type: ignore[attr-defined]
+            report.sections.append(("known QEMU abort", f"{KNOWN_QEMU_ABORT} in {found}"))
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_protocol(item: pytest.Item, nextitem: pytest.Item | None) -> bool:
+    from _pytest.runner import runtestprotocol
+
+    item._vmkit_started = time.time()  # type: ignore[attr-defined]
+    item.ihook.pytest_runtest_logstart(nodeid=item.nodeid, location=item.location)
+    reports = runtestprotocol(item, nextitem=nextitem, log=False)
+    if getattr(item, "_vmkit_qemu_abort", None) and any(r.failed for r in reports):
+        for report in reports:
+            if report.failed:
+                report.outcome = "rerun"  # type: ignore[assignment]
+                item.ihook.pytest_runtest_logreport(report=report)
+        item._vmkit_qemu_abort = None  # type: ignore[attr-defined]
+        item._vmkit_started = time.time()  # type: ignore[attr-defined]
+        reports = runtestprotocol(item, nextitem=nextitem, log=False)
+    for report in reports:
+        item.ihook.pytest_runtest_logreport(report=report)
+    item.ihook.pytest_runtest_logfinish(nodeid=item.nodeid, location=item.location)
+    return True
+
+
+def pytest_report_teststatus(report: pytest.TestReport) -> tuple[str, str, str] | None:
+    if report.outcome == "rerun":
+        return "rerun", "R", "RERUN (known QEMU abort)"
+    return None

@@ -101,6 +101,15 @@ class Daemon:
         self.process.kill()
         self.process.wait(timeout=30)
 
+    def stacks(self) -> str:
+        """Every thread's stack (the daemon dumps them on SIGUSR1) and the log's tail: what a
+        test that found the daemon unresponsive reports."""
+        if self.process is None or self.process.poll() is not None:
+            return f"daemon not running; log tail:\n{self.log.read_text(errors='replace')[-4000:]}"
+        self.process.send_signal(signal.SIGUSR1)
+        time.sleep(1)
+        return self.log.read_text(errors="replace")[-12000:]
+
     def stop(self) -> None:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGTERM)

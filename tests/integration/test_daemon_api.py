@@ -9,6 +9,7 @@ import socket
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -222,14 +223,23 @@ def test_detach_writes_a_pidfile_and_stop_ends_it(image_home: Path) -> None:
         assert cli(home, "list").returncode == 0  # and without it, the CLI runs the engine
 
 
+@pytest.mark.timeout(120)
 def test_revoking_a_token_closes_its_open_websockets(daemon: Daemon) -> None:
     from websockets.exceptions import ConnectionClosed
 
     token = cli(daemon.home, "token", "create", "watcher").stdout.strip()
     context = ssl.create_default_context(cafile=str(daemon.server_cert))
     context.check_hostname = False
-    with ws_connect(f"wss://{daemon.listen}/1.0/events", ssl=context,
-                    additional_headers={"Authorization": f"Bearer {token}"}) as events:
+    # seen once in CI: no handshake answer in 10 s, then the client hung joining its reader
+    # thread; the daemon's stacks are printed (captured output of the failure) if it is slow
+    diagnose = threading.Timer(20, lambda: print(daemon.stacks(), flush=True))
+    diagnose.start()
+    try:
+        events = ws_connect(f"wss://{daemon.listen}/1.0/events", ssl=context, open_timeout=30,
+                            additional_headers={"Authorization": f"Bearer {token}"})
+    finally:
+        diagnose.cancel()
+    with events:
         assert cli(daemon.home, "token", "revoke", "watcher").returncode == 0
         started = time.monotonic()
         with pytest.raises(ConnectionClosed) as closed:

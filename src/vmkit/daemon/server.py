@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import faulthandler
 import grp
 import os
 import signal
@@ -136,6 +137,8 @@ def serve(host: Host, options: DaemonOptions, *, ready: Any = None) -> None:
     """Run the daemon in this process until SIGTERM/SIGINT."""
     gid = _group_id(options.group)
     _raise_file_limit()
+    # kill -USR1 PID writes every thread's stack to the daemon's log: what a stuck daemon waits on
+    faulthandler.register(signal.SIGUSR1, all_threads=True)
     service = Service(host, paths_for(host), group=gid)
     service.acquire()
     unix_sock = _bind_unix(options.socket, gid)
