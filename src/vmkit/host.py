@@ -29,7 +29,7 @@ from vmkit.model.migration import Progress as MigrationProgress
 from vmkit.model.network import Nic
 from vmkit.model.restart import RestartPolicy
 from vmkit.model.views import ExecResult, ImageInfo, SetResult, Usage, VmStatus
-from vmkit.ops import bundles, clones, lifecycle, live, migration
+from vmkit.ops import bundles, clones, lifecycle, live, media, migration, screen
 from vmkit.ops import doctor as doctor_ops
 from vmkit.ops import images as image_ops
 from vmkit.ops import networks as network_ops
@@ -47,13 +47,17 @@ class Host(engine.Host):
         return cast(VM, super().get(name))
 
     def create(self, name: str, *, image: str = "tiny", cpus: int | str = 1,
-               memory: int | str = "256M", disk: int | str = "2G", full_copy: bool = False,
+               memory: int | str = "256M", disk: int | str | None = None,
+               full_copy: bool = False,
                accel: str = "auto", start: bool = False, wait: bool = False,
                timeout: float = AGENT_READY_TIMEOUT, max_cpus: int | str | None = None,
                max_memory: int | str | None = None, hostname: str | None = None,
                ssh_keys: Iterable[str | Path] = (), user_data: str | None = None,
                networks: Iterable[str] = (), ports: Iterable[str] = (), restart: str = "no",
-               autostart: bool = False, cpu_model: str = "qemu64") -> VM:
+               autostart: bool = False, cpu_model: str = "qemu64", firmware: str | None = None,
+               boot: str | None = None, from_disk: str | Path | None = None,
+               iso: str | Path | None = None, display: str | None = None,
+               os_type: str = "linux") -> VM:
         """Create a VM folder (complete or not at all); optionally start it.
 
         Maxima (room to hot-add) default to the host's cores and 4x the memory, within what
@@ -63,13 +67,20 @@ class Host(engine.Host):
         forwards (HOST:GUEST[/udp]) to the first NIC. Neither: one restricted user-mode NIC.
         `restart` (no, on-failure, always) and `autostart` are applied by the host service
         (vmkit daemon). `cpu_model` pins the guest's CPU (vmkit cpu-baseline names one every
-        host of a group runs)."""
+        host of a group runs).
+
+        Any OS: `from_disk` (a qcow2, raw, vmdk, vdi or vhdx image made elsewhere, converted
+        into the folder) and/or `iso` (installation media, referenced read-only) make a VM
+        that boots through its `firmware` (bios or uefi) in `boot` order (e.g.
+        "disk,cdrom"), with a graphical console (`display` std, VNC on a unix socket);
+        `os_type` (linux, windows, other) picks devices the guest has drivers for."""
         return cast(VM, lifecycle.create(
             self, name, image=image, cpus=cpus, memory=memory, disk=disk, full_copy=full_copy,
             accel=accel, start=start, wait=wait, timeout=timeout, max_cpus=max_cpus,
             max_memory=max_memory, hostname=hostname, ssh_keys=ssh_keys, user_data=user_data,
             networks=networks, ports=ports, restart=restart, autostart=autostart,
-            cpu_model=cpu_model))
+            cpu_model=cpu_model, firmware=firmware, boot=boot, from_disk=from_disk, iso=iso,
+            display=display, os_type=os_type))
 
     def delete_all(self) -> None:
         """Delete every VM (running ones too), linked clones before the VMs they lean on."""
@@ -168,6 +179,22 @@ class VM(engine.VM):
 
     def console_socket(self) -> Path:
         return lifecycle.console_socket(self)
+
+    def screenshot(self, dest: str | Path) -> int:
+        """A PNG of the VM's screen (display std) written to `dest`; returns its size."""
+        return screen.screenshot(self, dest)
+
+    def vnc_socket(self) -> Path:
+        """The unix socket of the VM's graphical console (VNC; display std, while it runs)."""
+        return screen.vnc_socket(self)
+
+    def attach_media(self, path: str | Path) -> str:
+        """Insert the ISO at `path` into the VM's CD-ROM drive (running or not)."""
+        return media.attach(self, str(path))
+
+    def eject_media(self) -> str | None:
+        """Empty the CD-ROM drive; returns what was in it."""
+        return media.eject(self)
 
     def read_log(self, *, follow: bool = False, poll: float = 0.2,
                  should_stop: Callable[[], bool] | None = None,

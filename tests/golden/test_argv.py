@@ -134,3 +134,65 @@ def test_vms_made_before_vmgenid_keep_their_hardware() -> None:
     assert config.hardware.vmgenid is False
     argv = _argv("/x", "tcg")
     assert not any(a.startswith("vmgenid") for a in argv)
+
+
+def _firmware_config(firmware: str, cdrom: str = "scsi", **extra: object) -> VmConfig:
+    """A VM that boots through its firmware (from a foreign disk or media): no -kernel."""
+    return VmConfig(
+        uuid="0b0c5d2e-1111-4222-8333-444455556666", mac="52:54:00:12:34:56", created_at=0.0,
+        spec=VmSpec(name="inst", image=None, cpus=2, memory=1 << 30, disk=20 << 30,
+                    full_copy=True),
+        hardware=HardwareProfile(machine="pc-q35-10.0", firmware=firmware, display="std",
+                                 cdrom=cdrom, hotplug_ports=4,
+                                 vmgenid=firmware == "seabios"),
+        boot=None, **extra)  # type: ignore[arg-type]
+
+
+def _firmware_argv(config: VmConfig, media_fd: int | None = None) -> list[str]:
+    folder = VmFolder(Path("/var/lib/vmkit/vms/inst"))
+    return build_argv(config, folder.config_run_paths(config, config.disk_file),
+                      LaunchOptions(accel="tcg", media_fd=media_fd))
+
+
+def test_uefi_install_from_media_argv() -> None:
+    """OVMF code read-only and the VM's own NVRAM as pflash; the ISO as a descriptor vmkit
+    opened (QEMU never opens the host path); boot from the CD-ROM after the empty disk; a VGA
+    screen on a VNC unix socket and no TCP port."""
+    config = _firmware_config("ovmf", cdrom="sata", boot_order=("disk", "cdrom"),
+                              media="/srv/isos/installer,1.iso")
+    argv = _firmware_argv(config, media_fd=7)
+    _check("argv_uefi_media.json", argv)
+    assert "-kernel" not in argv and "-bios" not in argv
+    assert "pflash0=fw-code,pflash1=fw-vars" in argv[argv.index("-machine") + 1]
+    nodes = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-blockdev"]
+    code, nvram = nodes[0], nodes[1]
+    assert code["read-only"] and code["file"]["filename"].endswith("OVMF_CODE_4M.fd")
+    assert nvram["file"]["filename"] == "/var/lib/vmkit/vms/inst/disks/nvram.fd"
+    assert "/srv/isos" not in " ".join(argv)  # the path never reaches QEMU
+    assert argv[argv.index("-add-fd") + 1] == "fd=7,set=1,opaque=media"
+    media = next(n for n in nodes if n["node-name"] == "media0")
+    assert media["read-only"] and media["file"]["filename"] == "/dev/fdset/1"
+    assert "ide-cd,bus=ide.0,id=cd0,drive=media0,bootindex=2" in argv
+    assert any(a.startswith("virtio-blk-pci,drive=disk0") and a.endswith("bootindex=1")
+               for a in argv)
+    assert argv[argv.index("-vnc") + 1] == "unix:/var/lib/vmkit/vms/inst/run/vnc.sock"
+    assert "VGA,id=video0" in argv
+
+
+def test_bios_foreign_disk_with_network_boot_argv() -> None:
+    config = _firmware_config("seabios", boot_order=("network", "disk"))
+    argv = _firmware_argv(config)
+    _check("argv_bios_disk.json", argv)
+    assert argv[argv.index("-bios") + 1].endswith("bios-256k.bin")
+    assert "-add-fd" not in argv and "scsi-cd,bus=scsi0.0,id=cd0" in argv  # an empty drive
+    assert "virtio-scsi-pci,id=scsi0" in argv
+    nic = next(a for a in argv if a.startswith("virtio-net-pci"))
+    assert nic.endswith(",bootindex=1")
+    assert any(a.startswith("virtio-blk-pci,drive=disk0") and a.endswith("bootindex=2")
+               for a in argv)
+
+
+def test_a_kernel_booted_vm_has_no_screen_no_cdrom_and_boots_its_kernel() -> None:
+    argv = _argv("/x", "tcg")
+    assert "-vnc" not in argv and "VGA,id=video0" not in argv
+    assert not any(a.startswith("ide-cd") for a in argv) and "-kernel" in argv

@@ -41,6 +41,9 @@ network_app = typer.Typer(no_args_is_help=True,
 app.add_typer(network_app, name="network")
 nic_app = typer.Typer(no_args_is_help=True, help="NICs of a VM (hot-plugged when it runs).")
 app.add_typer(nic_app, name="nic")
+media_app = typer.Typer(no_args_is_help=True,
+                        help="Installation media (ISO) in a VM's CD-ROM drive.")
+app.add_typer(media_app, name="media")
 
 
 class Format(StrEnum):
@@ -199,7 +202,8 @@ def create(
     image: Annotated[str, typer.Option(help="image to base the VM on")] = "tiny",
     cpus: Annotated[str, typer.Option(help="vCPUs")] = "1",
     memory: Annotated[str, typer.Option(help="memory, e.g. 512M or 2G")] = "256M",
-    disk: Annotated[str, typer.Option(help="disk size, e.g. 2G")] = "2G",
+    disk: Annotated[str | None, typer.Option(
+        help="disk size, e.g. 2G (default 2G; --from-disk: the image's own size)")] = None,
     full_copy: Annotated[bool, typer.Option(
         "--full-copy", help="copy the image instead of a qcow2 overlay on it")] = False,
     accel: Annotated[str, typer.Option(help="auto, kvm or tcg")] = "auto",
@@ -231,11 +235,31 @@ def create(
     cpu_model: Annotated[str, typer.Option(
         help="guest CPU model (default qemu64; vmkit cpu-baseline names one a group of hosts "
              "all run)")] = "qemu64",
+    from_disk: Annotated[Path | None, typer.Option(
+        help="make the VM from this disk image (qcow2, raw, vmdk, vdi or vhdx; copied, the "
+             "file is not changed): it boots through its firmware")] = None,
+    iso: Annotated[Path | None, typer.Option(
+        help="installation media in the VM's CD-ROM drive (referenced read-only, not "
+             "copied); with no --from-disk the VM gets an empty --disk to install to")] = None,
+    firmware: Annotated[str | None, typer.Option(
+        help="bios (SeaBIOS) or uefi (OVMF, with the VM's own NVRAM); default bios")] = None,
+    boot: Annotated[str | None, typer.Option(
+        help="boot order for --from-disk/--iso VMs, e.g. disk,cdrom,network "
+             "(default: disk, then cdrom with --iso)")] = None,
+    display: Annotated[str | None, typer.Option(
+        help="none or std (a VGA screen over VNC on a unix socket; default std for "
+             "--from-disk/--iso VMs)")] = None,
+    os_type: Annotated[str, typer.Option(
+        help="linux, windows or other: devices the guest has drivers for (the CD-ROM on "
+             "virtio-scsi for linux, SATA otherwise)")] = "linux",
 ) -> None:
     """Create a VM (a folder under VMKIT_HOME/vms).
 
     Example: vmkit create db --image debian-12 --cpus 2 --memory 1G --disk 8G
     --ssh-key ~/.ssh/id_ed25519.pub --start --wait
+
+    Any OS: vmkit create win --iso installer.iso --disk 40G --firmware uefi --memory 4G;
+    vmkit create old --from-disk appliance.vmdk --firmware bios
     """
     host = _host()
     text = None
@@ -251,7 +275,9 @@ def create(
                          full_copy=full_copy, accel=accel, max_cpus=max_cpus,
                          max_memory=max_memory, hostname=hostname, ssh_keys=ssh_key or [],
                          user_data=text, networks=network or [], ports=port or [],
-                         restart=restart, autostart=autostart, cpu_model=cpu_model)
+                         restart=restart, autostart=autostart, cpu_model=cpu_model,
+                         firmware=firmware, boot=boot, from_disk=from_disk, iso=iso,
+                         display=display, os_type=os_type)
     render.err.print(f"created VM {name}")
     if start:
         _start(vm.name, wait, timeout)
@@ -365,7 +391,10 @@ def info(name: NameArg, format: FormatOpt = Format.table) -> None:
         ["name", status.name], ["state", status.state.value],
         ["qemu status", status.qemu_status or "-"],
         ["vCPUs", str(status.cpus)], ["memory", render.size(status.memory)],
-        ["disk", f"{render.size(status.disk)} ({status.disk_mode} on image {status.image})"],
+        ["disk", f"{render.size(status.disk)} ({status.disk_mode} on image {status.image})"
+         if status.image else f"{render.size(status.disk)} (its own, no image)"],
+        ["boot", f"{status.boot or '-'} ({status.firmware or '-'})"
+         + (f", media {status.media}" if status.media else "")],
         ["uuid", status.uuid], ["MAC", status.mac], ["pid", str(status.pid or "-")],
         ["uptime", render.format_uptime(status.uptime)],
         ["hardware", f"{status.machine}, CPU {status.cpu_model}"],
@@ -546,10 +575,29 @@ def top(interval: Annotated[float, typer.Option(help="seconds between refreshes"
 
 
 @app.command(help=f"Attach to the VM's serial console; {DETACH_KEY} detaches. "
-             "Example: vmkit console web")
-def console(name: NameArg) -> None:
+             "Example: vmkit console web; vmkit console win --vnc --port 5901")
+def console(name: NameArg,
+            vnc: Annotated[bool, typer.Option(
+                "--vnc", help="the graphical console instead: print its VNC unix socket, or "
+                              "with --port forward 127.0.0.1:PORT to it until Ctrl-C")] = False,
+            port: Annotated[int | None, typer.Option(
+                help="with --vnc: the local TCP port to forward (0: a free one)",
+                min=0, max=65535)] = None) -> None:
     host = _host()
     vm = host.get(name)
+    if vnc:
+        path = vm.vnc_socket()
+        if port is None:
+            render.out.print(str(path))
+            render.err.print(f"VM {name}'s screen: VNC on unix socket {path} (root only); "
+                             f"a TCP viewer: vmkit console {name} --vnc --port 5901")
+            return
+        from vmkit.cli.console import forward_vnc
+
+        with contextlib.suppress(KeyboardInterrupt):
+            forward_vnc(path, port, ready=lambda bound: render.err.print(
+                f"VM {name}'s screen on vnc://127.0.0.1:{bound} (loopback only); Ctrl-C ends"))
+        return
     if isinstance(host, Host):
         path = vm.console_socket()
         render.err.print(f"connected to {name}'s serial console; {DETACH_KEY} detaches")
@@ -564,6 +612,33 @@ def console(name: NameArg) -> None:
         render.err.print(f"connected to {name}'s serial console; {DETACH_KEY} detaches")
         attach_remote(url, connection.headers, getattr(connection, "ssl_context", None))
     render.err.print(f"\ndetached from {name}")
+
+
+@app.command()
+def screenshot(name: NameArg,
+               out: Annotated[Path, typer.Argument(help="PNG file to write")]) -> None:
+    """Save a PNG of the VM's screen (VMs with a display). Example: vmkit screenshot win s.png"""
+    size = _host().get(name).screenshot(out)
+    render.err.print(f"wrote {out} ({render.size(size)})")
+
+
+@media_app.command("attach")
+def media_attach(name: NameArg,
+                 iso: Annotated[Path, typer.Argument(help="the ISO file (referenced, not "
+                                                          "copied)")]) -> None:
+    """Insert an ISO into the CD-ROM drive (a running VM sees it at once).
+
+    Example: vmkit media attach win virtio-drivers.iso
+    """
+    path = _host().get(name).attach_media(iso)
+    render.err.print(f"VM {name}: {path} in the CD-ROM drive")
+
+
+@media_app.command("eject")
+def media_eject(name: NameArg) -> None:
+    """Empty the CD-ROM drive. Example: vmkit media eject win"""
+    was = _host().get(name).eject_media()
+    render.err.print(f"VM {name}: ejected {was}" if was else f"VM {name}: the drive was empty")
 
 
 @app.command()

@@ -115,3 +115,43 @@ def attach_remote(url: str, headers: dict[str, str], context: object | None) -> 
     finally:
         with contextlib.suppress(Exception):
             ws.close()
+
+
+def forward_vnc(socket_path: Path, port: int, *, ready: Callable[[int], object] | None = None,
+                should_stop: Callable[[], bool] | None = None) -> None:
+    """Forward 127.0.0.1:`port` (0: any free one) to the VM's VNC unix socket until
+    interrupted: a VNC viewer that only speaks TCP can then attach. Loopback only: the screen
+    is never offered to the network."""
+    import socket
+    import threading
+
+    listener = socket.create_server(("127.0.0.1", port))
+    listener.settimeout(0.5)
+    if ready is not None:
+        ready(listener.getsockname()[1])
+
+    def pump(source: socket.socket, sink: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := source.recv(1 << 16):
+                sink.sendall(data)
+        with contextlib.suppress(OSError):
+            sink.shutdown(socket.SHUT_WR)
+
+    def serve(client: socket.socket) -> None:
+        with client, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as vnc:
+            try:
+                vnc.connect(str(socket_path))
+            except OSError:
+                return
+            back = threading.Thread(target=pump, args=(vnc, client), daemon=True)
+            back.start()
+            pump(client, vnc)
+            back.join(timeout=5)
+
+    with listener:
+        while should_stop is None or not should_stop():
+            try:
+                client, _ = listener.accept()
+            except TimeoutError:
+                continue
+            threading.Thread(target=serve, args=(client,), daemon=True).start()

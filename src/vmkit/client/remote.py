@@ -245,19 +245,28 @@ class RemoteHost:
         return RemoteVM(self, status.name)
 
     def create(self, name: str, *, image: str = "tiny", cpus: int | str = 1,
-               memory: int | str = "256M", disk: int | str = "2G", full_copy: bool = False,
+               memory: int | str = "256M", disk: int | str | None = None,
+               full_copy: bool = False,
                accel: str = "auto", start: bool = False, wait: bool = False,
                timeout: float = 180.0, max_cpus: int | str | None = None,
                max_memory: int | str | None = None, hostname: str | None = None,
                ssh_keys: Iterable[str | Path] = (), user_data: str | None = None,
                networks: Iterable[str] = (), ports: Iterable[str] = (), restart: str = "no",
-               autostart: bool = False, cpu_model: str = "qemu64") -> RemoteVM:
+               autostart: bool = False, cpu_model: str = "qemu64", firmware: str | None = None,
+               boot: str | None = None, from_disk: str | Path | None = None,
+               iso: str | Path | None = None, display: str | None = None,
+               os_type: str = "linux") -> RemoteVM:
+        # paths are the daemon host's: a local CLI talking to its own daemon means the same file
+        paths = {key: os.path.abspath(value) for key, value in
+                 (("from_disk", from_disk), ("iso", iso)) if value is not None}
         body = {"name": name, "image": image, "cpus": cpus, "memory": memory, "disk": disk,
                 "full_copy": full_copy, "accel": accel, "start": start, "wait": wait,
                 "timeout": timeout, "max_cpus": max_cpus, "max_memory": max_memory,
                 "hostname": hostname, "ssh_keys": _key_lines(ssh_keys),
                 "user_data": user_data, "networks": list(networks), "ports": list(ports),
-                "restart": restart, "autostart": autostart, "cpu_model": cpu_model}
+                "restart": restart, "autostart": autostart, "cpu_model": cpu_model,
+                "firmware": firmware, "boot": boot, "display": display, "os_type": os_type,
+                **paths}
         self.connection.run("POST", "/1.0/vms", json=body)
         return self.get(name)
 
@@ -474,6 +483,25 @@ class RemoteVM:
     def console_socket(self) -> Path:
         raise InvalidValue(f"VM {self.name!r} is on a remote host: its console socket is not "
                            "a local file", hint="vmkit console attaches through the daemon")
+
+    def screenshot(self, dest: str | Path) -> int:
+        from vmkit.storage.layout import write_bytes_atomic  # not on `vmkit list`'s path
+
+        data = self._c.request("GET", f"{self._path}/screenshot").content
+        write_bytes_atomic(Path(dest), data)
+        return len(data)
+
+    def vnc_socket(self) -> Path:
+        raise InvalidValue(f"VM {self.name!r} is on a remote host: its VNC socket is not a "
+                           "local file", hint="use vmkit screenshot, or the web dashboard")
+
+    def attach_media(self, path: str | Path) -> str:
+        result = self._c.run("PUT", f"{self._path}/media", json={"path": os.path.abspath(path)})
+        return str(result["media"])
+
+    def eject_media(self) -> str | None:
+        ejected = self._c.run("DELETE", f"{self._path}/media").get("ejected")
+        return str(ejected) if ejected is not None else None
 
     def read_log(self, *, follow: bool = False, poll: float = 0.5,
                  should_stop: Callable[[], bool] | None = None) -> Iterator[bytes]:

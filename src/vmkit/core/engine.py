@@ -29,6 +29,7 @@ from vmkit.core import ksm, store
 from vmkit.core import networks as net_ops
 from vmkit.core.journal import JOURNAL_FILE, Journal, recovery_rule
 from vmkit.core.locks import Held
+from vmkit.core.media import open_media
 from vmkit.errors import (
     AgentError,
     AlreadyExists,
@@ -506,10 +507,15 @@ class VM:
             machine=cfg.hardware.machine, cpu_model=cfg.hardware.cpu_model,
             folder=str(self.folder.path),
             disk_mode="full-copy" if cfg.spec.full_copy else "overlay",
+            firmware=cfg.hardware.firmware,
+            boot="kernel" if cfg.boot else ",".join(cfg.boot_order), media=cfg.media,
+            vnc_socket=str(self.folder.vnc_socket)
+            if live and cfg.hardware.display == "std" else None,
             last_exit=record.last_exit, qemu_status=qemu_status,
             max_cpus=cfg.spec.cpu_ceiling, max_memory=cfg.spec.memory_ceiling,
             limits=cfg.spec.limits, usage=usage, guest=guest,
-            hostname=cfg.cloud_init.hostname if cfg.cloud_init else hostname_in(cfg.boot.cmdline),
+            hostname=cfg.cloud_init.hostname if cfg.cloud_init else
+            hostname_in(cfg.boot.cmdline) if cfg.boot else None,
             ssh=self._ssh_target(record) if live and cfg.ssh_user else None,
             nics=list(cfg.nics), restart_policy=cfg.restart,
             restarts=self.host.restart_record(self.name),
@@ -579,15 +585,14 @@ class VM:
     # -- lifecycle ------------------------------------------------------------------------
     def argv(self, accel: str, *, incoming: bool = False, ssh_port: int | None = None,
              tap_fds: tuple[tuple[str, int], ...] = (), layer: str | None = None,
-             machine: MachineRecord | None = None) -> list[str]:
+             machine: MachineRecord | None = None, media_fd: int | None = None) -> list[str]:
         """The QEMU command line this VM runs with (used by start and by benchmarks); `layer`
         overrides the active disk layer (a restore starts on a layer not yet published);
         `machine` rebuilds a machine as it was (its vm.json then + its hot-plugged devices)."""
         cfg = machine.config if machine is not None else self.config
-        paths = self.folder.run_paths(layer or self.active_layer(), cfg.boot.kernel,
-                                      cfg.boot.initrd, seed=cfg.cloud_init is not None)
+        paths = self.folder.config_run_paths(cfg, layer or self.active_layer())
         argv = build_argv(cfg, paths, LaunchOptions(accel=accel, ssh_port=ssh_port,
-                                                    tap_fds=tap_fds))
+                                                    tap_fds=tap_fds, media_fd=media_fd))
         if machine is not None:
             argv += replay_args(machine.hotplug)
             argv += replay_nics(machine.nics, dict(tap_fds))
@@ -661,6 +666,7 @@ class VM:
         if log is not None:
             log.step("reserved")
         taps: dict[str, int] = {}
+        media_fd: int | None = None
         try:
             self._clear_run()
             net_ops.prepare_start(self)
@@ -669,8 +675,10 @@ class VM:
             ssh_port = _free_local_port() if cfg.ssh_user and over_user_nic else None
             taps = net_ops.open_taps(self)
             machine = machine or MachineRecord(config=self.config)
+            media_fd = open_media(machine.config.media)
             argv = self.argv(accel, incoming=incoming is not None, ssh_port=ssh_port,
-                             tap_fds=tuple(taps.items()), layer=layer, machine=machine)
+                             tap_fds=tuple(taps.items()), layer=layer, machine=machine,
+                             media_fd=media_fd)
             self.folder.run.mkdir(mode=0o700, exist_ok=True)
             if self.config.cloud_init is not None:
                 with os_errors(f"writing the cloud-init seed of VM {self.name!r}"):
@@ -696,7 +704,8 @@ class VM:
             log_start = process.file_size(self.folder.qemu_log)
             process.spawn_detached(jail.drop_to(owner, argv, join=join),
                                    self.folder.qemu_log, self.folder.exit_file,
-                                   pass_fds=tuple(taps.values()))
+                                   pass_fds=(*taps.values(),
+                                             *([media_fd] if media_fd is not None else [])))
             if log is not None:
                 log.step("spawned")
         except BaseException:
@@ -704,7 +713,7 @@ class VM:
             self._clear_run()
             raise
         finally:
-            for fd in taps.values():
+            for fd in (*taps.values(), *([media_fd] if media_fd is not None else [])):
                 os.close(fd)  # QEMU holds its own copies now
         identity: process.ProcessIdentity | None = None
         state = VmState.RUNNING
@@ -745,7 +754,7 @@ class VM:
             "state": state, "pid": identity.pid,
             "start_ticks": identity.start_ticks, "started_at": time.time()}))
         for sock in (self.folder.qmp_socket, self.folder.serial_socket,
-                     self.folder.agent_socket):
+                     self.folder.agent_socket, self.folder.vnc_socket):
             _chmod_socket(sock, 0o600)
 
     def wait_ready(self, *, timeout: float = AGENT_READY_TIMEOUT) -> float:

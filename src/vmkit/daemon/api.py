@@ -59,6 +59,7 @@ from vmkit.model.api import (
     ImageBuildRequest,
     IncomingRequest,
     LoginRequest,
+    MediaRequest,
     MigrateRequest,
     NetworkRequest,
     NicRequest,
@@ -77,6 +78,7 @@ from vmkit.model.names import validate_name
 from vmkit.model.network import Nic, parse_forward
 from vmkit.model.resources import Policy
 from vmkit.model.sizes import parse_count, parse_size
+from vmkit.model.spec import parse_boot_order
 from vmkit.model.state import Operation as VmOperation
 from vmkit.model.state import check_transition
 from vmkit.model.views import (
@@ -347,6 +349,7 @@ def build_app(service: Service) -> FastAPI:
     @app.post("/1.0/vms", status_code=202, response_model=Async, responses=_ERRORS)
     def create_vm(request: Request, body: CreateRequest) -> JSONResponse:
         _check_fields(body)
+        _check_host_paths(request, body)
 
         def work(op: Operation) -> dict[str, Any]:
             op.report(stage="creating")
@@ -356,7 +359,9 @@ def build_app(service: Service) -> FastAPI:
                              hostname=body.hostname, ssh_keys=body.ssh_keys,
                              user_data=body.user_data, networks=body.networks,
                              ports=body.ports, restart=body.restart, autostart=body.autostart,
-                             cpu_model=body.cpu_model)
+                             cpu_model=body.cpu_model, firmware=body.firmware, boot=body.boot,
+                             display=body.display, from_disk=body.from_disk, iso=body.iso,
+                             os_type=body.os_type)
             if body.start:
                 op.report(stage="starting")
                 vm.start()
@@ -463,6 +468,27 @@ def build_app(service: Service) -> FastAPI:
         is never held whole."""
         return StreamingResponse(vm_of(name).read_log(offset=offset),
                                  media_type="text/plain; charset=utf-8")
+
+    @app.get("/1.0/vms/{name}/screenshot", response_class=Response, responses=_ERRORS)
+    def screenshot(name: str) -> Response:
+        """A PNG of the VM's screen (display std)."""
+        vm = vm_of(name)
+        with tempfile.TemporaryDirectory(dir=service.paths.spool) as spool:
+            out = Path(spool) / "screen.png"
+            vm.screenshot(out)
+            return Response(out.read_bytes(), media_type="image/png",
+                            headers={"Cache-Control": "no-store"})
+
+    @app.put("/1.0/vms/{name}/media", response_model=Sync[dict[str, Any]], responses=_ERRORS)
+    def attach_media(request: Request, name: str, body: MediaRequest) -> dict[str, Any]:
+        """Insert an ISO (a path on this host: from root on the unix socket only)."""
+        _require_local_root(request, "path")
+        return _sync({"media": vm_of(name).attach_media(body.path)})
+
+    @app.delete("/1.0/vms/{name}/media", response_model=Sync[dict[str, Any]],
+                responses=_ERRORS)
+    def eject_media(name: str) -> dict[str, Any]:
+        return _sync({"ejected": vm_of(name).eject_media()})
 
     @app.put("/1.0/vms/{name}/files", response_model=Sync[dict[str, Any]], responses=_ERRORS)
     async def push_file(request: Request, name: str,
@@ -956,9 +982,11 @@ def _check_fields(body: CreateRequest) -> None:
         ("image", lambda: validate_name(body.image, kind="image name")),
         ("cpus", lambda: parse_count(body.cpus, "cpus")),
         ("memory", lambda: parse_size(body.memory, field="memory", default_unit="M")),
-        ("disk", lambda: parse_size(body.disk, field="disk", default_unit="G")),
+        ("disk", lambda: body.disk is None or parse_size(body.disk, field="disk",
+                                                         default_unit="G")),
         ("ports", lambda: [parse_forward(port) for port in body.ports]),
         ("networks", lambda: [validate_name(net, kind="network name") for net in body.networks]),
+        ("boot", lambda: body.boot is None or parse_boot_order(body.boot)),
     ]
     for field, check in checks:
         try:
@@ -971,6 +999,29 @@ def _check_fields(body: CreateRequest) -> None:
             raise InvalidValue("invalid ssh key: send the public key line (ssh-ed25519 "
                                "AAAA...), not a file name", hint="the client reads the file",
                                field="ssh_keys")
+
+
+def _check_host_paths(request: Request, body: CreateRequest) -> None:
+    """A disk image or ISO named by a path on this host is read by the daemon (root): only a
+    peer who could read it anyway may name one — root on the unix socket. Anyone else would
+    have root lend them any file of the host (e.g. /etc/shadow as a CD)."""
+    named = [field for field in ("from_disk", "iso") if getattr(body, field) is not None]
+    if not named:
+        return
+    _require_local_root(request, named[0])
+    for field in named:
+        value = getattr(body, field)
+        if not os.path.isabs(value):
+            raise InvalidValue(f"invalid {field} {value!r}: an absolute path on the daemon's "
+                               "host", field=field)
+
+
+def _require_local_root(request: Request, field: str) -> None:
+    peer: auth.Peer | None = request.scope.get("state", {}).get("peer")
+    if peer is None or peer.transport != "unix" or peer.uid != 0:
+        raise Forbidden(f"{field}: a path on the daemon's host is accepted only from root "
+                        "on its unix socket", field=field,
+                        hint="run the command as root on the host, or import a bundle")
 
 
 def _split(value: str) -> list[str]:

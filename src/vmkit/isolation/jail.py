@@ -100,11 +100,14 @@ def prepare_folder(owner: RunAs | None, folder: Path) -> None:
                 os.close(sub)
         disks = os.open("disks", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
         try:
-            layers = [n for n in os.listdir(disks) if n.endswith(".qcow2")]
+            names = os.listdir(disks)
+            layers = [n for n in names if n.endswith(".qcow2")]
         finally:
             os.close(disks)
         for layer in layers:
             _own_file(fd, f"disks/{layer}", owner)
+        if "nvram.fd" in names:  # a UEFI VM's variables: QEMU writes them
+            _own_file(fd, "disks/nvram.fd", owner)
         # QEMU appends the serial log itself: a file of its own in a folder of root's
         _own_file(fd, "logs/serial.log", owner, create=True)
     finally:

@@ -23,7 +23,8 @@ class CreateRequest(_Request):
     image: str = Field(default="tiny", max_length=63)
     cpus: int | str = 1
     memory: int | str = "256M"
-    disk: int | str = "2G"
+    disk: int | str | None = Field(default=None, description=(
+        "default 2G; a foreign disk keeps its own size unless this is larger"))
     full_copy: bool = False
     accel: str = Field(default="auto", max_length=8)
     start: bool = False
@@ -40,6 +41,18 @@ class CreateRequest(_Request):
     restart: RestartMode = "no"
     autostart: bool = False
     cpu_model: str = Field(default="qemu64", max_length=64)
+    firmware: Literal["bios", "uefi"] | None = None
+    boot: str | None = Field(default=None, max_length=32, description="e.g. disk,cdrom")
+    display: Literal["none", "std"] | None = None
+    os_type: Literal["linux", "windows", "other"] = "linux"
+    from_disk: str | None = Field(default=None, max_length=4096, description=(
+        "a disk image path on the daemon's host (accepted from root on the unix socket only)"))
+    iso: str | None = Field(default=None, max_length=4096, description=(
+        "an ISO path on the daemon's host (accepted from root on the unix socket only)"))
+
+
+class MediaRequest(_Request):
+    path: str = Field(min_length=1, max_length=4096, description="an ISO on the daemon's host")
 
 
 StateAction = Literal["start", "stop", "kill", "restart", "pause", "resume"]

@@ -35,7 +35,17 @@ Accel = Literal["auto", "kvm", "tcg"]
 # Every field of vm.json is checked here, so a value from a bundle (or a hand-edited file) that
 # reaches QEMU's options, the ssh argv or root's file operations has one accepted shape. Each
 # refusal is an InvalidValue (exit 2) that names the field, the value and what is accepted.
-FIRMWARES = frozenset({"qboot", "seabios", "microvm"})  # qemu/argv.py FIRMWARE_FILES
+FIRMWARES = frozenset({"qboot", "seabios", "microvm", "ovmf"})  # qemu/argv.py FIRMWARE_FILES
+#: what a user asks for (--firmware) -> the firmware pinned in the hardware profile
+FIRMWARE_CHOICES = {"bios": "seabios", "uefi": "ovmf"}
+#: where the firmware may look for something to boot, in the order the user gives (--boot)
+BOOT_DEVICES = ("disk", "cdrom", "network")
+#: the VM's own UEFI variable store (a copy of OVMF's template made at creation)
+NVRAM_FILE = "disks/nvram.fd"
+DISPLAYS = ("none", "std")
+CDROM_BUSES = ("none", "scsi", "sata")
+#: --os-type: the devices a guest of that kind has drivers for without extra media
+OS_TYPES = {"linux": "scsi", "windows": "sata", "other": "sata"}
 # vmgenid's guest buffer address reaches QEMU through the ACPI linker/loader's WRITE_POINTER
 # command. qboot stops at that command (its loader knows ALLOCATE, ADD_POINTER, CHECKSUM and
 # panics on anything else: the guest never boots, measured), so only SeaBIOS carries vmgenid.
@@ -43,6 +53,7 @@ VMGENID_FIRMWARES = frozenset({"seabios"})
 KNOWN_DEVICES = frozenset({
     "virtio-blk-pci", "virtio-serial-pci", "virtio-net-pci", "virtio-balloon-pci",
     "virtio-rng-pci", "isa-serial", "pcie-root-port", "pc-dimm", "virtserialport",
+    "VGA", "ide-cd", "scsi-cd", "virtio-scsi-pci",
 })
 MACHINE_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # no ',', '=' or spaces: one option
 CPU_MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # e.g. Skylake-Client-v4
@@ -138,7 +149,8 @@ class VmSpec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    image: str
+    image: str | None = Field(description="the vmkit image it was made from; None for a VM "
+                              "made from a foreign disk or installed from media")
     cpus: int = Field(ge=1, le=MAX_VCPUS)
     memory: int = Field(gt=0, le=1 << 52, description="bytes")
     disk: int = Field(gt=0, le=1 << 60, description="bytes of the VM's disk (virtual size)")
@@ -165,17 +177,18 @@ class VmSpec(BaseModel):
 
     @field_validator("image")
     @classmethod
-    def _image(cls, value: str) -> str:
-        return validate_name(value, kind="image name")
+    def _image(cls, value: str | None) -> str | None:
+        return None if value is None else validate_name(value, kind="image name")
 
 
 def make_spec(
-    name: str, image: str, cpus: int | str, memory: int | str, disk: int | str,
+    name: str, image: str | None, cpus: int | str, memory: int | str, disk: int | str,
     *, full_copy: bool = False, accel: str = "auto",
 ) -> VmSpec:
     """Build a spec from user input, with errors that name the field and the value."""
     validate_name(name)
-    validate_name(image, kind="image name")
+    if image is not None:
+        validate_name(image, kind="image name")
     cpu_count = parse_count(cpus, "cpus")
     if accel not in ("auto", "kvm", "tcg"):
         raise InvalidValue(f"invalid accel {accel!r}", hint="use auto, kvm or tcg")
@@ -199,6 +212,12 @@ class HardwareProfile(BaseModel):
         "virtio-blk-pci", "virtio-serial-pci", "virtio-net-pci", "virtio-balloon-pci",
         "virtio-rng-pci", "isa-serial",
     )
+    display: str = Field(default="none", description=(
+        "none (serial console only) or std: a VGA device shown over VNC on a unix socket"))
+    cdrom: str = Field(default="none", description=(
+        "the CD-ROM drive: none, scsi (on virtio-scsi: what a Linux kernel without AHCI, "
+        "like Debian's cloud kernel, sees) or sata (q35's AHCI: what every OS has a driver "
+        "for); SeaBIOS and OVMF boot from both"))
     hotplug_ports: int = Field(default=0, ge=0, le=16, description=(
         "empty PCIe root ports for NIC hot-plug (q35); 0 for VMs made before they existed"))
     vmgenid: bool = Field(default=False, strict=True, description=(
@@ -225,6 +244,20 @@ class HardwareProfile(BaseModel):
     def _firmware(cls, value: str) -> str:
         if value not in FIRMWARES:
             raise invalid("hardware.firmware", value, "one of " + ", ".join(sorted(FIRMWARES)))
+        return value
+
+    @field_validator("cdrom")
+    @classmethod
+    def _cdrom(cls, value: str) -> str:
+        if value not in CDROM_BUSES:
+            raise invalid("hardware.cdrom", value, "one of " + ", ".join(CDROM_BUSES))
+        return value
+
+    @field_validator("display")
+    @classmethod
+    def _display(cls, value: str) -> str:
+        if value not in DISPLAYS:
+            raise invalid("hardware.display", value, "one of " + ", ".join(DISPLAYS))
         return value
 
     @field_validator("devices")
@@ -279,7 +312,13 @@ class VmConfig(BaseModel):
     created_at: float
     spec: VmSpec
     hardware: HardwareProfile
-    boot: BootConfig
+    boot: BootConfig | None = Field(default=None, description=(
+        "direct kernel boot (vmkit's images); None: the firmware boots from boot_order"))
+    boot_order: tuple[str, ...] = Field(default=("disk",), description=(
+        "where the firmware looks for something to boot, first to last"))
+    media: str | None = Field(default=None, description=(
+        "the ISO in the CD-ROM drive: a host path, opened read-only by vmkit and handed to "
+        "QEMU as a descriptor; referenced, never copied"))
     disk_file: str = ROOT_DISK_FILE
     backing_file: str | None = Field(default=None, description="base image disk of an overlay")
     base_image_sha256: str | None = None
@@ -316,6 +355,26 @@ class VmConfig(BaseModel):
         if not math.isfinite(value) or value < 0:
             raise invalid("created_at", value, "a time in seconds since 1970")
         return value
+
+    @field_validator("boot_order")
+    @classmethod
+    def _boot_order(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return check_boot_order(value)
+
+    @field_validator("media")
+    @classmethod
+    def _media(cls, value: str | None) -> str | None:
+        return None if value is None else check_absolute_path("media", value)
+
+    @model_validator(mode="after")
+    def _media_needs_drive(self) -> VmConfig:
+        if self.media is not None and self.hardware.cdrom == "none":
+            raise invalid("media", self.media, "none: the VM has no CD-ROM drive")
+        if self.boot is None and self.hardware.firmware not in FIRMWARE_CHOICES.values():
+            raise invalid("hardware.firmware", self.hardware.firmware,
+                          "seabios or ovmf for a VM that boots from its disk or media "
+                          "(qboot and microvm boot a kernel only)")
+        return self
 
     @field_validator("disk_file")
     @classmethod
@@ -359,6 +418,26 @@ class VmConfig(BaseModel):
         return check_absolute_path("ssh_identity", value)
 
 
+def check_boot_order(order: tuple[str, ...] | list[str]) -> tuple[str, ...]:
+    accepted = ("1 to 3 of " + ", ".join(BOOT_DEVICES) + ", each once, e.g. disk,cdrom")
+    if not order or len(order) > len(BOOT_DEVICES) or len(set(order)) != len(order) or \
+            any(device not in BOOT_DEVICES for device in order):
+        raise invalid("boot order", ",".join(map(str, order)), accepted)
+    return tuple(order)
+
+
+def parse_boot_order(text: str) -> tuple[str, ...]:
+    return check_boot_order([part.strip() for part in text.split(",") if part.strip()])
+
+
+def parse_firmware(choice: str) -> str:
+    """--firmware bios|uefi -> the pinned firmware (seabios, ovmf)."""
+    if choice not in FIRMWARE_CHOICES:
+        raise InvalidValue(f"invalid firmware {choice!r}",
+                           hint="use --firmware bios (SeaBIOS) or --firmware uefi (OVMF)")
+    return FIRMWARE_CHOICES[choice]
+
+
 def new_uuid() -> str:
     return str(uuidlib.uuid4())
 
@@ -396,6 +475,6 @@ def as_new_machine(config: VmConfig, name: str, *, created_at: float) -> VmConfi
         "uuid": vm_uuid, "mac": new_mac(), "created_at": created_at, "cloud_init": seed,
         "nics": nics, "generation": 0,
         "spec": config.spec.model_copy(update={"name": name}),
-        "boot": config.boot.model_copy(update={"cmdline": with_hostname(config.boot.cmdline,
-                                                                        name)}),
+        "boot": None if config.boot is None else config.boot.model_copy(
+            update={"cmdline": with_hostname(config.boot.cmdline, name)}),
     })

@@ -46,7 +46,7 @@ class VmStatus(BaseModel):
     cpus: int
     memory: int
     disk: int
-    image: str
+    image: str | None
     uuid: str
     mac: str
     pid: int | None
@@ -58,6 +58,12 @@ class VmStatus(BaseModel):
     cpu_model: str
     folder: str
     disk_mode: str
+    firmware: str | None = Field(default=None, description="seabios, ovmf, qboot...")
+    boot: str | None = Field(default=None, description=(
+        "kernel (direct kernel boot) or the firmware's boot order, e.g. disk,cdrom"))
+    media: str | None = Field(default=None, description="the ISO in the CD-ROM drive")
+    vnc_socket: str | None = Field(default=None, description=(
+        "the graphical console's VNC unix socket while the VM runs (display std)"))
     last_exit: ExitRecord | None
     qemu_status: str | None = None
     max_cpus: int

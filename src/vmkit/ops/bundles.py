@@ -46,7 +46,13 @@ from vmkit.errors import InvalidValue, NotFound, VmkitError, os_errors
 from vmkit.isolation import jail
 from vmkit.model.journal import JournalEntry
 from vmkit.model.names import validate_name
-from vmkit.model.spec import VmConfig, as_new_machine, check_relative_path, shown
+from vmkit.model.spec import (
+    NVRAM_FILE,
+    VmConfig,
+    as_new_machine,
+    check_relative_path,
+    shown,
+)
 from vmkit.model.state import LIVE_STATES
 from vmkit.qemu import hostinfo, img
 from vmkit.storage.layout import VmFolder, fsync_dir
@@ -199,6 +205,8 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
     else:
         layers.add(active)
     files: dict[str, Path] = {f"boot/{p.name}": p for p in sorted(vm.folder.boot.iterdir())}
+    if vm.folder.nvram.is_file():
+        files[NVRAM_FILE] = vm.folder.nvram
     for layer in sorted(layers):
         files[layer] = folder / layer
     for node in tree.nodes.values():
@@ -302,8 +310,9 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
                 config = _check_metadata(work.path, path)
                 _check_disks(work.path, path, owner)
                 fault_point("import", "checked")
-                # ssh_identity names a key file on the exporting host: never used here
-                config = config.model_copy(update={"ssh_identity": None})
+                # ssh_identity and media name files on the exporting host: never opened here
+                # (a bundle's media path would have root lend that file to the guest)
+                config = config.model_copy(update={"ssh_identity": None, "media": None})
                 if arriving is not None:  # the same machine, maybe under a new name
                     return arriving(work, config.model_copy(update={
                         "spec": config.spec.model_copy(update={"name": target})}))
@@ -476,10 +485,13 @@ def _check_metadata(folder: Path, path: Path) -> VmConfig:
                           "offers; refused", hint="see qemu-system-x86_64 -cpu help")
     named: list[tuple[str, str | None, str, str]] = [
         ("vm.json disk_file", config.disk_file, "disks", ".qcow2"),
-        ("vm.json boot.kernel", config.boot.kernel, "boot", ""),
-        ("vm.json boot.initrd", config.boot.initrd, "boot", ""),
         ("snapshots.json active_layer", tree.active_layer, "disks", ".qcow2"),
     ]
+    if config.boot is not None:
+        named += [("vm.json boot.kernel", config.boot.kernel, "boot", ""),
+                  ("vm.json boot.initrd", config.boot.initrd, "boot", "")]
+    if hardware.firmware == "ovmf":
+        named.append(("the UEFI variables", NVRAM_FILE, "disks", ".fd"))
     if config.backing_file is not None:
         named.append(("vm.json backing_file", f"disks/{config.backing_file}", "disks", ".qcow2"))
     for node in tree.nodes.values():

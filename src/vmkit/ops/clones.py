@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import socket
 import time
 from pathlib import Path
@@ -52,11 +53,16 @@ def _identity(source: VmConfig, target: str, *, backing: Path | None) -> VmConfi
 
 
 def _link_boot(source: VM, work: VmFolder) -> None:
+    """The boot files (shared: nobody writes them) and a copy of the UEFI variables (each VM
+    writes its own)."""
     for item in source.folder.boot.iterdir():
         try:
             os.link(item, work.boot / item.name)
         except OSError:
             work.boot.joinpath(item.name).write_bytes(item.read_bytes())
+    if source.folder.nvram.is_file():
+        shutil.copyfile(source.folder.nvram, work.nvram)
+        os.chmod(work.nvram, 0o600)
 
 
 def clone(source: VM, target: str, *, linked: bool = False, from_snapshot: str | None = None,

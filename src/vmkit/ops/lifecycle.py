@@ -29,8 +29,10 @@ from vmkit.core.engine import (
 )
 from vmkit.core.journal import Journal, register_recovery
 from vmkit.core.locks import Held
+from vmkit.core.media import check_media
 from vmkit.errors import (
     AgentError,
+    HostError,
     InvalidState,
     InvalidValue,
     VmkitError,
@@ -44,7 +46,7 @@ from vmkit.model.cloudinit import (
     validate_hostname,
 )
 from vmkit.model.journal import JournalEntry
-from vmkit.model.network import USER_NETWORK
+from vmkit.model.network import USER_NETWORK, Nic
 from vmkit.model.resources import (
     check_fits_host,
     memory_limit,
@@ -52,13 +54,19 @@ from vmkit.model.resources import (
 from vmkit.model.restart import RestartPolicy, parse_mode
 from vmkit.model.sizes import format_size, parse_count, parse_size
 from vmkit.model.spec import (
+    DISPLAYS,
+    OS_TYPES,
     ROOT_DISK_FILE,
+    VMGENID_FIRMWARES,
     BootConfig,
     HardwareProfile,
     VmConfig,
+    VmSpec,
     make_spec,
     new_mac,
     new_uuid,
+    parse_boot_order,
+    parse_firmware,
     with_hostname,
 )
 from vmkit.model.state import LIVE_STATES, Operation, VmState, check_transition
@@ -71,6 +79,8 @@ from vmkit.storage.layout import (
     file_lock,
 )
 
+DEFAULT_DISK = "2G"
+OVMF_VARS_TEMPLATE = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
 QEMU_SETTLE_TIMEOUT = 10.0  # a cut start's exec chain (sh, setpriv) becoming QEMU
 
 
@@ -334,15 +344,27 @@ def ssh_argv(vm: VM, command: list[str] | None = None, *,
 
 
 def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
-           memory: int | str = "256M", disk: int | str = "2G", full_copy: bool = False,
+           memory: int | str = "256M", disk: int | str | None = None, full_copy: bool = False,
            accel: str = "auto", start: bool = False, wait: bool = False,
            timeout: float = AGENT_READY_TIMEOUT, max_cpus: int | str | None = None,
            max_memory: int | str | None = None, hostname: str | None = None,
            ssh_keys: Iterable[str | Path] = (), user_data: str | None = None,
            networks: Iterable[str] = (), ports: Iterable[str] = (), restart: str = "no",
-           autostart: bool = False, cpu_model: str = "qemu64") -> VM:
+           autostart: bool = False, cpu_model: str = "qemu64", firmware: str | None = None,
+           boot: str | None = None, from_disk: str | Path | None = None,
+           iso: str | Path | None = None, display: str | None = None,
+           os_type: str = "linux") -> VM:
     """The create operation; the parameters are documented on the SDK's Host.create."""
-    spec = make_spec(name, image, cpus, memory, disk, full_copy=full_copy, accel=accel)
+    if os_type not in OS_TYPES:
+        raise InvalidValue(f"invalid os-type {os_type!r}",
+                           hint="use " + ", ".join(OS_TYPES) + " (the devices the guest has "
+                                "drivers for)")
+    foreign = from_disk is not None or iso is not None
+    # a foreign disk keeps its own size unless a larger one is asked for (growing moves the
+    # end of the disk away from where a GPT's backup header says it is)
+    spec = make_spec(name, None if foreign else image, cpus, memory,
+                     disk if disk is not None else DEFAULT_DISK, full_copy=full_copy,
+                     accel=accel)
     restart_policy = RestartPolicy(mode=parse_mode(restart), autostart=autostart)
     hostname = validate_hostname(hostname) if hostname is not None else name
     capacity, policy = host.capacity(), host.policy()
@@ -358,9 +380,32 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
                            f"cpus {spec.cpus} and memory {format_size(spec.memory)}")
     check_fits_host(name, ceiling_cpus, ceiling_memory, capacity, policy)
     spec = spec.model_copy(update={"max_cpus": ceiling_cpus, "max_memory": ceiling_memory})
-    with host._image_lock(spec.image, shared=True):  # waits out a rebuild's swap
-        info = host.image(spec.image)
+    pinned_firmware = parse_firmware(firmware) if firmware is not None else "seabios"
+    if display is not None and display not in DISPLAYS:
+        raise InvalidValue(f"invalid display {display!r}", hint="use none or std")
     keys, identity = _read_ssh_keys(ssh_keys)
+    if foreign:
+        if keys or user_data is not None:
+            raise InvalidValue("--ssh-key and --user-data need a vmkit image with cloud-init; "
+                               "a VM from a foreign disk or media configures itself",
+                               hint="drop them, or use --image debian-12")
+        if full_copy:
+            raise InvalidValue("--full-copy is for images: a foreign disk is always copied")
+        order = parse_boot_order(boot) if boot is not None else \
+            (("disk", "cdrom") if iso is not None else ("disk",))
+        return _create_foreign(
+            host, spec, grow=disk is not None, firmware=pinned_firmware, order=order,
+            cdrom=OS_TYPES[os_type],
+            display=display or "std",
+            from_disk=Path(from_disk) if from_disk is not None else None,
+            media=check_media(str(iso)) if iso is not None else None,
+            cpu_model=cpu_model, networks=networks, ports=ports, restart=restart_policy,
+            start=start, wait=wait, timeout=timeout)
+    if boot is not None:
+        raise InvalidValue("--boot is for VMs that boot through their firmware (--from-disk "
+                           "or --iso); an image's VM boots its kernel directly")
+    with host._image_lock(image, shared=True):  # waits out a rebuild's swap
+        info = host.image(image)
     if (keys or user_data is not None) and not info.cloud_init:
         raise InvalidValue(f"image {info.name!r} has no cloud-init: --ssh-key and "
                            "--user-data need an image that reads a NoCloud seed",
@@ -372,14 +417,8 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
             f"invalid disk {format_size(spec.disk)} for VM {name!r}: smaller than image "
             f"{info.name!r} ({format_size(info.virtual_size)})",
             hint=f"use --disk {format_size(info.virtual_size)} or more")
-    total = shutil.disk_usage(host.layout.root).total
-    if spec.disk > total:
-        raise InvalidValue(
-            f"invalid disk {format_size(spec.disk)} for VM {name!r}: larger than the host's "
-            f"file system ({format_size(total)})", hint="use a smaller --disk")
-    if spec.accel == "kvm" and not Path("/dev/kvm").exists():
-        raise InvalidValue("invalid accel 'kvm': /dev/kvm does not exist on this host",
-                           hint="use --accel tcg or auto")
+    _check_disk_fits(host, name, spec.disk)
+    _check_accel(spec.accel)
     machine = hostinfo.resolve_machine(DEFAULT_MACHINE)
     if cpu_model != "qemu64":
         _check_cpu_model(host, cpu_model)
@@ -389,7 +428,7 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
     nics = net_ops.new_nics(host, vm_uuid, list(networks), list(ports))
 
     def build(work: VmFolder) -> VmConfig:
-        info = host.image(spec.image)  # read again under the image's shared lock
+        info = host.image(image)  # read again under the image's shared lock
         for source, dest in ((info.kernel, "vmlinuz"), (info.initrd, "initrd.img")):
             _link_or_copy(image_dir / source, work.boot / dest)
         disk_path = work.path / ROOT_DISK_FILE
@@ -397,14 +436,16 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
             img.full_copy(disk_path, image_dir / info.root_disk, spec.disk)
         else:
             img.create_overlay(disk_path, image_dir / info.root_disk, spec.disk)
+        _make_nvram(work, pinned_firmware)
         seed = CloudInit(instance_id=instance_id_for(vm_uuid), hostname=hostname,
                          ssh_keys=keys, user_data=user_data) if info.cloud_init else None
         return VmConfig(
             uuid=vm_uuid, mac=new_mac(), created_at=time.time(), spec=spec,
             # SeaBIOS: qboot cannot run the ACPI WRITE_POINTER step vmgenid needs
             hardware=HardwareProfile(machine=machine, cpu_model=cpu_model,
-                                     hotplug_ports=HOTPLUG_SPARE, firmware="seabios",
-                                     vmgenid=True),
+                                     hotplug_ports=HOTPLUG_SPARE, firmware=pinned_firmware,
+                                     vmgenid=pinned_firmware in VMGENID_FIRMWARES,
+                                     display=display or "none"),
             boot=BootConfig(kernel="boot/vmlinuz", initrd="boot/initrd.img",
                             cmdline=with_hostname(info.cmdline, hostname)),
             backing_file=None if spec.full_copy else str(image_dir / info.root_disk),
@@ -414,14 +455,91 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
         )
 
     # the image's lock, shared: no rebuild can retire its base before this VM is listed
-    with host._image_lock(spec.image, shared=True):
-        if any(nic.network != USER_NETWORK for nic in nics):
-            with net_ops.locked(host):  # addresses unique per network: decided under lock
-                nics = net_ops.with_addresses(host, nics)
-                vm = host._new_vm_folder(name, build)
-            net_ops.forget(host)  # leases and rules know the new NIC
+    with host._image_lock(image, shared=True):
+        vm = _new_vm(host, name, nics, build)
+    if start:
+        _start_vm(vm, wait=wait, timeout=timeout)
+    return vm
+
+
+def _new_vm(host: Host, name: str, nics: tuple[Nic, ...] | list[Nic],
+            build: Callable[[VmFolder], VmConfig]) -> VM:
+    """The VM's folder made by `build`; NICs on host networks get their addresses first."""
+    if any(nic.network != USER_NETWORK for nic in nics):
+        with net_ops.locked(host):  # addresses unique per network: decided under lock
+            addressed = net_ops.with_addresses(host, tuple(nics))
+
+            def build_addressed(work: VmFolder) -> VmConfig:
+                return build(work).model_copy(update={"nics": tuple(addressed)})
+
+            vm = host._new_vm_folder(name, build_addressed)
+        net_ops.forget(host)  # leases and rules know the new NIC
+        return vm
+    return host._new_vm_folder(name, build)
+
+
+def _check_disk_fits(host: Host, name: str, size: int) -> None:
+    total = shutil.disk_usage(host.layout.root).total
+    if size > total:
+        raise InvalidValue(
+            f"invalid disk {format_size(size)} for VM {name!r}: larger than the host's "
+            f"file system ({format_size(total)})", hint="use a smaller --disk")
+
+
+def _check_accel(accel: str) -> None:
+    if accel == "kvm" and not Path("/dev/kvm").exists():
+        raise InvalidValue("invalid accel 'kvm': /dev/kvm does not exist on this host",
+                           hint="use --accel tcg or auto")
+
+
+def _make_nvram(work: VmFolder, firmware: str) -> None:
+    """A UEFI VM's own variable store: a copy of OVMF's empty template."""
+    if firmware == "ovmf":
+        template = OVMF_VARS_TEMPLATE
+        if not template.is_file():
+            raise HostError(f"UEFI firmware variables template {template} is missing",
+                            hint="apt-get install ovmf (make run installs it)")
+        shutil.copyfile(template, work.nvram)
+        os.chmod(work.nvram, 0o600)
+
+
+def _create_foreign(host: Host, spec: VmSpec, *, grow: bool, firmware: str,
+                    order: tuple[str, ...], cdrom: str,
+                    display: str, from_disk: Path | None, media: str | None, cpu_model: str,
+                    networks: Iterable[str], ports: Iterable[str], restart: RestartPolicy,
+                    start: bool, wait: bool, timeout: float) -> VM:
+    """A VM that boots through its firmware: from a disk image made elsewhere (converted into
+    the folder: the original is never written) and/or an installation ISO (referenced)."""
+    probed = img.probe_foreign(from_disk) if from_disk is not None else None
+    size = spec.disk if probed is None else \
+        max(spec.disk, probed.virtual_size) if grow else probed.virtual_size
+    spec = spec.model_copy(update={"disk": size, "full_copy": True})
+    _check_disk_fits(host, spec.name, size)
+    _check_accel(spec.accel)
+    machine = hostinfo.resolve_machine(DEFAULT_MACHINE)
+    if cpu_model != "qemu64":
+        _check_cpu_model(host, cpu_model)
+    vm_uuid = new_uuid()
+    nics = net_ops.new_nics(host, vm_uuid, list(networks), list(ports))
+
+    def build(work: VmFolder) -> VmConfig:
+        disk_path = work.path / ROOT_DISK_FILE
+        if from_disk is not None and probed is not None:
+            img.convert_foreign(from_disk, probed, disk_path)
+            if size > probed.virtual_size:
+                img.resize(disk_path, size)
         else:
-            vm = host._new_vm_folder(name, build)
+            img.create_empty(disk_path, size)
+        _make_nvram(work, firmware)
+        return VmConfig(
+            uuid=vm_uuid, mac=new_mac(), created_at=time.time(), spec=spec,
+            hardware=HardwareProfile(machine=machine, cpu_model=cpu_model,
+                                     hotplug_ports=HOTPLUG_SPARE, firmware=firmware,
+                                     vmgenid=firmware in VMGENID_FIRMWARES, display=display,
+                                     cdrom=cdrom),
+            boot=None, boot_order=order, media=media, nics=nics, restart=restart)
+
+    vm = _new_vm(host, spec.name, nics, build)
     if start:
         _start_vm(vm, wait=wait, timeout=timeout)
     return vm

@@ -39,9 +39,12 @@ class RunPaths:
     pidfile: str
     serial_log: str
     disk: str
-    kernel: str
-    initrd: str
+    kernel: str | None  # None: the firmware boots from the devices (no -kernel)
+    initrd: str | None
     seed: str | None = None  # cloud-init NoCloud seed (read-only)
+    nvram: str | None = None  # the VM's UEFI variables (OVMF)
+    vnc_socket: str | None = None  # the graphical console (display std)
+    screendump: str | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +55,8 @@ class LaunchOptions:
     qemu_binary: str = "qemu-system-x86_64"
     ssh_port: int | None = None  # host port on 127.0.0.1 forwarded to the guest's port 22
     tap_fds: tuple[tuple[str, int], ...] = ()  # (NIC MAC, descriptor QEMU inherits)
+    media_fd: int | None = None  # the CD-ROM's ISO, opened read-only by vmkit
+    ovmf_code: str = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 
 
 MEMORY_SLOTS = 8
@@ -65,6 +70,29 @@ def memory_option(memory: int, ceiling: int) -> str:
     return f"size={size},slots={MEMORY_SLOTS},maxmem={ceiling >> 20}M"
 
 
+MEDIA_FDSET = 1  # -add-fd set of the CD-ROM's ISO
+CDROM_ID = "cd0"
+DISK_DEVICE_ID = "virtio-disk0"
+
+
+def _blockdev(node: dict[str, object]) -> str:
+    return json.dumps(node, separators=(",", ":"))
+
+
+def media_node(filename: str, node_name: str = "media0") -> dict[str, object]:
+    """A read-only raw ISO node (never probed: a CD image is raw)."""
+    return {"driver": "raw", "node-name": node_name, "read-only": True,
+            "file": {"driver": "file", "filename": filename, "read-only": True}}
+
+
+def boot_indexes(config: VmConfig) -> dict[str, int]:
+    """bootindex per boot device class: the firmware tries them in the user's order. A
+    kernel-booted VM starts from its disk (the kernel is loaded by QEMU)."""
+    if config.boot is not None:
+        return {"disk": 1}
+    return {device: index + 1 for index, device in enumerate(config.boot_order)}
+
+
 def _chardev_socket(chardev_id: str, path: str, extra: str = "") -> str:
     return f"socket,id={chardev_id},path={escape_opt(path)},server=on,wait=off{extra}"
 
@@ -76,11 +104,16 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
     machine = hw.machine
     if machine.startswith(("pc-q35", "pc-i440fx")):
         machine += ",hpet=off"  # the guest spends boot time calibrating an HPET it does not need
+    if hw.firmware == "ovmf":
+        machine += ",pflash0=fw-code,pflash1=fw-vars"
+    order = boot_indexes(config)
     argv = [
         options.qemu_binary,
         "-name", f"guest={escape_opt(spec.name)},process=vmkit-{escape_opt(spec.name[:9])}",
         "-uuid", config.uuid,
         "-nodefaults", "-no-user-config", "-display", "none",
+        *(["-vnc", f"unix:{escape_opt(paths.vnc_socket)}"]
+          if hw.display == "std" and paths.vnc_socket else []),
         "-machine", machine,
         "-accel", accel,
         "-cpu", hw.cpu_model,
@@ -93,10 +126,20 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
     if firmware:
         folder = options.seabios_dir if hw.firmware in SEABIOS_FIRMWARES else options.firmware_dir
         argv += ["-bios", f"{folder}/{firmware}"]
+    elif hw.firmware == "ovmf":
+        if paths.nvram is None:
+            raise ValueError("a UEFI VM needs its NVRAM file")
+        argv += [
+            "-blockdev", _blockdev({"driver": "raw", "node-name": "fw-code", "read-only": True,
+                                    "file": {"driver": "file", "filename": options.ovmf_code,
+                                             "read-only": True}}),
+            "-blockdev", _blockdev({"driver": "raw", "node-name": "fw-vars",
+                                    "file": {"driver": "file", "filename": paths.nvram}}),
+        ]
+    if config.boot is not None and paths.kernel and paths.initrd:
+        argv += ["-kernel", paths.kernel, "-initrd", paths.initrd,
+                 "-append", config.boot.cmdline]
     argv += [
-        "-kernel", paths.kernel,
-        "-initrd", paths.initrd,
-        "-append", config.boot.cmdline,
         "-pidfile", paths.pidfile,
         "-chardev", _chardev_socket("qmp", paths.qmp_socket),
         "-mon", "chardev=qmp,mode=control",
@@ -107,8 +150,25 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
             "driver": "qcow2", "node-name": "disk0", "discard": "unmap",
             "file": {"driver": "file", "filename": paths.disk, "discard": "unmap"},
         }, separators=(",", ":")),
-        "-device", "virtio-blk-pci,drive=disk0,id=virtio-disk0,bootindex=1",
+        "-device", f"virtio-blk-pci,drive=disk0,id={DISK_DEVICE_ID}"
+                   + (f",bootindex={order['disk']}" if "disk" in order else ""),
     ]
+    if hw.cdrom != "none":
+        # an empty tray until media; both firmwares boot from either bus
+        if hw.cdrom == "scsi":
+            argv += ["-device", "virtio-scsi-pci,id=scsi0"]
+            cdrom = f"scsi-cd,bus=scsi0.0,id={CDROM_ID}"
+        else:
+            cdrom = f"ide-cd,bus=ide.0,id={CDROM_ID}"  # q35's built-in AHCI
+        if config.media is not None and options.media_fd is not None:
+            argv += ["-add-fd", f"fd={options.media_fd},set={MEDIA_FDSET},opaque=media",
+                     "-blockdev", _blockdev(media_node(f"/dev/fdset/{MEDIA_FDSET}"))]
+            cdrom += ",drive=media0"
+        if "cdrom" in order:
+            cdrom += f",bootindex={order['cdrom']}"
+        argv += ["-device", cdrom]
+    if hw.display == "std":
+        argv += ["-device", "VGA,id=video0"]
     if paths.seed is not None:
         argv += [
             "-blockdev", json.dumps({
@@ -122,7 +182,7 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
         "-chardev", _chardev_socket("agent0", paths.agent_socket),
         "-device",
         "virtserialport,bus=virtio-serial0.0,chardev=agent0,name=org.qemu.guest_agent.0",
-        *(_legacy_nic(config, options) if not config.nics else []),
+        *(_legacy_nic(config, options, order.get("network")) if not config.nics else []),
         "-device", "virtio-balloon-pci,id=balloon0,free-page-reporting=on",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=rng0",
@@ -131,7 +191,7 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
         argv += ["-device", VMGENID_DEVICE]
     if machine.startswith("pc-q35"):
         argv += _hotplug_ports(len(config.nics) + hw.hotplug_ports)
-        argv += _nic_args(config, options)
+        argv += _nic_args(config, options, order.get("network"))
     return argv
 
 
@@ -141,13 +201,15 @@ USER_NET = "net=198.18.0.0/24,host=198.18.0.2,dhcpstart=198.18.0.15"
 HOTPLUG_SPARE = 4  # empty PCIe root ports new VMs get for NIC hot-add (pinned in vm.json)
 
 
-def _legacy_nic(config: VmConfig, options: LaunchOptions) -> list[str]:
+def _legacy_nic(config: VmConfig, options: LaunchOptions, bootindex: int | None) -> list[str]:
     """No NICs configured: one user-mode NIC with restrict=on (the guest has DHCP but no path
     out of its QEMU; the host reaches in only through the ssh forward)."""
     netdev = f"user,id=net0,restrict=on,{USER_NET}"
     if options.ssh_port is not None:
         netdev += f",hostfwd=tcp:127.0.0.1:{options.ssh_port}-:22"
-    return ["-netdev", netdev, "-device", f"virtio-net-pci,netdev=net0,id=nic0,mac={config.mac}"]
+    device = f"virtio-net-pci,netdev=net0,id=nic0,mac={config.mac}"
+    return ["-netdev", netdev,
+            "-device", device + (f",bootindex={bootindex}" if bootindex else "")]
 
 
 def _hotplug_ports(count: int) -> list[str]:
@@ -162,8 +224,9 @@ def port_id(index: int) -> str:
     return f"hp{index}"
 
 
-def _nic_args(config: VmConfig, options: LaunchOptions) -> list[str]:
-    """Configured NICs, each on its own root port (so each can be unplugged while running)."""
+def _nic_args(config: VmConfig, options: LaunchOptions, bootindex: int | None) -> list[str]:
+    """Configured NICs, each on its own root port (so each can be unplugged while running);
+    with network in the boot order, the firmware tries the first one."""
     args: list[str] = []
     ssh_port = options.ssh_port
     fds = dict(options.tap_fds)
@@ -171,7 +234,8 @@ def _nic_args(config: VmConfig, options: LaunchOptions) -> list[str]:
         on_user = nic.network == "user"
         args += ["-netdev", netdev_option(nic, ssh_port=ssh_port if on_user else None,
                                           tap_fd=fds.get(nic.mac)),
-                 "-device", nic_device(nic, port_id(index))]
+                 "-device", nic_device(nic, port_id(index))
+                 + (f",bootindex={bootindex}" if bootindex and index == 0 else "")]
         if on_user:
             ssh_port = None  # one forward is enough
     return args

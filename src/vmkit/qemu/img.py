@@ -23,10 +23,11 @@ import os
 import signal
 import subprocess
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vmkit.errors import HostError, QemuError
+from vmkit.errors import HostError, InvalidValue, QemuError
 from vmkit.isolation import jail
 from vmkit.isolation.jail import RunAs
 
@@ -204,6 +205,12 @@ def full_copy(path: Path, source: Path, size: int, *, timeout: float = 600,
     resize(path, size, timeout=timeout, untrusted=untrusted, owner=owner)
 
 
+def create_empty(path: Path, size: int, *, timeout: float = 60) -> None:
+    """A blank qcow2 disk of `size` bytes (what an installer writes to)."""
+    _run(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(path), str(size)],
+         timeout=timeout)
+
+
 def create_from_raw(path: Path, raw: Path, *, timeout: float = 600) -> None:
     _run(["convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path)], timeout=timeout)
 
@@ -228,3 +235,82 @@ def info(path: Path, *, timeout: float = 30, untrusted: bool = False,
         out = _run([*args, str(path)], timeout=timeout, cpu_seconds=INSPECT_CPU_SECONDS)
     result: dict[str, Any] = json.loads(out)
     return result
+
+
+#: disk image formats a VM can be made from (--from-disk); anything else qemu-img detects is
+#: refused (e.g. vpc, qed, dmg, parallels: formats with a history of parser bugs)
+FOREIGN_FORMATS = ("qcow2", "raw", "vmdk", "vdi", "vhdx")
+
+
+@dataclass(frozen=True)
+class ForeignDisk:
+    """What an untrusted disk image is, found once by qemu-img: from here on, its format is
+    always given (never probed again)."""
+
+    format: str
+    virtual_size: int
+
+
+def foreign_problems(facts: dict[str, Any]) -> list[str]:
+    """Why an image described by `qemu-img info` JSON cannot be taken as a VM's disk: an
+    unsupported format, or any reference to another file (a backing file, a qcow2 data file,
+    a VMDK extent elsewhere) — such a reference would make vmkit read a file the user did
+    not give, with vmkit's rights."""
+    problems: list[str] = []
+    fmt = str(facts.get("format", "?"))
+    if fmt not in FOREIGN_FORMATS:
+        problems.append(f"format {fmt!r} is not accepted (accepted: "
+                        f"{', '.join(FOREIGN_FORMATS)})")
+    for key in ("backing-filename", "full-backing-filename"):
+        if facts.get(key):
+            problems.append(f"it refers to a backing file {str(facts[key])[:200]!r}")
+            break
+    specific = facts.get("format-specific") or {}
+    data = specific.get("data") or {}
+    if data.get("data-file"):
+        problems.append(f"it keeps its data in another file {str(data['data-file'])[:200]!r}")
+    extents = data.get("extents") or []
+    own = str(facts.get("filename", ""))
+    if fmt == "vmdk" and (len(extents) != 1 or str(extents[0].get("filename", "")) != own):
+        problems.append("it is a VMDK whose data lies in other files (extents: "
+                        + ", ".join(str(e.get("filename", "?"))[:100] for e in extents)
+                        + "); give a monolithic VMDK (qemu-img convert -O vmdk)")
+    if int(facts.get("virtual-size", 0) or 0) <= 0:
+        problems.append("its virtual size is zero")
+    return problems
+
+
+def probe_foreign(path: Path, *, timeout: float = 30) -> ForeignDisk:
+    """The format and size of an untrusted disk image: qemu-img detects the format once, as
+    the unprivileged account, under the inspection limits, on a descriptor opened here (no
+    symlink followed; a backing file is never opened by info)."""
+    account = untrusted_owner()
+    with _opened(path, write=False) as fd:
+        out = _run(["info", "-U", "--output=json", f"/dev/fd/{fd}"], timeout=timeout,
+                   cpu_seconds=INSPECT_CPU_SECONDS, owner=account, fds=(fd,))
+        facts: dict[str, Any] = json.loads(out)
+    problems = foreign_problems(facts)
+    if problems:
+        raise InvalidValue(f"cannot use disk image {path}: " + "; ".join(problems),
+                           hint="give a self-contained qcow2, raw, vmdk, vdi or vhdx image "
+                                "(qemu-img convert makes one)")
+    return ForeignDisk(format=str(facts["format"]), virtual_size=int(facts["virtual-size"]))
+
+
+def convert_foreign(source: Path, disk: ForeignDisk, dest: Path, *,
+                    timeout: float = 3600) -> None:
+    """A standalone qcow2 at `dest` with the content of the untrusted image `source`, read
+    with its probed format given explicitly, by the unprivileged account (which writes only
+    through the descriptor of `dest` it is lent)."""
+    account = untrusted_owner()
+    _run(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(dest),
+          str(disk.virtual_size)], timeout=60)
+    with _opened(source, write=False) as src, _opened(dest, write=True) as out:
+        if account is not None:
+            os.fchown(out, account.uid, account.gid)
+        try:
+            _run(["convert", "-q", "-n", "-f", disk.format, "-O", "qcow2", f"/dev/fd/{src}",
+                  f"/dev/fd/{out}"], timeout=timeout, owner=account, fds=(src, out))
+        finally:
+            if account is not None:
+                os.fchown(out, os.geteuid(), os.getegid())

@@ -27,6 +27,7 @@ from typing import Any, TypeVar
 from pydantic import BaseModel, ValidationError
 
 from vmkit.errors import BrokenVm, LockTimeout, VmkitError
+from vmkit.model.spec import NVRAM_FILE, VmConfig
 from vmkit.qemu.argv import RunPaths
 
 M = TypeVar("M", bound=BaseModel)
@@ -137,8 +138,16 @@ class VmFolder:
         """The cloud-init seed, written from vm.json at every start."""
         return self.run / "seed.iso"
 
-    def run_paths(self, disk_file: str, kernel: str, initrd: str, *,
-                  seed: bool = False) -> RunPaths:
+    @property
+    def vnc_socket(self) -> Path:
+        return self.run / "vnc.sock"
+
+    @property
+    def nvram(self) -> Path:
+        return self.path / NVRAM_FILE
+
+    def run_paths(self, disk_file: str, kernel: str | None, initrd: str | None, *,
+                  seed: bool = False, nvram: bool = False, vnc: bool = False) -> RunPaths:
         return RunPaths(
             folder=str(self.path),
             qmp_socket=str(self.qmp_socket),
@@ -147,10 +156,21 @@ class VmFolder:
             pidfile=str(self.pidfile),
             serial_log=str(self.serial_log),
             disk=str(self.path / disk_file),
-            kernel=str(self.path / kernel),
-            initrd=str(self.path / initrd),
+            kernel=str(self.path / kernel) if kernel else None,
+            initrd=str(self.path / initrd) if initrd else None,
             seed=str(self.seed_file) if seed else None,
+            nvram=str(self.nvram) if nvram else None,
+            vnc_socket=str(self.vnc_socket) if vnc else None,
         )
+
+    def config_run_paths(self, config: VmConfig, disk_file: str) -> RunPaths:
+        """The files QEMU is told about for `config`, on the disk layer `disk_file`."""
+        boot = config.boot
+        return self.run_paths(disk_file, boot.kernel if boot else None,
+                              boot.initrd if boot else None,
+                              seed=config.cloud_init is not None,
+                              nvram=config.hardware.firmware == "ovmf",
+                              vnc=config.hardware.display == "std")
 
     def make_dirs(self) -> None:
         os.chmod(self.path, 0o700)
@@ -162,12 +182,17 @@ class VmFolder:
 
 def write_json_atomic(path: Path, data: Any, *, mode: int = 0o644) -> None:
     """Write JSON so a reader sees the old file or the new one, never half of either."""
+    write_bytes_atomic(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode(),
+                       mode=mode)
+
+
+def write_bytes_atomic(path: Path, data: bytes, *, mode: int = 0o644) -> None:
+    """Write a file so a reader sees the old one or the new one, never half of either."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
-        with os.fdopen(fd, "w") as handle:
-            json.dump(data, handle, indent=2, sort_keys=True)
-            handle.write("\n")
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
         os.chmod(tmp, mode)
