@@ -54,6 +54,7 @@ from vmkit.model.spec import (
     shown,
 )
 from vmkit.model.state import LIVE_STATES
+from vmkit.ops.lifecycle import OVMF_VARS_TEMPLATE
 from vmkit.qemu import hostinfo, img
 from vmkit.storage.layout import VmFolder, fsync_dir
 
@@ -65,7 +66,7 @@ FORMAT_VERSION = 1
 BASE_LAYER = "disks/base.qcow2"
 _CHUNK = 1 << 20
 _MEMBER = re.compile(r"^(vm\.json|snapshots\.json|boot/[\w.-]+|disks/[\w.-]+\.qcow2|"
-                     r"snapshots/[\w.-]+\.state)$", re.ASCII)
+                     r"disks/nvram\.fd|snapshots/[\w.-]+\.state)$", re.ASCII)
 BUNDLE_MODE = 0o600  # disks and memory: readable by the exporting user only
 _MANIFEST_LIMIT = 1 << 20
 Progress = Callable[[int, int], None]
@@ -358,8 +359,8 @@ def _extract_checked(tar: tarfile.TarFile, dest: Path, expected: dict[str, dict[
             continue
         if not member.isfile() or not _MEMBER.match(member.name) or member.name in seen:
             raise BundleError(f"bundle {path}: unexpected member {member.name!r}",
-                              hint="only vm.json, snapshots.json, boot/, disks/*.qcow2 and "
-                                   "snapshots/*.state may be in a bundle")
+                              hint="only vm.json, snapshots.json, boot/, disks/*.qcow2, "
+                                   "disks/nvram.fd and snapshots/*.state may be in a bundle")
         entry = expected.get(member.name)
         if entry is None:
             raise BundleError(f"bundle {path}: {member.name} is not in the manifest")
@@ -514,6 +515,11 @@ def _check_metadata(folder: Path, path: Path) -> VmConfig:
         if target.is_symlink() or not target.is_file():
             raise BundleError(f"bundle {path}: {field} {shown(value)} is not a file of the "
                               "bundle; refused")
+    if hardware.firmware == "ovmf":
+        size, expected = (folder / NVRAM_FILE).stat().st_size, OVMF_VARS_TEMPLATE.stat().st_size
+        if size != expected:
+            raise BundleError(f"bundle {path}: the UEFI variables ({NVRAM_FILE}) are {size} "
+                              f"bytes, this host's OVMF takes {expected}; refused")
     return config
 
 

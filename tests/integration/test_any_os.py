@@ -1,0 +1,250 @@
+"""Any OS: VMs that boot through their firmware from a disk made elsewhere, installation media in
+a CD-ROM drive, UEFI variables that belong to the VM, a screen.
+
+The "made elsewhere" disk is built here from Debian packages (tests/integration/anyos_media.py):
+GRUB for BIOS and UEFI by grub-mkrescue and the tiny image's root as a partition. Each boot
+goes through SeaBIOS or OVMF and GRUB; no -kernel is given to QEMU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.integration.anyos_media import (
+    INSTALLED,
+    MARKER,
+    MARKER_TEXT,
+    bootable_disk,
+    data_iso,
+    efi_variable,
+    installer_iso,
+    png_is_blank,
+)
+from tests.integration.conftest import run_cli, sh
+from vmkit import VM, Host
+from vmkit.errors import InvalidState, InvalidValue
+from vmkit.ops.lifecycle import OVMF_VARS_TEMPLATE
+
+BOOT_TIMEOUT = 240
+
+
+@pytest.fixture(scope="module")
+def made_elsewhere(image_home: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return bootable_disk(image_home, tmp_path_factory.mktemp("anyos"))
+
+
+@pytest.fixture(scope="module")
+def formats(made_elsewhere: Path) -> dict[str, Path]:
+    """The same disk as raw and as each foreign format qemu-img writes."""
+    out = {"raw": made_elsewhere}
+    for fmt in ("qcow2", "vmdk", "vdi", "vhdx"):
+        target = made_elsewhere.with_suffix(f".{fmt}")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, str(made_elsewhere),
+                        str(target)], check=True, capture_output=True, timeout=300)
+        out[fmt] = target
+    return out
+
+
+def _load_extra_modules(vm: VM) -> None:
+    sh(vm, "for m in $(cat /etc/extra-modules); do insmod /lib/extra-modules/$m 2>/dev/null "
+           "|| true; done; grep -q virtio_scsi /proc/modules")
+
+
+def _listening_tcp_inodes() -> set[str]:
+    inodes = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(table) as handle:
+            for line in handle.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # LISTEN
+                    inodes.add(fields[9])
+    return inodes
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        if target.startswith("socket:["):
+            inodes.add(target[8:-1])
+    return inodes
+
+
+def test_each_foreign_format_is_detected_and_copied_exactly(host: Host, formats: dict[str, Path]
+                                                              ) -> None:
+    for fmt, path in formats.items():
+        vm = host.create(f"from-{fmt}", from_disk=path)
+        status = vm.status()
+        assert status.image is None and status.boot == "disk" and status.firmware == "seabios"
+        assert status.disk == formats["raw"].stat().st_size  # its own size, not grown
+        same = subprocess.run(["qemu-img", "compare", "-f", "raw", "-F", "qcow2",
+                               str(formats["raw"]), str(vm.folder.path / "disks/root.qcow2")],
+                              capture_output=True, text=True, timeout=120, check=False)
+        assert same.returncode == 0, (fmt, same.stdout + same.stderr)
+        vm.delete()
+    # a larger --disk grows the copy; the file given is never written
+    before = hashlib.sha256(formats["vdi"].read_bytes()).hexdigest()
+    grown = host.create("grown", from_disk=formats["vdi"], disk="1G")
+    assert grown.status().disk == 1 << 30
+    assert hashlib.sha256(formats["vdi"].read_bytes()).hexdigest() == before
+
+
+def test_disks_that_point_at_other_files_are_refused_and_leave_nothing(
+        home: Path, host: Host, tmp_path: Path, formats: dict[str, Path]) -> None:
+    # readable by anyone: the refusal below is vmkit's check, not a permission error
+    shared = Path(tempfile.mkdtemp(prefix="vmk-secret-", dir="/tmp"))
+    shared.chmod(0o755)
+    secret = shared / "secret.raw"
+    secret.write_bytes(b"host secret\n" * 4096)
+    secret.chmod(0o644)
+    backed = tmp_path / "backed.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "raw", "-b", str(secret),
+                    str(backed)], check=True, capture_output=True)
+    # a VMDK descriptor whose extent is another file of the host
+    descriptor = tmp_path / "extent.vmdk"
+    descriptor.write_text(
+        "# Disk DescriptorFile\nversion=1\nCID=fffffffe\nparentCID=ffffffff\n"
+        'createType="monolithicFlat"\n\n# Extent description\n'
+        f'RW 96 FLAT "{secret}" 0\n\n# The Disk Data Base\n#DDB\n'
+        'ddb.adapterType = "ide"\nddb.geometry.cylinders = "1"\n'
+        'ddb.geometry.heads = "16"\nddb.geometry.sectors = "63"\n')
+    qed = tmp_path / "old.qed"
+    subprocess.run(["qemu-img", "create", "-f", "qed", str(qed), "64M"], check=True,
+                   capture_output=True)
+    link = tmp_path / "link.vdi"
+    link.symlink_to(formats["vdi"])
+    cases = {backed: "backing file", descriptor: "other files", qed: "format 'qed'",
+             link: "no symlink", tmp_path / "missing.img": "cannot open"}
+    for path, reason in cases.items():
+        done = run_cli(home, "create", "bad", "--from-disk", str(path))
+        assert done.returncode != 0 and reason in done.stderr, (path, done.stderr)
+        assert "Traceback" not in done.stderr
+        assert "bad" not in [vm.name for vm in host.vms(include_broken=True)]
+        assert not (home / "vms" / "bad").exists()
+    with pytest.raises(InvalidValue, match="boot order"):
+        host.create("bad", from_disk=formats["raw"], boot="disk,floppy")
+    with pytest.raises(InvalidValue, match="--boot is for"):
+        host.create("bad", boot="cdrom")
+    shutil.rmtree(shared)
+
+
+def test_bios_boot_from_a_vdi_screen_media_attach_and_eject(
+        host: Host, formats: dict[str, Path], tmp_path: Path) -> None:
+    first = data_iso(tmp_path, "FIRST", {"hello.txt": "first medium\n"})
+    second = data_iso(tmp_path, "SECOND", {"other.txt": "second medium\n"})
+    vm = host.create("bios", from_disk=formats["vdi"], firmware="bios", iso=first,
+                     memory="512M")
+    vm.start()
+    vm.wait_ready(timeout=BOOT_TIMEOUT)
+    argv = (Path(f"/proc/{vm.status().pid}/cmdline").read_bytes().split(b"\0"))
+    assert b"-kernel" not in argv and str(first).encode() not in b" ".join(argv)
+    assert sh(vm, f"cat {MARKER}") == MARKER_TEXT.strip()
+    # the screen: a PNG that shows something; VNC only on a 0600 unix socket, no TCP port
+    shot = tmp_path / "screen.png"
+    assert vm.screenshot(shot) > 0 and not png_is_blank(shot.read_bytes())
+    socket_mode = os.stat(vm.vnc_socket()).st_mode
+    assert stat.S_ISSOCK(socket_mode) and stat.S_IMODE(socket_mode) == 0o600
+    pid = vm.status().pid
+    assert pid is not None and not (_socket_inodes(pid) & _listening_tcp_inodes())
+    # the guest reads the ISO it was created with, then what is attached while it runs
+    _load_extra_modules(vm)
+    assert sh(vm, "mkdir -p /mnt/cd && mount -t iso9660 -o ro /dev/sr0 /mnt/cd && "
+                  "cat /mnt/cd/hello.txt; umount /mnt/cd") == "first medium"
+    assert vm.eject_media() == str(first)
+    empty = vm.exec(["sh", "-c", "dd if=/dev/sr0 of=/dev/null bs=2048 count=1"], timeout=60)
+    assert empty.exit_code != 0  # no medium
+    assert vm.attach_media(second) == str(second)
+    assert sh(vm, "mount -t iso9660 -o ro /dev/sr0 /mnt/cd && cat /mnt/cd/other.txt; "
+                  "umount /mnt/cd") == "second medium"
+    assert vm.config.media == str(second)
+    # the medium is lent read-only: the guest cannot write it
+    assert vm.exec(["sh", "-c", "dd if=/dev/zero of=/dev/sr0 bs=2048 count=1"],
+                   timeout=60).exit_code != 0
+    assert second.read_bytes().count(b"second medium") == 1
+    vm.kill()
+    with pytest.raises(InvalidState, match="it is stopped"):
+        vm.screenshot(tmp_path / "off.png")
+
+
+def test_uefi_variables_belong_to_the_vm_and_travel_with_it(
+        host: Host, formats: dict[str, Path], tmp_path: Path) -> None:
+    vm = host.create("uefi", from_disk=formats["vmdk"], firmware="uefi", memory="512M")
+    nvram = vm.folder.path / "disks/nvram.fd"
+    assert nvram.read_bytes() == OVMF_VARS_TEMPLATE.read_bytes()
+    vm.start()
+    vm.wait_ready(timeout=BOOT_TIMEOUT)
+    assert sh(vm, f"cat {MARKER}") == MARKER_TEXT.strip()
+    _load_extra_modules(vm)
+    variable = efi_variable("VmkitMarker")
+    efivars = "/sys/firmware/efi/efivars"
+    sh(vm, f"mount -t efivarfs efivarfs {efivars} 2>/dev/null; "
+           f"printf '\\007\\000\\000\\000kept' > {efivars}/{variable}")
+    vm.stop()
+    assert b"kept" in nvram.read_bytes()
+
+    def has_marker(machine: VM) -> str:
+        machine.start()
+        machine.wait_ready(timeout=BOOT_TIMEOUT)
+        _load_extra_modules(machine)
+        return sh(machine, f"mount -t efivarfs efivarfs {efivars} 2>/dev/null; "
+                           f"tail -c 4 {efivars}/{variable}")
+
+    # kept over a restart, in a clone's own copy, and through an export and import
+    assert has_marker(vm) == "kept"
+    vm.stop()
+    clone = vm.clone("uefi-clone")
+    assert (clone.folder.path / "disks/nvram.fd").read_bytes() == nvram.read_bytes()
+    bundle = tmp_path / "uefi.vmkit"
+    vm.export(bundle)
+    vm.delete()
+    imported = host.import_bundle(bundle, name="uefi-back")
+    assert has_marker(imported) == "kept"
+    imported.kill()
+    assert has_marker(clone) == "kept"
+    clone.kill()
+
+
+@pytest.fixture(scope="module")
+def installer(image_home: Path, made_elsewhere: Path,
+              tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return installer_iso(image_home, made_elsewhere, tmp_path_factory.mktemp("installer"))
+
+
+@pytest.mark.parametrize("firmware", ["bios", "uefi"])
+def test_an_os_installed_from_media_boots_from_its_own_disk(
+        host: Host, home: Path, installer: Path, firmware: str) -> None:
+    """create --iso on an empty disk: the firmware finds nothing on the disk and boots the
+    installer from the CD-ROM; it writes the system and powers off; the next start boots from
+    the VM's own disk (no -kernel, the ISO still in the drive) and the agent answers."""
+    name = f"inst-{firmware}"
+    done = run_cli(home, "create", name, "--iso", str(installer), "--disk", "1G",
+                   "--firmware", firmware, "--memory", "512M")
+    assert done.returncode == 0, done.stderr
+    vm = host.get(name)
+    status = vm.status()
+    assert (status.boot, status.media, status.disk) == ("disk,cdrom", str(installer), 1 << 30)
+    vm.start()
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    while vm.state.value != "stopped" and time.monotonic() < deadline:
+        time.sleep(1)
+    log = b"".join(vm.read_log())
+    assert b"installer: done, powering off" in log, log[-3000:]
+    assert vm.state.value == "stopped" and vm.status().last_exit is not None
+    vm.start()
+    vm.wait_ready(timeout=BOOT_TIMEOUT)
+    argv = Path(f"/proc/{vm.status().pid}/cmdline").read_bytes().split(b"\0")
+    assert b"-kernel" not in argv
+    assert sh(vm, f"cat {INSTALLED}") == "the vmkit test installer"
+    assert sh(vm, "cat /proc/cmdline").find("root=/dev/vda") >= 0
+    assert run_cli(home, "media", "eject", name).returncode == 0
+    assert host.get(name).config.media is None  # read again: the CLI changed vm.json
+    vm.kill()
