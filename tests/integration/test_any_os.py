@@ -177,29 +177,39 @@ def test_bios_boot_from_a_vdi_screen_media_attach_and_eject(
 
 def test_uefi_variables_belong_to_the_vm_and_travel_with_it(
         host: Host, formats: dict[str, Path], tmp_path: Path) -> None:
+    """A variable the guest writes stays over a restart; a snapshot keeps the variables of its
+    moment and its restore brings them back; a clone and an export/import carry them."""
     vm = host.create("uefi", from_disk=formats["vmdk"], firmware="uefi", memory="512M")
     nvram = vm.folder.path / "disks/nvram.fd"
     assert nvram.read_bytes() == OVMF_VARS_TEMPLATE.read_bytes()
-    vm.start()
-    vm.wait_ready(timeout=BOOT_TIMEOUT)
-    assert sh(vm, f"cat {MARKER}") == MARKER_TEXT.strip()
-    _load_extra_modules(vm)
-    variable = efi_variable("VmkitMarker")
     efivars = "/sys/firmware/efi/efivars"
-    sh(vm, f"mount -t efivarfs efivarfs {efivars} 2>/dev/null; "
-           f"printf '\\007\\000\\000\\000kept' > {efivars}/{variable}")
-    vm.stop()
-    assert b"kept" in nvram.read_bytes()
 
-    def has_marker(machine: VM) -> str:
+    def booted(machine: VM) -> VM:
         machine.start()
         machine.wait_ready(timeout=BOOT_TIMEOUT)
         _load_extra_modules(machine)
-        return sh(machine, f"mount -t efivarfs efivarfs {efivars} 2>/dev/null; "
-                           f"tail -c 4 {efivars}/{variable}")
+        sh(machine, f"mount -t efivarfs efivarfs {efivars} 2>/dev/null || true")
+        return machine
 
-    # kept over a restart, in a clone's own copy, and through an export and import
-    assert has_marker(vm) == "kept"
+    def write(machine: VM, name: str, value: str) -> None:  # non-volatile, boot + runtime
+        sh(machine, f"printf '\\007\\000\\000\\000{value}' > "
+                    f"{efivars}/{efi_variable(name)}")
+
+    def read(machine: VM, name: str) -> str:
+        return sh(machine, f"tail -c 4 {efivars}/{efi_variable(name)} 2>/dev/null || true")
+
+    write(booted(vm), "VmkitMarker", "kept")
+    assert sh(vm, f"cat {MARKER}") == MARKER_TEXT.strip()
+    vm.stop()
+    assert b"kept" in nvram.read_bytes()
+    vm.snapshot("with-kept")
+    assert read(booted(vm), "VmkitMarker") == "kept"  # over a restart
+    write(vm, "VmkitLater", "late")
+    vm.stop()
+    assert b"late" in nvram.read_bytes()
+    vm.restore("with-kept")
+    booted(vm)  # the variables of the snapshot's moment: the later one is gone
+    assert (read(vm, "VmkitMarker"), read(vm, "VmkitLater")) == ("kept", "")
     vm.stop()
     clone = vm.clone("uefi-clone")
     assert (clone.folder.path / "disks/nvram.fd").read_bytes() == nvram.read_bytes()
@@ -207,9 +217,9 @@ def test_uefi_variables_belong_to_the_vm_and_travel_with_it(
     vm.export(bundle)
     vm.delete()
     imported = host.import_bundle(bundle, name="uefi-back")
-    assert has_marker(imported) == "kept"
+    assert read(booted(imported), "VmkitMarker") == "kept"
     imported.kill()
-    assert has_marker(clone) == "kept"
+    assert read(booted(clone), "VmkitMarker") == "kept"
     clone.kill()
 
 

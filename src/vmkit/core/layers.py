@@ -30,6 +30,7 @@ from vmkit.model.snapshots import SnapshotNode
 from vmkit.model.state import LIVE_STATES, VmState
 from vmkit.qemu import agent, blockops, img
 from vmkit.qemu.qmp import QmpConnection
+from vmkit.storage.layout import write_bytes_atomic
 
 if TYPE_CHECKING:
     from vmkit.core.engine import VM
@@ -65,10 +66,12 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
         raise InvalidState(f"cannot take a memory snapshot of VM {vm.name!r}: a NIC it started "
                            "with was unplugged live, and that machine cannot be started again",
                            hint="take it --disk-only, or restart the VM first")
+    nvram_rel = f"snapshots/{name}.nvram.fd" if vm.folder.nvram.is_file() else None
     if not live:
         img.create_overlay(new_path, Path(active).name)
         node = SnapshotNode(name=name, parent=tree.current, created_at=time.time(),
-                            layer=active, taken_in=taken_in)
+                            layer=active, taken_in=taken_in,
+                            nvram=_keep_nvram(vm, nvram_rel))
         _commit(vm, tree, node, new_active, new_path)
         return node
 
@@ -111,6 +114,8 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
                 else:
                     blockops.save_memory(qmp, memory_path, MEMORY_STATE_TIMEOUT)
             completed = time.monotonic()
+            # the variables at the moment the disk switches (the guest is paused or frozen)
+            node = node.model_copy(update={"nvram": _keep_nvram(vm, nvram_rel)})
             # switch QEMU over first, then publish the tree: the tree never names a layer
             # QEMU is not writing to; a cut in between is rolled forward by the journal
             blockops.add_overlay_on_top(qmp, new_path, f"layer-{Path(new_active).stem}")
@@ -132,6 +137,8 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
                 new_path.unlink(missing_ok=True)
                 if memory_path is not None:
                     memory_path.unlink(missing_ok=True)
+                if nvram_rel is not None:
+                    (vm.folder.path / nvram_rel).unlink(missing_ok=True)
                 if log is not None:
                     log.end()  # rolled back here; after the switch recovery rolls forward
             raise
@@ -144,6 +151,26 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
     if log is not None:
         log.end()
     return node
+
+
+def _keep_nvram(vm: VM, relative: str | None) -> str | None:
+    """A copy of the VM's UEFI variables for a snapshot (root's: QEMU never opens it)."""
+    if relative is None:
+        return None
+    target = vm.folder.path / relative
+    target.parent.mkdir(mode=0o700, exist_ok=True)
+    write_bytes_atomic(target, vm.folder.nvram.read_bytes(), mode=0o600)
+    return relative
+
+
+def restore_nvram(vm: VM, node: SnapshotNode) -> bytes | None:
+    """Put a snapshot's UEFI variables back; returns what they were (to undo a failed
+    restore), None when the snapshot has none."""
+    if node.nvram is None:
+        return None
+    before = vm.folder.nvram.read_bytes()
+    write_bytes_atomic(vm.folder.nvram, (vm.folder.path / node.nvram).read_bytes(), mode=0o600)
+    return before
 
 
 def _step(log: Journal | None, step: str, **intent: object) -> None:
@@ -260,8 +287,9 @@ def delete_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *,
     save_tree(vm, tree.without(name))
     _step(log, "tree-saved")
     layer_path.unlink(missing_ok=True)
-    if node.memory is not None:
-        (vm.folder.path / node.memory).unlink(missing_ok=True)
+    for kept in (node.memory, node.nvram):
+        if kept is not None:
+            (vm.folder.path / kept).unlink(missing_ok=True)
 
 
 def _backing_of_children(vm: VM, tree: DiskState, node: SnapshotNode) -> str | None:

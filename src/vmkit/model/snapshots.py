@@ -41,6 +41,9 @@ class SnapshotNode(BaseModel):
         "pass)"))
     machine: MachineRecord | None = Field(default=None, description=(
         "the machine a memory snapshot was taken from (vm.json then + hot-plugged devices)"))
+    nvram: str | None = Field(default=None, description=(
+        "a UEFI VM's variables at that moment (snapshots/NAME.nvram.fd), brought back by a "
+        "restore"))
 
     # names are DNS labels; layer and memory are files of the VM folder, in their own folders
     @field_validator("name")
@@ -64,6 +67,13 @@ class SnapshotNode(BaseModel):
         if value is None:
             return None
         return check_relative_path("snapshot memory", value, under="snapshots", suffix=".state")
+
+    @field_validator("nvram")
+    @classmethod
+    def _nvram(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        return check_relative_path("snapshot nvram", value, under="snapshots", suffix=".fd")
 
     @field_validator("memory_size")
     @classmethod

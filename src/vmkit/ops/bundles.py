@@ -66,7 +66,7 @@ FORMAT_VERSION = 1
 BASE_LAYER = "disks/base.qcow2"
 _CHUNK = 1 << 20
 _MEMBER = re.compile(r"^(vm\.json|snapshots\.json|boot/[\w.-]+|disks/[\w.-]+\.qcow2|"
-                     r"disks/nvram\.fd|snapshots/[\w.-]+\.state)$", re.ASCII)
+                     r"disks/nvram\.fd|snapshots/[\w.-]+\.(state|nvram\.fd))$", re.ASCII)
 BUNDLE_MODE = 0o600  # disks and memory: readable by the exporting user only
 _MANIFEST_LIMIT = 1 << 20
 Progress = Callable[[int, int], None]
@@ -211,8 +211,9 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
     for layer in sorted(layers):
         files[layer] = folder / layer
     for node in tree.nodes.values():
-        if node.memory:
-            files[node.memory] = folder / node.memory
+        for kept in (node.memory, node.nvram):
+            if kept:
+                files[kept] = folder / kept
     repoint: dict[str, str] = {}
     if config.backing_file is not None and not Path(config.backing_file).is_absolute():
         files[f"disks/{config.backing_file}"] = folder / "disks" / config.backing_file
@@ -360,7 +361,8 @@ def _extract_checked(tar: tarfile.TarFile, dest: Path, expected: dict[str, dict[
         if not member.isfile() or not _MEMBER.match(member.name) or member.name in seen:
             raise BundleError(f"bundle {path}: unexpected member {member.name!r}",
                               hint="only vm.json, snapshots.json, boot/, disks/*.qcow2, "
-                                   "disks/nvram.fd and snapshots/*.state may be in a bundle")
+                                   "disks/nvram.fd, snapshots/*.state and "
+                                   "snapshots/*.nvram.fd may be in a bundle")
         entry = expected.get(member.name)
         if entry is None:
             raise BundleError(f"bundle {path}: {member.name} is not in the manifest")
@@ -501,6 +503,9 @@ def _check_metadata(folder: Path, path: Path) -> VmConfig:
         if node.memory is not None:
             named.append((f"snapshots.json snapshot {node.name} memory", node.memory,
                           "snapshots", ".state"))
+        if node.nvram is not None:
+            named.append((f"snapshots.json snapshot {node.name} nvram", node.nvram,
+                          "snapshots", ".fd"))
     for field, value, under, suffix in named:
         if field == "vm.json disk_file" and tree.active_layer is not None:
             continue  # superseded by the active layer
@@ -516,10 +521,12 @@ def _check_metadata(folder: Path, path: Path) -> VmConfig:
             raise BundleError(f"bundle {path}: {field} {shown(value)} is not a file of the "
                               "bundle; refused")
     if hardware.firmware == "ovmf":
-        size, expected = (folder / NVRAM_FILE).stat().st_size, OVMF_VARS_TEMPLATE.stat().st_size
-        if size != expected:
-            raise BundleError(f"bundle {path}: the UEFI variables ({NVRAM_FILE}) are {size} "
-                              f"bytes, this host's OVMF takes {expected}; refused")
+        expected = OVMF_VARS_TEMPLATE.stat().st_size
+        for stores in (NVRAM_FILE, *(n.nvram for n in tree.nodes.values() if n.nvram)):
+            size = (folder / stores).stat().st_size
+            if size != expected:
+                raise BundleError(f"bundle {path}: the UEFI variables ({stores}) are {size} "
+                                  f"bytes, this host's OVMF takes {expected}; refused")
     return config
 
 

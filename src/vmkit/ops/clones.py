@@ -52,16 +52,17 @@ def _identity(source: VmConfig, target: str, *, backing: Path | None) -> VmConfi
     })
 
 
-def _link_boot(source: VM, work: VmFolder) -> None:
+def _link_boot(source: VM, work: VmFolder, node: SnapshotNode | None = None) -> None:
     """The boot files (shared: nobody writes them) and a copy of the UEFI variables (each VM
-    writes its own)."""
+    writes its own): those of snapshot `node` when the clone starts from it."""
     for item in source.folder.boot.iterdir():
         try:
             os.link(item, work.boot / item.name)
         except OSError:
             work.boot.joinpath(item.name).write_bytes(item.read_bytes())
-    if source.folder.nvram.is_file():
-        shutil.copyfile(source.folder.nvram, work.nvram)
+    kept = source.folder.path / node.nvram if node is not None and node.nvram else None
+    if kept is not None or source.folder.nvram.is_file():
+        shutil.copyfile(kept or source.folder.nvram, work.nvram)
         os.chmod(work.nvram, 0o600)
 
 
@@ -96,7 +97,7 @@ def clone(source: VM, target: str, *, linked: bool = False, from_snapshot: str |
         point = source.folder.path / (node.layer if node else source.active_layer())
         try:
             def build(work: VmFolder) -> VmConfig:
-                _link_boot(source, work)
+                _link_boot(source, work, node if from_snapshot is not None else None)
                 disk = work.path / ROOT_DISK_FILE
                 if linked:
                     img.create_overlay(disk, point)

@@ -22,6 +22,7 @@ from vmkit.core.layers import (
     MEMORY_STATE_TIMEOUT,
     QMP_TIMEOUT,
     delete_locked,
+    restore_nvram,
     take_locked,
 )
 from vmkit.core.locks import Held
@@ -39,6 +40,7 @@ from vmkit.model.state import LIVE_STATES, VmState
 from vmkit.model.views import SnapshotInfo
 from vmkit.qemu import agent, blockops, img
 from vmkit.qemu.qmp import QmpConnection
+from vmkit.storage.layout import write_bytes_atomic
 
 if TYPE_CHECKING:
     from vmkit.core.engine import VM
@@ -97,7 +99,9 @@ def restore(vm: VM, name: str) -> None:
             vm._kill_locked(held, record, note=f" (to restore snapshot {name!r})")
             record = vm._record()
         log.step("stopped")
+        nvram_before: bytes | None = None
         try:
+            nvram_before = restore_nvram(vm, node)
             img.create_overlay(new_path, Path(node.layer).name)
             log.step("overlay-created")
             if node.memory is not None:
@@ -110,6 +114,8 @@ def restore(vm: VM, name: str) -> None:
             log.step("started")
         except BaseException:
             new_path.unlink(missing_ok=True)  # the present disk is untouched
+            if nvram_before is not None:  # and so are its variables
+                write_bytes_atomic(vm.folder.nvram, nvram_before, mode=0o600)
             log.end()
             raise
         _finish_restore(vm, name, new_active, old_active)
