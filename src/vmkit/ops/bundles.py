@@ -54,8 +54,8 @@ from vmkit.model.spec import (
     shown,
 )
 from vmkit.model.state import LIVE_STATES
-from vmkit.ops.lifecycle import OVMF_VARS_TEMPLATE
 from vmkit.qemu import hostinfo, img
+from vmkit.qemu.argv import OVMF_VARS_TEMPLATE
 from vmkit.storage.layout import VmFolder, fsync_dir
 
 if TYPE_CHECKING:
@@ -521,7 +521,7 @@ def _check_metadata(folder: Path, path: Path) -> VmConfig:
             raise BundleError(f"bundle {path}: {field} {shown(value)} is not a file of the "
                               "bundle; refused")
     if hardware.firmware == "ovmf":
-        expected = OVMF_VARS_TEMPLATE.stat().st_size
+        expected = os.path.getsize(OVMF_VARS_TEMPLATE)
         for stores in (NVRAM_FILE, *(n.nvram for n in tree.nodes.values() if n.nvram)):
             size = (folder / stores).stat().st_size
             if size != expected:

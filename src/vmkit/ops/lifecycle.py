@@ -72,6 +72,7 @@ from vmkit.model.spec import (
 from vmkit.model.state import LIVE_STATES, Operation, VmState, check_transition
 from vmkit.model.views import ExecResult
 from vmkit.qemu import agent, hostinfo, img, process
+from vmkit.qemu import argv as qemu_argv
 from vmkit.qemu.argv import HOTPLUG_SPARE
 from vmkit.qemu.qmp import QmpConnection, qmp_execute
 from vmkit.storage.layout import (
@@ -80,7 +81,7 @@ from vmkit.storage.layout import (
 )
 
 DEFAULT_DISK = "2G"
-OVMF_VARS_TEMPLATE = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
+OVMF_VARS_TEMPLATE = Path(qemu_argv.OVMF_VARS_TEMPLATE)
 QEMU_SETTLE_TIMEOUT = 10.0  # a cut start's exec chain (sh, setpriv) becoming QEMU
 
 

@@ -21,6 +21,9 @@ FIRMWARE_FILES = {"qboot": "qboot.rom", "seabios": "bios-256k.bin", "microvm": "
 # Debian's seabios package installs its images in /usr/share/seabios (the bookworm-backports
 # QEMU 10 here has no bios-256k.bin in /usr/share/qemu); qboot.rom comes with QEMU.
 SEABIOS_FIRMWARES = frozenset({"seabios", "microvm"})
+# Debian's ovmf package: the 4 MiB UEFI build and its empty variable store (copied per VM)
+OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+OVMF_VARS_TEMPLATE = "/usr/share/OVMF/OVMF_VARS_4M.fd"
 
 
 def escape_opt(value: str) -> str:
@@ -56,7 +59,7 @@ class LaunchOptions:
     ssh_port: int | None = None  # host port on 127.0.0.1 forwarded to the guest's port 22
     tap_fds: tuple[tuple[str, int], ...] = ()  # (NIC MAC, descriptor QEMU inherits)
     media_fd: int | None = None  # the CD-ROM's ISO, opened read-only by vmkit
-    ovmf_code: str = "/usr/share/OVMF/OVMF_CODE_4M.fd"
+    ovmf_code: str = OVMF_CODE
 
 
 MEMORY_SLOTS = 8
