@@ -57,7 +57,7 @@ class Host(engine.Host):
                autostart: bool = False, cpu_model: str = "qemu64", firmware: str | None = None,
                boot: str | None = None, from_disk: str | Path | None = None,
                iso: str | Path | None = None, display: str | None = None,
-               os_type: str = "linux") -> VM:
+               os_type: str = "linux", secure_boot: bool = False) -> VM:
         """Create a VM folder (complete or not at all); optionally start it.
 
         Maxima (room to hot-add) default to the host's cores and 4x the memory, within what
@@ -73,14 +73,15 @@ class Host(engine.Host):
         into the folder) and/or `iso` (installation media, referenced read-only) make a VM
         that boots through its `firmware` (bios or uefi) in `boot` order (e.g.
         "disk,cdrom"), with a graphical console (`display` std, VNC on a unix socket);
-        `os_type` (linux, windows, other) picks devices the guest has drivers for."""
+        `os_type` (linux, windows, other) picks devices the guest has drivers for;
+        `secure_boot` (UEFI) starts only signed boot loaders."""
         return cast(VM, lifecycle.create(
             self, name, image=image, cpus=cpus, memory=memory, disk=disk, full_copy=full_copy,
             accel=accel, start=start, wait=wait, timeout=timeout, max_cpus=max_cpus,
             max_memory=max_memory, hostname=hostname, ssh_keys=ssh_keys, user_data=user_data,
             networks=networks, ports=ports, restart=restart, autostart=autostart,
             cpu_model=cpu_model, firmware=firmware, boot=boot, from_disk=from_disk, iso=iso,
-            display=display, os_type=os_type))
+            display=display, os_type=os_type, secure_boot=secure_boot))
 
     def delete_all(self) -> None:
         """Delete every VM (running ones too), linked clones before the VMs they lean on."""

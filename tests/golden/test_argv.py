@@ -136,7 +136,8 @@ def test_vms_made_before_vmgenid_keep_their_hardware() -> None:
     assert not any(a.startswith("vmgenid") for a in argv)
 
 
-def _firmware_config(firmware: str, cdrom: str = "scsi", **extra: object) -> VmConfig:
+def _firmware_config(firmware: str, cdrom: str = "scsi", secure_boot: bool = False,
+                     **extra: object) -> VmConfig:
     """A VM that boots through its firmware (from a foreign disk or media): no -kernel."""
     return VmConfig(
         uuid="0b0c5d2e-1111-4222-8333-444455556666", mac="52:54:00:12:34:56", created_at=0.0,
@@ -144,7 +145,7 @@ def _firmware_config(firmware: str, cdrom: str = "scsi", **extra: object) -> VmC
                     full_copy=True),
         hardware=HardwareProfile(machine="pc-q35-10.0", firmware=firmware, display="std",
                                  cdrom=cdrom, hotplug_ports=4,
-                                 vmgenid=firmware == "seabios"),
+                                 vmgenid=firmware == "seabios", secure_boot=secure_boot),
         boot=None, **extra)  # type: ignore[arg-type]
 
 
@@ -196,3 +197,13 @@ def test_a_kernel_booted_vm_has_no_screen_no_cdrom_and_boots_its_kernel() -> Non
     argv = _argv("/x", "tcg")
     assert "-vnc" not in argv and "VGA,id=video0" not in argv
     assert not any(a.startswith("ide-cd") for a in argv) and "-kernel" in argv
+
+
+def test_secure_boot_argv() -> None:
+    config = _firmware_config("ovmf", secure_boot=True)
+    argv = _firmware_argv(config)
+    _check("argv_secure_boot.json", argv)
+    assert argv[argv.index("-machine") + 1].endswith(",smm=on")
+    assert argv[argv.index("-global") + 1] == "driver=cfi.pflash01,property=secure,value=on"
+    code = json.loads(argv[argv.index("-blockdev") + 1])
+    assert code["node-name"] == "fw-code" and code["file"]["filename"].endswith("secboot.fd")

@@ -258,3 +258,22 @@ def test_an_os_installed_from_media_boots_from_its_own_disk(
     assert run_cli(home, "media", "eject", name).returncode == 0
     assert host.get(name).config.media is None  # read again: the CLI changed vm.json
     vm.kill()
+
+
+def test_secure_boot_refuses_an_unsigned_boot_loader(host: Host, formats: dict[str, Path]
+                                                      ) -> None:
+    """The GRUB grub-mkrescue builds is not signed: with Secure Boot (Microsoft's keys) OVMF
+    will not start it, where the same disk boots without Secure Boot (the test above)."""
+    with pytest.raises(InvalidValue, match="needs --firmware uefi"):
+        host.create("sb", from_disk=formats["raw"], secure_boot=True)
+    vm = host.create("sb", from_disk=formats["raw"], firmware="uefi", secure_boot=True)
+    vm.start()
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    said = b""
+    for chunk in vm.read_log(follow=True, should_stop=lambda: time.monotonic() > deadline):
+        said += chunk
+        if b"No bootable option" in said:
+            break
+    assert b"Access Denied" in said, said[-2000:]
+    assert b"Linux version" not in said and b"made elsewhere" not in said
+    vm.kill()

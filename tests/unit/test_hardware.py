@@ -97,3 +97,34 @@ def test_machine_versions() -> None:
     assert machine_version("pc-i440fx-9.2") == (9, 2)
     assert machine_version("q35") is None
     assert "pc-q35-9.2" in RECORDED["machines"] and NEWER
+
+
+def test_a_vm_with_media_or_uefi_is_refused_where_that_cannot_follow() -> None:
+    """The ISO is a file of this host (never sent along); a UEFI VM needs OVMF there."""
+    uefi = VmConfig(uuid="0" * 8 + "-0000-4000-8000-" + "0" * 12, mac="52:54:00:00:00:01",
+                    created_at=time.time(), spec=make_spec("inst", None, 1, "256M", "2G"),
+                    hardware=HardwareProfile(machine="pc-q35-10.0", firmware="ovmf",
+                                             cdrom="sata", display="std"),
+                    boot=None, boot_order=("disk", "cdrom"), media="/srv/iso/debian.iso")
+    reasons = preflight(uefi, _caps(firmwares=("qboot", "seabios")), name="inst",
+                        disk_bytes=1 << 30, running=True)
+    assert len(reasons) == 2, reasons
+    assert "/srv/iso/debian.iso is in the CD-ROM drive" in reasons[0]
+    assert "vmkit media eject inst" in reasons[0]
+    assert "no UEFI firmware" in reasons[1]
+    ejected = uefi.model_copy(update={"media": None})
+    assert preflight(ejected, _caps(firmwares=("qboot", "seabios", "ovmf")), name="inst",
+                     disk_bytes=1 << 30, running=True) == []
+
+
+def test_firmware_boot_needs_a_firmware_that_boots_disks() -> None:
+    from vmkit.errors import InvalidValue
+
+    with pytest.raises(InvalidValue, match="seabios or ovmf"):
+        VmConfig(uuid="0" * 8 + "-0000-4000-8000-" + "0" * 12, mac="52:54:00:00:00:01",
+                 created_at=time.time(), spec=make_spec("x", None, 1, "256M", "2G"),
+                 hardware=HardwareProfile(machine="pc-q35-10.0", firmware="qboot"),
+                 boot=None)
+    with pytest.raises(InvalidValue, match="no CD-ROM drive"):
+        _config().model_copy(update={"media": "/a.iso"}).model_validate(
+            {**_config().model_dump(), "media": "/a.iso"})

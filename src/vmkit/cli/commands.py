@@ -252,6 +252,9 @@ def create(
     os_type: Annotated[str, typer.Option(
         help="linux, windows or other: devices the guest has drivers for (the CD-ROM on "
              "virtio-scsi for linux, SATA otherwise)")] = "linux",
+    secure_boot: Annotated[bool, typer.Option(
+        "--secure-boot", help="with --firmware uefi: Secure Boot with Microsoft's keys (only "
+                              "signed boot loaders start)")] = False,
 ) -> None:
     """Create a VM (a folder under VMKIT_HOME/vms).
 
@@ -277,7 +280,7 @@ def create(
                          user_data=text, networks=network or [], ports=port or [],
                          restart=restart, autostart=autostart, cpu_model=cpu_model,
                          firmware=firmware, boot=boot, from_disk=from_disk, iso=iso,
-                         display=display, os_type=os_type)
+                         display=display, os_type=os_type, secure_boot=secure_boot)
     render.err.print(f"created VM {name}")
     if start:
         _start(vm.name, wait, timeout)

@@ -255,7 +255,7 @@ class RemoteHost:
                autostart: bool = False, cpu_model: str = "qemu64", firmware: str | None = None,
                boot: str | None = None, from_disk: str | Path | None = None,
                iso: str | Path | None = None, display: str | None = None,
-               os_type: str = "linux") -> RemoteVM:
+               os_type: str = "linux", secure_boot: bool = False) -> RemoteVM:
         # paths are the daemon host's: a local CLI talking to its own daemon means the same file
         paths = {key: os.path.abspath(value) for key, value in
                  (("from_disk", from_disk), ("iso", iso)) if value is not None}
@@ -266,7 +266,7 @@ class RemoteHost:
                 "user_data": user_data, "networks": list(networks), "ports": list(ports),
                 "restart": restart, "autostart": autostart, "cpu_model": cpu_model,
                 "firmware": firmware, "boot": boot, "display": display, "os_type": os_type,
-                **paths}
+                "secure_boot": secure_boot, **paths}
         self.connection.run("POST", "/1.0/vms", json=body)
         return self.get(name)
 

@@ -361,7 +361,7 @@ def build_app(service: Service) -> FastAPI:
                              ports=body.ports, restart=body.restart, autostart=body.autostart,
                              cpu_model=body.cpu_model, firmware=body.firmware, boot=body.boot,
                              display=body.display, from_disk=body.from_disk, iso=body.iso,
-                             os_type=body.os_type)
+                             os_type=body.os_type, secure_boot=body.secure_boot)
             if body.start:
                 op.report(stage="starting")
                 vm.start()

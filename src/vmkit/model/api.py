@@ -45,6 +45,7 @@ class CreateRequest(_Request):
     boot: str | None = Field(default=None, max_length=32, description="e.g. disk,cdrom")
     display: Literal["none", "std"] | None = None
     os_type: Literal["linux", "windows", "other"] = "linux"
+    secure_boot: bool = False
     from_disk: str | None = Field(default=None, max_length=4096, description=(
         "a disk image path on the daemon's host (accepted from root on the unix socket only)"))
     iso: str | None = Field(default=None, max_length=4096, description=(

@@ -49,6 +49,8 @@ class HostCapabilities(BaseModel):
     memory_room: int = Field(description="memory the policy still lets a new VM have")
     vcpu_room: int = Field(description="vCPUs the policy still lets a new VM have")
     disk_free: int = Field(description="free bytes where the VM's folder would go")
+    firmwares: tuple[str, ...] = Field(default=("qboot", "seabios"), description=(
+        "the firmwares installed on this host (ovmf: UEFI)"))
     postcopy: bool = Field(default=False, description=(
         "whether a VM's QEMU may use userfaultfd here (post-copy migration)"))
 
@@ -103,6 +105,11 @@ def preflight(config: VmConfig, caps: HostCapabilities, *, name: str, disk_bytes
     if disk_bytes > caps.disk_free:
         reasons.append(f"not enough disk on the destination: the VM's files take "
                        f"{format_size(disk_bytes)}, {format_size(caps.disk_free)} are free")
+    if config.media is not None:
+        reasons.append(f"installation media {config.media} is in the CD-ROM drive: a file of "
+                       f"this host (eject it first: vmkit media eject {name})")
+    if config.hardware.firmware == "ovmf" and "ovmf" not in caps.firmwares:
+        reasons.append("the destination has no UEFI firmware (apt-get install ovmf there)")
     for nic in config.nics:
         if nic.network == USER_NETWORK:
             continue

@@ -214,6 +214,9 @@ class HardwareProfile(BaseModel):
     )
     display: str = Field(default="none", description=(
         "none (serial console only) or std: a VGA device shown over VNC on a unix socket"))
+    secure_boot: bool = Field(default=False, strict=True, description=(
+        "UEFI Secure Boot (OVMF's SMM build, Microsoft's keys enrolled): only signed boot "
+        "loaders start"))
     cdrom: str = Field(default="none", description=(
         "the CD-ROM drive: none, scsi (on virtio-scsi: what a Linux kernel without AHCI, "
         "like Debian's cloud kernel, sees) or sata (q35's AHCI: what every OS has a driver "
@@ -270,6 +273,14 @@ class HardwareProfile(BaseModel):
         if len(value) > len(KNOWN_DEVICES) * 4:
             raise invalid("hardware.devices", value, f"at most {len(KNOWN_DEVICES) * 4} names")
         return value
+
+    @model_validator(mode="after")
+    def _secure_boot_firmware(self) -> HardwareProfile:
+        if self.secure_boot and self.firmware != "ovmf":
+            raise invalid("hardware.secure_boot", self.secure_boot,
+                          "false with firmware " + repr(self.firmware) + " (Secure Boot is "
+                          "UEFI's: --firmware uefi)")
+        return self
 
     @model_validator(mode="after")
     def _vmgenid_firmware(self) -> HardwareProfile:

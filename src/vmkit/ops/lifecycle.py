@@ -354,7 +354,7 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
            autostart: bool = False, cpu_model: str = "qemu64", firmware: str | None = None,
            boot: str | None = None, from_disk: str | Path | None = None,
            iso: str | Path | None = None, display: str | None = None,
-           os_type: str = "linux") -> VM:
+           os_type: str = "linux", secure_boot: bool = False) -> VM:
     """The create operation; the parameters are documented on the SDK's Host.create."""
     if os_type not in OS_TYPES:
         raise InvalidValue(f"invalid os-type {os_type!r}",
@@ -382,6 +382,9 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
     check_fits_host(name, ceiling_cpus, ceiling_memory, capacity, policy)
     spec = spec.model_copy(update={"max_cpus": ceiling_cpus, "max_memory": ceiling_memory})
     pinned_firmware = parse_firmware(firmware) if firmware is not None else "seabios"
+    if secure_boot and pinned_firmware != "ovmf":
+        raise InvalidValue("--secure-boot needs --firmware uefi",
+                           hint="add --firmware uefi (Secure Boot is a UEFI feature)")
     if display is not None and display not in DISPLAYS:
         raise InvalidValue(f"invalid display {display!r}", hint="use none or std")
     keys, identity = _read_ssh_keys(ssh_keys)
@@ -396,7 +399,7 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
             (("disk", "cdrom") if iso is not None else ("disk",))
         return _create_foreign(
             host, spec, grow=disk is not None, firmware=pinned_firmware, order=order,
-            cdrom=OS_TYPES[os_type],
+            cdrom=OS_TYPES[os_type], secure_boot=secure_boot,
             display=display or "std",
             from_disk=Path(from_disk) if from_disk is not None else None,
             media=check_media(str(iso)) if iso is not None else None,
@@ -437,7 +440,7 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
             img.full_copy(disk_path, image_dir / info.root_disk, spec.disk)
         else:
             img.create_overlay(disk_path, image_dir / info.root_disk, spec.disk)
-        _make_nvram(work, pinned_firmware)
+        _make_nvram(work, pinned_firmware, secure_boot=secure_boot)
         seed = CloudInit(instance_id=instance_id_for(vm_uuid), hostname=hostname,
                          ssh_keys=keys, user_data=user_data) if info.cloud_init else None
         return VmConfig(
@@ -446,7 +449,7 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
             hardware=HardwareProfile(machine=machine, cpu_model=cpu_model,
                                      hotplug_ports=HOTPLUG_SPARE, firmware=pinned_firmware,
                                      vmgenid=pinned_firmware in VMGENID_FIRMWARES,
-                                     display=display or "none"),
+                                     display=display or "none", secure_boot=secure_boot),
             boot=BootConfig(kernel="boot/vmlinuz", initrd="boot/initrd.img",
                             cmdline=with_hostname(info.cmdline, hostname)),
             backing_file=None if spec.full_copy else str(image_dir / info.root_disk),
@@ -493,10 +496,12 @@ def _check_accel(accel: str) -> None:
                            hint="use --accel tcg or auto")
 
 
-def _make_nvram(work: VmFolder, firmware: str) -> None:
-    """A UEFI VM's own variable store: a copy of OVMF's empty template."""
+def _make_nvram(work: VmFolder, firmware: str, *, secure_boot: bool = False) -> None:
+    """A UEFI VM's own variable store: a copy of OVMF's empty template (with Microsoft's keys
+    for Secure Boot)."""
     if firmware == "ovmf":
-        template = OVMF_VARS_TEMPLATE
+        template = Path(qemu_argv.OVMF_SECURE_VARS_TEMPLATE) if secure_boot \
+            else OVMF_VARS_TEMPLATE
         if not template.is_file():
             raise HostError(f"UEFI firmware variables template {template} is missing",
                             hint="apt-get install ovmf (make run installs it)")
@@ -505,7 +510,7 @@ def _make_nvram(work: VmFolder, firmware: str) -> None:
 
 
 def _create_foreign(host: Host, spec: VmSpec, *, grow: bool, firmware: str,
-                    order: tuple[str, ...], cdrom: str,
+                    order: tuple[str, ...], cdrom: str, secure_boot: bool,
                     display: str, from_disk: Path | None, media: str | None, cpu_model: str,
                     networks: Iterable[str], ports: Iterable[str], restart: RestartPolicy,
                     start: bool, wait: bool, timeout: float) -> VM:
@@ -531,13 +536,13 @@ def _create_foreign(host: Host, spec: VmSpec, *, grow: bool, firmware: str,
                 img.resize(disk_path, size)
         else:
             img.create_empty(disk_path, size)
-        _make_nvram(work, firmware)
+        _make_nvram(work, firmware, secure_boot=secure_boot)
         return VmConfig(
             uuid=vm_uuid, mac=new_mac(), created_at=time.time(), spec=spec,
             hardware=HardwareProfile(machine=machine, cpu_model=cpu_model,
                                      hotplug_ports=HOTPLUG_SPARE, firmware=firmware,
                                      vmgenid=firmware in VMGENID_FIRMWARES, display=display,
-                                     cdrom=cdrom),
+                                     cdrom=cdrom, secure_boot=secure_boot),
             boot=None, boot_order=order, media=media, nics=nics, restart=restart)
 
     vm = _new_vm(host, spec.name, nics, build)

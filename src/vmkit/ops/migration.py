@@ -95,7 +95,8 @@ def capabilities(host: Host) -> HostCapabilities:
         images={image.name: image.sha256 for image in catalog.list_images(host.layout)},
         memory_room=max(0, memory_limit(capacity, policy) - allocated.memory),
         vcpu_room=max(0, vcpu_limit(capacity, policy) - allocated.cpus),
-        disk_free=shutil.disk_usage(host.layout.root).free, postcopy=postcopy_possible())
+        disk_free=shutil.disk_usage(host.layout.root).free, postcopy=postcopy_possible(),
+        firmwares=hostinfo.firmwares())
 
 
 def postcopy_possible() -> bool:

@@ -21,9 +21,14 @@ FIRMWARE_FILES = {"qboot": "qboot.rom", "seabios": "bios-256k.bin", "microvm": "
 # Debian's seabios package installs its images in /usr/share/seabios (the bookworm-backports
 # QEMU 10 here has no bios-256k.bin in /usr/share/qemu); qboot.rom comes with QEMU.
 SEABIOS_FIRMWARES = frozenset({"seabios", "microvm"})
+SEABIOS_DIR = "/usr/share/seabios"
 # Debian's ovmf package: the 4 MiB UEFI build and its empty variable store (copied per VM)
 OVMF_CODE = "/usr/share/OVMF/OVMF_CODE_4M.fd"
 OVMF_VARS_TEMPLATE = "/usr/share/OVMF/OVMF_VARS_4M.fd"
+# Secure Boot: the SMM-protected build and a store with Microsoft's keys enrolled (what signed
+# shims and Windows boot with); an unsigned boot loader is refused ("Access Denied")
+OVMF_SECURE_CODE = "/usr/share/OVMF/OVMF_CODE_4M.secboot.fd"
+OVMF_SECURE_VARS_TEMPLATE = "/usr/share/OVMF/OVMF_VARS_4M.ms.fd"
 
 
 def escape_opt(value: str) -> str:
@@ -54,7 +59,7 @@ class RunPaths:
 class LaunchOptions:
     accel: str  # "kvm" or "tcg"
     firmware_dir: str = "/usr/share/qemu"
-    seabios_dir: str = "/usr/share/seabios"
+    seabios_dir: str = SEABIOS_DIR
     qemu_binary: str = "qemu-system-x86_64"
     ssh_port: int | None = None  # host port on 127.0.0.1 forwarded to the guest's port 22
     tap_fds: tuple[tuple[str, int], ...] = ()  # (NIC MAC, descriptor QEMU inherits)
@@ -109,6 +114,8 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
         machine += ",hpet=off"  # the guest spends boot time calibrating an HPET it does not need
     if hw.firmware == "ovmf":
         machine += ",pflash0=fw-code,pflash1=fw-vars"
+        if hw.secure_boot:
+            machine += ",smm=on"  # the variable store is writable only from SMM
     order = boot_indexes(config)
     argv = [
         options.qemu_binary,
@@ -132,9 +139,12 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
     elif hw.firmware == "ovmf":
         if paths.nvram is None:
             raise ValueError("a UEFI VM needs its NVRAM file")
+        code = OVMF_SECURE_CODE if hw.secure_boot else options.ovmf_code
+        if hw.secure_boot:
+            argv += ["-global", "driver=cfi.pflash01,property=secure,value=on"]
         argv += [
             "-blockdev", _blockdev({"driver": "raw", "node-name": "fw-code", "read-only": True,
-                                    "file": {"driver": "file", "filename": options.ovmf_code,
+                                    "file": {"driver": "file", "filename": code,
                                              "read-only": True}}),
             "-blockdev", _blockdev({"driver": "raw", "node-name": "fw-vars",
                                     "file": {"driver": "file", "filename": paths.nvram}}),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import functools
+import os
 import re
 import shutil
 import subprocess
@@ -145,3 +146,15 @@ def probe_capabilities(accel: str) -> tuple[tuple[str, ...], dict[str, tuple[str
         raise HostError(f"cannot read what QEMU offers under {accel}: "
                         f"{done.stderr.strip()[-300:] or 'no answer on QMP'}")
     return tuple(sorted(machines)), cpus
+
+
+def firmwares() -> tuple[str, ...]:
+    """The firmwares whose files this host has (a VM pinned to another cannot start here)."""
+    from vmkit.qemu import argv
+
+    present = ["qboot"]  # ships with QEMU itself
+    if os.path.exists(f"{argv.SEABIOS_DIR}/{argv.FIRMWARE_FILES['seabios']}"):
+        present.append("seabios")
+    if os.path.exists(argv.OVMF_CODE) and os.path.exists(argv.OVMF_VARS_TEMPLATE):
+        present.append("ovmf")
+    return tuple(present)
