@@ -207,3 +207,29 @@ def test_secure_boot_argv() -> None:
     assert argv[argv.index("-global") + 1] == "driver=cfi.pflash01,property=secure,value=on"
     code = json.loads(argv[argv.index("-blockdev") + 1])
     assert code["node-name"] == "fw-code" and code["file"]["filename"].endswith("secboot.fd")
+
+
+def test_windows_argv() -> None:
+    """--os-type windows: OVMF, a TPM 2.0 on the VM's own swtpm socket, the disk and CD-ROM on
+    SATA, an e1000e NIC, the clock in local time: devices Windows has drivers for."""
+    from vmkit.model.spec import os_type_hardware
+
+    devices = os_type_hardware("windows")
+    config = VmConfig(
+        uuid="0b0c5d2e-1111-4222-8333-444455556666", mac="52:54:00:12:34:56", created_at=0.0,
+        spec=VmSpec(name="win", image=None, cpus=2, memory=4 << 30, disk=64 << 30,
+                    full_copy=True),
+        hardware=HardwareProfile.model_validate({
+            "machine": "pc-q35-10.0", "display": "std", "hotplug_ports": 4, **devices}),
+        boot=None, boot_order=("disk", "cdrom"))
+    argv = _firmware_argv(config)
+    _check("argv_windows.json", argv)
+    assert "pflash0=fw-code,pflash1=fw-vars" in argv[argv.index("-machine") + 1]
+    assert argv[argv.index("-rtc") + 1] == "base=localtime"
+    assert "socket,id=chrtpm,path=/var/lib/vmkit/vms/inst/run/swtpm.sock" in argv
+    assert argv[argv.index("-tpmdev") + 1] == "emulator,id=tpm0,chardev=chrtpm"
+    assert "tpm-crb,tpmdev=tpm0" in argv
+    assert "ide-hd,bus=ide.1,drive=disk0,id=virtio-disk0,bootindex=1" in argv
+    assert "ide-cd,bus=ide.0,id=cd0,bootindex=2" in argv
+    assert any(a.startswith("e1000e,netdev=net0") for a in argv)
+    assert not any(a.startswith(("virtio-blk-pci,drive=disk0", "virtio-net-pci")) for a in argv)

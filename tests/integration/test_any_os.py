@@ -277,3 +277,53 @@ def test_secure_boot_refuses_an_unsigned_boot_loader(host: Host, formats: dict[s
     assert b"Access Denied" in said, said[-2000:]
     assert b"Linux version" not in said and b"made elsewhere" not in said
     vm.kill()
+
+
+def _processes_named(name: str) -> dict[int, int]:
+    """pid -> real uid of every process whose command is `name`."""
+    found = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                argv0 = Path(f"/proc/{entry}/cmdline").read_bytes().split(b"\0")[0]
+                status = Path(f"/proc/{entry}/status").read_text()
+            except OSError:
+                continue
+            if argv0 == name.encode():
+                uid = next(line.split()[1] for line in status.splitlines()
+                           if line.startswith("Uid:"))
+                found[int(entry)] = int(uid)
+    return found
+
+
+def test_a_windows_vm_gets_its_own_unprivileged_tpm_that_stops_with_it(
+        host: Host, formats: dict[str, Path]) -> None:
+    before = set(_processes_named("swtpm"))
+    vm = host.create("win", from_disk=formats["raw"], os_type="windows", memory="512M")
+    hardware = vm.config.hardware
+    assert (hardware.firmware, hardware.tpm, hardware.disk_bus, hardware.nic_model,
+            hardware.cdrom, hardware.rtc_localtime) == ("ovmf", True, "sata", "e1000e",
+                                                         "sata", True)
+    vm.start()
+    qemu_pid = vm.status().pid
+    assert qemu_pid is not None
+    qemu_uid = int(next(line.split()[1] for line in
+                        Path(f"/proc/{qemu_pid}/status").read_text().splitlines()
+                        if line.startswith("Uid:")))
+    swtpms = {pid: uid for pid, uid in _processes_named("swtpm").items() if pid not in before}
+    assert len(swtpms) == 1, swtpms
+    [(swtpm_pid, swtpm_uid)] = swtpms.items()
+    assert swtpm_uid == qemu_uid != 0  # the VM's own uid, not root
+    socket_mode = os.stat(vm.folder.path / "run/swtpm.sock").st_mode
+    assert stat.S_IMODE(socket_mode) == 0o600
+    # the firmware talks to the TPM at boot: swtpm writes its state into the VM's folder
+    deadline = time.monotonic() + BOOT_TIMEOUT
+    state = vm.folder.path / "tpm"
+    while not any(state.iterdir()) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert any(p.name.startswith("tpm2-") for p in state.iterdir())
+    vm.kill()
+    deadline = time.monotonic() + 30
+    while Path(f"/proc/{swtpm_pid}").exists() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not Path(f"/proc/{swtpm_pid}").exists()

@@ -80,7 +80,7 @@ from vmkit.model.spec import (
 from vmkit.model.state import LIVE_STATES, Operation, VmState, check_transition
 from vmkit.model.views import ExecResult, ImageInfo, Usage, VmStatus
 from vmkit.qemu import accel as accel_mod
-from vmkit.qemu import agent, blockops, hostinfo, process
+from vmkit.qemu import agent, blockops, hostinfo, process, tpm
 from vmkit.qemu.argv import LaunchOptions, build_argv
 from vmkit.qemu.blockops import DISK_DEVICE
 from vmkit.qemu.hotplug import replay_args, replay_nics
@@ -595,7 +595,7 @@ class VM:
                                                     tap_fds=tap_fds, media_fd=media_fd))
         if machine is not None:
             argv += replay_args(machine.hotplug)
-            argv += replay_nics(machine.nics, dict(tap_fds))
+            argv += replay_nics(machine.nics, dict(tap_fds), cfg.hardware.nic_model)
         # -S: an incoming machine stays paused when the state has arrived; vmkit says when it
         # runs (a move's destination only at finish, after the source stopped for good)
         return [*argv, "-S", "-incoming", "defer"] if incoming else argv
@@ -701,6 +701,12 @@ class VM:
             owner = self.owner()
             jail.prepare_folder(owner, self.folder.path)
             jail.share_layers(owner, self.leaned_on_layers())
+            if machine.config.hardware.tpm:
+                jail.prepare_tpm(owner, self.folder.path)
+                tpm.start(jail.drop_to(owner, tpm.swtpm_argv(
+                    self.folder.tpm_state, self.folder.tpm_socket, self.folder.tpm_pidfile,
+                    self.folder.logs / "swtpm.log"), join=join),
+                    self.folder.tpm_socket, self.folder.logs / "swtpm.log")
             log_start = process.file_size(self.folder.qemu_log)
             process.spawn_detached(jail.drop_to(owner, argv, join=join),
                                    self.folder.qemu_log, self.folder.exit_file,
@@ -876,6 +882,7 @@ class VM:
 
     def _clear_run(self) -> None:
         """Remove the sockets, pidfile and cgroup of a finished run (idempotent)."""
+        tpm.stop(self.folder.tpm_pidfile, self.folder.tpm_socket)
         if self.folder.run.exists():
             for entry in self.folder.run.iterdir():
                 with contextlib.suppress(FileNotFoundError, IsADirectoryError):

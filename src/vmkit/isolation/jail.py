@@ -114,6 +114,25 @@ def prepare_folder(owner: RunAs | None, folder: Path) -> None:
         os.close(fd)
 
 
+def prepare_tpm(owner: RunAs | None, folder: Path) -> None:
+    """tpm/ (swtpm's state, written by the VM's uid like its disks) and swtpm's log."""
+    fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    try:
+        with contextlib.suppress(FileExistsError):
+            os.mkdir("tpm", 0o700, dir_fd=fd)
+        sub = os.open("tpm", os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+        try:
+            if owner is not None:
+                os.fchown(sub, owner.uid, owner.gid)
+            os.fchmod(sub, 0o700)
+        finally:
+            os.close(sub)
+        if owner is not None:
+            _own_file(fd, "logs/swtpm.log", owner, create=True)
+    finally:
+        os.close(fd)
+
+
 def give_file(owner: RunAs | None, folder: Path, relative: str) -> None:
     """Hand one new disk layer of the folder to the VM's uid (QEMU opens it next)."""
     if owner is None:

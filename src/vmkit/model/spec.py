@@ -44,8 +44,11 @@ BOOT_DEVICES = ("disk", "cdrom", "network")
 NVRAM_FILE = "disks/nvram.fd"
 DISPLAYS = ("none", "std")
 CDROM_BUSES = ("none", "scsi", "sata")
-#: --os-type: the devices a guest of that kind has drivers for without extra media
-OS_TYPES = {"linux": "scsi", "windows": "sata", "other": "sata"}
+DISK_BUSES = ("virtio", "sata")
+NIC_MODELS = ("virtio-net-pci", "e1000e")
+#: --os-type: the devices a guest of that kind has drivers for without extra media (what
+#: virt-install's OS defaults give); linux: virtio everything
+OS_TYPES = ("linux", "windows", "other")
 # vmgenid's guest buffer address reaches QEMU through the ACPI linker/loader's WRITE_POINTER
 # command. qboot stops at that command (its loader knows ALLOCATE, ADD_POINTER, CHECKSUM and
 # panics on anything else: the guest never boots, measured), so only SeaBIOS carries vmgenid.
@@ -53,7 +56,7 @@ VMGENID_FIRMWARES = frozenset({"seabios"})
 KNOWN_DEVICES = frozenset({
     "virtio-blk-pci", "virtio-serial-pci", "virtio-net-pci", "virtio-balloon-pci",
     "virtio-rng-pci", "isa-serial", "pcie-root-port", "pc-dimm", "virtserialport",
-    "VGA", "ide-cd", "scsi-cd", "virtio-scsi-pci",
+    "VGA", "ide-cd", "scsi-cd", "virtio-scsi-pci", "ide-hd", "e1000e", "tpm-crb",
 })
 MACHINE_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")  # no ',', '=' or spaces: one option
 CPU_MODEL_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # e.g. Skylake-Client-v4
@@ -214,6 +217,14 @@ class HardwareProfile(BaseModel):
     )
     display: str = Field(default="none", description=(
         "none (serial console only) or std: a VGA device shown over VNC on a unix socket"))
+    disk_bus: str = Field(default="virtio", description=(
+        "virtio (virtio-blk) or sata (q35's AHCI: an OS without virtio drivers)"))
+    nic_model: str = Field(default="virtio-net-pci", description=(
+        "virtio-net-pci, or e1000e for an OS without virtio drivers"))
+    rtc_localtime: bool = Field(default=False, strict=True, description=(
+        "the real-time clock in the host's local time (what Windows expects)"))
+    tpm: bool = Field(default=False, strict=True, description=(
+        "a TPM 2.0 (tpm-crb) backed by a swtpm process of the VM's own, state in tpm/"))
     secure_boot: bool = Field(default=False, strict=True, description=(
         "UEFI Secure Boot (OVMF's SMM build, Microsoft's keys enrolled): only signed boot "
         "loaders start"))
@@ -247,6 +258,20 @@ class HardwareProfile(BaseModel):
     def _firmware(cls, value: str) -> str:
         if value not in FIRMWARES:
             raise invalid("hardware.firmware", value, "one of " + ", ".join(sorted(FIRMWARES)))
+        return value
+
+    @field_validator("disk_bus")
+    @classmethod
+    def _disk_bus(cls, value: str) -> str:
+        if value not in DISK_BUSES:
+            raise invalid("hardware.disk_bus", value, "one of " + ", ".join(DISK_BUSES))
+        return value
+
+    @field_validator("nic_model")
+    @classmethod
+    def _nic_model(cls, value: str) -> str:
+        if value not in NIC_MODELS:
+            raise invalid("hardware.nic_model", value, "one of " + ", ".join(NIC_MODELS))
         return value
 
     @field_validator("cdrom")
@@ -439,6 +464,16 @@ def check_boot_order(order: tuple[str, ...] | list[str]) -> tuple[str, ...]:
 
 def parse_boot_order(text: str) -> tuple[str, ...]:
     return check_boot_order([part.strip() for part in text.split(",") if part.strip()])
+
+
+def os_type_hardware(os_type: str) -> dict[str, object]:
+    """The HardwareProfile fields an OS type implies (each can be overridden by its option)."""
+    if os_type == "windows":
+        return {"cdrom": "sata", "disk_bus": "sata", "nic_model": "e1000e",
+                "rtc_localtime": True, "tpm": True, "firmware": "ovmf"}
+    if os_type == "other":
+        return {"cdrom": "sata", "disk_bus": "sata", "nic_model": "e1000e"}
+    return {"cdrom": "scsi"}
 
 
 def parse_firmware(choice: str) -> str:

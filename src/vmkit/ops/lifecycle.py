@@ -65,6 +65,7 @@ from vmkit.model.spec import (
     make_spec,
     new_mac,
     new_uuid,
+    os_type_hardware,
     parse_boot_order,
     parse_firmware,
     with_hostname,
@@ -381,7 +382,10 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
                            f"cpus {spec.cpus} and memory {format_size(spec.memory)}")
     check_fits_host(name, ceiling_cpus, ceiling_memory, capacity, policy)
     spec = spec.model_copy(update={"max_cpus": ceiling_cpus, "max_memory": ceiling_memory})
-    pinned_firmware = parse_firmware(firmware) if firmware is not None else "seabios"
+    implied = os_type_hardware(os_type)
+    pinned_firmware = parse_firmware(firmware) if firmware is not None else \
+        str(implied.pop("firmware", "seabios")) if foreign else "seabios"
+    implied.pop("firmware", None)
     if secure_boot and pinned_firmware != "ovmf":
         raise InvalidValue("--secure-boot needs --firmware uefi",
                            hint="add --firmware uefi (Secure Boot is a UEFI feature)")
@@ -399,15 +403,16 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
             (("disk", "cdrom") if iso is not None else ("disk",))
         return _create_foreign(
             host, spec, grow=disk is not None, firmware=pinned_firmware, order=order,
-            cdrom=OS_TYPES[os_type], secure_boot=secure_boot,
+            devices=implied, secure_boot=secure_boot,
             display=display or "std",
             from_disk=Path(from_disk) if from_disk is not None else None,
             media=check_media(str(iso)) if iso is not None else None,
             cpu_model=cpu_model, networks=networks, ports=ports, restart=restart_policy,
             start=start, wait=wait, timeout=timeout)
-    if boot is not None:
-        raise InvalidValue("--boot is for VMs that boot through their firmware (--from-disk "
-                           "or --iso); an image's VM boots its kernel directly")
+    if boot is not None or os_type != "linux":
+        raise InvalidValue(f"--{'boot' if boot is not None else 'os-type'} is for VMs that "
+                           "boot through their firmware (--from-disk or --iso); an image's VM "
+                           "boots its Linux kernel directly")
     with host._image_lock(image, shared=True):  # waits out a rebuild's swap
         info = host.image(image)
     if (keys or user_data is not None) and not info.cloud_init:
@@ -510,7 +515,7 @@ def _make_nvram(work: VmFolder, firmware: str, *, secure_boot: bool = False) -> 
 
 
 def _create_foreign(host: Host, spec: VmSpec, *, grow: bool, firmware: str,
-                    order: tuple[str, ...], cdrom: str, secure_boot: bool,
+                    order: tuple[str, ...], devices: dict[str, object], secure_boot: bool,
                     display: str, from_disk: Path | None, media: str | None, cpu_model: str,
                     networks: Iterable[str], ports: Iterable[str], restart: RestartPolicy,
                     start: bool, wait: bool, timeout: float) -> VM:
@@ -539,10 +544,10 @@ def _create_foreign(host: Host, spec: VmSpec, *, grow: bool, firmware: str,
         _make_nvram(work, firmware, secure_boot=secure_boot)
         return VmConfig(
             uuid=vm_uuid, mac=new_mac(), created_at=time.time(), spec=spec,
-            hardware=HardwareProfile(machine=machine, cpu_model=cpu_model,
-                                     hotplug_ports=HOTPLUG_SPARE, firmware=firmware,
-                                     vmgenid=firmware in VMGENID_FIRMWARES, display=display,
-                                     cdrom=cdrom, secure_boot=secure_boot),
+            hardware=HardwareProfile.model_validate({
+                "machine": machine, "cpu_model": cpu_model, "hotplug_ports": HOTPLUG_SPARE,
+                "firmware": firmware, "vmgenid": firmware in VMGENID_FIRMWARES,
+                "display": display, "secure_boot": secure_boot, **devices}),
             boot=None, boot_order=order, media=media, nics=nics, restart=restart)
 
     vm = _new_vm(host, spec.name, nics, build)

@@ -136,7 +136,8 @@ def _device_add(qmp: QmpConnection, vm: VM, nic: Nic, slots: int) -> None:
     last: QemuError | None = None
     for index in range(slots):
         try:
-            qmp.execute("device_add", {"driver": "virtio-net-pci", "id": nic_id(nic),
+            qmp.execute("device_add", {"driver": vm.config.hardware.nic_model,
+                                       "id": nic_id(nic),
                                        "netdev": netdev_id(nic), "mac": nic.mac,
                                        "bus": port_id(index)})
             vm.record_nic_plugged(nic, index)

@@ -52,6 +52,7 @@ class RunPaths:
     seed: str | None = None  # cloud-init NoCloud seed (read-only)
     nvram: str | None = None  # the VM's UEFI variables (OVMF)
     vnc_socket: str | None = None  # the graphical console (display std)
+    tpm_socket: str | None = None  # the VM's swtpm (hardware.tpm)
     screendump: str | None = None
 
 
@@ -130,6 +131,7 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
         "-smp", f"cpus={spec.cpus},maxcpus={spec.cpu_ceiling}",
         "-m", memory_option(spec.memory, spec.memory_ceiling),
         "-msg", "timestamp=on",
+        *(["-rtc", "base=localtime"] if hw.rtc_localtime else []),
         "-sandbox", SANDBOX,
     ]
     firmware = FIRMWARE_FILES.get(hw.firmware)
@@ -163,9 +165,17 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
             "driver": "qcow2", "node-name": "disk0", "discard": "unmap",
             "file": {"driver": "file", "filename": paths.disk, "discard": "unmap"},
         }, separators=(",", ":")),
-        "-device", f"virtio-blk-pci,drive=disk0,id={DISK_DEVICE_ID}"
+        "-device", (f"ide-hd,bus=ide.1,drive=disk0,id={DISK_DEVICE_ID}"
+                    if hw.disk_bus == "sata" else
+                    f"virtio-blk-pci,drive=disk0,id={DISK_DEVICE_ID}")
                    + (f",bootindex={order['disk']}" if "disk" in order else ""),
     ]
+    if hw.tpm:
+        if paths.tpm_socket is None:
+            raise ValueError("a VM with a TPM needs its swtpm socket")
+        argv += ["-chardev", f"socket,id=chrtpm,path={escape_opt(paths.tpm_socket)}",
+                 "-tpmdev", "emulator,id=tpm0,chardev=chrtpm",
+                 "-device", "tpm-crb,tpmdev=tpm0"]
     if hw.cdrom != "none":
         # an empty tray until media; both firmwares boot from either bus
         if hw.cdrom == "scsi":
@@ -220,7 +230,7 @@ def _legacy_nic(config: VmConfig, options: LaunchOptions, bootindex: int | None)
     netdev = f"user,id=net0,restrict=on,{USER_NET}"
     if options.ssh_port is not None:
         netdev += f",hostfwd=tcp:127.0.0.1:{options.ssh_port}-:22"
-    device = f"virtio-net-pci,netdev=net0,id=nic0,mac={config.mac}"
+    device = f"{config.hardware.nic_model},netdev=net0,id=nic0,mac={config.mac}"
     return ["-netdev", netdev,
             "-device", device + (f",bootindex={bootindex}" if bootindex else "")]
 
@@ -247,7 +257,7 @@ def _nic_args(config: VmConfig, options: LaunchOptions, bootindex: int | None) -
         on_user = nic.network == "user"
         args += ["-netdev", netdev_option(nic, ssh_port=ssh_port if on_user else None,
                                           tap_fd=fds.get(nic.mac)),
-                 "-device", nic_device(nic, port_id(index))
+                 "-device", nic_device(nic, port_id(index), config.hardware.nic_model)
                  + (f",bootindex={bootindex}" if bootindex and index == 0 else "")]
         if on_user:
             ssh_port = None  # one forward is enough
@@ -278,5 +288,5 @@ def nic_id(nic: Nic) -> str:
     return "nic-" + nic.mac.replace(":", "")
 
 
-def nic_device(nic: Nic, port: str) -> str:
-    return f"virtio-net-pci,netdev={netdev_id(nic)},id={nic_id(nic)},mac={nic.mac},bus={port}"
+def nic_device(nic: Nic, port: str, model: str = "virtio-net-pci") -> str:
+    return f"{model},netdev={netdev_id(nic)},id={nic_id(nic)},mac={nic.mac},bus={port}"

@@ -20,10 +20,11 @@ def replay_args(steps: Iterable[HotplugStep]) -> list[str]:
     return argv
 
 
-def replay_nics(plugged: Iterable[PluggedNic], tap_fds: dict[str, int]) -> list[str]:
+def replay_nics(plugged: Iterable[PluggedNic], tap_fds: dict[str, int],
+                model: str = "virtio-net-pci") -> list[str]:
     """Hot-plugged NICs on the root ports they were plugged into (taps by MAC)."""
     argv: list[str] = []
     for item in plugged:
         argv += ["-netdev", netdev_option(item.nic, tap_fd=tap_fds.get(item.nic.mac)),
-                 "-device", nic_device(item.nic, port_id(item.port))]
+                 "-device", nic_device(item.nic, port_id(item.port), model)]
     return argv

@@ -143,11 +143,24 @@ class VmFolder:
         return self.run / "vnc.sock"
 
     @property
+    def tpm_socket(self) -> Path:
+        return self.run / "swtpm.sock"
+
+    @property
+    def tpm_pidfile(self) -> Path:
+        return self.run / "swtpm.pid"
+
+    @property
+    def tpm_state(self) -> Path:
+        return self.path / "tpm"
+
+    @property
     def nvram(self) -> Path:
         return self.path / NVRAM_FILE
 
     def run_paths(self, disk_file: str, kernel: str | None, initrd: str | None, *,
-                  seed: bool = False, nvram: bool = False, vnc: bool = False) -> RunPaths:
+                  seed: bool = False, nvram: bool = False, vnc: bool = False,
+                  tpm: bool = False) -> RunPaths:
         return RunPaths(
             folder=str(self.path),
             qmp_socket=str(self.qmp_socket),
@@ -161,6 +174,7 @@ class VmFolder:
             seed=str(self.seed_file) if seed else None,
             nvram=str(self.nvram) if nvram else None,
             vnc_socket=str(self.vnc_socket) if vnc else None,
+            tpm_socket=str(self.tpm_socket) if tpm else None,
         )
 
     def config_run_paths(self, config: VmConfig, disk_file: str) -> RunPaths:
@@ -170,7 +184,8 @@ class VmFolder:
                               boot.initrd if boot else None,
                               seed=config.cloud_init is not None,
                               nvram=config.hardware.firmware == "ovmf",
-                              vnc=config.hardware.display == "std")
+                              vnc=config.hardware.display == "std",
+                              tpm=config.hardware.tpm)
 
     def make_dirs(self) -> None:
         os.chmod(self.path, 0o700)
