@@ -249,3 +249,26 @@ def test_revoking_a_token_closes_its_open_websockets(daemon: Daemon) -> None:
         assert closed.value.rcvd is not None and closed.value.rcvd.code == 4401
     audit = (daemon.home / "daemon" / "audit.log").read_text()
     assert "credentials revoked: closed" in audit
+
+
+def test_a_host_path_is_taken_only_from_root_on_the_unix_socket(daemon: Daemon,
+                                                                  tmp_path: Path) -> None:
+    """An ISO or foreign disk named by path is opened by the daemon as root: a token client
+    (another machine, or a user who cannot read the file) is refused, with the field named;
+    root on the unix socket (who could read it anyway) is served."""
+    from tests.integration.anyos_media import data_iso
+    from vmkit.errors import AuthError
+
+    iso = data_iso(tmp_path, "MEDIA", {"a.txt": "a\n"})
+    remote = daemon.remote()
+    for kwargs in ({"iso": "/etc/shadow"}, {"from_disk": "/etc/shadow"}):
+        with pytest.raises(AuthError, match="only from root on its unix socket"):
+            remote.create("lent", **kwargs)  # type: ignore[arg-type]
+    assert "lent" not in [vm.name for vm in remote.vms()]
+    local = daemon.local()
+    vm = local.create("lent", iso=str(iso), firmware="uefi")
+    assert vm.status().media == str(iso)
+    with pytest.raises(AuthError, match="path: a path on the daemon.s host"):
+        remote.get("lent").attach_media("/etc/shadow")
+    assert local.get("lent").eject_media() == str(iso)
+    local.get("lent").delete()
