@@ -120,8 +120,10 @@ class Host(engine.Host):
         the room it has: what another host checks before moving a VM here."""
         return migration.capabilities(self)
 
-    def images(self) -> list[ImageInfo]:
-        return image_ops.list_images(self)
+    def images(self, *, check_updates: bool = False) -> list[ImageInfo]:
+        """The built images; `check_updates`: each lists the packages apt here has newer
+        versions of (what a rebuild would update)."""
+        return image_ops.list_images(self, check_updates=check_updates)
 
     def build_image(self, name: str, *, force: bool = False, progress: Progress | None = None,
                     packages: list[str] | None = None) -> tuple[ImageInfo, bool]:

@@ -32,6 +32,7 @@ from tests.integration.anyos_media import (
 from tests.integration.conftest import run_cli, sh
 from vmkit import VM, Host
 from vmkit.errors import InvalidState, InvalidValue
+from vmkit.ops.bundles import BundleError
 from vmkit.ops.lifecycle import OVMF_VARS_TEMPLATE
 
 BOOT_TIMEOUT = 240
@@ -297,7 +298,7 @@ def _processes_named(name: str) -> dict[int, int]:
 
 
 def test_a_windows_vm_gets_its_own_unprivileged_tpm_that_stops_with_it(
-        host: Host, formats: dict[str, Path]) -> None:
+        host: Host, formats: dict[str, Path], tmp_path: Path) -> None:
     before = set(_processes_named("swtpm"))
     vm = host.create("win", from_disk=formats["raw"], os_type="windows", memory="512M")
     hardware = vm.config.hardware
@@ -327,3 +328,19 @@ def test_a_windows_vm_gets_its_own_unprivileged_tpm_that_stops_with_it(
     while Path(f"/proc/{swtpm_pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not Path(f"/proc/{swtpm_pid}").exists()
+    # the TPM's state travels with its machine in a bundle (a clone gets a fresh TPM)
+    permall = state / "tpm2-00.permall"
+    bundle = tmp_path / "win.vmkit"
+    vm.export(bundle)
+    back = host.import_bundle(bundle, name="win-back")
+    assert (back.folder.path / "tpm/tpm2-00.permall").read_bytes() == permall.read_bytes()
+    assert not (vm.clone("win-clone").folder.path / "tpm").exists()
+    back.start()
+    assert back.status().state.value == "running"
+    back.kill()
+    # what the VM's uid can plant in tpm/ (a link to a host secret) is never exported
+    permall.unlink()
+    permall.symlink_to("/etc/shadow")
+    with pytest.raises(BundleError, match="symlink"):
+        vm.export(tmp_path / "leak.vmkit")
+    assert not (tmp_path / "leak.vmkit").exists()

@@ -268,7 +268,7 @@ def test_a_host_path_is_taken_only_from_root_on_the_unix_socket(daemon: Daemon,
     local = daemon.local()
     vm = local.create("lent", iso=str(iso), firmware="uefi")
     assert vm.status().media == str(iso)
-    with pytest.raises(AuthError, match="path: a path on the daemon.s host"):
+    with pytest.raises(AuthError, match="path: a path on the daemon's host"):
         remote.get("lent").attach_media("/etc/shadow")
     assert local.get("lent").eject_media() == str(iso)
     local.get("lent").delete()

@@ -368,3 +368,48 @@ def test_two_viewers_pause_resume_export_and_import_from_the_page(
     assert copy.exec(["cat", "/root/mark"]).stdout.strip() == "carried"
     for each in (copy, vm):
         each.delete(force=True)
+
+
+def test_the_screen_of_a_vm_with_a_display_in_the_page(page: Any, daemon: Daemon,
+                                                       image_home: Path,
+                                                       tmp_path: Path) -> None:
+    """A VM booted through its firmware (a disk made elsewhere) shows its screen in noVNC over
+    the daemon's websocket; the screenshot button downloads a PNG of it."""
+    from playwright.sync_api import expect
+
+    from tests.integration.anyos_media import bootable_disk, png_is_blank
+
+    disk = bootable_disk(image_home, tmp_path / "disk")
+    local = daemon.local()
+    vm = local.create("screenvm", from_disk=str(disk), firmware="bios", memory="512M")
+    vm.start()
+    _login(page, daemon)
+    page.goto("/ui/#/vms/screenvm")
+    expect(page.locator("#screen-section")).to_be_visible()
+    expect(page.locator("#screen-status")).to_have_text("connected", timeout=STATE_TIMEOUT)
+    canvas = page.locator("#screen canvas")
+    expect(canvas).to_be_visible()
+    # GRUB's text reaches the canvas: its pixels are not all one colour
+    deadline = time.monotonic() + 60
+    colours = 0
+    while time.monotonic() < deadline and colours < 2:
+        colours = page.evaluate("""() => {
+            const c = document.querySelector('#screen canvas');
+            const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            const seen = new Set();
+            for (let i = 0; i < d.length && seen.size < 4; i += 4 * 97) seen.add(d[i]);
+            return seen.size; }""")
+        time.sleep(1)
+    assert colours >= 2
+    expect(page.locator("#vm-facts")).to_contain_text("through BIOS (SeaBIOS)")
+    _shot(page, "dashboard-screen")
+    with page.expect_download(timeout=60_000) as download_info:
+        page.click("#screenshot")
+    saved = tmp_path / "screen.png"
+    download_info.value.save_as(str(saved))
+    assert not png_is_blank(saved.read_bytes())
+    # the websocket is the API's: without credentials it is refused
+    with pytest.raises(InvalidStatus):
+        ws_connect(f"wss://{daemon.listen}/1.0/vms/screenvm/vnc",
+                   ssl=_insecure()).close()
+    vm.kill()

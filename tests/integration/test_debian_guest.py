@@ -100,6 +100,22 @@ def test_debian_boots_to_systemd_running_with_cloud_init_identity(deb: VM) -> No
     assert int(sh(deb, "df --output=size -B1M / | tail -1")) > 3500
 
 
+def test_the_guest_runs_the_patched_kernel_of_the_hosts_apt(deb: VM) -> None:
+    """Built with the update and security suites the host's apt uses: the guest's kernel is
+    the newest cloud kernel those lists offer, and the image says where it came from."""
+    from vmkit.images import debpkg
+    from vmkit.images.debian import host_sources
+
+    wait_booted(deb)
+    newest = debpkg.resolve_kernel_package("linux-image-cloud-amd64")
+    assert sh(deb, "uname -r") == newest.removeprefix("linux-image-")
+    image = deb.host.image("debian-12")
+    assert image.suites == list(host_sources())
+    assert sh(deb, "cat /etc/apt/sources.list").count(" main") == len(image.suites)
+    listed = next(i for i in deb.host.images(check_updates=True) if i.name == "debian-12")
+    assert listed.newer_packages == []  # just built from these lists: nothing newer
+
+
 def test_ssh_login_with_the_given_key(deb: VM, key: Path) -> None:
     argv = deb.ssh_argv(["sh", "-c", "echo $(id -un)@$(hostname)"], batch=True)
     assert "-i" in argv and str(key) in argv  # the private key next to the .pub

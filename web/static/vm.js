@@ -46,6 +46,7 @@ export function mount(root, name) {
   let vanished = false;
   let memoryTouched = false;
   let terminal = null;
+  let screen = null; // noVNC, for a VM with a display (loaded only then)
   const timers = [];
 
   $("vm-name").textContent = name;
@@ -67,14 +68,37 @@ export function mount(root, name) {
 
   // No retries while the VM cannot have a console; back at once when it can.
   function holdConsole(state) {
-    if (!terminal || !Object.hasOwn(ALLOWED, state)) return;
-    if (CONSOLE_STATES.has(state)) terminal.release();
-    else terminal.hold(`the VM is ${state}: the console comes back when it runs`);
+    if (!Object.hasOwn(ALLOWED, state)) return;
+    for (const view of [terminal, screen]) {
+      if (!view) continue;
+      if (CONSOLE_STATES.has(state)) view.release();
+      else view.hold(`the VM is ${state}: it comes back when the VM runs`);
+    }
+  }
+
+  // The screen section exists for a VM with a display (firmware-booted VMs); noVNC loads then.
+  function showScreen() {
+    if (screen || !vm || vm.boot === "kernel" || !vm.boot) return;
+    $("screen-section").hidden = false;
+    screen = { hold() {}, release() {}, close() {} }; // until the module is there
+    import("./screen.js").then((mod) => {
+      if (unmounted) return;
+      screen = mod.openScreen($("screen"), $("screen-status"), $("screen-detail"), name);
+      $("screenshot").addEventListener("click", () => {
+        $("screen-error").textContent = "";
+        mod.saveScreenshot(name).catch((err) => {
+          $("screen-error").textContent = errorText(errBody(err));
+        });
+      });
+      holdConsole($("vm-state").textContent);
+    }).catch((err) => {
+      $("screen-detail").textContent = `noVNC did not load: ${err.message}`;
+    });
   }
 
   function renderFacts() {
     const rows = [
-      ["Image", vm.image],
+      ["Image", vm.image || "none (its own disk)"],
       ["vCPUs", vm.max_cpus > vm.cpus ? `${vm.cpus} (max ${vm.max_cpus})` : String(vm.cpus)],
       ["Memory", vm.max_memory > vm.memory ? `${bytes(vm.memory)} (max ${bytes(vm.max_memory)})`
         : bytes(vm.memory)],
@@ -89,6 +113,9 @@ export function mount(root, name) {
         + (vm.restarts.last_reason ? `; last: ${vm.restarts.last_reason}` : "") : "–"],
       ["Accelerator", vm.accel || "–"],
       ["Machine", `${vm.machine} · CPU ${vm.cpu_model}`],
+      ["Boot", vm.boot === "kernel" ? `kernel (${vm.firmware})`
+        : `${vm.boot} through ${vm.firmware === "ovmf" ? "UEFI (OVMF)" : "BIOS (SeaBIOS)"}`],
+      ["Media", vm.media || "–"],
       ["Last exit", vm.last_exit ? `${vm.last_exit.description} (${when(vm.last_exit.at)})` : "–"],
     ];
     if (vm.isolation_note) rows.push(["Isolation", vm.isolation_note]);
@@ -120,6 +147,7 @@ export function mount(root, name) {
       vanished = false;
       $("vm-gone").hidden = true;
       renderFacts();
+      showScreen();
       applyState(vm.state);
     } catch (err) {
       if (unmounted) return;
@@ -480,6 +508,7 @@ export function mount(root, name) {
     timers.forEach(clearInterval);
     unsubscribe();
     if (terminal) terminal.close();
+    if (screen) screen.close();
     document.title = "vmkit";
   };
 }

@@ -26,6 +26,7 @@ from vmkit.host import AGENT_READY_TIMEOUT, EXEC_TIMEOUT, LOCK_TIMEOUT, STOP_TIM
 from vmkit.model.names import validate_name
 from vmkit.model.resources import Policy
 from vmkit.model.sizes import parse_size
+from vmkit.model.views import ImageInfo
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
@@ -182,17 +183,29 @@ def image_build(name: Annotated[str, typer.Argument(help="image recipe: tiny or 
 
 @image_app.command("list")
 def image_list(format: FormatOpt = Format.table) -> None:
-    """List built images: name, OS, kernel version, size, sha256.
+    """List built images: name, OS, kernel, size, when built, and how many of their packages
+    have newer versions in this host's apt (a rebuild updates them).
 
     Example: vmkit image list --format json
     """
-    images = _host().images()
+    images = _host().images(check_updates=True)
     if format is Format.json:
         render.print_json([i.model_dump(mode="json") for i in images])
         return
-    render.table(["NAME", "OS", "KERNEL", "SIZE", "SHA256"],
-                 [[i.name, i.os, i.kernel_version, render.size(i.size), i.sha256[:16]]
+
+    def updates(image: ImageInfo) -> str:
+        newer = image.newer_packages or []
+        return f"{len(newer)} newer" if newer else "up to date"
+
+    render.table(["NAME", "KERNEL", "SIZE", "BUILT", "PACKAGES"],
+                 [[i.name, i.kernel_version, render.size(i.size),
+                   time.strftime("%Y-%m-%d %H:%M", time.localtime(i.built_at)), updates(i)]
                   for i in images])
+    for image in images:
+        if image.newer_packages:
+            render.err.print(f"{image.name}: newer {', '.join(image.newer_packages[:5])}"
+                             f"{', ...' if len(image.newer_packages) > 5 else ''} in this "
+                             f"host's apt; rebuild: vmkit image build {image.name}")
 
 
 # -- VMs ----------------------------------------------------------------------------------

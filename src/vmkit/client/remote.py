@@ -356,10 +356,12 @@ class RemoteHost:
         result: dict[str, Any] = self.connection.metadata("GET", "/1.0/host/capacity")
         return result
 
-    def images(self) -> list[ImageInfo]:
+    def images(self, *, check_updates: bool = False) -> list[ImageInfo]:
         from vmkit.model.views import ImageInfo
 
-        return [ImageInfo.model_validate(i) for i in self.connection.metadata("GET", "/1.0/images")]
+        params = {"check_updates": "true"} if check_updates else {}
+        return [ImageInfo.model_validate(i)
+                for i in self.connection.metadata("GET", "/1.0/images", params=params)]
 
     def build_image(self, name: str, *, force: bool = False,
                     progress: Callable[[str], None] | None = None,

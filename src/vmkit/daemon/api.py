@@ -729,8 +729,8 @@ def build_app(service: Service) -> FastAPI:
 
     # -- images, networks, host ----------------------------------------------------------
     @app.get("/1.0/images", response_model=Sync[list[ImageInfo]], responses=_ERRORS)
-    def list_images() -> dict[str, Any]:
-        return _sync(host.images())
+    def list_images(check_updates: bool = False) -> dict[str, Any]:
+        return _sync(host.images(check_updates=check_updates))
 
     @app.get("/1.0/images/{image}", response_model=Sync[ImageInfo], responses=_ERRORS)
     def get_image(image: str) -> dict[str, Any]:
@@ -897,6 +897,21 @@ def build_app(service: Service) -> FastAPI:
         await _bridge(socket_, consoles, path,
                       resize=lambda cols, rows: _resize(vm_of(name), cols, rows))
 
+    @app.websocket("/1.0/vms/{name}/vnc")
+    async def vnc_ws(socket_: WebSocket, name: str) -> None:
+        """The VM's screen for noVNC: binary frames carry the RFB protocol to and from the
+        VM's VNC unix socket (each viewer its own VNC client; QEMU shares the screen)."""
+        try:
+            path = await asyncio.to_thread(lambda: vm_of(name).vnc_socket())
+        except VmkitError as exc:
+            await socket_.accept()
+            await socket_.send_json({"type": "error", **error_body(exc)})
+            await socket_.close(code=4404)
+            return
+        offered = socket_.scope.get("subprotocols") or []
+        await socket_.accept(subprotocol="binary" if "binary" in offered else None)
+        await _pipe_unix(socket_, path)
+
     # -- graphs ------------------------------------------------------------------------------
     @app.get("/1.0/vms/{name}/history", response_model=Sync[dict[str, Any]], responses=_ERRORS)
     def vm_history(name: str) -> dict[str, Any]:
@@ -959,6 +974,10 @@ def build_app(service: Service) -> FastAPI:
         vendor = root / "node_modules" / "@xterm"
         if vendor.is_dir():
             app.mount("/ui/vendor/@xterm", web.StaticPages(directory=vendor), name="ui-vendor")
+        novnc = root / "node_modules" / "@novnc" / "novnc"
+        if novnc.is_dir():
+            app.mount("/ui/vendor/@novnc/novnc", web.StaticPages(directory=novnc),
+                      name="ui-vendor-novnc")
 
     return app
 
@@ -1087,6 +1106,38 @@ def _stream_once(path: Path, folder: Path | None, headers: dict[str, str] | None
 
     return FileResponse(path, media_type="application/octet-stream", headers=headers,
                         background=BackgroundTask(cleanup))
+
+
+async def _pipe_unix(socket_: WebSocket, path: Path) -> None:
+    """Bytes both ways between a websocket and a unix socket until either side ends."""
+    try:
+        reader, writer = await asyncio.open_unix_connection(str(path))
+    except OSError as exc:
+        await socket_.close(code=1011, reason=f"cannot reach the screen: {exc.strerror}"[:120])
+        return
+
+    async def to_client() -> None:
+        while data := await reader.read(1 << 16):
+            await socket_.send_bytes(data)
+
+    async def to_screen() -> None:
+        while True:
+            message = await socket_.receive()
+            if message["type"] == "websocket.disconnect":
+                return
+            data = message.get("bytes") or (message.get("text") or "").encode()
+            writer.write(data)
+            await writer.drain()
+
+    tasks = [asyncio.create_task(to_client()), asyncio.create_task(to_screen())]
+    try:
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for task in tasks:
+            task.cancel()
+        writer.close()
+        with contextlib.suppress(Exception):
+            await socket_.close()
 
 
 async def _bridge(socket_: WebSocket, hub: ConsoleHub, path: Path,

@@ -31,7 +31,9 @@ from vmkit.storage.layout import HomeLayout, write_json_atomic
 
 NAME = "debian-12"
 SUITE = "bookworm"
-RECIPE_VERSION = "debian-12-1"
+#: the suites that keep a stable release patched; each one the host's apt uses is added
+UPDATE_SUITES = ("bookworm-updates", "bookworm-security")
+RECIPE_VERSION = "debian-12-2"
 # python3-cffi-backend: debootstrap does not resolve the virtual package python3-cryptography
 # (pulled in by cloud-init) depends on, so its provider is named here.
 PACKAGES = ["systemd", "systemd-sysv", "udev", "dbus", "qemu-guest-agent", "cloud-init",
@@ -62,9 +64,24 @@ def check_package_names(extra: list[str]) -> list[str]:
     return sorted(set(extra))
 
 
-def recipe(mirror: str, versions: dict[str, str], extra: list[str]) -> str:
+def apt_sources(sources: dict[str, str]) -> str:
+    """The image's sources.list: suite -> mirror (main only, as debootstrap made it)."""
+    return "".join(f"deb {mirror} {suite} main\n" for suite, mirror in sources.items())
+
+
+def host_sources() -> dict[str, str]:
+    """bookworm and each of its update suites the host's apt uses: suite -> mirror."""
+    found = {SUITE: debpkg.host_mirror(SUITE)}
+    for suite in UPDATE_SUITES:
+        mirrors = debpkg.host_mirrors(suite)
+        if mirrors:
+            found[suite] = mirrors[0]
+    return found
+
+
+def recipe(sources: dict[str, str], versions: dict[str, str], extra: list[str]) -> str:
     digest = hashlib.sha256()
-    digest.update(json.dumps({"recipe": RECIPE_VERSION, "suite": SUITE, "mirror": mirror,
+    digest.update(json.dumps({"recipe": RECIPE_VERSION, "sources": sources,
                               "packages": versions, "extra": extra, "cmdline": CMDLINE},
                              sort_keys=True).encode())
     for name in sorted(GUEST_FILES):
@@ -83,27 +100,28 @@ def build_debian(home: HomeLayout, *, packages: list[str] | None = None, force: 
     extra = check_package_names(packages or [])
     home.ensure()
     say("resolving Debian packages")
-    mirror = debpkg.host_mirror(SUITE)
+    sources = host_sources()
     unknown = debpkg.unknown_packages(extra)
     if unknown:
         raise InvalidValue(f"unknown Debian package(s): {', '.join(unknown)}",
                            hint="check the names with apt-cache search (and run apt-get update)")
     versions = {p.name: p.version for p in debpkg.candidate_versions(sorted({*PACKAGES,
                                                                              *extra}))}
-    recipe_hash = recipe(mirror, versions, extra)
+    recipe_hash = recipe(sources, versions, extra)
     return build_cached(
         home, NAME, recipe_hash,
-        lambda work, out: _build(home, work, out, mirror, extra, recipe_hash, say),
+        lambda work, out: _build(home, work, out, sources, extra, recipe_hash, say),
         force=force, in_use=in_use)
 
 
-def _build(home: HomeLayout, work: Path, out: Path, mirror: str, extra: list[str],
+def _build(home: HomeLayout, work: Path, out: Path, sources: dict[str, str], extra: list[str],
            recipe_hash: str, say: Progress) -> ImageInfo:
     started = time.monotonic()
     root = work / "root"
     cache = home.cache / "debootstrap"
     cache.mkdir(parents=True, exist_ok=True)
-    _debootstrap(root, mirror, cache, say)
+    _debootstrap(root, sources[SUITE], cache, say)
+    _upgrade(root, sources, say)
     if extra:
         say(f"installing {', '.join(extra)}")
         _chroot(root, ["apt-get", "install", "-y", "-q", "--no-install-recommends", *extra],
@@ -113,7 +131,7 @@ def _build(home: HomeLayout, work: Path, out: Path, mirror: str, extra: list[str
     _configure(root, fs_uuid)
     say("writing the initramfs")
     _chroot(root, ["update-initramfs", "-u", "-k", "all"], timeout=600)
-    kernels = sorted((root / "boot").glob("vmlinuz-*"))
+    kernels = sorted((root / "boot").glob("vmlinuz-*"), key=lambda p: _version_key(p.name))
     if not kernels:
         raise ImageBuildError("the built system has no kernel in /boot")
     kver = kernels[-1].name.removeprefix("vmlinuz-")
@@ -139,6 +157,7 @@ def _build(home: HomeLayout, work: Path, out: Path, mirror: str, extra: list[str
         size=sum(f.stat().st_size for f in out.iterdir()),
         virtual_size=int(disk_info["virtual-size"]), built_at=time.time(), packages=installed,
         cloud_init=True, ssh_user=SSH_USER, build_seconds=round(time.monotonic() - started, 1),
+        suites=list(sources),
     )
     write_json_atomic(out / "image.json", info.model_dump(mode="json"))
     return info
@@ -175,6 +194,34 @@ def _debootstrap(root: Path, mirror: str, cache: Path, say: Progress) -> None:
         if log.exists():
             detail += "\n--- debootstrap.log ---\n" + log.read_text(errors="replace")[-3000:]
         raise ImageBuildError(f"debootstrap failed (exit code {code})", detail=detail)
+
+
+def _upgrade(root: Path, sources: dict[str, str], say: Progress) -> None:
+    """The system with the update and security suites: apt's sources in the image name them
+    (so a VM can apt-get upgrade itself), everything is upgraded (a new kernel ABI too), and
+    kernels older than the newest are purged (one kernel, the patched one)."""
+    (root / "etc/apt/sources.list").write_text(apt_sources(sources))
+    say(f"upgrading from {', '.join(sources)}")
+    # no service starts inside the build's chroot
+    blocker = root / "usr/sbin/policy-rc.d"
+    blocker.write_text("#!/bin/sh\nexit 101\n")
+    blocker.chmod(0o755)
+    try:
+        _chroot(root, ["apt-get", "update", "-q"], timeout=600)
+        _chroot(root, ["apt-get", "full-upgrade", "-y", "-q", "--no-install-recommends",
+                       "-o", "Dpkg::Options::=--force-confold"], timeout=1800)
+        kernels = sorted((p for p in _installed_packages(root)
+                          if re.fullmatch(r"linux-image-\d[\w.+-]*", p)), key=_version_key)
+        if len(kernels) > 1:
+            _chroot(root, ["apt-get", "purge", "-y", "-q", *kernels[:-1]], timeout=600)
+    finally:
+        blocker.unlink(missing_ok=True)
+
+
+def _version_key(name: str) -> list[tuple[int, str]]:
+    """vmlinuz-6.1.0-9-cloud-amd64 before vmlinuz-6.1.0-10-cloud-amd64 (numbers as numbers)."""
+    return [(int(part), "") if part.isdigit() else (-1, part)
+            for part in re.split(r"(\d+)", name)]
 
 
 def _chroot(root: Path, argv: list[str], *, timeout: float) -> str:

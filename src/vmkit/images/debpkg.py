@@ -66,6 +66,30 @@ def candidate_versions(names: list[str]) -> list[Package]:
     return [Package(n, found[n]) for n in names]
 
 
+def newer_available(installed: dict[str, str]) -> list[str]:
+    """The packages of `installed` (name -> version) of which apt here has a newer version:
+    what a rebuild of the image would update. Packages apt does not know are left out."""
+    if not installed:
+        return []
+    done = subprocess.run(["apt-cache", "show", "--no-all-versions", *sorted(installed)],
+                          capture_output=True, text=True, timeout=120, check=False)
+    candidates: dict[str, str] = {}
+    current = ""
+    for line in done.stdout.splitlines():
+        if line.startswith("Package: "):
+            current = line.split(": ", 1)[1]
+        elif line.startswith("Version: ") and current and current not in candidates:
+            candidates[current] = line.split(": ", 1)[1]
+    newer = []
+    for name, candidate in sorted(candidates.items()):
+        have = installed.get(name)
+        if have is not None and candidate != have and subprocess.run(
+                ["dpkg", "--compare-versions", candidate, "gt", have], timeout=30,
+                check=False).returncode == 0:
+            newer.append(name)
+    return newer
+
+
 def unknown_packages(names: list[str]) -> list[str]:
     """The names apt has no installable version of."""
     if not names:
@@ -123,13 +147,17 @@ def parse_mirrors(texts: list[str], suite: str) -> list[str]:
     return list(dict.fromkeys(found))
 
 
-def host_mirror(suite: str = "bookworm") -> str:
-    """The Debian mirror this machine's apt already uses for `suite` (nothing hard-coded)."""
+def host_mirrors(suite: str) -> list[str]:
+    """The Debian mirrors this machine's apt uses for `suite` (maybe none)."""
     sources = [Path("/etc/apt/sources.list"),
                *sorted(Path("/etc/apt/sources.list.d").glob("*.list")),
                *sorted(Path("/etc/apt/sources.list.d").glob("*.sources"))]
-    texts = [p.read_text() for p in sources if p.is_file()]
-    mirrors = parse_mirrors(texts, suite)
+    return parse_mirrors([p.read_text() for p in sources if p.is_file()], suite)
+
+
+def host_mirror(suite: str = "bookworm") -> str:
+    """The Debian mirror this machine's apt already uses for `suite` (nothing hard-coded)."""
+    mirrors = host_mirrors(suite)
     if not mirrors:
         raise ImageBuildError(f"no Debian mirror for {suite} main in /etc/apt/sources.list(.d)",
                               hint=f"add a 'deb <mirror> {suite} main' line")

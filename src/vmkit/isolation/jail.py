@@ -129,6 +129,10 @@ def prepare_tpm(owner: RunAs | None, folder: Path) -> None:
             os.close(sub)
         if owner is not None:
             _own_file(fd, "logs/swtpm.log", owner, create=True)
+            # imported with a bundle: root's until handed over; anything odd the VM's uid may
+            # have left there is swtpm's to reject, never followed here
+            with contextlib.suppress(OSError, HostError):
+                _own_file(fd, "tpm/tpm2-00.permall", owner)
     finally:
         os.close(fd)
 

@@ -42,6 +42,8 @@ FIRMWARE_CHOICES = {"bios": "seabios", "uefi": "ovmf"}
 BOOT_DEVICES = ("disk", "cdrom", "network")
 #: the VM's own UEFI variable store (a copy of OVMF's template made at creation)
 NVRAM_FILE = "disks/nvram.fd"
+#: swtpm's permanent state (the TPM's keys): in the VM's tpm/, carried by bundles
+TPM_STATE_FILE = "tpm/tpm2-00.permall"
 DISPLAYS = ("none", "std")
 CDROM_BUSES = ("none", "scsi", "sata")
 DISK_BUSES = ("virtio", "sata")

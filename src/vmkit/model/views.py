@@ -134,6 +134,12 @@ class ImageInfo(BaseModel):
     cloud_init: bool = False  # reads a NoCloud seed (hostname, ssh keys, user-data)
     ssh_user: str | None = None  # runs an ssh server; the login keys are given to
     build_seconds: float | None = None
+    suites: list[str] = Field(default_factory=list, description=(
+        "the Debian suites it was built from (e.g. bookworm, bookworm-updates, "
+        "bookworm-security)"))
+    newer_packages: list[str] | None = Field(default=None, description=(
+        "packages this host's apt has newer versions of (a rebuild updates them); None: not "
+        "checked"))
 
 
 @dataclass(frozen=True)

@@ -29,6 +29,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import tarfile
 import time
 import uuid as uuidlib
@@ -48,6 +49,7 @@ from vmkit.model.journal import JournalEntry
 from vmkit.model.names import validate_name
 from vmkit.model.spec import (
     NVRAM_FILE,
+    TPM_STATE_FILE,
     VmConfig,
     as_new_machine,
     check_relative_path,
@@ -66,7 +68,8 @@ FORMAT_VERSION = 1
 BASE_LAYER = "disks/base.qcow2"
 _CHUNK = 1 << 20
 _MEMBER = re.compile(r"^(vm\.json|snapshots\.json|boot/[\w.-]+|disks/[\w.-]+\.qcow2|"
-                     r"disks/nvram\.fd|snapshots/[\w.-]+\.(state|nvram\.fd))$", re.ASCII)
+                     r"disks/nvram\.fd|tpm/tpm2-00\.permall|snapshots/[\w.-]+\.(state|nvram\.fd))$",
+                     re.ASCII)
 BUNDLE_MODE = 0o600  # disks and memory: readable by the exporting user only
 _MANIFEST_LIMIT = 1 << 20
 Progress = Callable[[int, int], None]
@@ -208,6 +211,9 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
     files: dict[str, Path] = {f"boot/{p.name}": p for p in sorted(vm.folder.boot.iterdir())}
     if vm.folder.nvram.is_file():
         files[NVRAM_FILE] = vm.folder.nvram
+    tpm_state = vm.folder.path / TPM_STATE_FILE
+    if config.hardware.tpm and os.path.lexists(tpm_state):
+        files[TPM_STATE_FILE] = tpm_state  # the TPM's keys travel with its machine
     for layer in sorted(layers):
         files[layer] = folder / layer
     for node in tree.nodes.values():
@@ -262,9 +268,9 @@ def _fill_tar(tar: tarfile.TarFile, about: dict[str, Any], metadata: dict[str, b
                         "sha256": hashlib.sha256(data).hexdigest()})
     for name, source in files.items():
         info = tarfile.TarInfo(name)
-        info.size = source.stat().st_size
         info.mode = 0o600
-        with open(source, "rb") as handle:
+        with _open_regular(source) as handle:
+            info.size = os.fstat(handle.fileno()).st_size
             reader = _HashingReader(handle, advance)
             tar.addfile(info, reader)
         entries.append({"path": name, "size": info.size,
@@ -272,6 +278,20 @@ def _fill_tar(tar: tarfile.TarFile, about: dict[str, Any], metadata: dict[str, b
     manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **about,
                 "created_at": time.time(), "files": entries}
     _add_bytes(tar, "manifest.json", json.dumps(manifest, indent=2).encode())
+
+
+def _open_regular(path: Path) -> IO[bytes]:
+    """A file to export, opened without following a symlink (tpm/ is the VM's uid's: it could
+    plant one there) and only if it is a regular file."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError as exc:
+        raise BundleError(f"cannot export {path}: {exc.strerror} (a symlink or missing)") \
+            from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise BundleError(f"cannot export {path}: not a regular file")
+    return os.fdopen(fd, "rb")
 
 
 def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
@@ -361,8 +381,8 @@ def _extract_checked(tar: tarfile.TarFile, dest: Path, expected: dict[str, dict[
         if not member.isfile() or not _MEMBER.match(member.name) or member.name in seen:
             raise BundleError(f"bundle {path}: unexpected member {member.name!r}",
                               hint="only vm.json, snapshots.json, boot/, disks/*.qcow2, "
-                                   "disks/nvram.fd, snapshots/*.state and "
-                                   "snapshots/*.nvram.fd may be in a bundle")
+                                   "disks/nvram.fd, tpm/tpm2-00.permall, snapshots/*.state "
+                                   "and snapshots/*.nvram.fd may be in a bundle")
         entry = expected.get(member.name)
         if entry is None:
             raise BundleError(f"bundle {path}: {member.name} is not in the manifest")

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from vmkit.core.engine import Host, Progress
 from vmkit.errors import InvalidValue, NotFound
-from vmkit.images import catalog
+from vmkit.images import catalog, debpkg
 from vmkit.model.names import validate_name
 from vmkit.model.views import ImageInfo
 
@@ -35,5 +35,11 @@ def build_image(host: Host, name: str, *, force: bool = False, progress: Progres
         return build_tiny(host.layout, force=force, progress=progress, in_use=in_use)
 
 
-def list_images(host: Host) -> list[ImageInfo]:
-    return catalog.list_images(host.layout)
+def list_images(host: Host, *, check_updates: bool = False) -> list[ImageInfo]:
+    """The built images; with `check_updates`, each says which of its packages apt here has
+    newer versions of (from the suites the host's apt uses)."""
+    images = catalog.list_images(host.layout)
+    if not check_updates:
+        return images
+    return [image.model_copy(update={"newer_packages": debpkg.newer_available(image.packages)})
+            for image in images]
