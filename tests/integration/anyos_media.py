@@ -9,6 +9,7 @@ CD-ROM on virtio-scsi (virtio_scsi, sr_mod, isofs) and for UEFI variables (efiva
 
 from __future__ import annotations
 
+import json
 import shutil
 import struct
 import subprocess
@@ -76,10 +77,11 @@ terminal_input serial console
 terminal_output serial console
 set timeout=1
 menuentry "made elsewhere" {{
-  linux /boot/vmlinuz console=ttyS0 root=/dev/vda{partition} rw quiet loglevel=3
+  linux /boot/vmlinuz {cmdline}
   initrd /boot/initrd.img
 }}
 """
+TINY_CMDLINE = "console=ttyS0 root=/dev/vda{partition} rw quiet loglevel=3"
 
 
 def appended_partition(disk: Path) -> int:
@@ -98,19 +100,29 @@ def appended_partition(disk: Path) -> int:
     raise AssertionError("no appended partition in the GPT")
 
 
-def bootable_disk(image_home: Path, work: Path) -> Path:
-    """A raw disk that boots through BIOS and UEFI firmware alike into the tiny system."""
+def bootable_disk(image_home: Path, work: Path, image_name: str = "tiny") -> Path:
+    """A raw disk that boots through BIOS and UEFI firmware alike into a vmkit image's system
+    (tiny: with the extras above; debian-12: as built, found by its file system's UUID)."""
     work.mkdir(parents=True, exist_ok=True)
-    root = _root_with_extras(image_home, work)
+    image = HomeLayout(image_home).image(image_name)
+    if image_name == "tiny":
+        root = _root_with_extras(image_home, work)
+        cmdline = TINY_CMDLINE
+    else:
+        info = json.loads((image / "image.json").read_text())
+        root = work / "root.ext4"
+        _run(["qemu-img", "convert", "-f", "qcow2", "-O", "raw",
+              str(image / info["root_disk"]), str(root)])
+        cmdline = info["cmdline"]  # root=UUID=...: any partition number will do
     tree = work / "iso"
     (tree / "boot/grub").mkdir(parents=True)
-    image = HomeLayout(image_home).image("tiny")
     shutil.copyfile(image / "vmlinuz", tree / "boot/vmlinuz")
     shutil.copyfile(image / "initrd.img", tree / "boot/initrd.img")
     disk = work / "made-elsewhere.img"
     partition = 4  # what grub-mkrescue 2.06 makes; checked below, rebuilt if it differs
     for _attempt in range(2):
-        (tree / "boot/grub/grub.cfg").write_text(GRUB_CFG.format(partition=partition))
+        (tree / "boot/grub/grub.cfg").write_text(GRUB_CFG.format(
+            cmdline=cmdline.format(partition=partition)))
         disk.unlink(missing_ok=True)
         _run(["grub-mkrescue", "-o", str(disk), str(tree), "--",
               "-append_partition", "3", "0x83", str(root)])

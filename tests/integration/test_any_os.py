@@ -11,9 +11,11 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
+import socket
 import stat
 import subprocess
 import tempfile
+import threading
 import time
 from pathlib import Path
 
@@ -31,6 +33,7 @@ from tests.integration.anyos_media import (
 )
 from tests.integration.conftest import run_cli, sh
 from vmkit import VM, Host
+from vmkit.cli.console import forward_vnc
 from vmkit.errors import InvalidState, InvalidValue
 from vmkit.ops.bundles import BundleError
 from vmkit.ops.lifecycle import OVMF_VARS_TEMPLATE
@@ -156,6 +159,19 @@ def test_bios_boot_from_a_vdi_screen_media_attach_and_eject(
     assert stat.S_ISSOCK(socket_mode) and stat.S_IMODE(socket_mode) == 0o600
     pid = vm.status().pid
     assert pid is not None and not (_socket_inodes(pid) & _listening_tcp_inodes())
+    # vmkit console --vnc --port: a loopback TCP port forwarded to the socket speaks RFB
+    bound: list[int] = []
+    stop = threading.Event()
+    forwarder = threading.Thread(target=forward_vnc, args=(vm.vnc_socket(), 0), kwargs={
+        "ready": bound.append, "should_stop": stop.is_set}, daemon=True)
+    forwarder.start()
+    deadline = time.monotonic() + 10
+    while not bound and time.monotonic() < deadline:
+        time.sleep(0.05)
+    with socket.create_connection(("127.0.0.1", bound[0]), timeout=10) as viewer:
+        assert viewer.recv(12).startswith(b"RFB 003.")
+    stop.set()
+    forwarder.join(timeout=5)
     # the guest reads the ISO it was created with, then what is attached while it runs
     _load_extra_modules(vm)
     assert sh(vm, "mkdir -p /mnt/cd && mount -t iso9660 -o ro /dev/sr0 /mnt/cd && "

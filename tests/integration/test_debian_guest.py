@@ -293,3 +293,32 @@ def test_image_build_with_extra_packages(debian_home: Path, tmp_path: Path) -> N
     assert "curl" not in base.packages and info.recipe_hash != base.recipe_hash
     again, rebuilt = build_debian(home, packages=["curl"])
     assert not rebuilt and again.recipe_hash == info.recipe_hash  # same inputs: a no-op
+
+
+def test_the_image_as_a_foreign_disk_boots_through_firmware_in_each_format(
+        debian_home: Path, tmp_path: Path) -> None:
+    """debian-12 given a boot loader (GRUB for BIOS and UEFI, by grub-mkrescue, its root file
+    system found by UUID) and converted to raw, vmdk, vdi and vhdx: each is a disk made
+    elsewhere that vmkit takes with --from-disk and boots through its firmware."""
+    from tests.integration.anyos_media import bootable_disk
+
+    disk = bootable_disk(debian_home, tmp_path / "disk", "debian-12")
+    with new_home(debian_home) as root:
+        host = Host(root, lock_timeout=120)
+        for fmt, firmware in (("raw", "bios"), ("vmdk", "uefi"), ("vdi", "bios"),
+                              ("vhdx", "uefi")):
+            source = disk if fmt == "raw" else disk.with_suffix(f".{fmt}")
+            if fmt != "raw":
+                subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", fmt, str(disk),
+                                str(source)], check=True, capture_output=True, timeout=300)
+            vm = host.create(f"from-{fmt}", from_disk=source, firmware=firmware,
+                             memory="1G")
+            vm.start()
+            vm.wait_ready(timeout=BOOT_TIMEOUT)
+            assert 'VERSION_CODENAME=bookworm' in sh(vm, "cat /etc/os-release"), fmt
+            assert vm.status().boot == "disk" and vm.status().image is None
+            uefi = sh(vm, "test -d /sys/firmware/efi && echo uefi || echo bios")
+            assert uefi == firmware, (fmt, uefi)
+            vm.kill()
+            vm.delete()
+            source.unlink()
