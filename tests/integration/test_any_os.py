@@ -14,6 +14,7 @@ import shutil
 import socket
 import stat
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -170,6 +171,13 @@ def test_bios_boot_from_a_vdi_screen_media_attach_and_eject(
         time.sleep(0.05)
     with socket.create_connection(("127.0.0.1", bound[0]), timeout=10) as viewer:
         assert viewer.recv(12).startswith(b"RFB 003.")
+    # another local user reaching that loopback port gets nothing (VNC has no password here)
+    other = subprocess.run(
+        ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c",
+         f"import socket; s = socket.create_connection(('127.0.0.1', {bound[0]}), "
+         "timeout=10); print(repr(s.recv(12)))"], capture_output=True, text=True, timeout=30,
+        check=False)
+    assert other.stdout.strip() == "b''", other.stdout + other.stderr
     stop.set()
     forwarder.join(timeout=5)
     # the guest reads the ISO it was created with, then what is attached while it runs
@@ -322,6 +330,8 @@ def test_a_windows_vm_gets_its_own_unprivileged_tpm_that_stops_with_it(
             hardware.cdrom, hardware.rtc_localtime) == ("ovmf", True, "sata", "e1000e",
                                                          "sata", True)
     vm.start()
+    with pytest.raises(InvalidState, match="TPM identity"):
+        vm.clone("win-twin", live=True)  # a running copy would share the TPM's keys
     qemu_pid = vm.status().pid
     assert qemu_pid is not None
     qemu_uid = int(next(line.split()[1] for line in
@@ -344,19 +354,24 @@ def test_a_windows_vm_gets_its_own_unprivileged_tpm_that_stops_with_it(
     while Path(f"/proc/{swtpm_pid}").exists() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert not Path(f"/proc/{swtpm_pid}").exists()
-    # the TPM's state travels with its machine in a bundle (a clone gets a fresh TPM)
+    # the TPM's state travels with its machine in a bundle; a copy (a clone, an import under
+    # another name) gets a TPM of its own
     permall = state / "tpm2-00.permall"
+    keys = permall.read_bytes()
     bundle = tmp_path / "win.vmkit"
     vm.export(bundle)
-    back = host.import_bundle(bundle, name="win-back")
-    assert (back.folder.path / "tpm/tpm2-00.permall").read_bytes() == permall.read_bytes()
+    copy = host.import_bundle(bundle, name="win-copy")
+    assert not (copy.folder.path / "tpm/tpm2-00.permall").exists()
     assert not (vm.clone("win-clone").folder.path / "tpm").exists()
-    back.start()
-    assert back.status().state.value == "running"
-    back.kill()
     # what the VM's uid can plant in tpm/ (a link to a host secret) is never exported
     permall.unlink()
     permall.symlink_to("/etc/shadow")
     with pytest.raises(BundleError, match="symlink"):
         vm.export(tmp_path / "leak.vmkit")
     assert not (tmp_path / "leak.vmkit").exists()
+    vm.delete()
+    back = host.import_bundle(bundle)  # the same machine, back under its own name
+    assert (back.folder.path / "tpm/tpm2-00.permall").read_bytes() == keys
+    back.start()
+    assert back.status().state.value == "running"
+    back.kill()

@@ -78,7 +78,7 @@ export function mount(root, name) {
 
   // The screen section exists for a VM with a display (firmware-booted VMs); noVNC loads then.
   function showScreen() {
-    if (screen || !vm || vm.boot === "kernel" || !vm.boot) return;
+    if (screen || !vm || vm.display !== "std") return;
     $("screen-section").hidden = false;
     screen = { hold() {}, release() {}, close() {} }; // until the module is there
     import("./screen.js").then((mod) => {

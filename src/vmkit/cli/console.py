@@ -5,13 +5,14 @@ from __future__ import annotations
 import contextlib
 import os
 import select
+import socket
 import sys
 import termios
 import tty
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
-from vmkit.errors import QemuError
+from vmkit.errors import InvalidValue, QemuError
 from vmkit.qemu import peer
 
 DETACH_BYTE = b"\x1d"  # Ctrl-]
@@ -117,15 +118,36 @@ def attach_remote(url: str, headers: dict[str, str], context: object | None) -> 
             ws.close()
 
 
+def tcp_peer_uid(conn: socket.socket) -> int | None:
+    """The uid owning the other end of a loopback TCP connection (from /proc/net/tcp{,6})."""
+    port = conn.getpeername()[1]
+    local_port = conn.getsockname()[1]
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            lines = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            here, there = fields[1].rsplit(":", 1), fields[2].rsplit(":", 1)
+            if int(here[1], 16) == port and int(there[1], 16) == local_port:
+                return int(fields[7])
+    return None
+
+
 def forward_vnc(socket_path: Path, port: int, *, ready: Callable[[int], object] | None = None,
                 should_stop: Callable[[], bool] | None = None) -> None:
     """Forward 127.0.0.1:`port` (0: any free one) to the VM's VNC unix socket until
-    interrupted: a VNC viewer that only speaks TCP can then attach. Loopback only: the screen
-    is never offered to the network."""
-    import socket
+    interrupted: a VNC viewer that only speaks TCP can then attach. Loopback only, and only
+    for the user running this command (another local user's connection is closed unanswered:
+    VNC itself has no password here); the VM's socket is peer-checked."""
     import threading
 
-    listener = socket.create_server(("127.0.0.1", port))
+    try:
+        listener = socket.create_server(("127.0.0.1", port))
+    except OSError as exc:
+        raise InvalidValue(f"cannot listen on 127.0.0.1:{port}: {exc.strerror}",
+                           hint="pick another --port (0: any free one)") from None
     listener.settimeout(0.5)
     if ready is not None:
         ready(listener.getsockname()[1])
@@ -138,15 +160,19 @@ def forward_vnc(socket_path: Path, port: int, *, ready: Callable[[int], object] 
             sink.shutdown(socket.SHUT_WR)
 
     def serve(client: socket.socket) -> None:
-        with client, socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as vnc:
+        with client:
+            if tcp_peer_uid(client) != os.getuid():
+                return  # someone else on this host
             try:
-                vnc.connect(str(socket_path))
-            except OSError:
+                vnc = peer.connect_unix(socket_path, 10.0)
+            except (OSError, QemuError):
                 return
-            back = threading.Thread(target=pump, args=(vnc, client), daemon=True)
-            back.start()
-            pump(client, vnc)
-            back.join(timeout=5)
+            vnc.settimeout(None)
+            with vnc:
+                back = threading.Thread(target=pump, args=(vnc, client), daemon=True)
+                back.start()
+                pump(client, vnc)
+                back.join(timeout=5)
 
     with listener:
         while should_stop is None or not should_stop():

@@ -33,7 +33,7 @@ STATUS_SHAPE: dict[str, Any] = {
     "name": None, "state": None, "cpus": None, "memory": None, "disk": None, "image": None,
     "uuid": None, "mac": None, "pid": None, "uptime": None, "accel": None,
     "accel_reason": None, "isolation_note": None, "machine": None, "cpu_model": None,
-    "folder": None, "disk_mode": None, "firmware": None, "boot": None, "media": None,
+    "folder": None, "disk_mode": None, "firmware": None, "boot": None, "media": None, "display": None,
     "vnc_socket": None, "qemu_status": None, "max_cpus": None,
     "max_memory": None, "guest": None, "hostname": None, "ssh": None, "broken": None,
     "last_exit": {"at": None, "reason": None, "status": None, "description": None,

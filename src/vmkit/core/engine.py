@@ -509,6 +509,7 @@ class VM:
             disk_mode="full-copy" if cfg.spec.full_copy else "overlay",
             firmware=cfg.hardware.firmware,
             boot="kernel" if cfg.boot else ",".join(cfg.boot_order), media=cfg.media,
+            display=cfg.hardware.display,
             vnc_socket=str(self.folder.vnc_socket)
             if live and cfg.hardware.display == "std" else None,
             last_exit=record.last_exit, qemu_status=qemu_status,
@@ -675,6 +676,11 @@ class VM:
             ssh_port = _free_local_port() if cfg.ssh_user and over_user_nic else None
             taps = net_ops.open_taps(self)
             machine = machine or MachineRecord(config=self.config)
+            # the ISO is always this VM's vm.json's: a machine record (a snapshot's, a
+            # bundle's, a source host's) never names a host file for root to open
+            machine = machine.model_copy(update={"config": machine.config.model_copy(update={
+                "media": self.config.media if machine.config.hardware.cdrom != "none"
+                else None})})
             media_fd = open_media(machine.config.media)
             argv = self.argv(accel, incoming=incoming is not None, ssh_port=ssh_port,
                              tap_fds=tuple(taps.items()), layer=layer, machine=machine,

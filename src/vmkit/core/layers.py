@@ -8,6 +8,7 @@ undoes a cut). Operations (snapshots, clones, bundles) call these; they call no 
 from __future__ import annotations
 
 import contextlib
+import os
 import time
 import uuid as uuidlib
 from pathlib import Path
@@ -101,7 +102,7 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
             node = SnapshotNode(
                 name=name, parent=tree.current, created_at=time.time(), layer=active,
                 memory=memory_rel, taken_in=taken_in, quiesced=quiesced,
-                machine=record.machine if with_memory else None)
+                machine=record.machine if with_memory else None, nvram=nvram_rel)
             _step(log, "overlay-created", node=node.model_dump(mode="json"))
             downtime_ms = 0.0
             if memory_path is not None:
@@ -114,8 +115,9 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
                 else:
                     blockops.save_memory(qmp, memory_path, MEMORY_STATE_TIMEOUT)
             completed = time.monotonic()
-            # the variables at the moment the disk switches (the guest is paused or frozen)
-            node = node.model_copy(update={"nvram": _keep_nvram(vm, nvram_rel)})
+            # the variables at the moment the disk switches (the guest is paused or frozen);
+            # journalled in the node above, copied before the switch: a roll-forward finds it
+            _keep_nvram(vm, nvram_rel)
             # switch QEMU over first, then publish the tree: the tree never names a layer
             # QEMU is not writing to; a cut in between is rolled forward by the journal
             blockops.add_overlay_on_top(qmp, new_path, f"layer-{Path(new_active).stem}")
@@ -163,14 +165,28 @@ def _keep_nvram(vm: VM, relative: str | None) -> str | None:
     return relative
 
 
-def restore_nvram(vm: VM, node: SnapshotNode) -> bytes | None:
-    """Put a snapshot's UEFI variables back; returns what they were (to undo a failed
-    restore), None when the snapshot has none."""
+NVRAM_BEFORE = "disks/nvram.fd.before-restore"
+
+
+def restore_nvram(vm: VM, node: SnapshotNode) -> bool:
+    """Put a snapshot's UEFI variables back, the present ones kept aside first (a file, so a
+    restore cut here is undone by recovery: `undo_nvram`); False when it has none."""
     if node.nvram is None:
-        return None
-    before = vm.folder.nvram.read_bytes()
+        return False
+    write_bytes_atomic(vm.folder.path / NVRAM_BEFORE, vm.folder.nvram.read_bytes(), mode=0o600)
     write_bytes_atomic(vm.folder.nvram, (vm.folder.path / node.nvram).read_bytes(), mode=0o600)
-    return before
+    return True
+
+
+def undo_nvram(vm: VM) -> None:
+    """A restore that did not happen: the variables kept aside go back (idempotent)."""
+    before = vm.folder.path / NVRAM_BEFORE
+    if before.is_file() and not before.is_symlink():
+        os.replace(before, vm.folder.nvram)
+
+
+def forget_nvram_before(vm: VM) -> None:
+    (vm.folder.path / NVRAM_BEFORE).unlink(missing_ok=True)
 
 
 def _step(log: Journal | None, step: str, **intent: object) -> None:
@@ -201,7 +217,8 @@ def recover_take(held: Held, vm: VM, entry: JournalEntry) -> None:
                     "memory_size": (vm.folder.path / node.memory).stat().st_size})
         save_tree(vm, tree.with_node(node).model_copy(update={"active_layer": new_layer}))
     elif not forward:
-        remove_unreferenced(vm, [new_layer, intent.get("memory")])
+        kept = SnapshotNode.model_validate(node_data).nvram if node_data is not None else None
+        remove_unreferenced(vm, [new_layer, intent.get("memory"), kept])
     if alive:
         if intent.get("frozen"):
             thaw(vm)

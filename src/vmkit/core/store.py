@@ -56,6 +56,7 @@ def remove_unreferenced(vm: VM, files: list[object]) -> None:
     """Remove files the tree does not name (a half-made layer or state)."""
     tree = load_tree(vm)
     used = {n.layer for n in tree.nodes.values()} | {n.memory for n in tree.nodes.values()}
+    used |= {n.nvram for n in tree.nodes.values()}
     used |= _own_files(vm)
     for rel in files:
         if isinstance(rel, str) and rel not in used:
@@ -68,9 +69,11 @@ def sweep_orphans(vm: VM) -> list[str]:
     was a journal, or by a crash of vmkit itself); the caller holds the lock, no journal."""
     tree = load_tree(vm)
     used = {n.layer for n in tree.nodes.values()} | {n.memory for n in tree.nodes.values()}
+    used |= {n.nvram for n in tree.nodes.values()}
     used |= _own_files(vm)
     removed = []
-    for folder, suffix in (("disks", ".qcow2"), ("snapshots", ".state")):
+    for folder, suffix in (("disks", ".qcow2"), ("snapshots", ".state"),
+                           ("snapshots", ".nvram.fd")):
         directory = vm.folder.path / folder
         if not directory.is_dir():
             continue

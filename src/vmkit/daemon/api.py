@@ -89,6 +89,7 @@ from vmkit.model.views import (
     SnapshotInfo,
     VmStatus,
 )
+from vmkit.qemu import peer
 
 VERSION = "0.2.0"
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -483,6 +484,9 @@ def build_app(service: Service) -> FastAPI:
     def attach_media(request: Request, name: str, body: MediaRequest) -> dict[str, Any]:
         """Insert an ISO (a path on this host: from root on the unix socket only)."""
         _require_local_root(request, "path")
+        if not os.path.isabs(body.path):
+            raise InvalidValue(f"invalid path {body.path!r}: an absolute path on the daemon's "
+                               "host", field="path")
         return _sync({"media": vm_of(name).attach_media(body.path)})
 
     @app.delete("/1.0/vms/{name}/media", response_model=Sync[dict[str, Any]],
@@ -1109,11 +1113,15 @@ def _stream_once(path: Path, folder: Path | None, headers: dict[str, str] | None
 
 
 async def _pipe_unix(socket_: WebSocket, path: Path) -> None:
-    """Bytes both ways between a websocket and a unix socket until either side ends."""
+    """Bytes both ways between a websocket and a VM's unix socket (peer-checked: run/ is the
+    VM's uid's, so what sits there may be planted) until either side ends."""
     try:
-        reader, writer = await asyncio.open_unix_connection(str(path))
-    except OSError as exc:
-        await socket_.close(code=1011, reason=f"cannot reach the screen: {exc.strerror}"[:120])
+        sock = await asyncio.to_thread(peer.connect_unix, path, 10.0)
+        sock.setblocking(False)
+        reader, writer = await asyncio.open_unix_connection(sock=sock)
+    except (OSError, VmkitError) as exc:
+        reason = exc.message if isinstance(exc, VmkitError) else str(exc.strerror)
+        await socket_.close(code=1011, reason=f"cannot reach the screen: {reason}"[:120])
         return
 
     async def to_client() -> None:

@@ -62,6 +62,7 @@ class VmStatus(BaseModel):
     boot: str | None = Field(default=None, description=(
         "kernel (direct kernel boot) or the firmware's boot order, e.g. disk,cdrom"))
     media: str | None = Field(default=None, description="the ISO in the CD-ROM drive")
+    display: str | None = Field(default=None, description="none, or std: a screen (VNC)")
     vnc_socket: str | None = Field(default=None, description=(
         "the graphical console's VNC unix socket while the VM runs (display std)"))
     last_exit: ExitRecord | None

@@ -340,6 +340,8 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
                         "spec": config.spec.model_copy(update={"name": target})}))
                 if target != original:  # a copy: a new identity, never the source's
                     config = as_new_machine(config, target, created_at=time.time())
+                    # nor its TPM's keys: the copy's TPM starts empty
+                    (work.path / TPM_STATE_FILE).unlink(missing_ok=True)
                 return config
 
             vm = host._new_vm_folder(target, build)
@@ -541,7 +543,12 @@ def _check_metadata(folder: Path, path: Path) -> VmConfig:
             raise BundleError(f"bundle {path}: {field} {shown(value)} is not a file of the "
                               "bundle; refused")
     if hardware.firmware == "ovmf":
-        expected = os.path.getsize(OVMF_VARS_TEMPLATE)
+        try:
+            expected = os.path.getsize(OVMF_VARS_TEMPLATE)
+        except OSError:
+            raise BundleError(f"bundle {path}: the VM boots through UEFI, and this host has "
+                              f"no OVMF ({OVMF_VARS_TEMPLATE})",
+                              hint="apt-get install ovmf (make run installs it)") from None
         for stores in (NVRAM_FILE, *(n.nvram for n in tree.nodes.values() if n.nvram)):
             size = (folder / stores).stat().st_size
             if size != expected:

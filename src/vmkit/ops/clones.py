@@ -97,7 +97,8 @@ def clone(source: VM, target: str, *, linked: bool = False, from_snapshot: str |
         point = source.folder.path / (node.layer if node else source.active_layer())
         try:
             def build(work: VmFolder) -> VmConfig:
-                _link_boot(source, work, node if from_snapshot is not None else None)
+                # the variables of the still point (a helper snapshot's, frozen with the disk)
+                _link_boot(source, work, node)
                 disk = work.path / ROOT_DISK_FILE
                 if linked:
                     img.create_overlay(disk, point)
@@ -159,6 +160,11 @@ def instant_clone(source: VM, target: str) -> VM:
             raise InvalidState(f"cannot instant-clone VM {source.name!r}: it is "
                                f"{record.state.value} (an instant clone needs a running VM)",
                                hint=f"start it first (vmkit start {source.name})")
+        if source.config.hardware.tpm:
+            raise InvalidState(f"cannot instant-clone VM {source.name!r}: it has a TPM, and a "
+                               "running copy would carry the same TPM identity (its keys)",
+                               hint=f"clone it without --live: vmkit clone {source.name} "
+                                    f"{target} (the copy gets a TPM of its own)")
         if record.machine is not None and not record.machine.rebuildable:
             raise InvalidState(f"cannot instant-clone VM {source.name!r}: a NIC it started "
                                "with was unplugged live, and that machine cannot be started "

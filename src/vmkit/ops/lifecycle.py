@@ -521,36 +521,49 @@ def _create_foreign(host: Host, spec: VmSpec, *, grow: bool, firmware: str,
                     start: bool, wait: bool, timeout: float) -> VM:
     """A VM that boots through its firmware: from a disk image made elsewhere (converted into
     the folder: the original is never written) and/or an installation ISO (referenced)."""
-    probed = img.probe_foreign(from_disk) if from_disk is not None else None
-    size = spec.disk if probed is None else \
-        max(spec.disk, probed.virtual_size) if grow else probed.virtual_size
-    spec = spec.model_copy(update={"disk": size, "full_copy": True})
-    _check_disk_fits(host, spec.name, size)
     _check_accel(spec.accel)
     machine = hostinfo.resolve_machine(DEFAULT_MACHINE)
     if cpu_model != "qemu64":
         _check_cpu_model(host, cpu_model)
-    vm_uuid = new_uuid()
-    nics = net_ops.new_nics(host, vm_uuid, list(networks), list(ports))
-
-    def build(work: VmFolder) -> VmConfig:
-        disk_path = work.path / ROOT_DISK_FILE
-        if from_disk is not None and probed is not None:
-            img.convert_foreign(from_disk, probed, disk_path)
+    staged = host.layout.cache / f"import-{new_uuid()}.qcow2"  # same file system: renamed in
+    try:
+        if from_disk is not None:
+            # one descriptor for the probe and the copy; the copy is made before the folder
+            # (and before the network lock a NIC on a host network takes): it may take long
+            with img.opened_foreign(from_disk) as source:
+                probed = img.probe_foreign(source, from_disk)
+                size = max(spec.disk, probed.virtual_size) if grow else probed.virtual_size
+                _check_disk_fits(host, spec.name, size)
+                staged.parent.mkdir(parents=True, exist_ok=True)
+                img.convert_foreign(source, probed, staged)
             if size > probed.virtual_size:
-                img.resize(disk_path, size)
+                img.resize(staged, size)
         else:
-            img.create_empty(disk_path, size)
-        _make_nvram(work, firmware, secure_boot=secure_boot)
-        return VmConfig(
-            uuid=vm_uuid, mac=new_mac(), created_at=time.time(), spec=spec,
-            hardware=HardwareProfile.model_validate({
-                "machine": machine, "cpu_model": cpu_model, "hotplug_ports": HOTPLUG_SPARE,
-                "firmware": firmware, "vmgenid": firmware in VMGENID_FIRMWARES,
-                "display": display, "secure_boot": secure_boot, **devices}),
-            boot=None, boot_order=order, media=media, nics=nics, restart=restart)
+            size = spec.disk
+            _check_disk_fits(host, spec.name, size)
+        spec = spec.model_copy(update={"disk": size, "full_copy": True})
+        vm_uuid = new_uuid()
+        nics = net_ops.new_nics(host, vm_uuid, list(networks), list(ports))
 
-    vm = _new_vm(host, spec.name, nics, build)
+        def build(work: VmFolder) -> VmConfig:
+            disk_path = work.path / ROOT_DISK_FILE
+            if from_disk is not None:
+                os.replace(staged, disk_path)
+            else:
+                img.create_empty(disk_path, size)
+            _make_nvram(work, firmware, secure_boot=secure_boot)
+            return VmConfig(
+                uuid=vm_uuid, mac=new_mac(), created_at=time.time(), spec=spec,
+                hardware=HardwareProfile.model_validate({
+                    "machine": machine, "cpu_model": cpu_model,
+                    "hotplug_ports": HOTPLUG_SPARE, "firmware": firmware,
+                    "vmgenid": firmware in VMGENID_FIRMWARES, "display": display,
+                    "secure_boot": secure_boot, **devices}),
+                boot=None, boot_order=order, media=media, nics=nics, restart=restart)
+
+        vm = _new_vm(host, spec.name, nics, build)
+    finally:
+        staged.unlink(missing_ok=True)
     if start:
         _start_vm(vm, wait=wait, timeout=timeout)
     return vm

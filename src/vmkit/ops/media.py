@@ -8,6 +8,7 @@ error at that start, not a silent empty drive).
 
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -39,11 +40,12 @@ def attach(vm: VM, path: str) -> str:
                     old = _inserted(qmp)
                     fdset = qmp.add_fd(fd)
                     node = f"media-{fdset}"
-                    qmp.execute("blockdev-add", media_node(f"/dev/fdset/{fdset}", node))
-                    qmp.execute("blockdev-open-tray", {"id": CDROM_ID, "force": True})
-                    qmp.execute("blockdev-remove-medium", {"id": CDROM_ID})
-                    qmp.execute("blockdev-insert-medium", {"id": CDROM_ID, "node-name": node})
-                    qmp.execute("blockdev-close-tray", {"id": CDROM_ID})
+                    try:
+                        qmp.execute("blockdev-add", media_node(f"/dev/fdset/{fdset}", node))
+                        _swap(qmp, node)
+                    except BaseException:
+                        _undo_attach(qmp, fdset, node, old)
+                        raise
                     _drop(qmp, old)
             finally:
                 os.close(fd)
@@ -60,12 +62,33 @@ def eject(vm: VM) -> str | None:
         if record.state in LIVE_STATES:
             with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
                 old = _inserted(qmp)
-                qmp.execute("blockdev-open-tray", {"id": CDROM_ID, "force": True})
-                qmp.execute("blockdev-remove-medium", {"id": CDROM_ID})
-                qmp.execute("blockdev-close-tray", {"id": CDROM_ID})
+                _swap(qmp, None)
                 _drop(qmp, old)
         vm.save_config(config.model_copy(update={"media": None}))
     return config.media
+
+
+def _swap(qmp: QmpConnection, node: str | None) -> None:
+    """Whatever is in the drive out, `node` (None: nothing) in, the tray closed."""
+    qmp.execute("blockdev-open-tray", {"id": CDROM_ID, "force": True})
+    qmp.execute("blockdev-remove-medium", {"id": CDROM_ID})
+    if node is not None:
+        qmp.execute("blockdev-insert-medium", {"id": CDROM_ID, "node-name": node})
+    qmp.execute("blockdev-close-tray", {"id": CDROM_ID})
+
+
+def _undo_attach(qmp: QmpConnection, fdset: int, node: str, old: str | None) -> None:
+    """A failed attach: the old medium back in the drive, the new node and descriptor gone
+    (each step tried: the failure may have come at any of them)."""
+    for command, arguments in (
+            ("blockdev-open-tray", {"id": CDROM_ID, "force": True}),
+            ("blockdev-remove-medium", {"id": CDROM_ID}),
+            *((("blockdev-insert-medium", {"id": CDROM_ID, "node-name": old}),) if old else ()),
+            ("blockdev-close-tray", {"id": CDROM_ID}),
+            ("blockdev-del", {"node-name": node}),
+            ("remove-fd", {"fdset-id": fdset})):
+        with contextlib.suppress(QemuError):
+            qmp.execute(command, arguments)
 
 
 def _require_drive(vm: VM) -> None:

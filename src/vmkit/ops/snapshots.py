@@ -22,8 +22,10 @@ from vmkit.core.layers import (
     MEMORY_STATE_TIMEOUT,
     QMP_TIMEOUT,
     delete_locked,
+    forget_nvram_before,
     restore_nvram,
     take_locked,
+    undo_nvram,
 )
 from vmkit.core.locks import Held
 from vmkit.core.store import (
@@ -40,7 +42,6 @@ from vmkit.model.state import LIVE_STATES, VmState
 from vmkit.model.views import SnapshotInfo
 from vmkit.qemu import agent, blockops, img
 from vmkit.qemu.qmp import QmpConnection
-from vmkit.storage.layout import write_bytes_atomic
 
 if TYPE_CHECKING:
     from vmkit.core.engine import VM
@@ -99,9 +100,8 @@ def restore(vm: VM, name: str) -> None:
             vm._kill_locked(held, record, note=f" (to restore snapshot {name!r})")
             record = vm._record()
         log.step("stopped")
-        nvram_before: bytes | None = None
         try:
-            nvram_before = restore_nvram(vm, node)
+            restore_nvram(vm, node)
             img.create_overlay(new_path, Path(node.layer).name)
             log.step("overlay-created")
             if node.memory is not None:
@@ -114,8 +114,7 @@ def restore(vm: VM, name: str) -> None:
             log.step("started")
         except BaseException:
             new_path.unlink(missing_ok=True)  # the present disk is untouched
-            if nvram_before is not None:  # and so are its variables
-                write_bytes_atomic(vm.folder.nvram, nvram_before, mode=0o600)
+            undo_nvram(vm)  # and so are its variables
             log.end()
             raise
         _finish_restore(vm, name, new_active, old_active)
@@ -128,6 +127,7 @@ def restore(vm: VM, name: str) -> None:
 
 
 def _finish_restore(vm: VM, name: str, new_active: str, old_active: str) -> None:
+    forget_nvram_before(vm)
     tree = load_tree(vm)
     save_tree(vm, tree.model_copy(update={"current": name, "active_layer": new_active}))
     if old_active not in {n.layer for n in tree.nodes.values()} | {vm.config.disk_file}:
@@ -141,12 +141,14 @@ def recover_restore(held: Held, vm: VM, entry: JournalEntry) -> None:
     new_layer, old_active = str(intent["new_layer"]), str(intent["old_active"])
     if entry.done("tree-saved"):
         remove_unreferenced(vm, [old_active])
+        forget_nvram_before(vm)
         return
     tree = load_tree(vm)
     node = tree.nodes.get(str(intent["name"]))
     record = vm._observe(persist=True, held=held)
     if not entry.done("stopped"):
         remove_unreferenced(vm, [new_layer])
+        undo_nvram(vm)
         return
     running_new = False
     if record.state in LIVE_STATES and vm._alive(record):
@@ -160,6 +162,7 @@ def recover_restore(held: Held, vm: VM, entry: JournalEntry) -> None:
         _finish_restore(vm, node.name, new_layer, old_active)
     else:
         remove_unreferenced(vm, [new_layer])
+        undo_nvram(vm)
 
 
 # -- delete -------------------------------------------------------------------------------

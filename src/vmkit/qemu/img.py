@@ -21,6 +21,7 @@ import json
 import math
 import os
 import signal
+import stat
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -123,13 +124,17 @@ def _failure(what: str, code: int, stderr: str, cpu: int, address_space: int) ->
 @contextlib.contextmanager
 def _opened(path: Path, *, write: bool) -> Iterator[int]:
     """`path` opened here without following a symlink, for qemu-img as /dev/fd/N."""
-    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC
+    flags = (os.O_RDWR if write else os.O_RDONLY) | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
     try:
         fd = os.open(path, flags)
     except OSError as exc:
         raise QemuError(f"cannot open {path} for qemu-img: {exc.strerror or exc}",
                         hint="an untrusted image must be a regular file (no symlink)") from exc
     try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise QemuError(f"cannot open {path} for qemu-img: not a regular file",
+                            hint="an untrusted image must be a regular file (no device, FIFO "
+                                 "or directory)")
         yield fd
     finally:
         os.close(fd)
@@ -280,15 +285,22 @@ def foreign_problems(facts: dict[str, Any]) -> list[str]:
     return problems
 
 
-def probe_foreign(path: Path, *, timeout: float = 30) -> ForeignDisk:
-    """The format and size of an untrusted disk image: qemu-img detects the format once, as
-    the unprivileged account, under the inspection limits, on a descriptor opened here (no
-    symlink followed; a backing file is never opened by info)."""
-    account = untrusted_owner()
+@contextlib.contextmanager
+def opened_foreign(path: Path) -> Iterator[int]:
+    """An untrusted disk image, opened once (no symlink, a regular file): its probe and its
+    conversion read this same descriptor, so the file cannot be swapped in between."""
     with _opened(path, write=False) as fd:
-        out = _run(["info", "-U", "--output=json", f"/dev/fd/{fd}"], timeout=timeout,
-                   cpu_seconds=INSPECT_CPU_SECONDS, owner=account, fds=(fd,))
-        facts: dict[str, Any] = json.loads(out)
+        yield fd
+
+
+def probe_foreign(fd: int, path: Path, *, timeout: float = 30) -> ForeignDisk:
+    """The format and size of an untrusted disk image (`fd`, opened by `opened_foreign`):
+    qemu-img detects the format once, as the unprivileged account, under the inspection
+    limits (info never opens a backing file)."""
+    account = untrusted_owner()
+    out = _run(["info", "-U", "--output=json", f"/dev/fd/{fd}"], timeout=timeout,
+               cpu_seconds=INSPECT_CPU_SECONDS, owner=account, fds=(fd,))
+    facts: dict[str, Any] = json.loads(out)
     problems = foreign_problems(facts)
     if problems:
         raise InvalidValue(f"cannot use disk image {path}: " + "; ".join(problems),
@@ -297,19 +309,33 @@ def probe_foreign(path: Path, *, timeout: float = 30) -> ForeignDisk:
     return ForeignDisk(format=str(facts["format"]), virtual_size=int(facts["virtual-size"]))
 
 
-def convert_foreign(source: Path, disk: ForeignDisk, dest: Path, *,
+#: formats whose driver takes a backing file: told explicitly to open none
+_BACKING_CAPABLE = ("qcow2", "vmdk")
+
+
+def source_spec(fd: int, fmt: str) -> str:
+    """The source as a json: filename with its format given and, where the format has them,
+    no backing file (even if the header was rewritten after the probe)."""
+    node: dict[str, Any] = {"driver": fmt, "file": {"driver": "file",
+                                                   "filename": f"/dev/fd/{fd}"}}
+    if fmt in _BACKING_CAPABLE:
+        node["backing"] = None
+    return "json:" + json.dumps(node, separators=(",", ":"))
+
+
+def convert_foreign(src: int, disk: ForeignDisk, dest: Path, *,
                     timeout: float = 3600) -> None:
-    """A standalone qcow2 at `dest` with the content of the untrusted image `source`, read
-    with its probed format given explicitly, by the unprivileged account (which writes only
-    through the descriptor of `dest` it is lent)."""
+    """A standalone qcow2 at `dest` with the content of the untrusted image open at `src`,
+    read with its probed format given explicitly, by the unprivileged account (which writes
+    only through the descriptor of `dest` it is lent)."""
     account = untrusted_owner()
     _run(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(dest),
           str(disk.virtual_size)], timeout=60)
-    with _opened(source, write=False) as src, _opened(dest, write=True) as out:
+    with _opened(dest, write=True) as out:
         if account is not None:
             os.fchown(out, account.uid, account.gid)
         try:
-            _run(["convert", "-q", "-n", "-f", disk.format, "-O", "qcow2", f"/dev/fd/{src}",
+            _run(["convert", "-q", "-n", "-O", "qcow2", source_spec(src, disk.format),
                   f"/dev/fd/{out}"], timeout=timeout, owner=account, fds=(src, out))
         finally:
             if account is not None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import stat
 import subprocess
 import time
 from pathlib import Path
@@ -40,6 +41,9 @@ def start(argv: list[str], socket_path: Path, log: Path, *,
     except FileNotFoundError:
         raise HostError("swtpm is not installed (a VM with a TPM needs it)",
                         hint="apt-get install swtpm (make run installs it)") from None
+    except subprocess.TimeoutExpired:
+        raise HostError(f"swtpm did not detach within {timeout:g}s", detail=_tail(log)) \
+            from None
     if done.returncode != 0:
         raise HostError(f"swtpm did not start (exit code {done.returncode}): "
                         f"{(done.stderr or _tail(log)).strip()[-500:]}")
@@ -51,23 +55,52 @@ def start(argv: list[str], socket_path: Path, log: Path, *,
         time.sleep(0.02)
 
 
-def stop(pidfile: Path, socket_path: Path) -> None:
+def stop(pidfile: Path, socket_path: Path, *, wait: float = 3.0) -> None:
     """End the swtpm of a finished run if it still runs (checked by its argv: a pid read from
-    a file the VM's uid can write is never trusted alone)."""
-    try:
-        pid = int(pidfile.read_text().strip())
-    except (OSError, ValueError):
+    a file the VM's uid can write is never trusted alone), and wait for it to be gone so a
+    quick restart does not meet it."""
+    pid = _read_pid(pidfile)
+    if pid is None:
         return
     argv = process.cmdline(pid)
-    if argv[:1] == [SWTPM] and any(str(socket_path) in arg for arg in argv):
-        try:
-            os.kill(pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-
-
-def _tail(log: Path) -> str:
+    if argv[:1] != [SWTPM] or not any(str(socket_path) in arg for arg in argv):
+        return
     try:
-        return log.read_text(errors="replace")[-2000:]
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + wait
+    while process.start_ticks(pid) is not None and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def _read_pid(pidfile: Path) -> int | None:
+    """A pid from a file in run/ (the VM's uid's): no link followed, no FIFO waited on, a few
+    bytes read at most."""
+    try:
+        fd = os.open(pidfile, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        text = os.read(fd, 32).decode(errors="replace").strip()
+    finally:
+        os.close(fd)
+    return int(text) if text.isdigit() else None
+
+
+def _tail(log: Path, size: int = 2000) -> str:
+    """The end of swtpm's log (a file of the VM's uid: never read whole)."""
+    try:
+        fd = os.open(log, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError:
         return ""
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return ""
+        end = os.lseek(fd, 0, os.SEEK_END)
+        os.lseek(fd, max(0, end - size), os.SEEK_SET)
+        return os.read(fd, size).decode(errors="replace")
+    finally:
+        os.close(fd)
