@@ -55,7 +55,7 @@ def test_every_route_refuses_a_client_without_credentials(daemon: Daemon) -> Non
                 assert response.json()["error_class"] == "AuthError"
     context = ssl.create_default_context(cafile=str(daemon.server_cert))
     context.check_hostname = False
-    for route in ("/1.0/events", "/1.0/vms/x/console", "/1.0/vms/x/exec"):
+    for route in ("/1.0/events", "/1.0/vms/x/console", "/1.0/vms/x/exec", "/1.0/vms/x/vnc"):
         with pytest.raises(InvalidStatus):
             ws_connect(f"wss://{daemon.listen}{route}", ssl=context).close()
     # with the token, the same routes answer
