@@ -384,7 +384,7 @@ def test_the_screen_of_a_vm_with_a_display_in_the_page(page: Any, daemon: Daemon
     vm = local.create("screenvm", from_disk=str(disk), firmware="bios", memory="512M")
     vm.start()
     _login(page, daemon)
-    page.goto("/ui/#/vms/screenvm")
+    page.goto("/ui/#/vm/screenvm")
     expect(page.locator("#screen-section")).to_be_visible()
     expect(page.locator("#screen-status")).to_have_text("connected", timeout=STATE_TIMEOUT)
     canvas = page.locator("#screen canvas")

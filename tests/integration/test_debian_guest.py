@@ -321,4 +321,5 @@ def test_the_image_as_a_foreign_disk_boots_through_firmware_in_each_format(
             assert uefi == firmware, (fmt, uefi)
             vm.kill()
             vm.delete()
-            source.unlink()
+            if source != disk:
+                source.unlink()

@@ -66,28 +66,30 @@ def candidate_versions(names: list[str]) -> list[Package]:
     return [Package(n, found[n]) for n in names]
 
 
-def newer_available(installed: dict[str, str]) -> list[str]:
-    """The packages of `installed` (name -> version) of which apt here has a newer version:
-    what a rebuild of the image would update. Packages apt does not know are left out."""
+def newer_available(installed: dict[str, str], suites: list[str]) -> list[str]:
+    """The packages of `installed` (name -> version) of which this host's apt lists have a
+    newer version in one of `suites` (the suites the image was built from: a backport the
+    host itself runs does not count). Packages apt does not know are left out."""
     if not installed:
         return []
-    done = subprocess.run(["apt-cache", "show", "--no-all-versions", *sorted(installed)],
-                          capture_output=True, text=True, timeout=120, check=False)
-    candidates: dict[str, str] = {}
-    current = ""
+    done = subprocess.run(["apt-cache", "madison", *sorted(installed)], capture_output=True,
+                          text=True, timeout=120, check=False)
+    offered: dict[str, set[str]] = {}
     for line in done.stdout.splitlines():
-        if line.startswith("Package: "):
-            current = line.split(": ", 1)[1]
-        elif line.startswith("Version: ") and current and current not in candidates:
-            candidates[current] = line.split(": ", 1)[1]
-    newer = []
-    for name, candidate in sorted(candidates.items()):
-        have = installed.get(name)
-        if have is not None and candidate != have and subprocess.run(
-                ["dpkg", "--compare-versions", candidate, "gt", have], timeout=30,
-                check=False).returncode == 0:
-            newer.append(name)
-    return newer
+        parts = [part.strip() for part in line.split("|")]
+        if len(parts) < 3:
+            continue
+        name, version, where = parts[:3]
+        suite = where.split()[1].split("/")[0] if len(where.split()) > 1 else ""
+        if suite in suites and version != installed.get(name):
+            offered.setdefault(name, set()).add(version)
+    return sorted(name for name, versions in offered.items()
+                  if any(_newer(version, installed[name]) for version in versions))
+
+
+def _newer(version: str, than: str) -> bool:
+    return subprocess.run(["dpkg", "--compare-versions", version, "gt", than], timeout=30,
+                          check=False).returncode == 0
 
 
 def unknown_packages(names: list[str]) -> list[str]:

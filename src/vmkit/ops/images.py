@@ -8,8 +8,12 @@ from pathlib import Path
 from vmkit.core.engine import Host, Progress
 from vmkit.errors import InvalidValue, NotFound
 from vmkit.images import catalog, debpkg
+from vmkit.images.debian import SUITE, UPDATE_SUITES
 from vmkit.model.names import validate_name
 from vmkit.model.views import ImageInfo
+
+#: what the tiny image's packages come from (apt-get download of bookworm's candidates)
+DEFAULT_SUITES = (SUITE, *UPDATE_SUITES)
 
 
 def build_image(host: Host, name: str, *, force: bool = False, progress: Progress | None = None,
@@ -41,5 +45,5 @@ def list_images(host: Host, *, check_updates: bool = False) -> list[ImageInfo]:
     images = catalog.list_images(host.layout)
     if not check_updates:
         return images
-    return [image.model_copy(update={"newer_packages": debpkg.newer_available(image.packages)})
-            for image in images]
+    return [image.model_copy(update={"newer_packages": debpkg.newer_available(
+        image.packages, image.suites or list(DEFAULT_SUITES))}) for image in images]
