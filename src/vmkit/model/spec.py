@@ -48,6 +48,8 @@ DISPLAYS = ("none", "std")
 CDROM_BUSES = ("none", "scsi", "sata")
 DISK_BUSES = ("virtio", "sata")
 NIC_MODELS = ("virtio-net-pci", "e1000e")
+_CHOICES = {"disk_bus": DISK_BUSES, "nic_model": NIC_MODELS, "cdrom": CDROM_BUSES,
+            "display": DISPLAYS}
 #: --os-type: the devices a guest of that kind has drivers for without extra media (what
 #: virt-install's OS defaults give); linux: virtio everything
 OS_TYPES = ("linux", "windows", "other")
@@ -262,32 +264,12 @@ class HardwareProfile(BaseModel):
             raise invalid("hardware.firmware", value, "one of " + ", ".join(sorted(FIRMWARES)))
         return value
 
-    @field_validator("disk_bus")
+    @field_validator("disk_bus", "nic_model", "cdrom", "display")
     @classmethod
-    def _disk_bus(cls, value: str) -> str:
-        if value not in DISK_BUSES:
-            raise invalid("hardware.disk_bus", value, "one of " + ", ".join(DISK_BUSES))
-        return value
-
-    @field_validator("nic_model")
-    @classmethod
-    def _nic_model(cls, value: str) -> str:
-        if value not in NIC_MODELS:
-            raise invalid("hardware.nic_model", value, "one of " + ", ".join(NIC_MODELS))
-        return value
-
-    @field_validator("cdrom")
-    @classmethod
-    def _cdrom(cls, value: str) -> str:
-        if value not in CDROM_BUSES:
-            raise invalid("hardware.cdrom", value, "one of " + ", ".join(CDROM_BUSES))
-        return value
-
-    @field_validator("display")
-    @classmethod
-    def _display(cls, value: str) -> str:
-        if value not in DISPLAYS:
-            raise invalid("hardware.display", value, "one of " + ", ".join(DISPLAYS))
+    def _choice(cls, value: str, info: ValidationInfo) -> str:
+        choices = _CHOICES[str(info.field_name)]
+        if value not in choices:
+            raise invalid(f"hardware.{info.field_name}", value, "one of " + ", ".join(choices))
         return value
 
     @field_validator("devices")

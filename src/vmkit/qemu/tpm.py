@@ -59,7 +59,7 @@ def stop(pidfile: Path, socket_path: Path, *, wait: float = 3.0) -> None:
     """End the swtpm of a finished run if it still runs (checked by its argv: a pid read from
     a file the VM's uid can write is never trusted alone), and wait for it to be gone so a
     quick restart does not meet it."""
-    pid = _read_pid(pidfile)
+    pid = process.read_pidfile(pidfile)  # no link followed, no FIFO waited on
     if pid is None:
         return
     argv = process.cmdline(pid)
@@ -72,22 +72,6 @@ def stop(pidfile: Path, socket_path: Path, *, wait: float = 3.0) -> None:
     deadline = time.monotonic() + wait
     while process.start_ticks(pid) is not None and time.monotonic() < deadline:
         time.sleep(0.02)
-
-
-def _read_pid(pidfile: Path) -> int | None:
-    """A pid from a file in run/ (the VM's uid's): no link followed, no FIFO waited on, a few
-    bytes read at most."""
-    try:
-        fd = os.open(pidfile, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        text = os.read(fd, 32).decode(errors="replace").strip()
-    finally:
-        os.close(fd)
-    return int(text) if text.isdigit() else None
 
 
 def _tail(log: Path, size: int = 2000) -> str:
