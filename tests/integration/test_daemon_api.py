@@ -87,6 +87,24 @@ def test_plain_http_on_the_tls_port_is_refused(daemon: Daemon) -> None:
         httpx.get(f"https://{daemon.listen}/1.0", timeout=10)
 
 
+def test_the_daemon_sends_nothing_after_the_tls_handshake_until_asked(daemon: Daemon) -> None:
+    """No TLS 1.3 session ticket after the handshake: websockets' threaded client wakes for
+    any readable byte and then blocks reading on the socket, and a ticket read that way while
+    it writes its request left the websocket handshake hanging (seen under load in CI)."""
+    import select
+
+    context = ssl.create_default_context(cafile=str(daemon.server_cert))
+    context.check_hostname = False
+    host, port = daemon.listen.rsplit(":", 1)
+    with socket.create_connection((host, int(port)), timeout=10) as raw, \
+            context.wrap_socket(raw) as tls:
+        assert tls.version() == "TLSv1.3"
+        readable, _, _ = select.select([tls], [], [], 2)
+        assert readable == [], "the daemon sent TLS records nobody asked for"
+        tls.sendall(b"GET /1.0 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        assert tls.recv(100).startswith(b"HTTP/1.1 401")
+
+
 def test_a_client_certificate_from_the_daemons_ca_is_let_in(daemon: Daemon,
                                                            tmp_path: Path) -> None:
     assert cli(daemon.home, "trust", "issue", "laptop", "--out", str(tmp_path)).returncode == 0

@@ -130,6 +130,11 @@ def _tls_context(service: Service, host: str) -> ssl.SSLContext:
     context.load_cert_chain(paths.server_cert, paths.server_key)
     context.load_verify_locations(service.client_ca.ensure())
     context.verify_mode = ssl.CERT_OPTIONAL  # a token is the other way in
+    # no TLS 1.3 session tickets: they arrive after the handshake, unasked, and a client that
+    # waits for the socket to be readable and then reads on a blocking socket (websockets'
+    # threaded client does) wakes for a ticket and blocks in the read while its request is
+    # still being written -- the handshake then never completes. Resumption is not needed.
+    context.num_tickets = 0
     return context
 
 
