@@ -120,6 +120,48 @@ def test_cold_move_and_preflight_refusals_change_nothing(hosts: tuple[Side, Side
     b.ok("delete", "sleeper", "--force")
 
 
+def test_a_uefi_vm_moves_live_with_its_variables(hosts: tuple[Side, Side], image_home: Path,
+                                                tmp_path: Path) -> None:
+    """A disk made elsewhere, booted through OVMF: a variable written before the move is read
+    on the destination by the running guest and, after a cold boot there, from the
+    destination's own NVRAM file -- which also keeps what the guest writes after the move."""
+    from tests.integration.anyos_media import bootable_disk, efi_variable
+
+    a, b = hosts
+    disk = bootable_disk(image_home, tmp_path / "disk")
+    a.ok("create", "efimover", "--from-disk", str(disk), "--firmware", "uefi",
+         "--memory", "256M")
+    efivars = "/sys/firmware/efi/efivars"
+    prepare = ("for m in $(cat /etc/extra-modules); do insmod /lib/extra-modules/$m "
+               "2>/dev/null || true; done; "
+               f"mount -t efivarfs efivarfs {efivars} 2>/dev/null || true")
+
+    def write(side: Side, name: str, value: str) -> None:
+        side.exec("efimover", f"printf '\\007\\000\\000\\000{value}' > "
+                              f"{efivars}/{efi_variable(name)}")
+
+    def read(side: Side, name: str) -> str:
+        return side.exec("efimover", f"tail -c 4 {efivars}/{efi_variable(name)} "
+                                     "2>/dev/null || true").strip()
+
+    a.ok("start", "efimover", "--wait")
+    a.exec("efimover", prepare)
+    write(a, "VmkitBefore", "gone")
+    vm_uuid = _uuid(a, "efimover")
+    moved = json.loads(a.ok("migrate", "efimover", "b", "--format", "json"))
+    assert moved["live"] is True and b.has_vm("efimover") and not a.has_vm("efimover")
+    _one_qemu_on(b, a, vm_uuid)
+    assert read(b, "VmkitBefore") == "gone"  # the running firmware's variables came along
+    write(b, "VmkitAfter", "here")
+    b.ok("stop", "efimover")
+    nvram = (b.home / "vms" / "efimover" / "disks" / "nvram.fd").read_bytes()
+    assert b"gone" in nvram and b"here" in nvram
+    b.ok("start", "efimover", "--wait")  # a cold boot on B, from B's own variables file
+    b.exec("efimover", prepare)
+    assert (read(b, "VmkitBefore"), read(b, "VmkitAfter")) == ("gone", "here")
+    b.ok("delete", "efimover", "--force")
+
+
 def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
