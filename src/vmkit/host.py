@@ -28,8 +28,17 @@ from vmkit.model.migration import MigrationOptions
 from vmkit.model.migration import Progress as MigrationProgress
 from vmkit.model.network import Nic
 from vmkit.model.restart import RestartPolicy
-from vmkit.model.views import ExecResult, ImageInfo, SetResult, Usage, VmStatus
+from vmkit.model.spec import ExtraDisk
+from vmkit.model.views import (
+    DiskInfo,
+    ExecResult,
+    ImageInfo,
+    SetResult,
+    Usage,
+    VmStatus,
+)
 from vmkit.ops import bundles, clones, lifecycle, live, media, migration, screen
+from vmkit.ops import disks as disk_ops
 from vmkit.ops import doctor as doctor_ops
 from vmkit.ops import images as image_ops
 from vmkit.ops import networks as network_ops
@@ -221,6 +230,20 @@ class VM(engine.VM):
     def remove_nic(self, network: str) -> Nic:
         """Remove the VM's NIC on `network`, hot-unplugged when the VM runs."""
         return nic_ops.remove(self, network)
+
+    def add_disk(self, name: str, size: int | str) -> ExtraDisk:
+        """An empty extra disk `name` of `size` (e.g. "10G"), hot-plugged when the VM runs;
+        the guest sees it as /dev/disk/by-id/virtio-NAME. Snapshots leave it as it is."""
+        return disk_ops.add(self, name, size)
+
+    def remove_disk(self, name: str) -> ExtraDisk:
+        """Remove extra disk `name` and delete its file (the guest must let it go first when
+        the VM runs)."""
+        return disk_ops.remove(self, name)
+
+    def disks(self) -> list[DiskInfo]:
+        """The extra disks: name, size, bytes used, file."""
+        return disk_ops.list_disks(self)
 
     def set(self, **changes: Any) -> SetResult:
         """Change vCPUs, memory, maxima, disk size, CPU weight/limit or I/O limits; live where

@@ -233,3 +233,28 @@ def test_windows_argv() -> None:
     assert "ide-cd,bus=ide.0,id=cd0,bootindex=2" in argv
     assert any(a.startswith("e1000e,netdev=net0") for a in argv)
     assert not any(a.startswith(("virtio-blk-pci,drive=disk0", "virtio-net-pci")) for a in argv)
+
+
+def test_extra_disks_sit_on_root_ports_after_the_nics_with_their_names_as_serials() -> None:
+    """Each extra disk: a qcow2 node on its own file in volumes/ (format explicit), a virtio
+    disk whose serial is its name, on the root port after the NICs'; the spares stay."""
+    from vmkit.model.network import Nic
+    from vmkit.model.spec import ExtraDisk
+
+    config = _config().model_copy(update={
+        "nics": (Nic(network="lan", mac="52:54:00:aa:00:01"),),
+        "disks": (ExtraDisk(name="data", size=10 << 30), ExtraDisk(name="logs", size=1 << 30)),
+        "hardware": HardwareProfile(machine="pc-q35-10.0", hotplug_ports=4)})
+    paths = VmFolder(Path("/var/lib/vmkit/vms/web")).run_paths(
+        config.disk_file, config.boot.kernel, config.boot.initrd)
+    argv = build_argv(config, paths, LaunchOptions(accel="tcg",
+                                                   tap_fds=(("52:54:00:aa:00:01", 7),)))
+    _check("argv_extra_disks.json", argv)
+    devices = [argv[i + 1] for i, a in enumerate(argv) if a == "-device"]
+    assert "virtio-blk-pci,drive=vol-data,id=vol-data,serial=data,bus=hp1" in devices
+    assert "virtio-blk-pci,drive=vol-logs,id=vol-logs,serial=logs,bus=hp2" in devices
+    assert len([d for d in devices if d.startswith("pcie-root-port")]) == 1 + 2 + 4
+    nodes = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-blockdev"]
+    volume = next(n for n in nodes if n["node-name"] == "vol-data")
+    assert volume["driver"] == "qcow2"
+    assert volume["file"]["filename"] == "/var/lib/vmkit/vms/web/volumes/data.qcow2"

@@ -82,6 +82,18 @@ def test_hostile_bundles_are_refused_with_nothing_left(host: Host, home: Path, t
         _rewrite_bundle(bundle, target, {"disks/root.qcow2": image.read_bytes()})
         return target
 
+    leaning = tmp_path / "leaning.qcow2"  # an extra disk on a host file: /etc/shadow
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/shadow",
+                    str(leaning), "64M"], check=True)
+
+    def volume(label: str, image: Path) -> Path:
+        target = tmp_path / f"{label}.vmkit"
+        config = json.loads(_member(bundle, "vm.json"))
+        config["disks"] = [{"name": "data", "size": 64 << 20}]
+        _rewrite_bundle(bundle, target, {"vm.json": json.dumps(config).encode(),
+                                         "volumes/data.qcow2": image.read_bytes()})
+        return target
+
     cases: list[tuple[Path, str]] = [
         (forged("mac", "vm.json",
                 mac="52:54:00:12:34:56\nadd rule inet filter input accept"), "invalid mac"),
@@ -106,6 +118,12 @@ def test_hostile_bundles_are_refused_with_nothing_left(host: Host, home: Path, t
          "snapshot memory"),
         (disk("external", external), "external data file"),
         (disk("bomb", bomb), "resource limits"),
+        (volume("volume-backing", leaning), "volumes/data.qcow2 names another file"),
+        (volume("volume-external", external), "volumes/data.qcow2 names another file"),
+        (forged("volume-missing", "vm.json", disks=[{"name": "data", "size": 1 << 20}]),
+         "vm.json disk data 'volumes/data.qcow2' is not a file of the bundle"),
+        (forged("volume-name", "vm.json", disks=[{"name": "../../etc", "size": 1 << 20}]),
+         "invalid disk name"),
     ]
     passwd, bashrc = _digest(Path("/etc/passwd")), _digest(Path("/root/.bashrc"))
     for path, message in cases:

@@ -23,7 +23,8 @@ from tests.integration.conftest import new_home
 from tests.integration.daemon_harness import Daemon, cli, running_daemon
 
 # creating VMs, images or networks, or recovering the host, is not for random data here
-UNSAFE_FOR_FUZZING = r"^/1\.0/(vms|images|networks|networks/reconcile)$|/nics$|/clone$|^/1\.0/host/"
+UNSAFE_FOR_FUZZING = (r"^/1\.0/(vms|images|networks|networks/reconcile)$|/nics$|/disks$|/clone$"
+                      r"|^/1\.0/host/")
 NOBODY = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups"]
 
 
@@ -39,7 +40,7 @@ def _routes(daemon: Daemon) -> list[tuple[str, str]]:
     routes = []
     for path, methods in schema["paths"].items():
         concrete = path.replace("{name}", "x").replace("{snapshot}", "s").replace(
-            "{network}", "n").replace("{op_id}", "o")
+            "{network}", "n").replace("{op_id}", "o").replace("{disk}", "d")
         routes += [(method.upper(), concrete) for method in methods]
     return routes
 

@@ -10,6 +10,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -270,3 +271,37 @@ def test_import_killed_at_every_step(host: Host, home: Path, tmp_path: Path) -> 
         host.get("imp").wait_ready(timeout=120)
         run_cli(home, "delete", "imp", "--force", check=True)
     assert vm.state.value == "defined"
+
+
+def test_disk_add_and_remove_killed_at_every_step(host: Host, home: Path) -> None:
+    """A hot-plug cut anywhere: the disk is either there in full (vm.json, file, QEMU's
+    device) or not at all, and the command runs again."""
+    vm = host.create("plug", memory="256M")
+    vm.start(wait=True)
+    folder = home / "vms" / "plug"
+
+    def agree() -> list[str]:
+        _consistent(host, home, {"plug"})
+        named = [d["name"] for d in json.loads((folder / "vm.json").read_text())["disks"]]
+        files = sorted(p.stem for p in (folder / "volumes").glob("*.qcow2"))
+        assert files == sorted(named), (named, files)
+        deadline = time.monotonic() + 30  # the guest takes in a hot-plug on its own time
+        while True:
+            plugged = vm.exec(["sh", "-c", "cat /sys/block/vd*/serial 2>/dev/null; true"]).stdout
+            if sorted(plugged.split()) == sorted(named) or time.monotonic() > deadline:
+                break
+            time.sleep(0.5)
+        assert sorted(plugged.split()) == sorted(named), (named, plugged)
+        return named
+
+    for index, step in enumerate(STEPS["disk-add"]):
+        disk = f"d{index}"
+        _killed_at(home, "disk-add", step, "disk", "add", "plug", disk, "--size", "16M")
+        if disk not in agree():
+            assert run_cli(home, "disk", "add", "plug", disk, "--size", "16M").returncode == 0
+    for step in STEPS["disk-remove"]:
+        disk = agree()[0]
+        _killed_at(home, "disk-remove", step, "disk", "remove", "plug", disk)
+        if disk in agree():
+            assert run_cli(home, "disk", "remove", "plug", disk).returncode == 0
+    assert len(agree()) == len(STEPS["disk-add"]) - len(STEPS["disk-remove"])

@@ -128,3 +128,13 @@ def test_firmware_boot_needs_a_firmware_that_boots_disks() -> None:
     with pytest.raises(InvalidValue, match="no CD-ROM drive"):
         _config().model_copy(update={"media": "/a.iso"}).model_validate(
             {**_config().model_dump(), "media": "/a.iso"})
+
+
+def test_extra_disks_keep_a_running_vm_from_a_live_move_but_not_a_cold_one() -> None:
+    from vmkit.model.spec import ExtraDisk
+
+    config = _config().model_copy(update={"disks": (ExtraDisk(name="data", size=1 << 30),)})
+    reasons = preflight(config, _caps(), name="web", disk_bytes=1 << 30, running=True)
+    assert reasons == ["it has extra disks (data): a live move carries the root disk only; "
+                       "stop it and use vmkit move"]
+    assert preflight(config, _caps(), name="web", disk_bytes=1 << 30, running=False) == []

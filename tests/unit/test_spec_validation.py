@@ -61,6 +61,11 @@ def test_vm_json_as_vmkit_writes_it_is_valid() -> None:
         _load(_config(**good))
 
 
+def test_an_extra_disk_is_a_file_of_the_folder_named_by_the_disk() -> None:
+    config = _load(_config(disks=[{"name": "data", "size": 10 << 30}]))
+    assert config.disks[0].file == "volumes/data.qcow2"
+
+
 def test_vm_json_from_before_vmgenid_keeps_its_machine() -> None:
     """No vmgenid key (vmkit before it): no device, the same machine as before."""
     assert _load(_config()).hardware.vmgenid is False
@@ -121,6 +126,11 @@ def test_vmgenid_needs_a_firmware_that_can_place_it() -> None:
     ("cloud_init.ssh_keys", ["not a key"], "cloud_init.ssh_keys[0]"),
     ("cloud_init.user_data", "#cloud-config\n" + "x" * (1 << 20), "cloud_init.user_data"),
     ("cloud_init.user_data", "#!/bin/sh\n\0", "cloud_init.user_data"),
+    ("disks", [{"name": "../../etc", "size": 1}], "disk name"),
+    ("disks", [{"name": "data,serial=x", "size": 1}], "disk name"),
+    ("disks", [{"name": "a" * 21, "size": 1}], "disk name"),
+    ("disks", [{"name": "data", "size": 1}, {"name": "data", "size": 2}], "disks"),
+    ("disks", [{"name": f"d{i}", "size": 1} for i in range(9)], "disks"),
 ])
 def test_hostile_values_are_refused_naming_the_field(field: str, value: Any, named: str) -> None:
     with pytest.raises(InvalidValue) as caught:
@@ -137,6 +147,8 @@ def test_hostile_values_are_refused_naming_the_field(field: str, value: Any, nam
     ("spec.limits.disk_iops", -5), ("spec.name", "Web Server"), ("spec.image", "../tiny"),
     ("hardware.hotplug_ports", 99), ("nics", "eth0"), ("surprise", 1),
     ("hardware.vmgenid", "yes"), ("hardware.vmgenid", 1),
+    ("disks", [{"name": "data", "size": 0}]), ("disks", [{"name": "data"}]),
+    ("disks", [{"name": "data", "size": 1, "file": "/etc/shadow"}]),
 ])
 def test_numbers_and_names_out_of_range_are_refused(field: str, value: Any) -> None:
     data = _config(**{field: value}) if field != "surprise" else {**_config(), "surprise": 1}

@@ -25,7 +25,7 @@ from vmkit.errors import InvalidState, InvalidValue, VmkitError
 from vmkit.host import AGENT_READY_TIMEOUT, EXEC_TIMEOUT, LOCK_TIMEOUT, STOP_TIMEOUT, Host
 from vmkit.model.names import validate_name
 from vmkit.model.resources import Policy
-from vmkit.model.sizes import parse_size
+from vmkit.model.sizes import format_size, parse_size
 from vmkit.model.views import ImageInfo
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None,
@@ -42,6 +42,9 @@ network_app = typer.Typer(no_args_is_help=True,
 app.add_typer(network_app, name="network")
 nic_app = typer.Typer(no_args_is_help=True, help="NICs of a VM (hot-plugged when it runs).")
 app.add_typer(nic_app, name="nic")
+disk_app = typer.Typer(no_args_is_help=True,
+                       help="Extra disks of a VM (hot-plugged when it runs; not in snapshots).")
+app.add_typer(disk_app, name="disk")
 media_app = typer.Typer(no_args_is_help=True,
                         help="Installation media (ISO) in a VM's CD-ROM drive.")
 app.add_typer(media_app, name="media")
@@ -426,6 +429,9 @@ def info(name: NameArg, format: FormatOpt = Format.table) -> None:
         rows.append(["NIC", f"{nic.mac} on {nic.network}"
                             f"{f', address {nic.address}' if nic.address else ''}"
                             f"{f', forwards {forwards}' if forwards else ''}"])
+    for disk in status.disks:
+        rows.append(["extra disk", f"{disk.name}: {render.size(disk.size)} "
+                                   f"(/dev/disk/by-id/virtio-{disk.name} in the guest)"])
     limits = status.limits
     rows += [
         ["maxima", f"{status.max_cpus} vCPUs, {render.size(status.max_memory)} (room to hot-add)"],
@@ -817,6 +823,46 @@ def nic_remove(name: NameArg,
     """
     nic = _host().get(name).remove_nic(network)
     render.err.print(f"VM {name}: NIC {nic.mac} on {nic.network} removed")
+
+
+@disk_app.command("add")
+def disk_add(name: NameArg,
+             disk: Annotated[str, typer.Argument(help="the disk's name (the guest sees "
+                                                 "/dev/disk/by-id/virtio-DISK)")],
+             size: Annotated[str, typer.Option(help="virtual size, e.g. 10G")] = "10G") -> None:
+    """Add an empty disk; a running VM gets it hot-plugged. Snapshots leave it as it is
+    (like a separate volume); clones, exports and cold moves carry it.
+
+    Example: vmkit disk add web data --size 20G
+    """
+    added = _host().get(name).add_disk(disk, size)
+    render.err.print(f"VM {name}: disk {added.name} ({format_size(added.size)}) added")
+
+
+@disk_app.command("remove")
+def disk_remove(name: NameArg,
+                disk: Annotated[str, typer.Argument(help="the disk's name")]) -> None:
+    """Remove a disk and delete its data; a running VM's guest must let it go (unmount it).
+
+    Example: vmkit disk remove web data
+    """
+    removed = _host().get(name).remove_disk(disk)
+    render.err.print(f"VM {name}: disk {removed.name} removed, its data deleted")
+
+
+@disk_app.command("list")
+def disk_list(name: NameArg, format: FormatOpt = Format.table) -> None:
+    """The VM's extra disks: name, size, space used on the host.
+
+    Example: vmkit disk list web
+    """
+    disks = [d.model_dump(mode="json") for d in _host().get(name).disks()]
+    if format is Format.json:
+        render.print_json(disks)
+        return
+    render.table(["NAME", "SIZE", "USED", "FILE"],
+                 [[d["name"], format_size(d["size"]), format_size(d["used"]), d["file"]]
+                  for d in disks])
 
 
 # -- clones and bundles -------------------------------------------------------------------

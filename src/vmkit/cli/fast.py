@@ -45,6 +45,7 @@ STATUS_SHAPE: dict[str, Any] = {
               "memory_actual": None, "disk_read": None, "disk_written": None,
               "disk_read_ops": None, "disk_write_ops": None},
     "nics": [_NIC],
+    "disks": [{"name": None, "size": None}],
     "restart_policy": {"mode": None, "max_restarts": None, "autostart": None},
     "restarts": None,
 }

@@ -42,7 +42,9 @@ if TYPE_CHECKING:
     from vmkit.model.network import Nic
     from vmkit.model.resources import Allocation, HostCapacity, Policy
     from vmkit.model.restart import RestartPolicy
+    from vmkit.model.spec import ExtraDisk
     from vmkit.model.views import (
+        DiskInfo,
         ExecResult,
         ImageInfo,
         NetworkInfo,
@@ -533,6 +535,24 @@ class RemoteVM:
 
         return Nic.model_validate(self._c.run(
             "DELETE", f"{self._path}/nics/{quote(network, safe='')}"))
+
+    def add_disk(self, name: str, size: int | str) -> ExtraDisk:
+        from vmkit.model.spec import ExtraDisk
+
+        return ExtraDisk.model_validate(self._c.run("POST", f"{self._path}/disks",
+                                                    json={"name": name, "size": size}))
+
+    def remove_disk(self, name: str) -> ExtraDisk:
+        from vmkit.model.spec import ExtraDisk
+
+        return ExtraDisk.model_validate(self._c.run(
+            "DELETE", f"{self._path}/disks/{quote(name, safe='')}"))
+
+    def disks(self) -> list[DiskInfo]:
+        from vmkit.model.views import DiskInfo
+
+        return [DiskInfo.model_validate(d)
+                for d in self._c.metadata("GET", f"{self._path}/disks")]
 
     def set(self, **changes: Any) -> SetResult:
         from vmkit.model.views import SetResult

@@ -72,6 +72,7 @@ from vmkit.model.runtime import (
     classify_exit,
 )
 from vmkit.model.spec import (
+    ExtraDisk,
     Limits,
     VmConfig,
     VmSpec,
@@ -518,7 +519,7 @@ class VM:
             hostname=cfg.cloud_init.hostname if cfg.cloud_init else
             hostname_in(cfg.boot.cmdline) if cfg.boot else None,
             ssh=self._ssh_target(record) if live and cfg.ssh_user else None,
-            nics=list(cfg.nics), restart_policy=cfg.restart,
+            nics=list(cfg.nics), disks=list(cfg.disks), restart_policy=cfg.restart,
             restarts=self.host.restart_record(self.name),
         )
 
@@ -622,6 +623,15 @@ class VM:
                 machine = machine.model_copy(update={"rebuildable": False})
             self._write(record.model_copy(update={
                 "machine": machine.model_copy(update={"nics": kept})}))
+
+    def record_disk_unplugged(self, disk: ExtraDisk) -> None:
+        """An extra disk the machine started with, unplugged: its port stays empty, which a
+        start cannot reproduce (a hot-plugged one leaves the machine as it started)."""
+        record = self._record()
+        machine = record.machine
+        if machine is not None and any(d.name == disk.name for d in machine.config.disks):
+            self._write(record.model_copy(update={
+                "machine": machine.model_copy(update={"rebuildable": False})}))
 
     def record_hotplug(self, kind: str, args: Mapping[str, Any]) -> None:
         """Note a device hot-plugged into the running QEMU (the caller holds the lock), so the

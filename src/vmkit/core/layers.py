@@ -28,6 +28,7 @@ from vmkit.isolation import jail
 from vmkit.model.journal import JournalEntry
 from vmkit.model.runtime import RuntimeRecord
 from vmkit.model.snapshots import SnapshotNode
+from vmkit.model.spec import disk_names
 from vmkit.model.state import LIVE_STATES, VmState
 from vmkit.qemu import agent, blockops, img
 from vmkit.qemu.qmp import QmpConnection
@@ -63,10 +64,15 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
     memory_rel = f"snapshots/{name}.state" if with_memory else None
     memory_path = vm.folder.path / memory_rel if memory_rel else None
     taken_in = record.state.value if live else "stopped"
+    if with_memory and vm.config.disks:
+        raise InvalidState(f"cannot take a memory snapshot of VM {vm.name!r}: its extra disks "
+                           f"({disk_names(vm.config)}) are not in snapshots, and a saved memory "
+                           "would not match what they hold by the time it is restored",
+                           hint="take it --disk-only (the extra disks stay as they are)")
     if with_memory and record.machine is not None and not record.machine.rebuildable:
-        raise InvalidState(f"cannot take a memory snapshot of VM {vm.name!r}: a NIC it started "
-                           "with was unplugged live, and that machine cannot be started again",
-                           hint="take it --disk-only, or restart the VM first")
+        raise InvalidState(f"cannot take a memory snapshot of VM {vm.name!r}: a device it "
+                           "started with was unplugged live, and that machine cannot be started "
+                           "again", hint="take it --disk-only, or restart the VM first")
     nvram_rel = f"snapshots/{name}.nvram.fd" if vm.folder.nvram.is_file() else None
     if not live:
         img.create_overlay(new_path, Path(active).name)

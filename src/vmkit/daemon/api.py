@@ -54,6 +54,7 @@ from vmkit.model.api import (
     Async,
     CloneRequest,
     CreateRequest,
+    DiskRequest,
     ErrorBody,
     ExecRequest,
     ImageBuildRequest,
@@ -82,6 +83,7 @@ from vmkit.model.spec import parse_boot_order
 from vmkit.model.state import Operation as VmOperation
 from vmkit.model.state import check_transition
 from vmkit.model.views import (
+    DiskInfo,
     ExecResult,
     ImageInfo,
     NetworkInfo,
@@ -730,6 +732,26 @@ def build_app(service: Service) -> FastAPI:
     @app.get("/1.0/vms/{name}/nics", response_model=Sync[list[Nic]], responses=_ERRORS)
     def list_nics(name: str) -> dict[str, Any]:
         return _sync(list(vm_of(name).config.nics))
+
+    # -- extra disks -----------------------------------------------------------------------
+    @app.post("/1.0/vms/{name}/disks", status_code=202, response_model=Async,
+              responses=_ERRORS)
+    def add_disk(request: Request, name: str, body: DiskRequest) -> JSONResponse:
+        vm = vm_of(name)
+        return accepted(request, "disk.add", f"add disk {body.name} to {name}",
+                        lambda op: vm.add_disk(body.name, body.size).model_dump(mode="json"),
+                        [name])
+
+    @app.delete("/1.0/vms/{name}/disks/{disk}", status_code=202, response_model=Async,
+                responses=_ERRORS)
+    def remove_disk(request: Request, name: str, disk: str) -> JSONResponse:
+        vm = vm_of(name)
+        return accepted(request, "disk.remove", f"remove disk {disk} of {name}",
+                        lambda op: vm.remove_disk(disk).model_dump(mode="json"), [name])
+
+    @app.get("/1.0/vms/{name}/disks", response_model=Sync[list[DiskInfo]], responses=_ERRORS)
+    def list_disks(name: str) -> dict[str, Any]:
+        return _sync([d.model_dump(mode="json") for d in vm_of(name).disks()])
 
     # -- images, networks, host ----------------------------------------------------------
     @app.get("/1.0/images", response_model=Sync[list[ImageInfo]], responses=_ERRORS)

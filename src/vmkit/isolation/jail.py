@@ -72,7 +72,7 @@ def release_owner(vm_uuid: str) -> None:
 
 # (relative path, mode, owned by the VM) for the folders of a VM folder; files are set below
 _FOLDERS = (("boot", 0o755, False), ("logs", 0o755, False), ("snapshots", 0o700, False),
-            ("disks", 0o750, False), ("run", 0o700, True))
+            ("disks", 0o750, False), ("volumes", 0o750, False), ("run", 0o700, True))
 
 
 def prepare_folder(owner: RunAs | None, folder: Path) -> None:
@@ -94,7 +94,7 @@ def prepare_folder(owner: RunAs | None, folder: Path) -> None:
                 if vm_owned:
                     os.fchown(sub, owner.uid, owner.gid)
                 else:
-                    os.fchown(sub, 0, owner.gid if name == "disks" else 0)
+                    os.fchown(sub, 0, owner.gid if name in ("disks", "volumes") else 0)
                 os.fchmod(sub, mode)
             finally:
                 os.close(sub)
@@ -106,12 +106,22 @@ def prepare_folder(owner: RunAs | None, folder: Path) -> None:
             os.close(disks)
         for layer in layers:
             _own_file(fd, f"disks/{layer}", owner)
+        for volume in _qcow2_files(fd, "volumes"):  # extra disks: QEMU writes them too
+            _own_file(fd, f"volumes/{volume}", owner)
         if "nvram.fd" in names:  # a UEFI VM's variables: QEMU writes them
             _own_file(fd, "disks/nvram.fd", owner)
         # QEMU appends the serial log itself: a file of its own in a folder of root's
         _own_file(fd, "logs/serial.log", owner, create=True)
     finally:
         os.close(fd)
+
+
+def _qcow2_files(folder_fd: int, name: str) -> list[str]:
+    sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=folder_fd)
+    try:
+        return [n for n in os.listdir(sub) if n.endswith(".qcow2")]
+    finally:
+        os.close(sub)
 
 
 def prepare_tpm(owner: RunAs | None, folder: Path) -> None:

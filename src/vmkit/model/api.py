@@ -108,6 +108,11 @@ class NicRequest(_Request):
     ports: list[str] = Field(default_factory=list, max_length=64)
 
 
+class DiskRequest(_Request):
+    name: str = Field(max_length=63)
+    size: str | int = Field(description="e.g. 10G, or bytes")
+
+
 class NetworkRequest(_Request):
     name: str = Field(max_length=63)
     subnet: str | None = Field(default=None, max_length=64)

@@ -69,6 +69,14 @@ def _newest_like(machine: str, offered: Iterable[str]) -> str | None:
     return max(family, key=lambda m: machine_version(m) or (0, 0), default=None)
 
 
+def preflight_disks(config: VmConfig) -> list[str]:
+    """Why a running VM cannot move live because of its extra disks (empty: it can)."""
+    if not config.disks:
+        return []
+    return [f"it has extra disks ({', '.join(d.name for d in config.disks)}): a live move "
+            "carries the root disk only; stop it and use vmkit move"]
+
+
 def preflight(config: VmConfig, caps: HostCapabilities, *, name: str, disk_bytes: int,
               running: bool) -> list[str]:
     """Every reason the destination described by `caps` cannot take this VM under `name`."""
@@ -105,6 +113,8 @@ def preflight(config: VmConfig, caps: HostCapabilities, *, name: str, disk_bytes
     if disk_bytes > caps.disk_free:
         reasons.append(f"not enough disk on the destination: the VM's files take "
                        f"{format_size(disk_bytes)}, {format_size(caps.disk_free)} are free")
+    if running:
+        reasons += preflight_disks(config)
     if config.media is not None:
         reasons.append(f"installation media {config.media} is in the CD-ROM drive: a file of "
                        f"this host (eject it first: vmkit media eject {name})")

@@ -11,8 +11,8 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 OpKind = Literal["start", "stop", "snapshot", "restore", "delete-snapshot", "clone",
-                 "instant-clone", "export", "set", "nic-add", "nic-remove", "migrate-out",
-                 "migrate-in"]
+                 "instant-clone", "export", "set", "nic-add", "nic-remove", "disk-add",
+                 "disk-remove", "migrate-out", "migrate-in"]
 
 #: The named steps of each operation, in order (the fault matrix kills the CLI at each one).
 STEPS: dict[str, tuple[str, ...]] = {
@@ -22,6 +22,8 @@ STEPS: dict[str, tuple[str, ...]] = {
     "set": ("begun", "reserved", "applied"),
     "nic-add": ("begun", "saved", "plugged"),
     "nic-remove": ("begun", "unplugged", "saved"),
+    "disk-add": ("begun", "created", "saved", "plugged"),
+    "disk-remove": ("begun", "unplugged"),
     # import builds a hidden folder published by one rename: no VM to journal in, only the
     # fault points (the hidden folder of a cut import is swept by the next listing)
     "import": ("extracted", "checked", "published"),

@@ -44,6 +44,10 @@ BOOT_DEVICES = ("disk", "cdrom", "network")
 NVRAM_FILE = "disks/nvram.fd"
 #: swtpm's permanent state (the TPM's keys): in the VM's tpm/, carried by bundles
 TPM_STATE_FILE = "tpm/tpm2-00.permall"
+#: extra disks (vmkit disk add): one qcow2 file each, in the VM folder's own volumes/
+VOLUMES_DIR = "volumes"
+DISKS_LIMIT = 8  # extra disks per VM (each takes a PCIe root port)
+DISK_NAME_LIMIT = 20  # a virtio disk's serial holds 20 bytes: the guest sees the whole name
 DISPLAYS = ("none", "std")
 CDROM_BUSES = ("none", "scsi", "sata")
 DISK_BUSES = ("virtio", "sata")
@@ -321,6 +325,36 @@ class BootConfig(BaseModel):
         return value
 
 
+class ExtraDisk(BaseModel):
+    """A disk besides the root disk: its own qcow2 file (volumes/NAME.qcow2), a virtio disk in
+    the guest whose serial is its name (/dev/disk/by-id/virtio-NAME). Independent of the
+    snapshot tree, as an Incus custom volume is: a snapshot and its restore leave it as it is;
+    clones, bundles and cold moves carry it."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str
+    size: int = Field(gt=0, le=1 << 60, description="bytes (virtual size)")
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        validate_name(value, kind="disk name")
+        if len(value) > DISK_NAME_LIMIT:
+            raise InvalidValue(f"invalid disk name {value!r}: too long ({DISK_NAME_LIMIT} "
+                               "characters at most: the guest reads it as the disk's serial)",
+                               hint="pick a shorter name, e.g. data or logs")
+        return value
+
+    @property
+    def file(self) -> str:
+        return f"{VOLUMES_DIR}/{self.name}.qcow2"
+
+
+def disk_names(config: VmConfig) -> str:
+    return ", ".join(disk.name for disk in config.disks)
+
+
 class VmConfig(BaseModel):
     """The content of vm.json."""
 
@@ -346,6 +380,8 @@ class VmConfig(BaseModel):
     ssh_user: str | None = Field(default=None, description="login of `vmkit ssh`; None: no sshd")
     ssh_identity: str | None = Field(default=None, description="host private key for vmkit ssh")
     nics: tuple[Nic, ...] = Field(default=(), description="none: one restricted user-mode NIC")
+    disks: tuple[ExtraDisk, ...] = Field(default=(), description=(
+        "extra disks besides the root disk, in the order the guest sees them"))
     restart: RestartPolicy = Field(default_factory=RestartPolicy,
                                    description="what the host service does when QEMU ends")
     generation: int = Field(default=0, ge=0, description="ownership generation: each move "
@@ -385,6 +421,16 @@ class VmConfig(BaseModel):
     @classmethod
     def _media(cls, value: str | None) -> str | None:
         return None if value is None else check_absolute_path("media", value)
+
+    @field_validator("disks")
+    @classmethod
+    def _disks(cls, value: tuple[ExtraDisk, ...]) -> tuple[ExtraDisk, ...]:
+        names = [disk.name for disk in value]
+        if len(names) > DISKS_LIMIT:
+            raise invalid("disks", f"{len(names)} disks", f"at most {DISKS_LIMIT} extra disks")
+        if len(set(names)) != len(names):
+            raise invalid("disks", ", ".join(names), "each disk name once")
+        return value
 
     @model_validator(mode="after")
     def _media_needs_drive(self) -> VmConfig:

@@ -12,7 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from vmkit.model.network import NetworkMode, Nic
 from vmkit.model.restart import RestartPolicy
 from vmkit.model.runtime import ExitRecord
-from vmkit.model.spec import Limits
+from vmkit.model.spec import ExtraDisk, Limits
 from vmkit.model.state import VmState
 
 IMAGE_SCHEMA_VERSION = 1
@@ -75,11 +75,24 @@ class VmStatus(BaseModel):
     hostname: str | None = None
     ssh: str | None = Field(default=None, description="user@host:port while running")
     nics: list[Nic] = Field(default_factory=list, description="none: one restricted user NIC")
+    disks: list[ExtraDisk] = Field(default_factory=list, description=(
+        "extra disks besides the root disk (vmkit disk add)"))
     broken: str | None = Field(default=None, description="why the metadata cannot be read")
     restart_policy: RestartPolicy | None = Field(default=None, description=(
         "what the daemon does when QEMU ends"))
     restarts: dict[str, Any] | None = Field(default=None, description=(
         "the daemon's record: restarts in a row and in total, the last decision's reason"))
+
+
+class DiskInfo(BaseModel):
+    """One extra disk as `vmkit disk list` shows it."""
+
+    model_config = ConfigDict(frozen=True)
+
+    name: str
+    size: int = Field(description="virtual size, bytes")
+    used: int = Field(description="bytes its file takes on the host")
+    file: str = Field(description="its file in the VM folder")
 
 
 class SnapshotInfo(BaseModel):

@@ -43,7 +43,7 @@ from pydantic import BaseModel, ValidationError
 from vmkit.core import layers, store
 from vmkit.core.journal import Journal, fault_point, register_recovery
 from vmkit.core.locks import Held
-from vmkit.errors import InvalidValue, NotFound, VmkitError, os_errors
+from vmkit.errors import InvalidState, InvalidValue, NotFound, VmkitError, os_errors
 from vmkit.isolation import jail
 from vmkit.model.journal import JournalEntry
 from vmkit.model.names import validate_name
@@ -53,6 +53,7 @@ from vmkit.model.spec import (
     VmConfig,
     as_new_machine,
     check_relative_path,
+    disk_names,
     shown,
 )
 from vmkit.model.state import LIVE_STATES
@@ -67,7 +68,7 @@ FORMAT = "vmkit-bundle"
 FORMAT_VERSION = 1
 BASE_LAYER = "disks/base.qcow2"
 _CHUNK = 1 << 20
-_MEMBER = re.compile(r"^(vm\.json|snapshots\.json|boot/[\w.-]+|disks/[\w.-]+\.qcow2|"
+_MEMBER = re.compile(r"^(vm\.json|snapshots\.json|boot/[\w.-]+|(disks|volumes)/[\w.-]+\.qcow2|"
                      r"disks/nvram\.fd|tpm/tpm2-00\.permall|snapshots/[\w.-]+\.(state|nvram\.fd))$",
                      re.ASCII)
 BUNDLE_MODE = 0o600  # disks and memory: readable by the exporting user only
@@ -109,6 +110,12 @@ def export(vm: VM, path: Path, *, progress: Progress | None = None) -> dict[str,
     with vm.host._vm_lock(vm.name) as held:
         record = vm._observe(persist=True, held=held)
         live = record.state in LIVE_STATES
+        if live and vm.config.disks:
+            raise InvalidState(f"cannot export VM {vm.name!r} while it is "
+                               f"{record.state.value}: its extra disks "
+                               f"({disk_names(vm.config)}) are copied as they are, and a "
+                               "running guest is writing them",
+                               hint=f"stop it first (vmkit stop {vm.name})")
         point = f"export-{uuidlib.uuid4().hex[:8]}" if live else None
         staging = vm.host.layout.cache / f"export-{uuidlib.uuid4().hex[:8]}"
         partial = path.parent / f".{path.name}.{uuidlib.uuid4().hex[:8]}.partial"
@@ -216,6 +223,8 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
         files[TPM_STATE_FILE] = tpm_state  # the TPM's keys travel with its machine
     for layer in sorted(layers):
         files[layer] = folder / layer
+    for disk in config.disks:
+        files[disk.file] = folder / disk.file
     for node in tree.nodes.values():
         for kept in (node.memory, node.nvram):
             if kept:
@@ -383,8 +392,9 @@ def _extract_checked(tar: tarfile.TarFile, dest: Path, expected: dict[str, dict[
         if not member.isfile() or not _MEMBER.match(member.name) or member.name in seen:
             raise BundleError(f"bundle {path}: unexpected member {member.name!r}",
                               hint="only vm.json, snapshots.json, boot/, disks/*.qcow2, "
-                                   "disks/nvram.fd, tpm/tpm2-00.permall, snapshots/*.state "
-                                   "and snapshots/*.nvram.fd may be in a bundle")
+                                   "volumes/*.qcow2, disks/nvram.fd, tpm/tpm2-00.permall, "
+                                   "snapshots/*.state and snapshots/*.nvram.fd may be in a "
+                                   "bundle")
         entry = expected.get(member.name)
         if entry is None:
             raise BundleError(f"bundle {path}: {member.name} is not in the manifest")
@@ -468,8 +478,8 @@ def _disk_info(disk: Path, path: Path, owner: jail.RunAs | None) -> dict[str, An
     try:
         return img.info(disk, untrusted=True, owner=owner)
     except VmkitError as exc:
-        raise BundleError(f"bundle {path}: disks/{disk.name} is not a qcow2 image vmkit can "
-                          f"accept: {exc.message}", detail=exc.detail) from exc
+        raise BundleError(f"bundle {path}: {disk.parent.name}/{disk.name} is not a qcow2 image "
+                          f"vmkit can accept: {exc.message}", detail=exc.detail) from exc
 
 
 def _copy_hashing(source: IO[bytes], out: IO[bytes], done: int, total: int,
@@ -519,6 +529,8 @@ def _check_metadata(folder: Path, path: Path) -> VmConfig:
         named.append(("the UEFI variables", NVRAM_FILE, "disks", ".fd"))
     if config.backing_file is not None:
         named.append(("vm.json backing_file", f"disks/{config.backing_file}", "disks", ".qcow2"))
+    for disk in config.disks:
+        named.append((f"vm.json disk {disk.name}", disk.file, "volumes", ".qcow2"))
     for node in tree.nodes.values():
         named.append((f"snapshots.json snapshot {node.name} layer", node.layer, "disks",
                       ".qcow2"))
@@ -587,6 +599,14 @@ def _check_disks(folder: Path, path: Path, owner: jail.RunAs | None) -> None:
         if data_file is not None:
             raise BundleError(f"bundle {path}: {disk.name} has an external data file "
                               f"{data_file!r}; refused")
+    for volume in sorted((folder / "volumes").glob("*.qcow2")):
+        info = _disk_info(volume, path, owner)  # an extra disk stands alone
+        data_file = info.get("format-specific", {}).get("data", {}).get("data-file")
+        if info.get("backing-filename") is not None or data_file is not None:
+            raise BundleError(f"bundle {path}: volumes/{volume.name} names another file "
+                              f"({info.get('backing-filename') or data_file!r}); refused",
+                              hint="an extra disk of a bundle is a qcow2 without backing or "
+                                   "data file")
 
 
 register_recovery("export", recover_export)

@@ -30,7 +30,13 @@ from vmkit.model.names import validate_name
 from vmkit.model.network import Nic
 from vmkit.model.runtime import MachineRecord, RuntimeRecord
 from vmkit.model.snapshots import SnapshotNode
-from vmkit.model.spec import ROOT_DISK_FILE, VmConfig, as_new_machine
+from vmkit.model.spec import (
+    ROOT_DISK_FILE,
+    VOLUMES_DIR,
+    VmConfig,
+    as_new_machine,
+    disk_names,
+)
 from vmkit.model.state import LIVE_STATES, VmState
 from vmkit.qemu import agent, blockops, img
 from vmkit.qemu.qmp import QmpConnection, qmp_execute
@@ -66,6 +72,16 @@ def _link_boot(source: VM, work: VmFolder, node: SnapshotNode | None = None) -> 
         os.chmod(work.nvram, 0o600)
 
 
+def copy_volumes(source: VM, work: VmFolder) -> None:
+    """Full copies of the extra disks (a linked clone shares the root disk's layers only);
+    read as the source's uid: its guest wrote them."""
+    if source.config.disks:
+        (work.path / VOLUMES_DIR).mkdir(mode=0o700, exist_ok=True)
+    for disk in source.config.disks:
+        img.convert_flat(source.folder.path / disk.file, work.path / disk.file, untrusted=True,
+                         owner=source.disk_owner())
+
+
 def clone(source: VM, target: str, *, linked: bool = False, from_snapshot: str | None = None,
           live: bool = False) -> VM:
     validate_name(target)
@@ -78,6 +94,12 @@ def clone(source: VM, target: str, *, linked: bool = False, from_snapshot: str |
     _check_free(source, target)
     with host._vm_lock(source.name) as held:
         record = source._observe(persist=True, held=held)
+        if source.config.disks and record.state in LIVE_STATES:
+            raise InvalidState(f"cannot clone VM {source.name!r} while it is "
+                               f"{record.state.value}: its extra disks "
+                               f"({disk_names(source.config)}) are copied as they are, and a "
+                               "running guest is writing them",
+                               hint=f"stop it first (vmkit stop {source.name})")
         tree = store.load_tree(source)
         automatic: str | None = None
         node: SnapshotNode | None = None
@@ -105,6 +127,7 @@ def clone(source: VM, target: str, *, linked: bool = False, from_snapshot: str |
                 else:
                     # the source's layers hold what its guest wrote: read as its own uid
                     img.convert_flat(point, disk, untrusted=True, owner=source.disk_owner())
+                copy_volumes(source, work)
                 return _identity(source.config, target, backing=point if linked else None)
 
             vm = host._new_vm_folder(target, build)
@@ -165,8 +188,14 @@ def instant_clone(source: VM, target: str) -> VM:
                                "running copy would carry the same TPM identity (its keys)",
                                hint=f"clone it without --live: vmkit clone {source.name} "
                                     f"{target} (the copy gets a TPM of its own)")
+        if source.config.disks:
+            raise InvalidState(f"cannot instant-clone VM {source.name!r}: its extra disks "
+                               f"({disk_names(source.config)}) are not shared the way its root "
+                               "disk is, and the copy's memory would not match copies of them",
+                               hint=f"clone it without --live: vmkit clone {source.name} "
+                                    f"{target}")
         if record.machine is not None and not record.machine.rebuildable:
-            raise InvalidState(f"cannot instant-clone VM {source.name!r}: a NIC it started "
+            raise InvalidState(f"cannot instant-clone VM {source.name!r}: a device it started "
                                "with was unplugged live, and that machine cannot be started "
                                "again", hint=f"restart it first (vmkit restart {source.name})")
         log = Journal(source.folder.path)

@@ -50,7 +50,7 @@ from vmkit.errors import (
 )
 from vmkit.images import catalog
 from vmkit.isolation import uids
-from vmkit.model.hardware import HostCapabilities, preflight
+from vmkit.model.hardware import HostCapabilities, preflight, preflight_disks
 from vmkit.model.journal import JournalEntry
 from vmkit.model.migration import MigrationOptions, Progress, option_reasons
 from vmkit.model.names import validate_name
@@ -194,10 +194,12 @@ def migrate(vm: VM, peer: Peer, options: MigrationOptions, *, credentials: dict[
             raise InvalidState(f"cannot move VM {vm.name!r}: it is {record.state.value}",
                                hint="wait until it is running or stopped")
         if record.machine is not None and not record.machine.rebuildable:
-            raise InvalidState(f"cannot move VM {vm.name!r}: a NIC it started with was "
+            raise InvalidState(f"cannot move VM {vm.name!r}: a device it started with was "
                                "unplugged live, and that machine cannot be rebuilt",
                                hint=f"restart it first (vmkit restart {vm.name})")
         live = record.state in LIVE_STATES
+        if live and vm.config.disks:  # added since the pre-flight
+            raise _refusal(vm, peer.describe(), preflight_disks(vm.config))
         point = f"move-{uuidlib.uuid4().hex[:8]}" if live else None
         staging = host.layout.cache / f"move-{uuidlib.uuid4().hex[:8]}"
         log = Journal(vm.folder.path)

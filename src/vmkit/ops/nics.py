@@ -21,7 +21,7 @@ from vmkit.model.network import USER_NETWORK, Nic
 from vmkit.model.spec import VmConfig
 from vmkit.model.state import LIVE_STATES, VmState
 from vmkit.net import links
-from vmkit.qemu.argv import USER_NET, netdev_id, nic_id, port_id
+from vmkit.qemu.argv import USER_NET, netdev_id, nic_id, port_count, port_id
 from vmkit.qemu.qmp import QmpConnection
 
 if TYPE_CHECKING:
@@ -62,7 +62,7 @@ def add(vm: VM, network: str, *, ports: tuple[str, ...] = ()) -> Nic:
             log.step("saved")
             net_ops.forget(host)
             if record.state is VmState.RUNNING:
-                _plug(vm, nic, slots=len(before.nics) + before.hardware.hotplug_ports)
+                _plug(vm, nic, slots=port_count(before))
             log.step("plugged")
         except BaseException:
             vm.save_config(before)

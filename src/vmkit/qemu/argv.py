@@ -10,7 +10,7 @@ import json
 from dataclasses import dataclass
 
 from vmkit.model.network import Nic
-from vmkit.model.spec import VmConfig
+from vmkit.model.spec import ExtraDisk, VmConfig
 
 # QEMU's seccomp filter: no obsolete calls, no privilege elevation, no exec, no resource control
 SANDBOX = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
@@ -212,10 +212,33 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
     ]
     if hw.vmgenid:
         argv += ["-device", VMGENID_DEVICE]
-    if machine.startswith("pc-q35"):
-        argv += _hotplug_ports(len(config.nics) + hw.hotplug_ports)
+    q35 = machine.startswith("pc-q35")
+    if q35:
+        argv += _hotplug_ports(port_count(config))
         argv += _nic_args(config, options, order.get("network"))
+    for index, disk in enumerate(config.disks):
+        argv += ["-blockdev", _blockdev(volume_node(disk, paths.folder)),
+                 "-device", volume_device(disk, port_id(len(config.nics) + index) if q35
+                                          else None)]
     return argv
+
+
+def volume_id(disk: ExtraDisk) -> str:
+    """The block node's and the device's id of an extra disk."""
+    return f"vol-{disk.name}"
+
+
+def volume_node(disk: ExtraDisk, folder: str) -> dict[str, object]:
+    return {"driver": "qcow2", "node-name": volume_id(disk), "discard": "unmap",
+            "file": {"driver": "file", "filename": f"{folder}/{disk.file}",
+                     "discard": "unmap"}}
+
+
+def volume_device(disk: ExtraDisk, port: str | None) -> str:
+    """A virtio disk whose serial is the disk's name; on a root port of its own (q35), so it
+    can be unplugged while the VM runs."""
+    device = f"virtio-blk-pci,drive={volume_id(disk)},id={volume_id(disk)},serial={disk.name}"
+    return device + (f",bus={port}" if port else "")
 
 
 USER_NET = "net=198.18.0.0/24,host=198.18.0.2,dhcpstart=198.18.0.15"
@@ -241,6 +264,12 @@ def _hotplug_ports(count: int) -> list[str]:
     for index in range(count):
         args += ["-device", f"pcie-root-port,id={port_id(index)},bus=pcie.0,chassis={index + 1}"]
     return args
+
+
+def port_count(config: VmConfig) -> int:
+    """Root ports of a q35 VM: one per NIC and per extra disk it starts with, and the spares
+    hot-plugged devices go into."""
+    return len(config.nics) + len(config.disks) + config.hardware.hotplug_ports
 
 
 def port_id(index: int) -> str:

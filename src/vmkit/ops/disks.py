@@ -1,0 +1,218 @@
+"""Extra disks of a VM: add or remove one, hot-plugged into a running VM.
+
+Each extra disk is a qcow2 file of its own in the VM folder's volumes/ (model/spec.ExtraDisk).
+Adding creates the file, then vm.json names it, then (running) QEMU opens it and a virtio disk
+goes into a free PCIe root port. Removing unplugs it first (the guest lets go; QEMU reports the
+device gone), then vm.json forgets it, then the file goes. Each step is journalled: a cut is
+finished or undone by the next command (recover_add / recover_remove).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from vmkit.core.journal import Journal, register_recovery
+from vmkit.core.locks import Held
+from vmkit.errors import AlreadyExists, InvalidState, NotFound, OperationTimeout, QemuError
+from vmkit.isolation import jail
+from vmkit.model.journal import JournalEntry
+from vmkit.model.sizes import parse_size
+from vmkit.model.spec import DISKS_LIMIT, ExtraDisk, VmConfig
+from vmkit.model.state import VmState
+from vmkit.model.views import DiskInfo
+from vmkit.qemu import img
+from vmkit.qemu.argv import port_count, port_id, volume_device, volume_id, volume_node
+from vmkit.qemu.qmp import QmpConnection
+
+if TYPE_CHECKING:
+    from vmkit.core.engine import VM
+
+QMP_TIMEOUT = 10.0
+UNPLUG_TIMEOUT = 30.0
+CHANGEABLE = (VmState.RUNNING, VmState.STOPPED, VmState.DEFINED, VmState.CRASHED)
+
+
+def add(vm: VM, name: str, size: int | str) -> ExtraDisk:
+    """Give the VM an empty extra disk `name` of `size` (hot-plugged when it runs)."""
+    disk = ExtraDisk(name=name, size=parse_size(size, field="disk size", default_unit="G"))
+    with vm.host._vm_lock(vm.name) as held:
+        record = vm._observe(persist=True, held=held)
+        if record.state not in CHANGEABLE:
+            raise InvalidState(f"cannot add a disk to VM {vm.name!r}: it is "
+                               f"{record.state.value}", hint="wait, or resume it first")
+        before = vm.config
+        if any(d.name == disk.name for d in before.disks):
+            raise AlreadyExists(f"VM {vm.name!r} already has a disk named {disk.name!r}",
+                                hint="pick another name (vmkit disk list " f"{vm.name})")
+        if len(before.disks) >= DISKS_LIMIT:
+            raise InvalidState(f"VM {vm.name!r} has {DISKS_LIMIT} extra disks already",
+                               hint="remove one first (vmkit disk remove)")
+        running = record.state is VmState.RUNNING
+        if running and not before.hardware.machine.startswith("pc-q35"):
+            raise InvalidState(f"cannot hot-plug a disk into VM {vm.name!r}: its machine "
+                               f"{before.hardware.machine} has no PCIe hot-plug",
+                               hint="stop it, add the disk, start it again")
+        path = vm.folder.path / disk.file
+        log = Journal(vm.folder.path)
+        log.begin("disk-add", disk=disk.model_dump(mode="json"))
+        try:
+            path.parent.mkdir(mode=0o750, exist_ok=True)
+            path.unlink(missing_ok=True)  # a file no config names (a cut add's leftover)
+            img.create_empty(path, disk.size)
+            log.step("created")
+            vm.save_config(before.model_copy(update={"disks": (*before.disks, disk)}))
+            log.step("saved")
+            if running:
+                jail.give_file(vm.disk_owner(), vm.folder.path, disk.file)
+                _plug(vm, disk, before)
+            log.step("plugged")
+        except BaseException:
+            _undo_add(vm, disk)
+            log.end()
+            raise
+        log.end()
+    return disk
+
+
+def _plug(vm: VM, disk: ExtraDisk, before: VmConfig) -> None:
+    """Open the file in QEMU and put a virtio disk on the first free root port."""
+    with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+        qmp.execute("blockdev-add", volume_node(disk, str(vm.folder.path)))
+        last: QemuError | None = None
+        for index in range(port_count(before)):
+            try:
+                qmp.execute("device_add", _device_arguments(disk, port_id(index)))
+                return
+            except QemuError as exc:  # that port holds a device already: try the next
+                last = exc
+        qmp.execute("blockdev-del", {"node-name": volume_id(disk)})
+    raise InvalidState(f"VM {vm.name!r} has no free hot-plug port left",
+                       hint="stop it, add the disk, start it again (every disk gets a port "
+                            "at start)", detail=last.message if last else None)
+
+
+def _device_arguments(disk: ExtraDisk, port: str) -> dict[str, str]:
+    """volume_device's option string as device_add's arguments (one description of it)."""
+    driver, *options = volume_device(disk, port).split(",")
+    return {"driver": driver, **dict(option.split("=", 1) for option in options)}
+
+
+def _plugged(vm: VM, disk: ExtraDisk) -> bool | None:
+    """Whether the running QEMU has the disk's device (None: the VM does not run)."""
+    if not vm._alive(vm._record()):
+        return None
+    with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+        devices = qmp.execute("qom-list", {"path": "/machine/peripheral"})
+    return any(d.get("name") == volume_id(disk) for d in devices)
+
+
+def _undo_add(vm: VM, disk: ExtraDisk) -> None:
+    """The VM as it was before the add: no device, no config entry, no file."""
+    if _plugged(vm, disk):
+        _unplug(vm, disk)
+    elif vm._alive(vm._record()):
+        _close_node(vm, disk)
+    _forget(vm, disk)
+
+
+def remove(vm: VM, name: str) -> ExtraDisk:
+    """Take extra disk `name` away from the VM and delete its file (hot-unplugged when it
+    runs: the guest must let it go)."""
+    with vm.host._vm_lock(vm.name) as held:
+        record = vm._observe(persist=True, held=held)
+        disk = next((d for d in vm.config.disks if d.name == name), None)
+        if disk is None:
+            names = ", ".join(d.name for d in vm.config.disks) or "none"
+            raise NotFound(f"VM {vm.name!r} has no disk named {name!r}",
+                           hint=f"its extra disks: {names}")
+        if record.state not in CHANGEABLE:
+            raise InvalidState(f"cannot remove a disk of VM {vm.name!r}: it is "
+                               f"{record.state.value}", hint="wait, or resume it first")
+        log = Journal(vm.folder.path)
+        log.begin("disk-remove", disk=disk.model_dump(mode="json"))
+        try:
+            if record.state is VmState.RUNNING:
+                _unplug(vm, disk)
+        except BaseException:
+            log.end()  # QEMU still has it: nothing changed
+            raise
+        log.step("unplugged")
+        _forget(vm, disk)
+        log.end()
+    return disk
+
+
+def _forget(vm: VM, disk: ExtraDisk) -> None:
+    """vm.json without the disk, then its file gone."""
+    vm.save_config(vm.config.model_copy(update={
+        "disks": tuple(d for d in vm.config.disks if d.name != disk.name)}))
+    (vm.folder.path / disk.file).unlink(missing_ok=True)
+
+
+def _unplug(vm: VM, disk: ExtraDisk) -> None:
+    with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+        try:
+            qmp.execute("device_del", {"id": volume_id(disk)})
+        except QemuError as exc:
+            raise InvalidState(f"disk {disk.name!r} of VM {vm.name!r} cannot be unplugged "
+                               f"while it runs ({exc.message})",
+                               hint="stop the VM, remove the disk, start it again") from exc
+        deadline = time.monotonic() + UNPLUG_TIMEOUT
+        while any(d.get("name") == volume_id(disk)
+                  for d in qmp.execute("qom-list", {"path": "/machine/peripheral"})):
+            if time.monotonic() > deadline:
+                raise OperationTimeout(f"the guest of VM {vm.name!r} did not release disk "
+                                       f"{disk.name!r} within {UNPLUG_TIMEOUT:g}s",
+                                       hint="unmount it in the guest, or stop the VM and "
+                                            "remove it then")
+            time.sleep(0.2)
+    _close_node(vm, disk)
+    vm.record_disk_unplugged(disk)
+
+
+def _close_node(vm: VM, disk: ExtraDisk) -> None:
+    """QEMU lets go of the file (its block node outlives the device until deleted)."""
+    with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+        nodes = qmp.execute("query-named-block-nodes", {"flat": True})
+        if any(node.get("node-name") == volume_id(disk) for node in nodes):
+            qmp.execute("blockdev-del", {"node-name": volume_id(disk)})
+
+
+def recover_add(held: Held, vm: VM, entry: JournalEntry) -> None:
+    """A disk add cut short: kept when QEMU has it (or the VM does not run: it is configured
+    for the next start), else undone."""
+    held.require(vm.name)
+    disk = ExtraDisk.model_validate(entry.intent["disk"])
+    vm._observe(persist=True, held=held)
+    named = any(d.name == disk.name for d in vm.config.disks)
+    if named and _plugged(vm, disk) is not False:
+        return  # running with it, or configured for the next start
+    _undo_add(vm, disk)
+
+
+def recover_remove(held: Held, vm: VM, entry: JournalEntry) -> None:
+    """A disk remove cut short: finished when the guest let the device go (or the VM does not
+    run), else the disk stays as it was."""
+    held.require(vm.name)
+    disk = ExtraDisk.model_validate(entry.intent["disk"])
+    vm._observe(persist=True, held=held)
+    if _plugged(vm, disk) is True:
+        return
+    if vm._alive(vm._record()):
+        _close_node(vm, disk)
+    _forget(vm, disk)
+
+
+def list_disks(vm: VM) -> list[DiskInfo]:
+    """Each extra disk: its name, virtual size, the bytes its file takes, and its file."""
+    out: list[DiskInfo] = []
+    for disk in vm.config.disks:
+        path = vm.folder.path / disk.file
+        used = path.stat().st_blocks * 512 if path.is_file() else 0
+        out.append(DiskInfo(name=disk.name, size=disk.size, used=used, file=disk.file))
+    return out
+
+
+register_recovery("disk-add", recover_add)
+register_recovery("disk-remove", recover_remove)
