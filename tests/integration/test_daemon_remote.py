@@ -54,6 +54,10 @@ SCRIPT = [
     ("snapshot", "list", "twin", "--format", "json"),
     ("info", "twin", "--format", "json"),
     ("stop", "twin"),
+    ("disk", "add", "twin", "data", "--size", "32M"),
+    ("disk", "list", "twin", "--format", "json"),
+    ("disk", "remove", "twin", "data"),
+    ("disk", "remove", "twin", "data"),
     ("delete", "twin"),
     ("info", "twin"),
 ]
@@ -106,6 +110,8 @@ def test_remote_cli_from_another_namespace_matches_the_local_cli(
         for step, theirs, ours in zip(SCRIPT, remote, local, strict=True):
             assert _comparable(theirs) == _comparable(ours), (step, theirs, ours)
         assert remote[2].returncode == 3 and "hello from twin" in remote[2].stdout
+        assert remote[8].returncode == 0 and json.loads(remote[8].stdout)[0]["name"] == "data"
+        assert remote[10].returncode == 2 and "no disk named 'data'" in remote[10].stderr
         assert remote[-1].returncode == 2 and "Traceback" not in remote[-1].stderr
         # the remote's requests are in the daemon's audit log, with who made them
         audit = (home / "daemon" / "audit.log").read_text()
