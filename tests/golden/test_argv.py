@@ -256,5 +256,5 @@ def test_extra_disks_sit_on_root_ports_after_the_nics_with_their_names_as_serial
     assert len([d for d in devices if d.startswith("pcie-root-port")]) == 1 + 2 + 4
     nodes = [json.loads(argv[i + 1]) for i, a in enumerate(argv) if a == "-blockdev"]
     volume = next(n for n in nodes if n["node-name"] == "vol-data")
-    assert volume["driver"] == "qcow2"
+    assert volume["driver"] == "qcow2" and volume["backing"] is None  # stands alone
     assert volume["file"]["filename"] == "/var/lib/vmkit/vms/web/volumes/data.qcow2"

@@ -86,6 +86,11 @@ def test_hostile_bundles_are_refused_with_nothing_left(host: Host, home: Path, t
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/shadow",
                     str(leaning), "64M"], check=True)
 
+    plain = tmp_path / "plain.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(plain), "1M"], check=True)
+    unnamed = tmp_path / "volume-unnamed.vmkit"
+    _rewrite_bundle(bundle, unnamed, {"volumes/stowaway.qcow2": plain.read_bytes()})
+
     def volume(label: str, image: Path) -> Path:
         target = tmp_path / f"{label}.vmkit"
         config = json.loads(_member(bundle, "vm.json"))
@@ -122,6 +127,7 @@ def test_hostile_bundles_are_refused_with_nothing_left(host: Host, home: Path, t
         (volume("volume-external", external), "volumes/data.qcow2 names another file"),
         (forged("volume-missing", "vm.json", disks=[{"name": "data", "size": 1 << 20}]),
          "vm.json disk data 'volumes/data.qcow2' is not a file of the bundle"),
+        (unnamed, "volumes/stowaway.qcow2 is no extra disk vm.json names"),
         (forged("volume-name", "vm.json", disks=[{"name": "../../etc", "size": 1 << 20}]),
          "invalid disk name"),
     ]

@@ -48,6 +48,7 @@ def test_a_disk_hot_plugged_into_a_running_vm_keeps_its_data_and_goes_away(
         host: Host, home: Path) -> None:
     vm = host.create("disky", memory="256M")
     vm.start(wait=True)
+    vm.snapshot("plain")  # with memory: a machine without extra disks
     added = vm.add_disk("data", "64M")
     assert (added.name, added.size) == ("data", 64 << 20)
     device = _device(vm, "data")
@@ -66,12 +67,15 @@ def test_a_disk_hot_plugged_into_a_running_vm_keeps_its_data_and_goes_away(
     with pytest.raises(InvalidState, match=r"extra disks \(data\)"):
         vm.clone("copy")
     assert not (home / "vms" / "copy").exists()
+    with pytest.raises(InvalidState, match="did not have"):
+        vm.restore("plain")  # that machine would run without the disk vm.json names
+    assert _read(vm, "data") == "first"
     # a disk-only snapshot and its restore leave the extra disk as it is (a volume of its own)
     vm.snapshot("before", disk_only=True)
     sh(vm, "echo root-later > /later; sync")
     _write(vm, "data", "second")
-    vm.restore("before")
-    vm.wait_ready(timeout=120)
+    vm.restore("before")  # a disk-only snapshot: the VM is left stopped
+    vm.start(wait=True)
     assert sh(vm, "cat /later 2>/dev/null || echo none") == "none"
     assert _read(vm, "data") == "second"
     # over a cold restart the disk is there from the start, on its own port

@@ -82,7 +82,7 @@ from vmkit.model.state import LIVE_STATES, Operation, VmState, check_transition
 from vmkit.model.views import ExecResult, ImageInfo, Usage, VmStatus
 from vmkit.qemu import accel as accel_mod
 from vmkit.qemu import agent, blockops, hostinfo, process, tpm
-from vmkit.qemu.argv import LaunchOptions, build_argv
+from vmkit.qemu.argv import LaunchOptions, build_argv, volume_id
 from vmkit.qemu.blockops import DISK_DEVICE
 from vmkit.qemu.hotplug import replay_args, replay_nics
 from vmkit.qemu.qmp import QmpConnection, qmp_execute, wait_qmp_ready
@@ -749,7 +749,8 @@ class VM:
             io_limits = spec.limits.disk_iops, spec.limits.disk_bps
             if io_limits != (None, None):
                 with QmpConnection(self.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
-                    blockops.apply_io_throttle(qmp, *io_limits)
+                    blockops.apply_io_throttle(qmp, *io_limits,
+                                               [volume_id(d) for d in self.config.disks])
             if incoming is not None:
                 with QmpConnection(self.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
                     incoming(qmp)

@@ -64,9 +64,10 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
     memory_rel = f"snapshots/{name}.state" if with_memory else None
     memory_path = vm.folder.path / memory_rel if memory_rel else None
     taken_in = record.state.value if live else "stopped"
-    if with_memory and vm.config.disks:
+    in_the_way = disk_names(vm.config, record.machine.config if record.machine else None)
+    if with_memory and in_the_way:
         raise InvalidState(f"cannot take a memory snapshot of VM {vm.name!r}: its extra disks "
-                           f"({disk_names(vm.config)}) are not in snapshots, and a saved memory "
+                           f"({in_the_way}) are not in snapshots, and a saved memory "
                            "would not match what they hold by the time it is restored",
                            hint="take it --disk-only (the extra disks stay as they are)")
     if with_memory and record.machine is not None and not record.machine.rebuildable:

@@ -71,9 +71,10 @@ def sweep_orphans(vm: VM) -> list[str]:
     used = {n.layer for n in tree.nodes.values()} | {n.memory for n in tree.nodes.values()}
     used |= {n.nvram for n in tree.nodes.values()}
     used |= _own_files(vm)
+    used |= {disk.file for disk in vm.config.disks}
     removed = []
     for folder, suffix in (("disks", ".qcow2"), ("snapshots", ".state"),
-                           ("snapshots", ".nvram.fd")):
+                           ("snapshots", ".nvram.fd"), ("volumes", ".qcow2")):
         directory = vm.folder.path / folder
         if not directory.is_dir():
             continue

@@ -351,8 +351,11 @@ class ExtraDisk(BaseModel):
         return f"{VOLUMES_DIR}/{self.name}.qcow2"
 
 
-def disk_names(config: VmConfig) -> str:
-    return ", ".join(disk.name for disk in config.disks)
+def disk_names(*configs: VmConfig | None) -> str:
+    """The extra disks of these configs (a VM's vm.json, the machine its QEMU started as), by
+    name: "" when none has one."""
+    names = dict.fromkeys(d.name for c in configs if c is not None for d in c.disks)
+    return ", ".join(names)
 
 
 class VmConfig(BaseModel):

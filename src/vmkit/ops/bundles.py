@@ -444,7 +444,8 @@ def _hand_disks(folder: Path, owner: jail.RunAs | None) -> None:
     """Give the staged disks (regular files, no symlink followed) to `owner`, 0600."""
     if owner is None:
         return
-    for disk in sorted((folder / "disks").glob("*.qcow2")):
+    for disk in sorted([*(folder / "disks").glob("*.qcow2"),
+                        *(folder / "volumes").glob("*.qcow2")]):
         fd = os.open(disk, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
         try:
             os.fchown(fd, owner.uid, owner.gid)
@@ -554,6 +555,12 @@ def _check_metadata(folder: Path, path: Path) -> VmConfig:
         if target.is_symlink() or not target.is_file():
             raise BundleError(f"bundle {path}: {field} {shown(value)} is not a file of the "
                               "bundle; refused")
+    volumes = folder / "volumes"
+    present = {p.name for p in volumes.iterdir()} if volumes.is_dir() else set()
+    unnamed = sorted(present - {Path(d.file).name for d in config.disks})
+    if unnamed:
+        raise BundleError(f"bundle {path}: volumes/{unnamed[0]} is no extra disk vm.json "
+                          "names; refused")
     if hardware.firmware == "ovmf":
         try:
             expected = os.path.getsize(OVMF_VARS_TEMPLATE)

@@ -73,13 +73,13 @@ def _link_boot(source: VM, work: VmFolder, node: SnapshotNode | None = None) -> 
 
 
 def copy_volumes(source: VM, work: VmFolder) -> None:
-    """Full copies of the extra disks (a linked clone shares the root disk's layers only);
-    read as the source's uid: its guest wrote them."""
+    """Full copies of the extra disks (a linked clone shares the root disk's layers only),
+    each standing alone whatever its header says."""
     if source.config.disks:
         (work.path / VOLUMES_DIR).mkdir(mode=0o700, exist_ok=True)
     for disk in source.config.disks:
-        img.convert_flat(source.folder.path / disk.file, work.path / disk.file, untrusted=True,
-                         owner=source.disk_owner())
+        img.copy_standalone(source.folder.path / disk.file, work.path / disk.file,
+                            owner=source.disk_owner())
 
 
 def clone(source: VM, target: str, *, linked: bool = False, from_snapshot: str | None = None,
@@ -188,9 +188,11 @@ def instant_clone(source: VM, target: str) -> VM:
                                "running copy would carry the same TPM identity (its keys)",
                                hint=f"clone it without --live: vmkit clone {source.name} "
                                     f"{target} (the copy gets a TPM of its own)")
-        if source.config.disks:
+        in_the_way = disk_names(source.config,
+                                record.machine.config if record.machine else None)
+        if in_the_way:
             raise InvalidState(f"cannot instant-clone VM {source.name!r}: its extra disks "
-                               f"({disk_names(source.config)}) are not shared the way its root "
+                               f"({in_the_way}) are not shared the way its root "
                                "disk is, and the copy's memory would not match copies of them",
                                hint=f"clone it without --live: vmkit clone {source.name} "
                                     f"{target}")

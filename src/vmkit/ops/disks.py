@@ -9,19 +9,28 @@ finished or undone by the next command (recover_add / recover_remove).
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING
 
 from vmkit.core.journal import Journal, register_recovery
 from vmkit.core.locks import Held
-from vmkit.errors import AlreadyExists, InvalidState, NotFound, OperationTimeout, QemuError
+from vmkit.errors import (
+    AlreadyExists,
+    InvalidState,
+    InvalidValue,
+    NotFound,
+    OperationTimeout,
+    QemuError,
+    VmkitError,
+)
 from vmkit.isolation import jail
 from vmkit.model.journal import JournalEntry
 from vmkit.model.sizes import parse_size
-from vmkit.model.spec import DISKS_LIMIT, ExtraDisk, VmConfig
+from vmkit.model.spec import DISKS_LIMIT, ExtraDisk
 from vmkit.model.state import VmState
 from vmkit.model.views import DiskInfo
-from vmkit.qemu import img
+from vmkit.qemu import blockops, img
 from vmkit.qemu.argv import port_count, port_id, volume_device, volume_id, volume_node
 from vmkit.qemu.qmp import QmpConnection
 
@@ -30,12 +39,23 @@ if TYPE_CHECKING:
 
 QMP_TIMEOUT = 10.0
 UNPLUG_TIMEOUT = 30.0
+# q35's root bus has 32 slots; the host bridge, the chipset's functions and vmkit's own
+# devices (disk, serial, balloon, rng, screen, CD-ROM controller, seed) keep about ten
+MAX_ROOT_PORTS = 22
 CHANGEABLE = (VmState.RUNNING, VmState.STOPPED, VmState.DEFINED, VmState.CRASHED)
 
 
 def add(vm: VM, name: str, size: int | str) -> ExtraDisk:
-    """Give the VM an empty extra disk `name` of `size` (hot-plugged when it runs)."""
-    disk = ExtraDisk(name=name, size=parse_size(size, field="disk size", default_unit="G"))
+    """Give the VM an empty extra disk `name` of `size` (bytes, or a size with a unit such as
+    "10G"; a bare number in a string is GiB), hot-plugged when it runs."""
+    if isinstance(size, bool) or not isinstance(size, int | str):
+        raise InvalidValue(f"invalid disk size {size!r}", hint="bytes, or e.g. 10G")
+    size_bytes = size if isinstance(size, int) else parse_size(size, field="disk size",
+                                                                  default_unit="G")
+    if size_bytes <= 0:
+        raise InvalidValue(f"invalid disk size {size!r}: it must be more than 0",
+                           hint="e.g. 10G")
+    disk = ExtraDisk(name=name, size=size_bytes)
     with vm.host._vm_lock(vm.name) as held:
         record = vm._observe(persist=True, held=held)
         if record.state not in CHANGEABLE:
@@ -49,6 +69,12 @@ def add(vm: VM, name: str, size: int | str) -> ExtraDisk:
             raise InvalidState(f"VM {vm.name!r} has {DISKS_LIMIT} extra disks already",
                                hint="remove one first (vmkit disk remove)")
         running = record.state is VmState.RUNNING
+        after = before.model_copy(update={"disks": (*before.disks, disk)})
+        if port_count(after) > MAX_ROOT_PORTS:
+            raise InvalidState(f"VM {vm.name!r} has no room for another disk: its NICs, disks "
+                               f"and spare ports would take {port_count(after)} PCIe root "
+                               f"ports (at most {MAX_ROOT_PORTS})",
+                               hint="remove a disk or a NIC first")
         if running and not before.hardware.machine.startswith("pc-q35"):
             raise InvalidState(f"cannot hot-plug a disk into VM {vm.name!r}: its machine "
                                f"{before.hardware.machine} has no PCIe hot-plug",
@@ -61,11 +87,13 @@ def add(vm: VM, name: str, size: int | str) -> ExtraDisk:
             path.unlink(missing_ok=True)  # a file no config names (a cut add's leftover)
             img.create_empty(path, disk.size)
             log.step("created")
-            vm.save_config(before.model_copy(update={"disks": (*before.disks, disk)}))
+            vm.save_config(after)
             log.step("saved")
             if running:
                 jail.give_file(vm.disk_owner(), vm.folder.path, disk.file)
-                _plug(vm, disk, before)
+                # the ports the QEMU has: those of the machine it started as
+                started = record.machine.config if record.machine else before
+                _plug(vm, disk, port_count(started))
             log.step("plugged")
         except BaseException:
             _undo_add(vm, disk)
@@ -75,21 +103,43 @@ def add(vm: VM, name: str, size: int | str) -> ExtraDisk:
     return disk
 
 
-def _plug(vm: VM, disk: ExtraDisk, before: VmConfig) -> None:
-    """Open the file in QEMU and put a virtio disk on the first free root port."""
+def _plug(vm: VM, disk: ExtraDisk, ports: int) -> None:
+    """Open the file in QEMU and put a virtio disk on the first free root port (in the VM's
+    I/O throttle group when it has limits)."""
+    limits = vm.config.spec.limits
     with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
         qmp.execute("blockdev-add", volume_node(disk, str(vm.folder.path)))
-        last: QemuError | None = None
-        for index in range(port_count(before)):
-            try:
-                qmp.execute("device_add", _device_arguments(disk, port_id(index)))
-                return
-            except QemuError as exc:  # that port holds a device already: try the next
-                last = exc
-        qmp.execute("blockdev-del", {"node-name": volume_id(disk)})
-    raise InvalidState(f"VM {vm.name!r} has no free hot-plug port left",
-                       hint="stop it, add the disk, start it again (every disk gets a port "
-                            "at start)", detail=last.message if last else None)
+        try:
+            for index in range(ports):
+                try:
+                    qmp.execute("device_add", _device_arguments(disk, port_id(index)))
+                    break
+                except QemuError as exc:
+                    if not _port_taken(exc):
+                        raise
+            else:
+                raise InvalidState(f"VM {vm.name!r} has no free hot-plug port left",
+                                   hint="stop it, add the disk, start it again (every disk "
+                                        "gets a port at start)")
+            if (limits.disk_iops, limits.disk_bps) != (None, None):
+                blockops.apply_io_throttle(qmp, limits.disk_iops, limits.disk_bps,
+                                           [volume_id(disk)])
+        except BaseException:
+            with contextlib.suppress(VmkitError, OSError):
+                if not _has_device(qmp, disk):
+                    qmp.execute("blockdev-del", {"node-name": volume_id(disk)})
+            raise
+
+
+def _port_taken(error: QemuError) -> bool:
+    """device_add failed because that root port holds a device already (try the next)."""
+    text = f"{error.message} {error.detail or ''}".lower()
+    return "not available" in text or "in use" in text or "occupied" in text
+
+
+def _has_device(qmp: QmpConnection, disk: ExtraDisk) -> bool:
+    return any(d.get("name") == volume_id(disk)
+               for d in qmp.execute("qom-list", {"path": "/machine/peripheral"}))
 
 
 def _device_arguments(disk: ExtraDisk, port: str) -> dict[str, str]:
@@ -103,8 +153,7 @@ def _plugged(vm: VM, disk: ExtraDisk) -> bool | None:
     if not vm._alive(vm._record()):
         return None
     with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
-        devices = qmp.execute("qom-list", {"path": "/machine/peripheral"})
-    return any(d.get("name") == volume_id(disk) for d in devices)
+        return _has_device(qmp, disk)
 
 
 def _undo_add(vm: VM, disk: ExtraDisk) -> None:
@@ -135,7 +184,12 @@ def remove(vm: VM, name: str) -> ExtraDisk:
             if record.state is VmState.RUNNING:
                 _unplug(vm, disk)
         except BaseException:
-            log.end()  # QEMU still has it: nothing changed
+            still = None
+            with contextlib.suppress(VmkitError, OSError):
+                still = _plugged(vm, disk)
+            if still is not False:
+                log.end()  # QEMU still has it (or is gone): nothing changed
+            # else the guest let go after all: the journal has the next command finish it
             raise
         log.step("unplugged")
         _forget(vm, disk)
@@ -151,16 +205,23 @@ def _forget(vm: VM, disk: ExtraDisk) -> None:
 
 
 def _unplug(vm: VM, disk: ExtraDisk) -> None:
+    """Ask the guest to let the disk go and wait until QEMU no longer has it; then QEMU closes
+    the file. A device already gone (a guest that let go after an earlier try timed out) or an
+    unplug already asked for is waited for the same way."""
     with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
         try:
-            qmp.execute("device_del", {"id": volume_id(disk)})
+            if _has_device(qmp, disk):
+                qmp.execute("device_del", {"id": volume_id(disk)})
         except QemuError as exc:
-            raise InvalidState(f"disk {disk.name!r} of VM {vm.name!r} cannot be unplugged "
-                               f"while it runs ({exc.message})",
-                               hint="stop the VM, remove the disk, start it again") from exc
+            if "in progress" in f"{exc.message} {exc.detail or ''}".lower():
+                pass  # asked before: wait for the guest below
+            else:
+                raise InvalidState(f"disk {disk.name!r} of VM {vm.name!r} cannot be "
+                                   f"unplugged while it runs ({exc.message})",
+                                   hint="stop the VM, remove the disk, start it again"
+                                   ) from exc
         deadline = time.monotonic() + UNPLUG_TIMEOUT
-        while any(d.get("name") == volume_id(disk)
-                  for d in qmp.execute("qom-list", {"path": "/machine/peripheral"})):
+        while _has_device(qmp, disk):
             if time.monotonic() > deadline:
                 raise OperationTimeout(f"the guest of VM {vm.name!r} did not release disk "
                                        f"{disk.name!r} within {UNPLUG_TIMEOUT:g}s",
@@ -201,6 +262,7 @@ def recover_remove(held: Held, vm: VM, entry: JournalEntry) -> None:
         return
     if vm._alive(vm._record()):
         _close_node(vm, disk)
+        vm.record_disk_unplugged(disk)
     _forget(vm, disk)
 
 

@@ -23,6 +23,7 @@ from vmkit.model.spec import Limits, VmSpec
 from vmkit.model.state import VmState
 from vmkit.model.views import SetResult
 from vmkit.qemu import blockops, img
+from vmkit.qemu.argv import volume_id
 from vmkit.qemu.qmp import QmpConnection
 
 if TYPE_CHECKING:
@@ -182,7 +183,8 @@ def _apply(vm: VM, *, live: bool, spec: VmSpec, new_spec: VmSpec, new_limits: Li
                                              "size": want_disk})
                 result.now.append(f"disk grown to {format_size(want_disk)}")
             if iops is not None or bps is not None:
-                blockops.apply_io_throttle(qmp, new_limits.disk_iops, new_limits.disk_bps)
+                blockops.apply_io_throttle(qmp, new_limits.disk_iops, new_limits.disk_bps,
+                                           [volume_id(d) for d in vm.config.disks])
                 result.now.append("I/O throttle set")
         if (weight, limit) != (None, None) and host.cgroups is not None:
             host.cgroups.apply(vm.name, vm.cgroup_limits(new_spec))

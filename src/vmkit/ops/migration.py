@@ -198,8 +198,11 @@ def migrate(vm: VM, peer: Peer, options: MigrationOptions, *, credentials: dict[
                                "unplugged live, and that machine cannot be rebuilt",
                                hint=f"restart it first (vmkit restart {vm.name})")
         live = record.state in LIVE_STATES
-        if live and vm.config.disks:  # added since the pre-flight
-            raise _refusal(vm, peer.describe(), preflight_disks(vm.config))
+        if live and (vm.config.disks or (record.machine and record.machine.config.disks)):
+            # added since the pre-flight, or one the running machine started with
+            raise _refusal(vm, peer.describe(), preflight_disks(
+                record.machine.config if record.machine and record.machine.config.disks
+                else vm.config))
         point = f"move-{uuidlib.uuid4().hex[:8]}" if live else None
         staging = host.layout.cache / f"move-{uuidlib.uuid4().hex[:8]}"
         log = Journal(vm.folder.path)
@@ -730,6 +733,7 @@ def _checked_machine(vm: VM, machine: dict[str, Any] | None) -> MachineRecord | 
     config, ran = vm.config, running.config
     spec = config.spec
     if ran.uuid != config.uuid or ran.hardware != config.hardware or ran.nics != config.nics \
+            or ran.disks or config.disks \
             or ran.spec.cpu_ceiling > spec.cpu_ceiling \
             or ran.spec.memory_ceiling > spec.memory_ceiling \
             or ran.spec.accel != spec.accel:

@@ -62,7 +62,8 @@ def add(vm: VM, network: str, *, ports: tuple[str, ...] = ()) -> Nic:
             log.step("saved")
             net_ops.forget(host)
             if record.state is VmState.RUNNING:
-                _plug(vm, nic, slots=port_count(before))
+                _plug(vm, nic, slots=port_count(
+                    record.machine.config if record.machine else before))
             log.step("plugged")
         except BaseException:
             vm.save_config(before)

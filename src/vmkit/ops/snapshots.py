@@ -38,6 +38,7 @@ from vmkit.core.store import (
 from vmkit.errors import InvalidState, VmkitError, os_errors
 from vmkit.model.journal import JournalEntry
 from vmkit.model.snapshots import SnapshotNode
+from vmkit.model.spec import disk_names
 from vmkit.model.state import LIVE_STATES, VmState
 from vmkit.model.views import SnapshotInfo
 from vmkit.qemu import agent, blockops, img
@@ -91,6 +92,13 @@ def restore(vm: VM, name: str) -> None:
         node = tree.get(vm.name, name)
         if record.state in (VmState.STARTING, VmState.STOPPING):
             raise InvalidState(f"cannot restore VM {vm.name!r}: it is {record.state.value}")
+        if node.memory is not None and vm.config.disks:
+            # the saved machine has none of them: it would run without the disks vm.json
+            # names, and a guest that had one in its memory would not find what it cached
+            raise InvalidState(f"cannot restore memory snapshot {name!r} of VM {vm.name!r}: "
+                               f"it has extra disks ({disk_names(vm.config)}) that machine "
+                               "did not have", hint="remove them first (vmkit disk remove), "
+                                                   "or restore a disk-only snapshot")
         old_active = vm.active_layer()
         new_active = new_layer()
         new_path = vm.folder.path / new_active

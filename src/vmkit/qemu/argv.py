@@ -229,7 +229,9 @@ def volume_id(disk: ExtraDisk) -> str:
 
 
 def volume_node(disk: ExtraDisk, folder: str) -> dict[str, object]:
+    # backing null: an extra disk stands alone, whatever its header (the VM's uid writes it)
     return {"driver": "qcow2", "node-name": volume_id(disk), "discard": "unmap",
+            "backing": None,
             "file": {"driver": "file", "filename": f"{folder}/{disk.file}",
                      "discard": "unmap"}}
 

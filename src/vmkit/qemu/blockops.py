@@ -9,6 +9,7 @@ import os
 import socket
 import stat
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +21,9 @@ DISK_DEVICE = "virtio-disk0"
 
 def _disk_entry(qmp: QmpConnection, device: str) -> dict[str, Any]:
     for entry in qmp.execute("query-block"):
-        if device in (entry.get("qdev") or "") or entry.get("device") == device:
+        # the device's id, or its QOM path (/machine/peripheral/ID/virtio-backend): matched
+        # as a whole component, so an extra disk vol-virtio-disk0 is not the root disk
+        if device in (entry.get("qdev") or "").split("/") or entry.get("device") == device:
             found: dict[str, Any] = entry
             return found
     raise QemuError(f"no block device {device!r} in query-block")
@@ -220,8 +223,15 @@ def send_memory(qmp: QmpConnection, end: socket.socket, timeout: float) -> None:
     wait_migration(qmp, timeout, "sending memory to the clone")
 
 
-def apply_io_throttle(qmp: QmpConnection, iops: int | None, bps: int | None) -> None:
-    """IOPS and bytes/s limits on the VM's disk (0 or None: unlimited)."""
-    qmp.execute("block_set_io_throttle", {
-        "id": disk_qdev(qmp), "iops": iops or 0, "iops_rd": 0, "iops_wr": 0,
-        "bps": bps or 0, "bps_rd": 0, "bps_wr": 0})
+IO_GROUP = "vmkit-io"
+
+
+def apply_io_throttle(qmp: QmpConnection, iops: int | None, bps: int | None,
+                      volumes: Sequence[str] = ()) -> None:
+    """IOPS and bytes/s limits of the VM (0 or None: unlimited), shared by its root disk and
+    its extra disks (device ids `volumes`) as one throttle group: a guest gets no more by
+    spreading its I/O over several disks."""
+    for device in (disk_qdev(qmp), *volumes):
+        qmp.execute("block_set_io_throttle", {
+            "id": device, "iops": iops or 0, "iops_rd": 0, "iops_wr": 0,
+            "bps": bps or 0, "bps_rd": 0, "bps_wr": 0, "group": IO_GROUP})

@@ -340,3 +340,14 @@ def convert_foreign(src: int, disk: ForeignDisk, dest: Path, *,
         finally:
             if account is not None:
                 os.fchown(out, os.geteuid(), os.getegid())
+
+
+def copy_standalone(source: Path, dest: Path, *, owner: RunAs | None,
+                    timeout: float = 3600) -> None:
+    """A copy of a qcow2 that stands alone (an extra disk) whose header the VM's QEMU could
+    have rewritten: read through one descriptor with no backing file opened, whatever the
+    header says, by the unprivileged account."""
+    size = int(info(source, untrusted=True, owner=owner)["virtual-size"])
+    with _opened(source, write=False) as fd:
+        convert_foreign(fd, ForeignDisk(format="qcow2", virtual_size=size), dest,
+                        timeout=timeout)
