@@ -349,6 +349,15 @@ def test_two_viewers_pause_resume_export_and_import_from_the_page(
     vm.exec(["sh", "-c", "echo carried > /root/mark"])
     page.click('#vm-actions button[data-action="stop"]')
     expect(page.locator("#vm-state")).to_have_text("stopped", timeout=STATE_TIMEOUT)
+    # an extra disk from the page: a bad size is named, a good one is listed and exported
+    page.fill("#disk-name", "data")
+    page.fill("#disk-size", "-1G")
+    page.click("#disk-add")
+    expect(page.locator("#disk-error")).to_contain_text("disk size", timeout=30_000)
+    page.fill("#disk-size", "32M")
+    page.click("#disk-add")
+    expect(page.locator('#disk-list tr[data-disk="data"]')).to_contain_text("32",
+                                                                          timeout=60_000)
 
     with page.expect_download(timeout=180_000) as download_info:
         page.click("#export-go")
@@ -366,6 +375,7 @@ def test_two_viewers_pause_resume_export_and_import_from_the_page(
     copy.start()
     copy.wait_ready(timeout=180)
     assert copy.exec(["cat", "/root/mark"]).stdout.strip() == "carried"
+    assert [d.name for d in copy.disks()] == ["data"]
     for each in (copy, vm):
         each.delete(force=True)
 

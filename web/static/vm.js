@@ -164,7 +164,7 @@ export function mount(root, name) {
       + "written to disk is lost.", "Kill")) return;
     const force = action === "delete" && (LIVE.has(state) || state === "broken");
     if (action === "delete" && !await confirmAction(
-      `Delete ${name} with its disk and all its snapshots? This cannot be undone.`
+      `Delete ${name} with its disks and all its snapshots? This cannot be undone.`
       + (force ? ` It is ${state}: it will be killed first.` : ""), "Delete")) return;
     busy.add(action);
     applyState(state);
@@ -405,6 +405,55 @@ export function mount(root, name) {
     }
   }
 
+  // -- extra disks ----------------------------------------------------------------------------
+  async function loadDisks() {
+    try {
+      const disks = await get(`${path}/disks`);
+      if (unmounted) return;
+      const rows = disks.map((d) => h("tr", { dataset: { disk: d.name } },
+        h("td", {}, d.name), h("td", {}, bytes(d.size)), h("td", {}, bytes(d.used)),
+        h("td", {}, h("button", { type: "button", class: "danger", dataset: { action: "remove" },
+                                  "aria-label": `Remove disk ${d.name}`,
+                                  onclick: () => removeDisk(d) }, "Remove"))));
+      if (!rows.length) {
+        rows.push(h("tr", {}, h("td", { colspan: "4", class: "muted" }, "none")));
+      }
+      $("disk-list").querySelector("tbody").replaceChildren(...rows);
+    } catch (err) {
+      if (!unmounted) $("disk-error").textContent = errorText(errBody(err));
+    }
+  }
+
+  async function removeDisk(d) {
+    if (!await confirmAction(`Remove disk ${d.name} of ${name}? Its data is deleted; a running `
+      + "guest must let it go first (unmount it).", "Remove")) return;
+    try {
+      await run(`remove disk ${name}/${d.name}`,
+                () => api("DELETE", `${path}/disks/${encodeURIComponent(d.name)}`));
+    } catch {
+      // shown in the toast
+    } finally {
+      loadDisks();
+    }
+  }
+
+  $("disk-form").addEventListener("submit", async (ev) => {
+    ev.preventDefault();
+    const form = $("disk-form");
+    clearErrors(form, $("disk-error"));
+    const body = { name: $("disk-name").value.trim(), size: $("disk-size").value.trim() };
+    $("disk-add").disabled = true;
+    try {
+      await run(`add disk ${name}/${body.name}`, () => api("POST", `${path}/disks`, body));
+      $("disk-name").value = "";
+    } catch (err) {
+      showError(form, $("disk-error"), errBody(err));
+    } finally {
+      $("disk-add").disabled = false;
+      loadDisks();
+    }
+  });
+
   // -- console log: read from where the last read ended ---------------------------------------
   let logOffset = 0;
   const decoder = new TextDecoder();
@@ -498,6 +547,7 @@ export function mount(root, name) {
   loadHistory();
   loadSnapshots();
   loadNics();
+  loadDisks();
   loadLog();
   timers.push(setInterval(loadHistory, HISTORY_MS),
               setInterval(() => loadStatus(false), STATUS_MS),
