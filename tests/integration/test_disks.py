@@ -5,6 +5,7 @@ not match them (a memory snapshot, an instant clone, a live copy) is refused wit
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 from pathlib import Path
 
@@ -131,13 +132,16 @@ def test_clones_and_bundles_carry_extra_disks_and_the_cli_shows_them(
     assert refused.returncode == 2 and "stop it first" in refused.stderr, refused.stderr
     assert not (tmp_path / "live.vmkit").exists()
     vm.stop()
-    for linked in (False, True):
-        name = f"copy-{int(linked)}"
-        clone = vm.clone(name, linked=linked)
-        clone.start(wait=True)
-        assert _read(clone, "data") == "carried"
-        _write(clone, "data", "clone-own")  # its own copy: the source's stays
-        clone.kill()
+    clone = vm.clone("copy")
+    clone.start(wait=True)
+    assert _read(clone, "data") == "carried"
+    _write(clone, "data", "clone-own")  # its own copy: the source's stays
+    clone.kill()
+    linked = vm.clone("linked", linked=True)  # shares the root disk's layers, not the volume
+    copied = home / "vms" / "linked" / "volumes" / "data.qcow2"
+    facts = json.loads(subprocess.run(["qemu-img", "info", "-U", "--output=json", str(copied)],
+                                      capture_output=True, text=True, check=True).stdout)
+    assert "backing-filename" not in facts and linked.disks()[0].size == 32 << 20
     bundle = tmp_path / "source.vmkit"
     vm.export(bundle)
     imported = host.import_bundle(bundle, name="imported")
