@@ -324,11 +324,11 @@ def source_spec(fd: int, fmt: str) -> str:
 
 
 def convert_foreign(src: int, disk: ForeignDisk, dest: Path, *,
-                    timeout: float = 3600) -> None:
+                    timeout: float = 3600, owner: RunAs | None = None) -> None:
     """A standalone qcow2 at `dest` with the content of the untrusted image open at `src`,
-    read with its probed format given explicitly, by the unprivileged account (which writes
-    only through the descriptor of `dest` it is lent)."""
-    account = untrusted_owner()
+    read with its probed format given explicitly, by the unprivileged account -- or `owner`,
+    who may read the file (it writes only through the descriptor of `dest` it is lent)."""
+    account = untrusted_owner(owner)
     _run(["create", "-q", "-f", "qcow2", "-o", "cluster_size=65536", str(dest),
           str(disk.virtual_size)], timeout=60)
     with _opened(dest, write=True) as out:
@@ -346,8 +346,8 @@ def copy_standalone(source: Path, dest: Path, *, owner: RunAs | None,
                     timeout: float = 3600) -> None:
     """A copy of a qcow2 that stands alone (an extra disk) whose header the VM's QEMU could
     have rewritten: read through one descriptor with no backing file opened, whatever the
-    header says, by the unprivileged account."""
+    header says, as `owner` (the VM's uid, who owns it)."""
     size = int(info(source, untrusted=True, owner=owner)["virtual-size"])
     with _opened(source, write=False) as fd:
         convert_foreign(fd, ForeignDisk(format="qcow2", virtual_size=size), dest,
-                        timeout=timeout)
+                        timeout=timeout, owner=owner)
