@@ -287,7 +287,8 @@ def test_disk_add_and_remove_killed_at_every_step(host: Host, home: Path) -> Non
         assert files == sorted(named), (named, files)
         deadline = time.monotonic() + 30  # the guest takes in a hot-plug on its own time
         while True:
-            plugged = vm.exec(["sh", "-c", "cat /sys/block/vd*/serial 2>/dev/null; true"]).stdout
+            plugged = vm.exec(["sh", "-c", "for s in /sys/block/vd*/serial; do "
+                                           "cat $s 2>/dev/null; echo; done"]).stdout
             if sorted(plugged.split()) == sorted(named) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
