@@ -131,6 +131,7 @@ def test_vmgenid_needs_a_firmware_that_can_place_it() -> None:
     ("disks", [{"name": "a" * 21, "size": 1}], "disk name"),
     ("disks", [{"name": "data", "size": 1}, {"name": "data", "size": 2}], "disks"),
     ("disks", [{"name": f"d{i}", "size": 1} for i in range(9)], "disks"),
+    ("disks", [{"name": "data", "size": 1 << 61}], "disk size"),
 ])
 def test_hostile_values_are_refused_naming_the_field(field: str, value: Any, named: str) -> None:
     with pytest.raises(InvalidValue) as caught:

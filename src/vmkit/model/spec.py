@@ -334,7 +334,14 @@ class ExtraDisk(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     name: str
-    size: int = Field(gt=0, le=1 << 60, description="bytes (virtual size)")
+    size: int = Field(description="bytes (virtual size), 1 to 2^60")
+
+    @field_validator("size")
+    @classmethod
+    def _size(cls, value: int) -> int:
+        if not 0 < value <= 1 << 60:
+            raise invalid("disk size", value, "1 byte to 1 EiB")
+        return value
 
     @field_validator("name")
     @classmethod

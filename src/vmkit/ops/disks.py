@@ -48,14 +48,10 @@ CHANGEABLE = (VmState.RUNNING, VmState.STOPPED, VmState.DEFINED, VmState.CRASHED
 def add(vm: VM, name: str, size: int | str) -> ExtraDisk:
     """Give the VM an empty extra disk `name` of `size` (bytes, or a size with a unit such as
     "10G"; a bare number in a string is GiB), hot-plugged when it runs."""
-    if isinstance(size, bool) or not isinstance(size, int | str):
+    if not isinstance(size, int | str):  # (a bool, an int to Python, is refused by parse_size)
         raise InvalidValue(f"invalid disk size {size!r}", hint="bytes, or e.g. 10G")
-    size_bytes = size if isinstance(size, int) else parse_size(size, field="disk size",
-                                                                  default_unit="G")
-    if size_bytes <= 0:
-        raise InvalidValue(f"invalid disk size {size!r}: it must be more than 0",
-                           hint="e.g. 10G")
-    disk = ExtraDisk(name=name, size=size_bytes)
+    disk = ExtraDisk(name=name, size=parse_size(size, field="disk size",
+                                                default_unit="G" if isinstance(size, str) else ""))
     with vm.host._vm_lock(vm.name) as held:
         record = vm._observe(persist=True, held=held)
         if record.state not in CHANGEABLE:
