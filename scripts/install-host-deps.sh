@@ -16,7 +16,7 @@ codename=${VERSION_CODENAME:-}
 # and of --firmware bios; ovmf: --firmware uefi (code and the NVRAM template); swtpm: a
 # VM's TPM 2.0 (--os-type windows).
 # grub-*, xorriso, mtools: the tests build a bootable installer/foreign disk from Debian packages.
-tools="qemu-utils busybox-static cpio zstd xz-utils kmod e2fsprogs debootstrap python3-venv iproute2 socat openssh-client nftables dnsmasq-base gcc libc6-dev seabios ovmf swtpm grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools"
+tools="qemu-utils busybox-static cpio zstd lz4 xz-utils kmod e2fsprogs debootstrap python3-venv iproute2 socat openssh-client nftables dnsmasq-base gcc libc6-dev seabios ovmf swtpm grub-common grub-pc-bin grub-efi-amd64-bin xorriso mtools dosfstools"
 
 first_debian_uri() {
   # Reads the first Debian archive URI from deb822 sources, then from one-line sources.

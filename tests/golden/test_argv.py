@@ -68,6 +68,18 @@ def test_disk_format_is_explicit_and_accel_as_asked() -> None:
     assert "-nodefaults" in argv
 
 
+def test_the_tcg_cache_is_the_policy_s_and_kvm_has_none() -> None:
+    """Policy.tcg_cache becomes QEMU's tb-size in MiB; KVM translates nothing."""
+    config = _config()
+    paths = VmFolder(Path("/x")).run_paths(config.disk_file, config.boot.kernel,
+                                           config.boot.initrd)
+    tcg = build_argv(config, paths, LaunchOptions(accel="tcg", tcg_cache=32 << 20))
+    assert tcg[tcg.index("-accel") + 1] == "tcg,thread=multi,tb-size=32"
+    kvm = build_argv(config, paths, LaunchOptions(accel="kvm", tcg_cache=32 << 20))
+    assert kvm[kvm.index("-accel") + 1] == "kvm"
+    assert tcg[:tcg.index("-accel")] == kvm[:kvm.index("-accel")]
+
+
 def test_cloud_init_vm_gets_a_read_only_seed_and_an_ssh_forward() -> None:
     config = _config()
     paths = VmFolder(Path("/var/lib/vmkit/vms/db")).run_paths(

@@ -129,12 +129,21 @@ def test_readme_sdk_snippet(home: Path, monkeypatch: pytest.MonkeyPatch,
 
 
 def test_host_policy_is_shown_set_and_bad_values_change_nothing(home: Path) -> None:
-    assert run_cli(home, "host", "set", "--vcpu-ratio", "8", "--memory-reserve", "2G"
-                   ).returncode == 0
+    shown = json.loads(run_cli(home, "host", "show", "--format", "json").stdout)
+    assert shown["tcg_cache"] == "auto"  # the default
+    assert run_cli(home, "host", "set", "--tcg-cache", "qemu").returncode == 0
+    assert json.loads(run_cli(home, "host", "show", "--format", "json").stdout
+                      )["tcg_cache"] == "qemu"
+    assert run_cli(home, "host", "set", "--vcpu-ratio", "8", "--memory-reserve", "2G",
+                   "--tcg-cache", "48M").returncode == 0
     shown = json.loads(run_cli(home, "host", "show", "--format", "json").stdout)
     assert shown["vcpu_ratio"] == 8 and shown["memory_reserve"] == 2 << 30
+    assert shown["tcg_cache"] == 48 << 20
+    assert "48M of translated code" in run_cli(home, "host", "show").stdout
     for bad, said in ((["--vcpu-ratio", "0"], "--vcpu-ratio"), (["--ksm", "maybe"], "--ksm"),
-                      (["--memory-reserve", "lots"], "memory reserve"), ([], "nothing to set")):
+                      (["--memory-reserve", "lots"], "memory reserve"), ([], "nothing to set"),
+                      (["--tcg-cache", "1M"], "--tcg-cache"),
+                      (["--tcg-cache", "lots"], "tcg cache")):
         done = run_cli(home, "host", "set", *bad)
         assert done.returncode == 2 and said in done.stderr, done.stderr
         assert "Traceback" not in done.stderr

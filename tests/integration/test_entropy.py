@@ -21,6 +21,7 @@ import pytest
 
 from tests.integration.conftest import sh
 from vmkit import VM, Host
+from vmkit.model.views import ExecResult
 from vmkit.qemu import agent
 
 OLD_ENOUGH = 125.0  # seconds of guest uptime: past the kernel's early-boot reseed schedule
@@ -45,14 +46,20 @@ def _urandom(vm: VM) -> str:
 
 def _force_reseed(vm: VM) -> None:
     """Right before the snapshot: the kernel's own next reseed is then ~60 s of guest time away."""
-    assert agent.reseed(vm.folder.agent_socket, RESEED_TIMEOUT), "the guest did not reseed"
+    result = agent.reseed(vm.folder.agent_socket, RESEED_TIMEOUT)
+    assert result is not None and result.ok, f"the guest did not reseed: {result}"
 
 
-def _only_clones(source: VM, real: Callable[[Path, float], bool]) -> Callable[[Path, float], bool]:
+Reseed = Callable[..., "ExecResult | None"]
+
+
+def _only_clones(source: VM, real: Reseed) -> Reseed:
     """agent.reseed that leaves `source` alone: the clone checks see the clone's reseed only,
     not one a restore of the source already did."""
-    def reseed(socket_path: Path, timeout: float) -> bool:
-        return False if socket_path == source.folder.agent_socket else real(socket_path, timeout)
+    def reseed(socket_path: Path, timeout: float, **options: str) -> ExecResult | None:
+        if socket_path == source.folder.agent_socket:
+            return None
+        return real(socket_path, timeout, **options)
     return reseed
 
 

@@ -8,6 +8,7 @@ from vmkit.model.resources import (
     admit,
     check_fits_host,
     memory_limit,
+    tcg_cache_for,
     vcpu_limit,
 )
 
@@ -49,3 +50,22 @@ def test_single_vm_larger_than_host_is_invalid() -> None:
     check_fits_host("overcommitted", 3, 1 << 30, CAP, Policy())  # 3 vCPUs on 2 cores is fine
     with pytest.raises(InvalidValue, match="more than the host can give"):
         check_fits_host("big", 1, 8 << 30, CAP, Policy())
+
+
+@pytest.mark.parametrize("setting, memory, cache", [
+    ("auto", 128 << 20, 32 << 20),  # the floor: a tiny guest boots as fast with it
+    ("auto", 256 << 20, 64 << 20),
+    ("auto", 512 << 20, 128 << 20),  # debian-12: as fast as QEMU's 1 GiB
+    ("auto", 1000 << 20, 250 << 20),  # whole MiB
+    ("auto", 64 << 30, 1 << 30),  # the ceiling
+    ("qemu", 512 << 20, None),
+    (48 << 20, 8 << 30, 48 << 20),
+])
+def test_the_tcg_cache_of_a_vm(setting: int | str, memory: int, cache: int | None) -> None:
+    assert tcg_cache_for(Policy(tcg_cache=setting), memory) == cache
+
+
+@pytest.mark.parametrize("bad", [1 << 20, 4 << 30, "big", -1])
+def test_a_tcg_cache_out_of_range_is_refused(bad: int | str) -> None:
+    with pytest.raises(ValueError):
+        Policy(tcg_cache=bad)

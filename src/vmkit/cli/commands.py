@@ -1138,7 +1138,16 @@ def host_show(format: FormatOpt = Format.table) -> None:
         ["vcpu ratio", f"{policy.vcpu_ratio:g} vCPUs per core"],
         ["memory ratio", f"{policy.memory_ratio:g}"],
         ["memory reserve", render.size(policy.memory_reserve)],
-        ["ksm", _ksm_line(ksm_state)]])
+        ["ksm", _ksm_line(ksm_state)],
+        ["tcg cache", _tcg_cache_line(policy)]])
+
+
+def _tcg_cache_line(policy: Policy) -> str:
+    if policy.tcg_cache == "auto":
+        return "auto: a quarter of each VM's memory, 32M to 1G (vmkit host set --tcg-cache)"
+    if policy.tcg_cache == "qemu":
+        return "QEMU's default (1G)"
+    return f"{render.size(policy.tcg_cache)} of translated code per VM"
 
 
 @host_app.command("set")
@@ -1153,6 +1162,10 @@ def host_set(
     ksm: Annotated[str | None, typer.Option(
         "--ksm", help="on: merge identical pages across VMs (costs some CPU); off; host: "
         "leave the kernel's setting")] = None,
+    tcg_cache: Annotated[str | None, typer.Option(
+        "--tcg-cache", help="translated code each TCG VM keeps: a size, e.g. 32M (8M to "
+        "2G; less memory, more translating again), auto (a quarter of the VM's memory, 32M "
+        "to 1G) or qemu (QEMU's default, 1G); from each VM's next start")] = None,
 ) -> None:
     """Change the host policy; what is not given stays.
 
@@ -1172,6 +1185,9 @@ def host_set(
         if ksm not in choices:
             raise InvalidValue(f"invalid --ksm {ksm!r}", hint="use on, off or host")
         changes["ksm"] = choices[ksm]
+    if tcg_cache is not None:
+        changes["tcg_cache"] = (tcg_cache if tcg_cache in ("auto", "qemu") else
+                                parse_size(tcg_cache, field="tcg cache", default_unit="M"))
     if not changes:
         raise InvalidValue("nothing to set", hint="see vmkit host set --help")
     try:

@@ -60,6 +60,7 @@ from vmkit.model.resources import (
     HostCapacity,
     Policy,
     admit,
+    tcg_cache_for,
 )
 from vmkit.model.restart import RESTARTS_FILE, summary
 from vmkit.model.runtime import (
@@ -594,7 +595,9 @@ class VM:
         cfg = machine.config if machine is not None else self.config
         paths = self.folder.config_run_paths(cfg, layer or self.active_layer())
         argv = build_argv(cfg, paths, LaunchOptions(accel=accel, ssh_port=ssh_port,
-                                                    tap_fds=tap_fds, media_fd=media_fd))
+                                                    tap_fds=tap_fds, media_fd=media_fd,
+                                                    tcg_cache=tcg_cache_for(
+                                                        self.host.policy(), cfg.spec.memory)))
         if machine is not None:
             argv += replay_args(machine.hotplug)
             argv += replay_nics(machine.nics, dict(tap_fds), cfg.hardware.nic_model)

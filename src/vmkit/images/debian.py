@@ -25,6 +25,7 @@ from vmkit.errors import ImageBuildError, InvalidValue
 from vmkit.images import debpkg
 from vmkit.images.builder import Progress, build_cached, fs_uuid_for, make_ext4, tree_bytes
 from vmkit.images.catalog import sha256_file
+from vmkit.images.kernel import PVH_KERNEL, extract_pvh_kernel
 from vmkit.model.views import ImageInfo
 from vmkit.qemu import img
 from vmkit.storage.layout import HomeLayout, write_json_atomic
@@ -33,7 +34,7 @@ NAME = "debian-12"
 SUITE = "bookworm"
 #: the suites that keep a stable release patched; each one the host's apt uses is added
 UPDATE_SUITES = ("bookworm-updates", "bookworm-security")
-RECIPE_VERSION = "debian-12-2"
+RECIPE_VERSION = "debian-12-3"
 # python3-cffi-backend: debootstrap does not resolve the virtual package python3-cryptography
 # (pulled in by cloud-init) depends on, so its provider is named here.
 PACKAGES = ["systemd", "systemd-sysv", "udev", "dbus", "qemu-guest-agent", "cloud-init",
@@ -43,6 +44,7 @@ GUEST_FILES = {
     "debian-cloud.cfg": "etc/cloud/cloud.cfg.d/90-vmkit.cfg",
     "debian-wired.network": "etc/systemd/network/20-vmkit-wired.network",
     "debian-initramfs-modules": "etc/initramfs-tools/modules",
+    "debian-page-reporting.rules": "etc/udev/rules.d/60-vmkit-page-reporting.rules",
 }
 CMDLINE = ("root=UUID={uuid} ro console=ttyS0 quiet memhp_default_state=online "
            "swiotlb=noforce")
@@ -136,6 +138,7 @@ def _build(home: HomeLayout, work: Path, out: Path, sources: dict[str, str], ext
         raise ImageBuildError("the built system has no kernel in /boot")
     kver = kernels[-1].name.removeprefix("vmlinuz-")
     shutil.copyfile(kernels[-1], out / "vmlinuz")
+    pvh = extract_pvh_kernel(out / "vmlinuz", out / PVH_KERNEL)
     shutil.copyfile(root / "boot" / f"initrd.img-{kver}", out / "initrd.img")
     installed = _installed_packages(root)
     _clean(root)
@@ -153,6 +156,7 @@ def _build(home: HomeLayout, work: Path, out: Path, sources: dict[str, str], ext
     info = ImageInfo(
         name=NAME, os="Debian GNU/Linux 12 (bookworm)", kernel_version=kver,
         cmdline=CMDLINE.format(uuid=fs_uuid), recipe_hash=recipe_hash,
+        pvh_kernel=PVH_KERNEL if pvh else None,
         sha256=sha256_file(out / root_disk), root_disk=root_disk,
         size=sum(f.stat().st_size for f in out.iterdir()),
         virtual_size=int(disk_info["virtual-size"]), built_at=time.time(), packages=installed,

@@ -32,11 +32,12 @@ from vmkit.images.initramfs import (
     load_order,
     parse_modules_dep,
 )
+from vmkit.images.kernel import PVH_KERNEL, extract_pvh_kernel
 from vmkit.model.views import ImageInfo
 from vmkit.qemu import img
 from vmkit.storage.layout import HomeLayout, write_json_atomic
 
-RECIPE_VERSION = "tiny-3"
+RECIPE_VERSION = "tiny-4"
 KERNEL_META = "linux-image-cloud-amd64"
 BASE_PACKAGES = ["busybox-static", "qemu-guest-agent", "e2fsprogs"]
 # Loaded in this order (dependencies resolved from modules.dep); button makes ACPI power-off work.
@@ -108,6 +109,8 @@ def _build(home: HomeLayout, work: Path, out: Path, packages: list[debpkg.Packag
     kernel_dir = next((pkgroot / "lib/modules").iterdir())
     kver = kernel_dir.name
     shutil.copyfile(pkgroot / "boot" / f"vmlinuz-{kver}", out / "vmlinuz")
+    say("taking the kernel out of its bzImage (PVH entry)")
+    pvh = extract_pvh_kernel(out / "vmlinuz", out / PVH_KERNEL)
 
     say("writing the initramfs")
     (out / "initrd.img").write_bytes(_initramfs(pkgroot, kver))
@@ -123,7 +126,8 @@ def _build(home: HomeLayout, work: Path, out: Path, packages: list[debpkg.Packag
     disk_info = img.info(out / root_disk)
     info = ImageInfo(
         name="tiny", os="busybox on Debian's cloud kernel", kernel_version=kver,
-        cmdline=CMDLINE, recipe_hash=recipe_hash, sha256=sha256_file(out / root_disk),
+        cmdline=CMDLINE, recipe_hash=recipe_hash, pvh_kernel=PVH_KERNEL if pvh else None,
+        sha256=sha256_file(out / root_disk),
         root_disk=root_disk, size=sum(f.stat().st_size for f in out.iterdir()),
         virtual_size=int(disk_info["virtual-size"]), built_at=time.time(), packages=versions,
     )

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Annotated, Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from vmkit.errors import AdmissionRefused, InvalidValue
@@ -15,6 +17,28 @@ class HostCapacity(BaseModel):
     memory: int = Field(gt=0, description="bytes of RAM")
 
 
+# TCG's translated-code cache (QEMU's tb-size). QEMU's default is 1 GiB, filled as code runs and
+# kept: a tiny guest's boot and idle life leave ~72 MiB of it. Capped, a full cache starts
+# again, so too small a cap costs boot time (measured, TCG, bench/density.py):
+#   tiny, 128 MiB: 32M 3.45 s (vs 3.49 s) and 46 MiB less host memory; 16M 5.2 s; 8M 13.5 s
+#   debian-12, 512 MiB: 128M 35-36 s (vs 33-41 s); 64M 44.5 s; 32M 63-70 s
+# so "auto" gives a VM a quarter of its memory, within [32 MiB, 1 GiB].
+TCG_CACHE_MIN = 8 << 20
+TCG_CACHE_MAX = 2 << 30
+TCG_CACHE_AUTO = (32 << 20, 1 << 30)
+
+
+def tcg_cache_for(policy: Policy, memory: int) -> int | None:
+    """Bytes of translated code a TCG VM with `memory` bytes of boot RAM keeps; None: QEMU's
+    own default."""
+    if policy.tcg_cache == "qemu":
+        return None
+    if policy.tcg_cache == "auto":
+        low, high = TCG_CACHE_AUTO
+        return min(high, max(low, memory // 4 >> 20 << 20))
+    return policy.tcg_cache
+
+
 class Policy(BaseModel):
     """How far the host may be promised beyond its hardware (defaults as in the issue)."""
 
@@ -25,6 +49,11 @@ class Policy(BaseModel):
     memory_reserve: int = Field(default=1 << 30, ge=0, description="bytes kept for the host")
     ksm: bool | None = Field(default=None, description=(
         "kernel same-page merging across VMs: on, off, or None to leave the host's setting"))
+    tcg_cache: Annotated[int, Field(ge=TCG_CACHE_MIN, le=TCG_CACHE_MAX)] | Literal[
+        "auto", "qemu"] = Field(default="auto", description=(
+            "bytes of translated code each TCG VM keeps (QEMU's tb-size; full, it starts "
+            "again); auto: a quarter of the VM's memory within 32 MiB..1 GiB; qemu: QEMU's "
+            "own default (1 GiB)"))
 
 
 class Allocation(BaseModel):

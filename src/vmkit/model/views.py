@@ -136,6 +136,8 @@ class ImageInfo(BaseModel):
     os: str
     kernel_version: str
     kernel: str = "vmlinuz"
+    # the same kernel as an ELF with a PVH entry point (images/kernel.py); new VMs boot it
+    pvh_kernel: str | None = None
     initrd: str = "initrd.img"
     root_disk: str
     cmdline: str

@@ -315,14 +315,10 @@ def tell_new_identity(vm: VM) -> None:
     """Inside the cloned guest: its hostname, its MAC (the NIC follows), a reseeded RNG."""
     sock = vm.folder.agent_socket
     agent.wait_agent_ready(sock, IDENTITY_TIMEOUT)
-    # the clone starts from its source's RNG state: credited host entropy and a forced
-    # reseed (the guest kernels here have no vmgenid driver to do it on their own)
-    if not agent.reseed(sock, IDENTITY_TIMEOUT):
-        raise VmkitError(f"could not reseed the RNG of clone {vm.name!r} through its guest agent")
     macs = [n.mac for n in vm.config.nics] or [vm.config.mac]
     # NICs in the guest appear in the order of the VM's NICs; each takes its new MAC and asks
     # for the lease that goes with it (busybox udhcpc: release + renew; systemd: networkctl)
-    script = (
+    identity = (
         f"hostname {vm.name}; [ -w /etc/hostname ] && echo {vm.name} > /etc/hostname; "
         f"set -- {' '.join(macs)}; "
         "for nic in /sys/class/net/*; do n=${nic##*/}; [ \"$n\" = lo ] && continue; "
@@ -330,9 +326,16 @@ def tell_new_identity(vm: VM) -> None:
         "command -v networkctl >/dev/null && networkctl renew \"$n\"; done; "
         "for p in $(pidof udhcpc); do kill -USR2 $p; kill -USR1 $p; done"
     )
-    result = agent.guest_exec(sock, ["sh", "-c", script], timeout=IDENTITY_TIMEOUT)
-    if result.exit_code != 0:
-        raise VmkitError(f"could not give clone {vm.name!r} its new identity: {result.stderr}")
+    # the clone starts from its source's RNG state: credited host entropy and a forced
+    # reseed (the guest kernels here have no vmgenid driver to do it on their own), in the
+    # same guest process as the identity
+    result = agent.reseed(sock, IDENTITY_TIMEOUT, first=identity)
+    if result is None or result.exit_code == agent.RESEED_FIRST_FAILED:
+        detail = result.stderr if result else "its guest agent did not answer"
+        raise VmkitError(f"could not give clone {vm.name!r} its new identity: {detail}")
+    if not result.ok:
+        raise VmkitError(f"could not reseed the RNG of clone {vm.name!r} through its guest "
+                         f"agent: {result.stderr}")
 
 
 register_recovery("instant-clone", recover_instant_clone)

@@ -438,7 +438,8 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
 
     def build(work: VmFolder) -> VmConfig:
         info = host.image(image)  # read again under the image's shared lock
-        for source, dest in ((info.kernel, "vmlinuz"), (info.initrd, "initrd.img")):
+        kernel = info.pvh_kernel or info.kernel  # the PVH entry skips ~0.4 s of every boot
+        for source, dest in ((kernel, kernel), (info.initrd, "initrd.img")):
             _link_or_copy(image_dir / source, work.boot / dest)
         disk_path = work.path / ROOT_DISK_FILE
         if spec.full_copy:
@@ -455,7 +456,7 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
                                      hotplug_ports=HOTPLUG_SPARE, firmware=pinned_firmware,
                                      vmgenid=pinned_firmware in VMGENID_FIRMWARES,
                                      display=display or "none", secure_boot=secure_boot),
-            boot=BootConfig(kernel="boot/vmlinuz", initrd="boot/initrd.img",
+            boot=BootConfig(kernel=f"boot/{kernel}", initrd="boot/initrd.img",
                             cmdline=with_hostname(info.cmdline, hostname)),
             backing_file=None if spec.full_copy else str(image_dir / info.root_disk),
             base_image_sha256=info.sha256, cloud_init=seed, ssh_user=info.ssh_user,

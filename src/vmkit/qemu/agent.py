@@ -158,6 +158,12 @@ def wait_agent_ready(socket_path: Path, timeout: float, *, alive: Any = None) ->
         conn.close()
 
 
+# guest-exec-status polling: short commands (a reseed, cat) end within 10-150 ms, and doubling
+# from 10 ms overshot their end by up to 150 ms (a restore waits for its reseed).
+EXEC_POLL_FIRST = 0.005
+EXEC_POLL_MAX = 0.1
+
+
 def guest_exec(socket_path: Path, argv: list[str], *, timeout: float,
                stdin: bytes | None = None) -> ExecResult:
     """Run argv in the guest, wait for it, and return its exit code and output."""
@@ -170,7 +176,7 @@ def guest_exec(socket_path: Path, argv: list[str], *, timeout: float,
             arguments["input-data"] = base64.b64encode(stdin).decode()
         started = conn.call("guest-exec", arguments)
         pid = started["pid"]
-        delay = 0.01
+        delay = EXEC_POLL_FIRST
         while True:
             status = conn.call("guest-exec-status", {"pid": pid})
             if status.get("exited"):
@@ -179,7 +185,7 @@ def guest_exec(socket_path: Path, argv: list[str], *, timeout: float,
                 raise OperationTimeout(f"command {argv[0]!r} in the guest did not finish "
                                        f"within {timeout:g}s (guest pid {pid})")
             time.sleep(delay)
-            delay = min(0.2, delay * 2)
+            delay = min(EXEC_POLL_MAX, delay * 1.5)
     return ExecResult(
         exit_code=status.get("exitcode"),
         signal=status.get("signal"),
@@ -296,18 +302,24 @@ RESEED_SCRIPT = (
 )
 
 
-def reseed_argv() -> list[str]:
-    """What the guest runs (stdin: the host's bytes) to credit them and reseed its RNG."""
-    return ["sh", "-c", RESEED_SCRIPT, "vmkit-reseed", RESEED_PYTHON]
+RESEED_FIRST_FAILED = 3  # the exit code of reseed_argv(first=...) when `first` failed
 
 
-def reseed(socket_path: Path, timeout: float) -> bool:
+def reseed_argv(first: str = "") -> list[str]:
+    """What the guest runs (stdin: the host's bytes) to credit them and reseed its RNG;
+    `first`, a shell script, runs before in the same process (one guest-exec less: each
+    costs 0.1-0.25 s on a guest that has just resumed under TCG) and exits
+    RESEED_FIRST_FAILED when it fails."""
+    before = f"{{ {first}\n}} || exit {RESEED_FIRST_FAILED}\n" if first else ""
+    return ["sh", "-c", before + RESEED_SCRIPT, "vmkit-reseed", RESEED_PYTHON]
+
+
+def reseed(socket_path: Path, timeout: float, *, first: str = "") -> ExecResult | None:
     """Give the guest RESEED_BYTES from the host's os.urandom, credited, and make its kernel
-    reseed the CRNG now. True when the guest reported success; False when it could not (no
-    agent answer within `timeout`, no helper or python3, not root, not Linux)."""
+    reseed the CRNG now (after `first`, see reseed_argv). The guest's result (ok: reseeded);
+    None when the agent did not answer within `timeout`."""
     try:
-        result = guest_exec(socket_path, reseed_argv(), timeout=timeout,
-                            stdin=os.urandom(RESEED_BYTES))
+        return guest_exec(socket_path, reseed_argv(first), timeout=timeout,
+                          stdin=os.urandom(RESEED_BYTES))
     except (AgentError, OperationTimeout):
-        return False
-    return result.ok
+        return None

@@ -66,6 +66,7 @@ class LaunchOptions:
     tap_fds: tuple[tuple[str, int], ...] = ()  # (NIC MAC, descriptor QEMU inherits)
     media_fd: int | None = None  # the CD-ROM's ISO, opened read-only by vmkit
     ovmf_code: str = OVMF_CODE
+    tcg_cache: int | None = None  # bytes of translated code (tb-size); None: QEMU's default
 
 
 MEMORY_SLOTS = 8
@@ -110,6 +111,8 @@ def build_argv(config: VmConfig, paths: RunPaths, options: LaunchOptions) -> lis
     """The complete QEMU command line for one VM."""
     spec, hw = config.spec, config.hardware
     accel = "kvm" if options.accel == "kvm" else "tcg,thread=multi"
+    if options.accel != "kvm" and options.tcg_cache is not None:
+        accel += f",tb-size={max(1, options.tcg_cache >> 20)}"
     machine = hw.machine
     if machine.startswith(("pc-q35", "pc-i440fx")):
         machine += ",hpet=off"  # the guest spends boot time calibrating an HPET it does not need
