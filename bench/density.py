@@ -91,7 +91,7 @@ def run(count: int, name: str) -> dict[str, object]:
     tcg_cache, reporting, merge = CONFIGS[name]
     host = scratch_host()
     host.set_policy(Policy(vcpu_ratio=32.0, ksm=merge, tcg_cache=tcg_cache))
-    if not merge:
+    if not merge and ksm.read().available:
         ksm.switch(False)
     try:
         vms = [host.create(f"d{i}", memory="128M", max_memory="128M", max_cpus=1, disk="1G")

@@ -142,7 +142,7 @@ def test_host_policy_is_shown_set_and_bad_values_change_nothing(home: Path) -> N
     assert "48M of translated code" in run_cli(home, "host", "show").stdout
     for bad, said in ((["--vcpu-ratio", "0"], "--vcpu-ratio"), (["--ksm", "maybe"], "--ksm"),
                       (["--memory-reserve", "lots"], "memory reserve"), ([], "nothing to set"),
-                      (["--tcg-cache", "1M"], "--tcg-cache"),
+                      (["--tcg-cache", "1M"], "invalid --tcg-cache 1048576"),
                       (["--tcg-cache", "lots"], "tcg cache")):
         done = run_cli(home, "host", "set", *bad)
         assert done.returncode == 2 and said in done.stderr, done.stderr

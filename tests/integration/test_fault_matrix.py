@@ -17,6 +17,7 @@ import pytest
 
 from tests.integration.conftest import chain_is_sound, run_cli
 from vmkit import Host
+from vmkit.isolation import acl
 from vmkit.model.journal import STEPS
 from vmkit.model.network import scope_of
 
@@ -163,7 +164,26 @@ def test_instant_clone_killed_at_every_step(host: Host, home: Path) -> None:
         again = run_cli(home, "clone", "orig", target + "b", "--live")
         assert again.returncode == 0, again.stderr
         run_cli(home, "delete", target + "b", "--force", check=True)
+        # no clone's uid may read the source any more (a uid is given to the next VM), and
+        # the source's migration settings are back: a memory snapshot's save, which a
+        # leftover switch-over pause would hold at pre-switchover, goes through
+        assert not _named_acl_users(source.folder.path), step
+        saved = run_cli(home, "snapshot", "create", "orig", f"after-{index}")
+        assert saved.returncode == 0, saved.stderr
+        run_cli(home, "snapshot", "delete", "orig", f"after-{index}", check=True)
     _consistent(host, home, {"orig"})
+
+
+def _named_acl_users(folder: Path) -> set[int]:
+    """uids with an ACL entry of their own on a VM's folder, disks/ or a layer in it."""
+    users: set[int] = set()
+    for path in (folder, folder / "disks", *(folder / "disks").iterdir()):
+        try:
+            blob = os.getxattr(path, "system.posix_acl_access")
+        except OSError:
+            continue
+        users |= {ident for tag, ident in acl.parse(blob) if tag == acl.USER}
+    return users
 
 
 def test_export_killed_at_every_step(host: Host, home: Path, tmp_path: Path) -> None:

@@ -881,9 +881,14 @@ def clone(
     Example: vmkit clone web web2 --linked --from-snapshot before-upgrade
     """
     with _status(f"cloning {name} to {target}"):
-        vm = _host().get(name).clone(target, linked=linked, from_snapshot=from_snapshot,
-                                     live=live)
-    render.err.print(f"cloned {name} to {target} ({vm.state.value})")
+        source = _host().get(name)
+        vm = source.clone(target, linked=linked, from_snapshot=from_snapshot, live=live)
+    pause = ""
+    if live:  # recorded on the helper snapshot the clone's disk sits on
+        helper = next((s for s in source.snapshots() if s.name == f"clone-{target}"[:63]), None)
+        if helper is not None and helper.paused_ms is not None:
+            pause = f", {name} paused {helper.paused_ms:g} ms"
+    render.err.print(f"cloned {name} to {target} ({vm.state.value}{pause})")
 
 
 def _bytes_progress(label: str) -> tuple[Any, Any]:
@@ -1194,7 +1199,7 @@ def host_set(
         policy = Policy.model_validate({**host.policy().model_dump(), **changes})
     except ValidationError as exc:
         first = exc.errors()[0]
-        where = "--" + "-".join(str(p) for p in first["loc"]).replace("_", "-")
+        where = "--" + str(first["loc"][0]).replace("_", "-")  # (not a union member's name)
         raise InvalidValue(f"invalid {where} {first.get('input')!r}: {first['msg'].lower()}",
                            hint="see vmkit host set --help") from None
     host.set_policy(policy)

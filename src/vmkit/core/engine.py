@@ -245,16 +245,20 @@ class Host:
                 pass
 
 
-    def _new_vm_folder(self, name: str, build: Callable[[VmFolder], VmConfig]) -> VM:
+    def _new_vm_folder(self, name: str, build: Callable[[VmFolder], VmConfig], *,
+                       held: Held | None = None) -> VM:
         """Make vms/NAME complete or not at all: `build` fills a hidden folder, then one rename
-        publishes it. The caller has validated the request; this holds the name's lock."""
+        publishes it. The caller has validated the request; this holds the name's lock (or
+        the caller does, `held`: nobody may start the VM before the caller is done with it)."""
         longest = self.layout.vm(name).serial_socket
         if len(str(longest)) > _UNIX_PATH_MAX:
             raise InvalidValue(
                 f"VMKIT_HOME {self.layout.root} is too long: the VM's socket path {longest} "
                 f"exceeds {_UNIX_PATH_MAX} bytes, the UNIX socket limit",
                 hint="use a shorter VMKIT_HOME (or a shorter VM name)")
-        with self._vm_lock(name):
+        if held is not None:
+            held.require(name)
+        with contextlib.nullcontext() if held is not None else self._vm_lock(name):
             self._sweep_leftovers()
             target = self.layout.vm(name)
             if target.path.exists():

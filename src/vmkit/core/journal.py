@@ -63,11 +63,11 @@ class Journal:
         self.step("begun")
         return self.entry
 
-    def step(self, name: str, **intent: Any) -> None:
+    def step(self, step: str, /, **intent: Any) -> None:
         assert self.entry is not None
-        self.entry = self.entry.with_step(name, **intent)
+        self.entry = self.entry.with_step(step, **intent)
         self._write()
-        fault_point(self.entry.op, name)
+        fault_point(self.entry.op, step)
 
     def end(self) -> None:
         self.path.unlink(missing_ok=True)

@@ -46,10 +46,13 @@ FREEZE_TIMEOUT = 10.0
 
 
 def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_only: bool,
-                journal: bool = True) -> SnapshotNode:
+                journal: bool | Journal = True, qmp: QmpConnection | None = None
+                ) -> SnapshotNode:
     """Take the snapshot (the caller holds the VM's lock). With `journal`, every step is
-    recorded so an interruption is rolled forward or back (`recover_take`); operations that
-    take a helper snapshot inside their own journal (instant clone, export) pass False."""
+    recorded so an interruption is rolled forward or back (`recover_take`); an operation that
+    takes a helper snapshot inside its own journal passes that Journal (its steps go there,
+    and its recovery calls `recover_take`: an instant clone) or False (export). `qmp`: the
+    caller's own connection to the VM's monitor (an instant clone's, mid-migration)."""
     held.require(vm.name)
     tree = load_tree(vm)
     tree.check_new(vm.name, name)
@@ -83,12 +86,15 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
         _commit(vm, tree, node, new_active, new_path)
         return node
 
-    log = Journal(vm.folder.path) if journal else None
-    if log is not None:
+    own_journal = journal is True
+    log = journal if isinstance(journal, Journal) else Journal(vm.folder.path) if journal \
+        else None
+    if own_journal and log is not None:
         log.begin("snapshot", name=name, new_layer=new_active, memory=memory_rel)
     quiesced: bool | None = None
     switched = False
-    with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+    with (contextlib.nullcontext(qmp) if qmp is not None else
+          QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT)) as qmp:
         was_running = record.state is VmState.RUNNING
         paused_by_us = freeze_tried = False
         try:
@@ -110,17 +116,22 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
                 name=name, parent=tree.current, created_at=time.time(), layer=active,
                 memory=memory_rel, taken_in=taken_in, quiesced=quiesced,
                 machine=record.machine if with_memory else None, nvram=nvram_rel)
-            _step(log, "overlay-created", node=node.model_dump(mode="json"))
+            _step(log, "overlay-created", node=node.model_dump(mode="json"), name=name,
+                  new_layer=new_active, memory=memory_rel)
             downtime_ms = 0.0
             if memory_path is not None:
                 memory_path.parent.mkdir(mode=0o700, exist_ok=True)
-                if was_running:
-                    downtime_ms = blockops.save_memory_live(
+                if was_running and record.copies_memory_live:
+                    downtime_ms = blockops.downtime_of(blockops.save_memory_live(
                         qmp, memory_path, MEMORY_STATE_TIMEOUT,
-                        downtime_ms=LIVE_SAVE_DOWNTIME_MS, live_for=LIVE_SAVE_LIMIT
-                    ).get("downtime", 0)
+                        downtime_ms=LIVE_SAVE_DOWNTIME_MS, live_for=LIVE_SAVE_LIMIT))
                 else:
+                    stopped_at = time.monotonic()
+                    if was_running:
+                        qmp.execute("stop")  # see RuntimeRecord.copies_memory_live
                     blockops.save_memory(qmp, memory_path, MEMORY_STATE_TIMEOUT)
+                    if was_running:
+                        downtime_ms = 1000 * (time.monotonic() - stopped_at)
             completed = time.monotonic()
             # the variables at the moment the disk switches (the guest is paused or frozen);
             # journalled in the node above, copied before the switch: a roll-forward finds it
@@ -148,7 +159,7 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
                     memory_path.unlink(missing_ok=True)
                 if nvram_rel is not None:
                     (vm.folder.path / nvram_rel).unlink(missing_ok=True)
-                if log is not None:
+                if own_journal and log is not None:
                     log.end()  # rolled back here; after the switch recovery rolls forward
             raise
         finally:
@@ -157,9 +168,17 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
             if paused_by_us:  # a save that failed: it may still be going, or have paused it
                 blockops.cancel_migration(qmp)
                 qmp.execute("cont")
-    if log is not None:
+    if own_journal and log is not None:
         log.end()
     return node
+
+
+def note_pause(vm: VM, name: str, paused_ms: float) -> None:
+    """Record on snapshot `name` how long its taking paused the guest (the caller holds the
+    VM's lock; an instant clone's helper snapshot is taken inside the clone's switch-over)."""
+    tree = load_tree(vm)
+    node = tree.nodes[name].model_copy(update={"paused_ms": round(paused_ms, 1)})
+    save_tree(vm, tree.model_copy(update={"nodes": {**tree.nodes, name: node}}))
 
 
 def _keep_nvram(vm: VM, relative: str | None) -> str | None:
@@ -196,7 +215,7 @@ def forget_nvram_before(vm: VM) -> None:
     (vm.folder.path / NVRAM_BEFORE).unlink(missing_ok=True)
 
 
-def _step(log: Journal | None, step: str, **intent: object) -> None:
+def _step(log: Journal | None, step: str, /, **intent: object) -> None:
     if log is not None:
         log.step(step, **intent)
 

@@ -25,7 +25,7 @@ from vmkit.errors import ImageBuildError, InvalidValue
 from vmkit.images import debpkg
 from vmkit.images.builder import Progress, build_cached, fs_uuid_for, make_ext4, tree_bytes
 from vmkit.images.catalog import sha256_file
-from vmkit.images.kernel import PVH_KERNEL, extract_pvh_kernel
+from vmkit.images.kernel import PVH_KERNEL, offer_pvh_kernel
 from vmkit.model.views import ImageInfo
 from vmkit.qemu import img
 from vmkit.storage.layout import HomeLayout, write_json_atomic
@@ -47,7 +47,7 @@ GUEST_FILES = {
     "debian-page-reporting.rules": "etc/udev/rules.d/60-vmkit-page-reporting.rules",
 }
 CMDLINE = ("root=UUID={uuid} ro console=ttyS0 quiet memhp_default_state=online "
-           "swiotlb=noforce")
+           "swiotlb=noforce no_timer_check")  # see tiny.CMDLINE
 SSH_USER = "root"
 _PACKAGE_NAME = re.compile(r"^[a-z0-9][a-z0-9+.-]+$")
 _CHROOT_ENV = {"PATH": "/usr/sbin:/usr/bin:/sbin:/bin", "LC_ALL": "C.UTF-8",
@@ -138,7 +138,7 @@ def _build(home: HomeLayout, work: Path, out: Path, sources: dict[str, str], ext
         raise ImageBuildError("the built system has no kernel in /boot")
     kver = kernels[-1].name.removeprefix("vmlinuz-")
     shutil.copyfile(kernels[-1], out / "vmlinuz")
-    pvh = extract_pvh_kernel(out / "vmlinuz", out / PVH_KERNEL)
+    pvh = offer_pvh_kernel(out / "vmlinuz", out / PVH_KERNEL, say)
     shutil.copyfile(root / "boot" / f"initrd.img-{kver}", out / "initrd.img")
     installed = _installed_packages(root)
     _clean(root)

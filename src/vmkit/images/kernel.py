@@ -16,6 +16,7 @@ import gzip
 import lzma
 import struct
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 from vmkit.errors import ImageBuildError
@@ -104,3 +105,17 @@ def extract_pvh_kernel(bzimage: Path, target: Path) -> bool:
         return False
     target.write_bytes(elf)
     return True
+
+
+def offer_pvh_kernel(bzimage: Path, target: Path, say: Callable[[str], None]) -> bool:
+    """extract_pvh_kernel for an image build: the PVH kernel is a faster way to boot, not a
+    need, so a kernel it cannot take apart keeps the image on its bzImage (and says why)."""
+    try:
+        found = extract_pvh_kernel(bzimage, target)
+    except ImageBuildError as exc:
+        target.unlink(missing_ok=True)
+        say(f"no PVH kernel ({exc.message}): VMs boot the bzImage")
+        return False
+    if not found:
+        say("the kernel has no PVH entry point: VMs boot the bzImage")
+    return found

@@ -31,8 +31,11 @@ STEPS: dict[str, tuple[str, ...]] = {
                  "tree-saved"),
     "restore": ("begun", "stopped", "overlay-created", "started", "tree-saved"),
     "delete-snapshot": ("begun", "merged", "tree-saved"),
-    "instant-clone": ("begun", "paused", "snapshot-taken", "clone-published", "clone-started",
-                      "source-resumed"),
+    # the clone's folder first (its overlay on the source's active layer), then the memory
+    # sent while the source runs; at the switch-over (paused) its disk is frozen by a
+    # snapshot whose steps (overlay-created, switched, tree-saved) are journalled here too
+    "instant-clone": ("begun", "clone-published", "paused", "overlay-created", "switched",
+                      "tree-saved", "clone-started", "source-resumed"),
     "export": ("begun", "snapshot-taken", "written", "published"),
     # a live move, source side: files sent, memory and disk in flight, source paused for
     # good, destination running; destination side: its folder exists, its guest runs
@@ -53,7 +56,7 @@ class JournalEntry(BaseModel):
     def done(self, step: str) -> bool:
         return step in self.steps
 
-    def with_step(self, step: str, **intent: Any) -> JournalEntry:
+    def with_step(self, step: str, /, **intent: Any) -> JournalEntry:
         if step not in STEPS[self.op]:
             raise ValueError(f"unknown step {step!r} of {self.op}")
         return self.model_copy(update={"steps": (*self.steps, step),

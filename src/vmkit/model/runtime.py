@@ -95,6 +95,12 @@ class MachineRecord(BaseModel):
     def plugged(self, step: HotplugStep) -> MachineRecord:
         return self.model_copy(update={"hotplug": (*self.hotplug, step)})
 
+    @property
+    def hot_added_memory(self) -> bool:
+        return any(step.kind == "object" and
+                   str(step.args.get("qom-type", "")).startswith("memory-backend")
+                   for step in self.hotplug)
+
 
 class RuntimeRecord(BaseModel):
     """The content of state.json: the last state vmkit recorded, and the live process if any."""
@@ -111,6 +117,16 @@ class RuntimeRecord(BaseModel):
     ssh_port: int | None = None  # 127.0.0.1 port forwarded to the guest's ssh server
     last_exit: ExitRecord | None = None
     machine: MachineRecord | None = None  # the running machine (None: not running)
+
+    @property
+    def copies_memory_live(self) -> bool:
+        """Whether this running VM's memory may be copied while its guest runs (a live save,
+        an instant clone, a live move). QEMU 10.0.2 under TCG aborts in its dirty tracking
+        (tlb_reset_dirty_range_all: Assertion `block == qemu_get_ram_block(end - 1)') when
+        the guest writes during a copy of a machine started with hot-added DIMMs (a restore, an
+        instant clone of one): such a machine is copied with its guest paused."""
+        return not (self.accel != "kvm" and self.machine is not None
+                    and self.machine.hot_added_memory)
 
 
 def classify_exit(intent: Intent | None, status: int | None) -> tuple[VmState, ExitReason]:

@@ -61,6 +61,9 @@ OS_TYPES = ("linux", "windows", "other")
 # command. qboot stops at that command (its loader knows ALLOCATE, ADD_POINTER, CHECKSUM and
 # panics on anything else: the guest never boots, measured), so only SeaBIOS carries vmgenid.
 VMGENID_FIRMWARES = frozenset({"seabios"})
+# firmwares whose -kernel loader enters an ELF kernel at its PVH note (images/kernel.py; OVMF
+# loads a bzImage's EFI stub only)
+PVH_FIRMWARES = frozenset({"seabios", "qboot", "microvm"})
 KNOWN_DEVICES = frozenset({
     "virtio-blk-pci", "virtio-serial-pci", "virtio-net-pci", "virtio-balloon-pci",
     "virtio-rng-pci", "isa-serial", "pcie-root-port", "pc-dimm", "virtserialport",

@@ -3,9 +3,11 @@
 - full: a standalone qcow2 flattened from the chosen point (`qemu-img convert`).
 - linked: a qcow2 overlay on an immutable snapshot layer of the source: O(1) in disk size. Without
   --from-snapshot an automatic disk-only snapshot `clone-TARGET` of the source is that layer.
-- instant (--live): the running source is paused for a moment, its disk frozen by a snapshot, its
-  memory streamed straight into the clone's new QEMU over a UNIX socket; both then run. The guest
-  is told its new identity through the agent: hostname, MAC address, a reseeded RNG.
+- instant (--live): the running source's memory is streamed into the clone's new QEMU over a
+  UNIX socket while it runs (QEMU re-sends what it dirties); its vCPUs stop only for the last
+  pass, during which its disk is frozen by a snapshot the clone's overlay sits on; both then
+  run. The guest is told its new identity through the agent: hostname, MAC address, a reseeded
+  RNG.
 
 Every clone gets a new identity: uuid, MAC, hostname (kernel command line) — never the source's.
 """
@@ -171,10 +173,11 @@ def _check_free(source: VM, target: str) -> None:
 def instant_clone(source: VM, target: str) -> VM:
     """A running copy of a running VM; the source keeps running.
 
-    Journalled in the source's folder: the source paused, its helper snapshot, the clone
-    published, the clone running, the source resumed. A cut anywhere is rolled forward (the
-    clone runs: resume the source) or back (no clone, no helper snapshot, the source running)
-    by `recover_instant_clone`."""
+    Journalled in the source's folder: the clone published (its overlay on the source's
+    active layer), the memory sent while the source runs, the source paused at the
+    switch-over, its helper snapshot (that layer frozen), the clone running, the source
+    resumed. A cut anywhere is rolled forward (the clone runs: resume the source) or back (no
+    clone, no helper snapshot, the source running) by `recover_instant_clone`."""
     host = source.host
     _check_free(source, target)
     with host._vm_lock(source.name) as held:
@@ -202,57 +205,115 @@ def instant_clone(source: VM, target: str) -> VM:
                                "again", hint=f"restart it first (vmkit restart {source.name})")
         log = Journal(source.folder.path)
         point = f"clone-{target}"[:63]
-        log.begin("instant-clone", target=target, point=point)
-        log.step("paused")
-        qmp_execute(source.folder.qmp_socket, "stop")
-        paused = record.model_copy(update={"state": VmState.PAUSED})
+        store.load_tree(source).check_new(source.name, point)  # before anything is made
+        # the clone's disk is an overlay on the source's active layer, which becomes the
+        # helper snapshot's frozen layer at the switch-over. The clone's QEMU opens it when it
+        # starts (reading its header, no lock taken: an incoming QEMU's disks stay inactive)
+        # and reads it again when its state has arrived.
+        layer = source.folder.path / source.active_layer()
+        with QmpConnection(source.folder.qmp_socket, timeout=10) as sq:
+            size = blockops.disk_size(sq)
+        log.begin("instant-clone", target=target, point=point, layer=str(layer))
+
+        def build(work: VmFolder) -> VmConfig:
+            _link_boot(source, work)
+            img.create_overlay(work.path / ROOT_DISK_FILE, layer, size, unopened=True)
+            return _identity(source.config, target, backing=layer)
+
         node: SnapshotNode | None = None
+        paused_ms = 0.0
         try:
-            node = layers.take_locked(held, source, paused, point, disk_only=True,
-                                            journal=False)
-            log.step("snapshot-taken")
-            layer = source.folder.path / node.layer
-
-            def build(work: VmFolder) -> VmConfig:
-                _link_boot(source, work)
-                img.create_overlay(work.path / ROOT_DISK_FILE, layer)
-                return _identity(source.config, target, backing=layer)
-
-            clone_vm = host._new_vm_folder(target, build)
-            log.step("clone-published")
+            # the clone's lock from before its folder exists: nobody starts it meanwhile
             with host._vm_lock(target) as target_held:
+                clone_vm = host._new_vm_folder(target, build, held=target_held)
+                log.step("clone-published")
+                jail.share_layers(clone_vm.owner(), [layer])  # before it is a snapshot's
                 # the memory travels over a socketpair vmkit hands to both QEMUs: each runs
                 # under its own uid and neither can open the other's folder
                 outgoing, incoming = socket.socketpair()
 
+                def switch_disk(sq: QmpConnection) -> None:
+                    """At the switch-over (the source's vCPUs stopped): freeze the disk the
+                    clone's overlay sits on, and the UEFI variables of this moment."""
+                    nonlocal node
+                    log.step("paused")
+                    paused = record.model_copy(update={"state": VmState.PAUSED})
+                    node = layers.take_locked(held, source, paused, point, disk_only=True,
+                                              journal=log, qmp=sq)
+                    if source.folder.nvram.is_file():
+                        shutil.copyfile(source.folder.nvram, clone_vm.folder.nvram)
+
                 def receive(qmp: QmpConnection) -> None:
+                    nonlocal paused_ms
                     blockops.listen_incoming(qmp, incoming)
                     with QmpConnection(source.folder.qmp_socket, timeout=10) as sq:
-                        blockops.send_memory(sq, outgoing, MIGRATE_TIMEOUT)
+                        stopped_at = time.monotonic()
+                        if not record.copies_memory_live:
+                            sq.execute("stop")  # see RuntimeRecord.copies_memory_live
+                        sent = blockops.send_memory_live(
+                            sq, outgoing, MIGRATE_TIMEOUT, downtime_ms=SWITCHOVER_DOWNTIME_MS,
+                            live_for=layers.LIVE_SAVE_LIMIT,
+                            at_switchover=lambda: switch_disk(sq))
+                        completed = time.monotonic()
                         sq.execute("cont")
+                        # QEMU's figure (vCPUs stopped -> all sent, the disk switch included)
+                        # + the `cont`; a source stopped first: all of it
+                        paused_ms = 1000 * (time.monotonic() - stopped_at) \
+                            if not record.copies_memory_live else \
+                            blockops.downtime_of(sent) + 1000 * (time.monotonic() - completed)
                     blockops.wait_migration(qmp, MIGRATE_TIMEOUT, "receiving memory")
 
                 try:
                     clone_vm._start_locked(target_held, RuntimeRecord(), incoming=receive,
                                            machine=_same_machine(source, clone_vm))
-                except BaseException:
-                    host._discard_vm_folder(target)  # no half clone stays listed
-                    raise
                 finally:
                     outgoing.close()
                     incoming.close()
             log.step("clone-started")
         except BaseException:
-            _resume(source)
-            if node is not None and not host.layout.vm(target).path.exists():
-                layers.delete_locked(held, source, source._record(), node.name)
+            _undo_instant_clone(held, source, log.entry)
             log.end()
             raise
         _resume(source)
         log.step("source-resumed")
+        if node is not None:
+            layers.note_pause(source, node.name, paused_ms)
         log.end()
     tell_new_identity(clone_vm)
     return clone_vm
+
+
+SWITCHOVER_DOWNTIME_MS = 20  # QEMU's target for the last pass of an instant clone's source
+
+
+def _undo_instant_clone(held: Held, source: VM, entry: JournalEntry | None) -> None:
+    """No clone: its QEMU, folder, uid and read access to the source's layers gone, the
+    source's migration settled, its helper snapshot finished as far as it got (recover_take:
+    a layer QEMU already writes to is kept) and merged away, the source running (idempotent)."""
+    if entry is None:
+        return
+    host = source.host
+    target, point = str(entry.intent["target"]), str(entry.intent["point"])
+    # (a journal of an older vmkit names no layer: its clone leaned on a frozen one only)
+    lent = [Path(str(entry.intent["layer"]))] if entry.intent.get("layer") else []
+    _settle_source(source)
+    if host.layout.vm(target).config_file.exists():
+        with host._vm_lock(target) as target_held:
+            clone = host.get(target)
+            record = clone._observe(persist=True, held=target_held)
+            if record.state in LIVE_STATES:
+                clone._kill_locked(target_held, record, note=" (an interrupted instant clone)")
+            vm_uuid = clone.config.uuid
+            owner = clone.owner()
+            if owner is not None:
+                jail.unshare_layers(owner.uid, [*lent, *clone.leaned_on_layers()])
+            host._discard_vm_folder(target)
+            jail.release_owner(vm_uuid)
+    if entry.done("overlay-created"):
+        layers.recover_take(held, source, entry)
+    if point in store.load_tree(source).nodes:
+        layers.delete_locked(held, source, source._observe(persist=True, held=held), point)
+    _resume(source)
 
 
 def _same_machine(source: VM, clone: VM) -> MachineRecord | None:
@@ -276,29 +337,35 @@ def _same_machine(source: VM, clone: VM) -> MachineRecord | None:
 
 
 def recover_instant_clone(held: Held, source: VM, entry: JournalEntry) -> None:
-    """Forward when the clone runs from the source's memory (resume the source), else back:
-    the clone removed (QEMU, folder, uid), the helper snapshot merged away, the source
-    running again. The caller holds the source's lock."""
+    """Forward when the clone runs from the source's memory (the source resumed, the clone told
+    its identity), else back (`_undo_instant_clone`). The caller holds the source's lock."""
     host = source.host
-    target, point = str(entry.intent["target"]), str(entry.intent["point"])
-    clone_runs = False
+    target = str(entry.intent["target"])
     if host.layout.vm(target).config_file.exists():
+        clone: VM | None = None
         with host._vm_lock(target) as target_held:
-            clone = host.get(target)
-            record = clone._observe(persist=True, held=target_held)
-            if record.state in LIVE_STATES and clone._alive(record):
+            found = host.get(target)
+            record = found._observe(persist=True, held=target_held)
+            if record.state in LIVE_STATES and found._alive(record):
                 with contextlib.suppress(VmkitError):
-                    status = qmp_execute(clone.folder.qmp_socket, "query-status")["status"]
-                    clone_runs = status in ("running", "paused")
-            if not clone_runs and entry.done("clone-published"):
-                if record.state in LIVE_STATES:
-                    clone._kill_locked(target_held, record, note=" (an interrupted instant clone)")
-                vm_uuid = clone.config.uuid
-                host._discard_vm_folder(target)
-                jail.release_owner(vm_uuid)
-    if not clone_runs and point in store.load_tree(source).nodes:
-        layers.delete_locked(held, source, source._observe(persist=True, held=held), point)
-    _resume(source)
+                    # "paused": its state arrived but it was never continued (still -S)
+                    if qmp_execute(found.folder.qmp_socket, "query-status")["status"] \
+                            == "running":
+                        clone = found
+        if clone is not None:
+            _resume(source)  # the clone has all it needs
+            _settle_source(source)
+            with contextlib.suppress(VmkitError):
+                tell_new_identity(clone)
+            return
+    _undo_instant_clone(held, source, entry)
+
+
+def _settle_source(source: VM) -> None:
+    """The source's migration to a clone cancelled if it still goes, its switch-over pause off."""
+    with contextlib.suppress(VmkitError), \
+            QmpConnection(source.folder.qmp_socket, timeout=10) as sq:
+        blockops.settle_migration(sq)
 
 
 def _resume(vm: VM) -> None:
@@ -318,13 +385,19 @@ def tell_new_identity(vm: VM) -> None:
     macs = [n.mac for n in vm.config.nics] or [vm.config.mac]
     # NICs in the guest appear in the order of the VM's NICs; each takes its new MAC and asks
     # for the lease that goes with it (busybox udhcpc: release + renew; systemd: networkctl)
+    # shell built-ins wherever they do (hostname through /proc, udhcpc found through /proc):
+    # each program started costs 50-80 ms in a clone whose translated code is all gone
+    # (the hostname and each MAC must be set: anything else is best effort)
     identity = (
-        f"hostname {vm.name}; [ -w /etc/hostname ] && echo {vm.name} > /etc/hostname; "
+        f"echo {vm.name} > /proc/sys/kernel/hostname || exit 1; "
+        f"if [ -w /etc/hostname ]; then echo {vm.name} > /etc/hostname; fi; "
         f"set -- {' '.join(macs)}; "
         "for nic in /sys/class/net/*; do n=${nic##*/}; [ \"$n\" = lo ] && continue; "
-        "[ $# -gt 0 ] || break; ip link set dev \"$n\" address \"$1\"; shift; "
-        "command -v networkctl >/dev/null && networkctl renew \"$n\"; done; "
-        "for p in $(pidof udhcpc); do kill -USR2 $p; kill -USR1 $p; done"
+        "[ $# -gt 0 ] || break; ip link set dev \"$n\" address \"$1\" || exit 1; shift; "
+        "if command -v networkctl >/dev/null; then networkctl renew \"$n\"; fi; done; "
+        "for p in /proc/[0-9]*; do read -r c < $p/comm 2>/dev/null || continue; "
+        "if [ \"$c\" = udhcpc ]; then kill -USR2 ${p#/proc/}; kill -USR1 ${p#/proc/}; fi; "
+        "done; exit 0"
     )
     # the clone starts from its source's RNG state: credited host entropy and a forced
     # reseed (the guest kernels here have no vmgenid driver to do it on their own), in the

@@ -265,6 +265,8 @@ def _perform(vm: VM, peer: Peer, mid: str, options: MigrationOptions,
             sock.sendall(bytes.fromhex(str(ports["token"])))
             sock.settimeout(None)
             _keepalive(sock)
+            if record.state is VmState.RUNNING and not record.copies_memory_live:
+                qmp.execute("stop")  # see RuntimeRecord.copies_memory_live; undone on failure
             qm.send_memory(qmp, sock)
         # the vCPUs stop at the switch-over, with the disks still active: the mirror lands
         # its last writes there, then the device state goes (libvirt's order)

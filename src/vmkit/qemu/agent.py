@@ -158,10 +158,12 @@ def wait_agent_ready(socket_path: Path, timeout: float, *, alive: Any = None) ->
         conn.close()
 
 
-# guest-exec-status polling: short commands (a reseed, cat) end within 10-150 ms, and doubling
-# from 10 ms overshot their end by up to 150 ms (a restore waits for its reseed).
+# guest-exec-status polling: short commands (a reseed, cat) end within 10-600 ms, and doubling
+# from 10 ms overshot their end by up to 150 ms (a restore waits for its reseed): every 5 ms at
+# first, then up to every 25 ms for EXEC_POLL_FAST s, then slower for long commands.
 EXEC_POLL_FIRST = 0.005
-EXEC_POLL_MAX = 0.1
+EXEC_POLL_FAST = 2.0
+EXEC_POLL_MAX = (0.025, 0.2)
 
 
 def guest_exec(socket_path: Path, argv: list[str], *, timeout: float,
@@ -185,7 +187,8 @@ def guest_exec(socket_path: Path, argv: list[str], *, timeout: float,
                 raise OperationTimeout(f"command {argv[0]!r} in the guest did not finish "
                                        f"within {timeout:g}s (guest pid {pid})")
             time.sleep(delay)
-            delay = min(EXEC_POLL_MAX, delay * 1.5)
+            fast = time.monotonic() < deadline - timeout + EXEC_POLL_FAST
+            delay = min(EXEC_POLL_MAX[0] if fast else EXEC_POLL_MAX[1], delay * 1.5)
     return ExecResult(
         exit_code=status.get("exitcode"),
         signal=status.get("signal"),
@@ -310,7 +313,8 @@ def reseed_argv(first: str = "") -> list[str]:
     `first`, a shell script, runs before in the same process (one guest-exec less: each
     costs 0.1-0.25 s on a guest that has just resumed under TCG) and exits
     RESEED_FIRST_FAILED when it fails."""
-    before = f"{{ {first}\n}} || exit {RESEED_FIRST_FAILED}\n" if first else ""
+    # a subshell: `first` may not touch "$1" (the Python reseed) nor read the host's bytes
+    before = f"( {first}\n) </dev/null || exit {RESEED_FIRST_FAILED}\n" if first else ""
     return ["sh", "-c", before + RESEED_SCRIPT, "vmkit-reseed", RESEED_PYTHON]
 
 

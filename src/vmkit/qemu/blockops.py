@@ -9,7 +9,7 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,12 @@ def top_node(qmp: QmpConnection, device: str = DISK_DEVICE) -> str:
     """The node name at the top of the disk's chain (what the guest writes to)."""
     node: str = _disk_entry(qmp, device)["inserted"]["node-name"]
     return node
+
+
+def disk_size(qmp: QmpConnection, device: str = DISK_DEVICE) -> int:
+    """The guest disk's size in bytes, as QEMU sees its top layer (no file opened)."""
+    size: int = _disk_entry(qmp, device)["inserted"]["image"]["virtual-size"]
+    return size
 
 
 def disk_qdev(qmp: QmpConnection, device: str = DISK_DEVICE) -> str:
@@ -90,6 +96,7 @@ def _file_migration(qmp: QmpConnection, path: Path, *, write: bool, timeout: flo
     try:
         if write:
             _unthrottle(qmp)
+            _switchover_pause(qmp, False)  # whatever an interrupted instant clone left
             qmp.execute("migrate", {"channels": _fdset_channel(fdset)})
         else:
             qmp.execute("migrate-incoming", {"channels": _fdset_channel(fdset)})
@@ -215,12 +222,69 @@ def listen_incoming(qmp: QmpConnection, end: socket.socket) -> None:
     qmp.execute("migrate-incoming", {"channels": _fd_channel("vmkit-incoming")})
 
 
-def send_memory(qmp: QmpConnection, end: socket.socket, timeout: float) -> None:
-    """Stream this QEMU's memory and device state into `end` (the other end of that pair)."""
+def send_memory_live(qmp: QmpConnection, end: socket.socket, timeout: float, *,
+                     downtime_ms: int, live_for: float,
+                     at_switchover: Callable[[], None]) -> dict[str, Any]:
+    """Stream this RUNNING QEMU's memory and device state into `end` while its guest runs:
+    QEMU copies RAM, re-sends what the guest dirties, and stops the vCPUs for the last pass
+    (about `downtime_ms`). There it waits (pause-before-switchover) for `at_switchover`, which
+    the caller uses to switch the disk at that same moment, then sends the rest and leaves the
+    VM paused (postmigrate) for the caller to resume. A guest that dirties memory faster than
+    the socket takes it is stopped after `live_for` seconds. Returns query-migrate's final
+    answer (its `downtime`: ms from the vCPUs' stop to the end, `at_switchover` included)."""
     qmp.send_fd(end.fileno(), "vmkit-outgoing")
     _unthrottle(qmp)
-    qmp.execute("migrate", {"channels": _fd_channel("vmkit-outgoing")})
-    wait_migration(qmp, timeout, "sending memory to the clone")
+    qmp.execute("migrate-set-parameters", {"downtime-limit": downtime_ms})
+    _switchover_pause(qmp, True)
+    try:
+        qmp.execute("migrate", {"channels": _fd_channel("vmkit-outgoing")})
+        started = time.monotonic()
+        stopped = False
+        while True:
+            info = qmp.execute("query-migrate")
+            status = info.get("status")
+            if status == "pre-switchover":
+                break
+            if status in ("failed", "cancelled", "completed"):
+                raise QemuError(f"sending memory to the clone failed: "
+                                f"{info.get('error-desc', status)}")
+            now = time.monotonic()
+            if now - started >= timeout:
+                raise OperationTimeout(f"sending memory to the clone did not finish within "
+                                       f"{timeout:g}s")
+            if not stopped and now - started > live_for:
+                qmp.execute("stop")  # not converging: the rest goes with the guest paused
+                stopped = True
+            time.sleep(LIVE_POLL)
+        at_switchover()
+        qmp.execute("migrate-continue", {"state": "pre-switchover"})
+        return wait_migration(qmp, timeout, "sending memory to the clone",
+                              stop_after=timeout)
+    except BaseException:
+        cancel_migration(qmp)  # the guest runs on (QEMU restarts the vCPUs it stopped)
+        raise
+    finally:
+        with contextlib.suppress(QemuError):
+            _switchover_pause(qmp, False)
+
+
+def downtime_of(info: dict[str, Any]) -> float:
+    """QEMU's `downtime` (ms) from a final query-migrate; 0 when it gives none or nonsense."""
+    value = info.get("downtime", 0)
+    return float(value) if isinstance(value, (int, float)) and value >= 0 else 0.0
+
+
+def _switchover_pause(qmp: QmpConnection, on: bool) -> None:
+    """pause-before-switchover: on only for the migration that asked for it (a save left with
+    it on would wait at pre-switchover for ever)."""
+    qmp.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "pause-before-switchover", "state": on}]})
+
+
+def settle_migration(qmp: QmpConnection) -> None:
+    """After an interrupted live send: no migration going, the switch-over pause off."""
+    cancel_migration(qmp)
+    _switchover_pause(qmp, False)
 
 
 IO_GROUP = "vmkit-io"
