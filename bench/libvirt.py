@@ -14,7 +14,9 @@ image's disk, virtio-serial with the org.qemu.guest_agent.0 port, one user-mode 
 gets byte-identical copies of the image's files in a folder of its own: its DAC driver chowns
 every file a domain opens (kernel, initrd and the backing chain included), and vmkit's scratch
 home only hard-links the real images. libvirt's "default" network (192.168.122.0/24) is never
-started: its autostart link is removed before the daemon starts.
+started: its autostart link is removed before the daemon starts. The kernel is the same; libvirt
+boots the image's bzImage as its users do (`<kernel>`), vmkit the same kernel through its PVH
+entry (images/kernel.py: vmkit's own boot path), each with its own memory and TCG defaults.
 
 Operations, each a median of --runs (5) runs, vmkit and libvirt alternated (the order swapped
 every run), wall clock of the commands a user types, until the guest agent answers where the
