@@ -19,10 +19,12 @@ def test_a_freeze_that_times_out_leaves_the_guest_thawed(host: Host) -> None:
     vm.start(wait=True)
     sh(vm, f"printf '#!/bin/sh\\n[ \"$1\" = freeze ] && sleep {STALL}\\nexit 0\\n' > /root/hook"
            " && chmod 755 /root/hook"
-           " && sed -i 's|-t /run/qemu-ga|-t /run/qemu-ga -F/root/hook|' /etc/inittab"
-           " && kill -HUP 1")
-    # restart the agent with the hook (detached: this very command runs inside the agent)
-    vm.exec(["sh", "-c", "(sleep 1; killall qemu-ga) >/dev/null 2>&1 </dev/null &"])
+           " && sed -i 's|-t /run/qemu-ga|-t /run/qemu-ga -F/root/hook|' /etc/inittab")
+    # restart the agent with the hook (detached: this very command runs inside the agent, and
+    # init's re-read of inittab may restart it before its answer was read)
+    vm.exec(["sh", "-c", "(sleep 1; kill -HUP 1; sleep 1; killall qemu-ga) >/dev/null 2>&1 "
+                         "</dev/null &"])
+    time.sleep(1)
     time.sleep(3)
     vm.wait_ready(timeout=60)
     assert "-F/root/hook" in sh(vm, "cat /proc/$(pidof qemu-ga)/cmdline | tr '\\0' ' '")

@@ -80,7 +80,9 @@ def make_ext4(rootfs: Path, raw: Path, recipe_hash: str, size_mib: int, *,
     env = {**os.environ, "E2FSPROGS_FAKE_TIME": FAKE_TIME}
     try:
         done = subprocess.run(
-            ["mkfs.ext4", "-q", "-F", "-L", label, "-U", fs_uuid,
+            # 4 KiB blocks whatever the size (mke2fs gives a small image 1 KiB ones): growing
+            # a 64 MiB root to a 2 GiB disk then adds 16 block groups at first boot, not 256
+            ["mkfs.ext4", "-q", "-F", "-b", "4096", "-L", label, "-U", fs_uuid,
              "-E", f"root_owner=0:0,hash_seed={fs_uuid}", "-d", str(rootfs), str(raw),
              f"{size_mib}M"],
             capture_output=True, text=True, env=env, timeout=timeout, check=False)

@@ -37,7 +37,7 @@ from vmkit.model.views import ImageInfo
 from vmkit.qemu import img
 from vmkit.storage.layout import HomeLayout, write_json_atomic
 
-RECIPE_VERSION = "tiny-4"
+RECIPE_VERSION = "tiny-5"
 KERNEL_META = "linux-image-cloud-amd64"
 BASE_PACKAGES = ["busybox-static", "qemu-guest-agent", "e2fsprogs"]
 # Loaded in this order (dependencies resolved from modules.dep); button makes ACPI power-off work.
