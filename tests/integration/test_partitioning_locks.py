@@ -149,7 +149,9 @@ def test_cli_killed_during_create_leaves_a_consistent_listing(home: Path) -> Non
     assert on_disk == listed  # no half-created folder, hidden or not, survives a listing
     for name in listed:
         folder = home / "vms" / name
-        assert (folder / "boot/vmlinuz").exists() and (folder / "state.json").exists()
+        kernel = json.loads((folder / "vm.json").read_text())["boot"]["kernel"]
+        assert kernel in ("boot/vmlinux", "boot/vmlinuz")  # PVH, or the bzImage
+        assert (folder / kernel).exists() and (folder / "state.json").exists()
         subprocess.run(["qemu-img", "check", "-q", "-f", "qcow2",
                         str(folder / "disks/root.qcow2")], check=True)
     for index in range(len(delays)):
