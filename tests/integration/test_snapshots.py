@@ -7,7 +7,7 @@ import time
 from pathlib import Path
 
 from tests.integration.conftest import COUNTER, chain_is_sound, run_cli, sh
-from vmkit import Host, VmState
+from vmkit import VM, Host, VmState
 
 
 def test_live_snapshot_restores_disk_ram_and_processes(host: Host) -> None:
@@ -103,17 +103,24 @@ DIRTY = ("(i=0; while :; do dd if=/dev/urandom of=/run/dirty bs=1M count=16 2>/d
          "i=$((i+1)); echo $i > /run/rounds; done) >/dev/null 2>&1 </dev/null &")
 
 
-def test_a_live_snapshot_of_a_guest_dirtying_memory_pauses_it_briefly_and_restores_exactly(
-        host: Host) -> None:
-    """The memory is saved while the guest runs (QEMU re-sends what it dirties) and the guest
-    stops only for the last pass: RAM-resident data checksums the same after a restore, and
-    the guest's own loop runs on from the snapshot."""
-    vm = host.create("busy", memory="256M")
+def _busy_guest(host: Host, name: str) -> tuple[VM, str]:
+    """A running 256 MiB guest with 48 MiB of known RAM-resident data (its sha256 returned)
+    and a loop rewriting RAM."""
+    vm = host.create(name, memory="256M")
     vm.start(wait=True)
     sh(vm, "dd if=/dev/urandom of=/run/known bs=1M count=48 2>/dev/null")
     known = sh(vm, "sha256sum /run/known")
     sh(vm, DIRTY)
     time.sleep(2)
+    return vm, known
+
+
+def test_a_live_snapshot_of_a_guest_dirtying_memory_pauses_it_briefly_and_restores_exactly(
+        host: Host) -> None:
+    """The memory is saved while the guest runs (QEMU re-sends what it dirties) and the guest
+    stops only for the last pass: RAM-resident data checksums the same after a restore, and
+    the guest's own loop runs on from the snapshot."""
+    vm, known = _busy_guest(host, "busy")
     started = time.monotonic()
     info = vm.snapshot("busy-point")
     wall_ms = 1000 * (time.monotonic() - started)
@@ -139,12 +146,7 @@ def test_an_instant_clone_of_a_guest_dirtying_memory_pauses_it_briefly_and_copie
     """The memory goes to the clone while the source runs (QEMU re-sends what it dirties); the
     source stops only for the last pass and its disk switch: the clone's RAM-resident data
     checksums the same, and both guests' loops run on."""
-    vm = host.create("busyc", memory="256M")
-    vm.start(wait=True)
-    sh(vm, "dd if=/dev/urandom of=/run/known bs=1M count=48 2>/dev/null")
-    known = sh(vm, "sha256sum /run/known")
-    sh(vm, DIRTY)
-    time.sleep(2)
+    vm, known = _busy_guest(host, "busyc")
     before = int(sh(vm, "cat /run/rounds"))
     started = time.monotonic()
     clone = vm.clone("busyc2", live=True)
