@@ -44,6 +44,12 @@ def test_hot_add_cpus_and_memory_balloon_and_disk_grow(host: Host, home: Path) -
     grown = _mem_total_kib(vm)
     vm.set(memory="384M")  # shrink through the balloon
     assert _wait_for(lambda: _mem_total_kib(vm) <= grown - 100 * 1024)
+
+    def balloon_reached() -> bool:  # the guest gives pages back in steps, QEMU reports each
+        usage = vm.status(query_qemu=True).usage
+        return usage is not None and usage.memory_actual <= 400 << 20
+
+    assert _wait_for(balloon_reached)
     usage = vm.status(query_qemu=True).usage
     assert usage is not None and usage.vcpus == 3
     assert usage.memory_plugged == 512 << 20 and usage.memory_actual <= 400 << 20

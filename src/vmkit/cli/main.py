@@ -18,13 +18,15 @@ from vmkit.errors import VmkitError, exit_code_for
 
 def main() -> None:
     """Run the CLI; usage errors exit 2 (typer), vmkit errors by exit_code_for."""
+    # vmkit uses no pydantic plugins: looking for them costs every command ~10 ms
+    os.environ.setdefault("PYDANTIC_DISABLE_PLUGINS", "__all__")
     try:
         code = _fast(sys.argv[1:])
         if code is not None:
             sys.exit(code)
         with fast.imports_kept():
-            from vmkit.cli.commands import app
-        app()
+            from vmkit.cli.commands import app_for
+        app_for(sys.argv[1:])()
     except VmkitError as exc:
         sys.stderr.write(f"error: {exc}\n")
         sys.exit(exit_code_for(exc))
