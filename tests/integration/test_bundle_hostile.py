@@ -130,6 +130,10 @@ def test_hostile_bundles_are_refused_with_nothing_left(host: Host, home: Path, t
         (unnamed, "volumes/stowaway.qcow2 is no extra disk vm.json names"),
         (forged("volume-name", "vm.json", disks=[{"name": "../../etc", "size": 1 << 20}]),
          "invalid disk name"),
+        # only a move leaves the base out (it asked which bases the receiver has)
+        (forged("base-left-out", "manifest.json", repoint={
+            "from": "/etc/shadow", "image_sha256": host.image("tiny").sha256}),
+         "leaves out its base image"),
     ]
     passwd, bashrc = _digest(Path("/etc/passwd")), _digest(Path("/root/.bashrc"))
     for path, message in cases:

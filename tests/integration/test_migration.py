@@ -52,6 +52,15 @@ def _one_qemu_on(side: Side, other: Side, vm_uuid: str) -> None:
     assert qemu_count(vm_uuid) == 1
 
 
+def _on_own_image(side: Side, vm: str) -> bool:
+    """The VM's layers stand on `side`'s own copy of the tiny image (the move left the base
+    out: the destination has one with the same sha256), not on a base that travelled."""
+    config = json.loads((side.home / "vms" / vm / "vm.json").read_text())
+    image = json.loads((side.home / "images/tiny/image.json").read_text())
+    return config["backing_file"] == str(side.home / "images/tiny" / image["root_disk"]) \
+        and not (side.home / "vms" / vm / "disks/base.qcow2").exists()
+
+
 def test_live_there_and_back_keeps_guest_files_and_snapshots(hosts: tuple[Side, Side]) -> None:
     a, b = hosts
     a.ok("create", "mover", "--memory", "192M")
@@ -72,6 +81,7 @@ def test_live_there_and_back_keeps_guest_files_and_snapshots(hosts: tuple[Side, 
     assert isinstance(moved["downtime_ms"], int) and moved["downtime_ms"] < 2000
     assert not a.has_vm("mover") and b.has_vm("mover")
     _one_qemu_on(b, a, vm_uuid)
+    assert _on_own_image(b, "mover")
     # the same running guest: same boot, its clock went on, its files and disk are intact
     assert b.exec("mover", "cat /proc/sys/kernel/random/boot_id").strip() == boot_id
     assert _uptime(b, "mover") > up_before
@@ -87,6 +97,7 @@ def test_live_there_and_back_keeps_guest_files_and_snapshots(hosts: tuple[Side, 
     assert back["live"] is True
     assert a.has_vm("mover") and not b.has_vm("mover")
     _one_qemu_on(a, b, vm_uuid)
+    assert _on_own_image(a, "mover")
     assert a.exec("mover", "cat /root/b.txt").strip() == "on-b"
     assert a.exec("mover", "cat /proc/sys/kernel/random/boot_id").strip() == boot_id
     # a snapshot taken before the moves restores after them
@@ -114,6 +125,7 @@ def test_cold_move_and_preflight_refusals_change_nothing(hosts: tuple[Side, Side
     assert live.returncode == 2 and "running or paused" in live.stderr
     moved = json.loads(a.ok("move", "sleeper", "b", "--name", "sleeper2", "--format", "json"))
     assert moved["live"] is False and not a.has_vm("sleeper") and b.has_vm("sleeper2")
+    assert _on_own_image(b, "sleeper2")
     b.ok("start", "sleeper2", "--wait")
     assert b.exec("sleeper2", "echo up").strip() == "up"
     b.ok("delete", "sleeper2", "--force")

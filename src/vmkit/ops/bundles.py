@@ -22,6 +22,7 @@ that makes qemu-img exceed its limits. Only then is the folder renamed into vms/
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import hashlib
 import io
@@ -44,6 +45,7 @@ from vmkit.core import layers, store
 from vmkit.core.journal import Journal, fault_point, register_recovery
 from vmkit.core.locks import Held
 from vmkit.errors import InvalidState, InvalidValue, NotFound, VmkitError, os_errors
+from vmkit.images import catalog
 from vmkit.isolation import jail
 from vmkit.model.journal import JournalEntry
 from vmkit.model.names import validate_name
@@ -195,10 +197,12 @@ def _publish(partial: Path, path: Path) -> None:
 
 
 def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
-                  progress: Progress | None, *, leave_out_active: bool = False
-                  ) -> dict[str, Any]:
+                  progress: Progress | None, *, leave_out_active: bool = False,
+                  bases_there: frozenset[str] = frozenset()) -> dict[str, Any]:
     """`leave_out_active`: a live move's files (the active layer is what the guest writes
-    now: it travels by the disk mirror into an empty overlay the manifest describes)."""
+    now: it travels by the disk mirror into an empty overlay the manifest describes).
+    `bases_there`: the sha256 of the image root disks the receiving host holds (a move): a
+    VM on an image's base whose content is among them travels without it."""
     folder = vm.folder.path
     tree = store.load_tree(vm)
     config = vm.config
@@ -232,7 +236,11 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
     repoint: dict[str, str] = {}
     if config.backing_file is not None and not Path(config.backing_file).is_absolute():
         files[f"disks/{config.backing_file}"] = folder / "disks" / config.backing_file
-    if config.backing_file is not None and Path(config.backing_file).is_absolute():
+    shared_base = _image_base_sha256(vm) if config.backing_file is not None else None
+    if shared_base is not None and shared_base in bases_there:
+        # the receiver has this very base (same sha256): it re-points the layers at its own
+        repoint = {"from": str(config.backing_file), "image_sha256": shared_base}
+    elif config.backing_file is not None and Path(config.backing_file).is_absolute():
         # the base outside the folder travels flattened; the layers keep their bytes and the
         # manifest says which backing name import re-points at it (no copy of big layers here)
         staging.mkdir(parents=True)
@@ -265,6 +273,31 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
     elapsed = time.monotonic() - started
     return {"path": str(path), "files": len(entries) + 1, "bytes": path.stat().st_size,
             "seconds": elapsed}
+
+
+def _image_base_sha256(vm: VM) -> str | None:
+    """The sha256 of the image root disk `vm` stands on, when its base is one of this host's
+    current images (not a linked clone's source, nor a retired base an image rebuild kept)."""
+    backing = vm.config.backing_file
+    for image in catalog.list_images(vm.host.layout):
+        if backing == str(vm.host.layout.images / image.name / image.root_disk) and \
+                image.sha256 == vm.config.base_image_sha256:
+            return image.sha256
+    return None
+
+
+def _local_base(host: Host, repoint: dict[str, Any], path: Path) -> tuple[str, Path]:
+    """(name, root disk) of this host's image whose base has the sha256 a moving VM's manifest
+    names: the VM's layers are re-pointed at it instead of a base in the bundle."""
+    wanted = repoint.get("image_sha256")
+    for image in catalog.list_images(host.layout):
+        disk = host.layout.images / image.name / image.root_disk
+        if image.sha256 == wanted and disk.is_file():
+            return image.name, disk
+    raise BundleError(f"bundle {path}: it leaves out its base image (sha256 {shown(wanted)}), "
+                      "which this host does not have",
+                      hint="the image was removed or rebuilt here since the move began; "
+                           "try the move again (the base then travels)")
 
 
 def _fill_tar(tar: tarfile.TarFile, about: dict[str, Any], metadata: dict[str, bytes],
@@ -325,6 +358,14 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
             original = str(manifest["vm"])
             target = validate_name(name if name is not None else original)
             expected = {e["path"]: e for e in manifest["files"]}
+            repoint = manifest.get("repoint") or {}
+            image: str | None = None
+            if isinstance(repoint, dict) and "image_sha256" in repoint:
+                if arriving is None:  # only a move, which asked what this host has, omits it
+                    raise BundleError(f"bundle {path} leaves out its base image (it was "
+                                      "written for a move); refused",
+                                      hint="export the VM with vmkit export to import it")
+                image = _local_base(host, repoint, path)[0]
 
             def build(work: VmFolder) -> VmConfig:
                 with os_errors(f"importing {path}"):
@@ -335,11 +376,21 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
                 owner = img.untrusted_owner()
                 with os_errors(f"importing {path}"):
                     _hand_disks(work.path, owner)
-                _repoint(work.path, manifest.get("repoint") or {}, path, owner)
+                # under the image's lock: its base is the one this VM now stands on
+                local = None
+                if image:
+                    again, disk = _local_base(host, repoint, path)
+                    if again != image:
+                        raise BundleError(f"bundle {path}: image {image!r} changed while the "
+                                          "move's files arrived; refused",
+                                          hint="try the move again")
+                    local = str(disk)
+                _repoint(work.path, repoint, path, owner, local_base=local)
                 if arriving is not None:
                     _empty_overlay(work.path, manifest.get("overlay") or {}, path, owner)
-                config = _check_metadata(work.path, path)
-                _check_disks(work.path, path, owner)
+                config = _check_metadata(work.path, path, rebased=(
+                    str(repoint.get("from")), local) if local else None)
+                _check_disks(work.path, path, owner, local_base=local)
                 fault_point("import", "checked")
                 # ssh_identity and media name files on the exporting host: never opened here
                 # (a bundle's media path would have root lend that file to the guest)
@@ -353,7 +404,10 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
                     (work.path / TPM_STATE_FILE).unlink(missing_ok=True)
                 return config
 
-            vm = host._new_vm_folder(target, build)
+            # an image's shared lock, as a create takes it: no rebuild retires the base
+            # this VM is re-pointed at before the VM is listed
+            with host._image_lock(image, shared=True) if image else contextlib.nullcontext():
+                vm = host._new_vm_folder(target, build)
             fault_point("import", "published")
     except tarfile.TarError as exc:
         raise BundleError(f"bundle {path} is not a readable vmkit bundle: {exc}",
@@ -455,16 +509,21 @@ def _hand_disks(folder: Path, owner: jail.RunAs | None) -> None:
 
 
 def _repoint(folder: Path, repoint: dict[str, str], path: Path,
-             owner: jail.RunAs | None) -> None:
-    """Re-point layers that named the exporter's base at the bundle's flattened base. Only the
-    header is rewritten (`rebase -u`): the old name is never opened."""
+             owner: jail.RunAs | None, local_base: str | None = None) -> None:
+    """Re-point layers that named the exporter's base at the bundle's flattened base, or at
+    `local_base` (a move whose base this host has). Only the header is rewritten
+    (`rebase -u`): the old name is never opened."""
     if not repoint:
         return
-    old, new = repoint.get("from"), repoint.get("to")
-    if not isinstance(old, str) or not isinstance(new, str) or \
+    old, new = repoint.get("from"), local_base or repoint.get("to")
+    if local_base is not None:
+        if not isinstance(old, str):
+            raise BundleError(f"bundle {path}: its manifest's repoint names no base; refused")
+    elif not isinstance(old, str) or not isinstance(new, str) or \
             not re.fullmatch(r"[\w.-]+\.qcow2", new) or not (folder / "disks" / new).is_file():
         raise BundleError(f"bundle {path}: its manifest re-points disks at {new!r}, which is "
                           "not a disk of the bundle; refused")
+    assert isinstance(new, str)
     for disk in sorted((folder / "disks").glob("*.qcow2")):
         if disk.name != new and _disk_info(disk, path, owner).get("backing-filename") == old:
             try:
@@ -504,11 +563,19 @@ def _copy_hashing(source: IO[bytes], out: IO[bytes], done: int, total: int,
     return size, digest.hexdigest()
 
 
-def _check_metadata(folder: Path, path: Path) -> VmConfig:
+def _check_metadata(folder: Path, path: Path, rebased: tuple[str, str] | None = None
+                    ) -> VmConfig:
     """Every field of vm.json and snapshots.json passes the model's validation; machine type and
     CPU model are ones this QEMU offers; the metadata names only files of this bundle, each in
-    its own folder."""
+    its own folder. `rebased` (a move that left its base out): vm.json's backing_file must be
+    the exporter's base it names first, and becomes this host's image base it names second."""
     config = _validated(folder, "vm.json", VmConfig, path)
+    if rebased is not None:
+        if config.backing_file != rebased[0]:
+            raise BundleError(f"bundle {path}: vm.json backing_file "
+                              f"{shown(config.backing_file)} is not the base its manifest "
+                              "leaves out; refused")
+        config = config.model_copy(update={"backing_file": rebased[1]})
     tree = _validated(folder, "snapshots.json", store.DiskState, path)
     hardware = config.hardware
     if hardware.machine not in hostinfo.machine_types():
@@ -528,7 +595,7 @@ def _check_metadata(folder: Path, path: Path) -> VmConfig:
                   ("vm.json boot.initrd", config.boot.initrd, "boot", "")]
     if hardware.firmware == "ovmf":
         named.append(("the UEFI variables", NVRAM_FILE, "disks", ".fd"))
-    if config.backing_file is not None:
+    if config.backing_file is not None and rebased is None:
         named.append(("vm.json backing_file", f"disks/{config.backing_file}", "disks", ".qcow2"))
     for disk in config.disks:
         named.append((f"vm.json disk {disk.name}", disk.file, "volumes", ".qcow2"))
@@ -592,13 +659,16 @@ def _validated(folder: Path, name: str, model: type[_Model], path: Path) -> _Mod
         raise BundleError(f"bundle {path}: unreadable {name}", detail=str(exc)) from exc
 
 
-def _check_disks(folder: Path, path: Path, owner: jail.RunAs | None) -> None:
-    """Every qcow2 may only lean on another disk of the bundle (no /etc/shadow as backing)."""
+def _check_disks(folder: Path, path: Path, owner: jail.RunAs | None,
+                 local_base: str | None = None) -> None:
+    """Every qcow2 may only lean on another disk of the bundle (no /etc/shadow as backing), or
+    on `local_base`, the image base of this host a moving VM was re-pointed at."""
     disks = {p.name for p in (folder / "disks").glob("*.qcow2")}
     for disk in sorted((folder / "disks").glob("*.qcow2")):
         info = _disk_info(disk, path, owner)
         backing = info.get("backing-filename")
-        if backing is not None and (backing not in disks or "/" in backing
+        inside = backing in disks and "/" not in backing
+        if backing is not None and (not (inside or (local_base and backing == local_base))
                                     or info.get("backing-filename-format") != "qcow2"):
             raise BundleError(f"bundle {path}: {disk.name} names {backing!r} as its backing "
                               "file, which is not a qcow2 disk inside the bundle; refused")

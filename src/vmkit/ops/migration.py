@@ -220,7 +220,7 @@ def migrate(vm: VM, peer: Peer, options: MigrationOptions, *, credentials: dict[
             sent = pack(
                 vm, bundle, None, staging / "base", lambda d, t: said(
                     Progress(stage="packing", transferred=d, total=t, remaining=t - d)),
-                leave_out_active=live)
+                leave_out_active=live, bases_there=frozenset(caps.images.values()))
             mid = peer.prepare(bundle, name=target, generation=vm.config.generation + 1,
                                live=live, helper=point, progress=lambda d, t: said(Progress(
                                    stage="files", transferred=d, total=t, remaining=t - d)))
