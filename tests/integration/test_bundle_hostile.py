@@ -134,6 +134,8 @@ def test_hostile_bundles_are_refused_with_nothing_left(host: Host, home: Path, t
         (forged("base-left-out", "manifest.json", repoint={
             "from": "/etc/shadow", "image_sha256": host.image("tiny").sha256}),
          "leaves out its base image"),
+        (forged("repoint-list", "manifest.json", repoint=["disks/base.qcow2"]),
+         "repoint is not an object"),
     ]
     passwd, bashrc = _digest(Path("/etc/passwd")), _digest(Path("/root/.bashrc"))
     for path, message in cases:

@@ -57,7 +57,17 @@ def _on_own_image(side: Side, vm: str) -> bool:
     out: the destination has one with the same sha256), not on a base that travelled."""
     config = json.loads((side.home / "vms" / vm / "vm.json").read_text())
     image = json.loads((side.home / "images/tiny/image.json").read_text())
-    return config["backing_file"] == str(side.home / "images/tiny" / image["root_disk"]) \
+    base = str(side.home / "images/tiny" / image["root_disk"])
+    # and the layers' own headers: every backing name outside the folder is this base
+    outside = set()
+    for layer in (side.home / "vms" / vm / "disks").glob("*.qcow2"):
+        info = json.loads(subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(layer)], check=True,
+            capture_output=True, text=True, timeout=60).stdout)
+        if str(info.get("backing-filename", "")).startswith("/"):
+            outside.add(info["backing-filename"])
+    return config["backing_file"] == base and outside == {base} \
+        and config["base_image_sha256"] == image["sha256"] \
         and not (side.home / "vms" / vm / "disks/base.qcow2").exists()
 
 

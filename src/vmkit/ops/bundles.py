@@ -290,7 +290,11 @@ def _local_base(host: Host, repoint: dict[str, Any], path: Path) -> tuple[str, P
     """(name, root disk) of this host's image whose base has the sha256 a moving VM's manifest
     names: the VM's layers are re-pointed at it instead of a base in the bundle."""
     wanted = repoint.get("image_sha256")
-    for image in catalog.list_images(host.layout):
+    try:
+        images = catalog.list_images(host.layout)
+    except OSError:  # a rebuild swapping an image folder: as if it were not there
+        images = []
+    for image in images:
         disk = host.layout.images / image.name / image.root_disk
         if image.sha256 == wanted and disk.is_file():
             return image.name, disk
@@ -359,8 +363,11 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
             target = validate_name(name if name is not None else original)
             expected = {e["path"]: e for e in manifest["files"]}
             repoint = manifest.get("repoint") or {}
+            if not isinstance(repoint, dict):
+                raise BundleError(f"bundle {path}: its manifest's repoint is not an object; "
+                                  "refused")
             image: str | None = None
-            if isinstance(repoint, dict) and "image_sha256" in repoint:
+            if "image_sha256" in repoint:
                 if arriving is None:  # only a move, which asked what this host has, omits it
                     raise BundleError(f"bundle {path} leaves out its base image (it was "
                                       "written for a move); refused",
@@ -390,6 +397,9 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
                     _empty_overlay(work.path, manifest.get("overlay") or {}, path, owner)
                 config = _check_metadata(work.path, path, rebased=(
                     str(repoint.get("from")), local) if local else None)
+                if local:  # what it stands on now, whatever the sender's vm.json said
+                    config = config.model_copy(
+                        update={"base_image_sha256": repoint["image_sha256"]})
                 _check_disks(work.path, path, owner, local_base=local)
                 fault_point("import", "checked")
                 # ssh_identity and media name files on the exporting host: never opened here
