@@ -87,11 +87,11 @@ def app_for(argv: list[str]) -> typer.Typer:
 
 
 def _command_name(command: typer.models.CommandInfo) -> str | None:
-    """The name typer gives a registered command (its function's, with dashes)."""
+    """The name typer gives a registered command (its own rule for an unnamed one)."""
     if command.name:
         return command.name
     callback = command.callback
-    return callback.__name__.lower().replace("_", "-") if callback is not None else None
+    return typer.main.get_command_name(callback.__name__) if callback is not None else None
 
 
 def _pruned(whole: typer.Typer, *, commands: list[typer.models.CommandInfo],

@@ -236,7 +236,7 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
     repoint: dict[str, str] = {}
     if config.backing_file is not None and not Path(config.backing_file).is_absolute():
         files[f"disks/{config.backing_file}"] = folder / "disks" / config.backing_file
-    shared_base = _image_base_sha256(vm) if config.backing_file is not None else None
+    shared_base = _image_base_sha256(vm) if bases_there and config.backing_file else None
     if shared_base is not None and shared_base in bases_there:
         # the receiver has this very base (same sha256): it re-points the layers at its own
         repoint = {"from": str(config.backing_file), "image_sha256": shared_base}
@@ -275,14 +275,23 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
             "seconds": elapsed}
 
 
+def _image_bases(host: Host) -> list[tuple[str, str, Path]]:
+    """(name, sha256, root disk) of each image of `host`; none while a rebuild swaps an image
+    folder (its image.json is read as the folder moves): the base then simply travels."""
+    try:
+        images = catalog.list_images(host.layout)
+    except OSError:
+        return []
+    return [(image.name, image.sha256, host.layout.images / image.name / image.root_disk)
+            for image in images]
+
+
 def _image_base_sha256(vm: VM) -> str | None:
     """The sha256 of the image root disk `vm` stands on, when its base is one of this host's
     current images (not a linked clone's source, nor a retired base an image rebuild kept)."""
-    backing = vm.config.backing_file
-    for image in catalog.list_images(vm.host.layout):
-        if backing == str(vm.host.layout.images / image.name / image.root_disk) and \
-                image.sha256 == vm.config.base_image_sha256:
-            return image.sha256
+    for _, sha256, disk in _image_bases(vm.host):
+        if vm.config.backing_file == str(disk) and sha256 == vm.config.base_image_sha256:
+            return sha256
     return None
 
 
@@ -290,14 +299,9 @@ def _local_base(host: Host, repoint: dict[str, Any], path: Path) -> tuple[str, P
     """(name, root disk) of this host's image whose base has the sha256 a moving VM's manifest
     names: the VM's layers are re-pointed at it instead of a base in the bundle."""
     wanted = repoint.get("image_sha256")
-    try:
-        images = catalog.list_images(host.layout)
-    except OSError:  # a rebuild swapping an image folder: as if it were not there
-        images = []
-    for image in images:
-        disk = host.layout.images / image.name / image.root_disk
-        if image.sha256 == wanted and disk.is_file():
-            return image.name, disk
+    for name, sha256, disk in _image_bases(host):
+        if sha256 == wanted and disk.is_file():
+            return name, disk
     raise BundleError(f"bundle {path}: it leaves out its base image (sha256 {shown(wanted)}), "
                       "which this host does not have",
                       hint="the image was removed or rebuilt here since the move began; "
