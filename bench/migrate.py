@@ -65,7 +65,7 @@ DOWNTIME_TARGET_MS = 50.0
 BANDWIDTH_TARGET_RATIO = 1.2
 TICK = re.compile(rb"vmkb-tick ([0-9]+(?:\.[0-9]+)?)")
 NUMBERS = ("cli_wall_s", "seconds", "memory_seconds", "downtime_ms", "memory_bytes",
-           "files_bytes", "mbps", "dirty_syncs", "guest_gap_ms", "host_gap_ms",
+           "files_bytes", "mbps", "dirty_syncs", "switchover_ms", "guest_gap_ms", "host_gap_ms",
            "switch_gap_ms", "beyond_downtime_ms", "tick_mean_ms")
 
 
@@ -250,6 +250,7 @@ def run_case(a: Side, b: Side, case: Case, args: argparse.Namespace, run: int,
             "downtime_ms": result.get("downtime_ms"), "memory_bytes": result.get("memory_bytes"),
             "files_bytes": result.get("files_bytes"), "mbps": result.get("mbps"),
             "dirty_syncs": result.get("dirty_syncs"),
+            "switchover_ms": result.get("switchover_ms"),
             "window_s": round(after - before, 3),
             **gaps(ticks, watcher.seen, stamps),
         }
@@ -309,6 +310,7 @@ def main() -> int:
                     results[case.name].append(figures)
                     print(f"run {run} {case.name}: " + "  ".join(
                         f"{k} {figures[k]}" for k in ("cli_wall_s", "seconds", "downtime_ms",
+                                                      "switchover_ms",
                                                       "memory_bytes", "guest_gap_ms",
                                                       "host_gap_ms", "switch_gap_ms")),
                           flush=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 
 from vmkit.model.migration import (
+    SWITCHOVER_RESERVE_MS,
     Action,
     MigrationOptions,
     Phase,
@@ -14,6 +15,7 @@ from vmkit.model.migration import (
     memory_progress,
     next_phase,
     option_reasons,
+    qemu_downtime_limit,
     recover,
 )
 
@@ -92,3 +94,12 @@ def test_post_copy_is_refused_where_userfaultfd_is_closed_to_the_vm() -> None:
     assert option_reasons(MigrationOptions(postcopy=True), postcopy_possible=True) == []
     assert "userfaultfd" in option_reasons(MigrationOptions(postcopy=True), False)[0]
     assert option_reasons(MigrationOptions(auto_converge=True), False) == []
+
+
+@pytest.mark.parametrize(("target", "limit"), [(50, 50 - SWITCHOVER_RESERVE_MS), (1, 1),
+                                               (20, 10), (2000, 2000 - SWITCHOVER_RESERVE_MS)])
+def test_qemu_is_given_the_target_less_the_switch_overs_fixed_cost(target: int,
+                                                                    limit: int) -> None:
+    """QEMU sizes only its last pass by the limit: the stop, the mirror's end and the device
+    state come on top, so the whole pause stays within what the user asked for."""
+    assert qemu_downtime_limit(target) == limit

@@ -76,7 +76,8 @@ OWNER_ASK_TIMEOUT = 90.0   # a destination that stopped answering at finish: how
 RECOVER_ASK_TIMEOUT = 10.0
 INCOMING_TIMEOUT = 3600.0  # a prepared destination nobody finishes is rolled back
 QMP_TIMEOUT = 30.0
-PSK_FOLDER = "migration"   # in the VM folder, root's: the key QEMU reads for this move
+PSK_FOLDER = "migration"
+   # in the VM folder, root's: the key QEMU reads for this move
 Report = Callable[[Progress], None]
 
 
@@ -281,6 +282,7 @@ def _figures(info: dict[str, Any]) -> dict[str, Any]:
     return {"downtime_ms": info.get("downtime"), "memory_seconds": info.get("total-time", 0)
             / 1000, "memory_bytes": ram.get("transferred"), "mbps": ram.get("mbps"),
             "dirty_syncs": ram.get("dirty-sync-count"),
+            "switchover_ms": info.get("vmkit-switchover-ms"),
             "postcopy_requests": ram.get("postcopy-requests")}
 
 

@@ -19,7 +19,12 @@ from typing import Any
 
 from vmkit.errors import OperationTimeout, QemuError, VmkitError
 from vmkit.isolation.jail import RunAs
-from vmkit.model.migration import MigrationOptions, Progress, memory_progress
+from vmkit.model.migration import (
+    MigrationOptions,
+    Progress,
+    memory_progress,
+    qemu_downtime_limit,
+)
 from vmkit.qemu.blockops import top_node
 from vmkit.qemu.qmp import QmpConnection
 
@@ -74,12 +79,14 @@ def tune_source(qmp: QmpConnection, options: MigrationOptions) -> None:
     """Bandwidth, downtime target, TLS, and the convergence aids the user asked for."""
     capabilities = [{"capability": "auto-converge", "state": options.auto_converge},
                     {"capability": "postcopy-ram", "state": options.postcopy},
-                    {"capability": "pause-before-switchover", "state": True}]
+                    {"capability": "pause-before-switchover", "state": True},
+                    # MIGRATION events: vmkit hears of the switch-over when it happens
+                    {"capability": "events", "state": True}]
     qmp.execute("migrate-set-capabilities", {"capabilities": capabilities})
     qmp.execute("migrate-set-parameters", {
         "tls-creds": TLS_ID, "tls-hostname": "",
         "max-bandwidth": options.bandwidth or _UNTHROTTLED,
-        "downtime-limit": options.downtime_ms})
+        "downtime-limit": qemu_downtime_limit(options.downtime_ms)})
 
 
 def reset(qmp: QmpConnection) -> None:
@@ -92,7 +99,7 @@ def reset(qmp: QmpConnection) -> None:
         qmp.execute("migrate-set-capabilities", {"capabilities": [
             {"capability": name, "state": False} for name in (
                 "auto-converge", "postcopy-ram", "pause-before-switchover",
-                "late-block-activate")]})
+                "late-block-activate", "events")]})
     with contextlib.suppress(QemuError):
         qmp.execute("object-del", {"id": TLS_ID})
 
@@ -101,7 +108,8 @@ def tune_destination(qmp: QmpConnection, *, postcopy: bool) -> None:
     """TLS, and disks activated only at `cont` (the NBD export writes them until then)."""
     qmp.execute("migrate-set-capabilities", {"capabilities": [
         {"capability": "late-block-activate", "state": True},
-        {"capability": "postcopy-ram", "state": postcopy}]})
+        {"capability": "postcopy-ram", "state": postcopy},
+        {"capability": "events", "state": True}]})
     qmp.execute("migrate-set-parameters", {"tls-creds": TLS_ID})
 
 
@@ -220,47 +228,54 @@ def watch_memory(qmp: QmpConnection, *, timeout: float, stall: float, postcopy: 
     deadline = time.monotonic() + timeout
     last_bytes, last_move = -1, time.monotonic()
     switched = continued = False
-    # polled every 5 ms throughout (a query costs ~0.3 ms): the switch-over's pause starts
-    # when QEMU stops the vCPUs and lasts until vmkit has seen it and answered
-    poll = 0.005
-    while True:
-        info: dict[str, Any] = qmp.execute("query-migrate")
-        status = info.get("status", "")
-        if status == "completed" or (switched and status == "postcopy-active"):
-            return info
-        if status in ("failed", "cancelled"):
-            raise QemuError(f"the memory transfer {status}: {info.get('error-desc', status)}")
-        if status == "pre-switchover":  # vCPUs stopped, disks still active
-            # once only: migrate-continue just wakes QEMU's migration thread, so the next
-            # query may still say pre-switchover (the mirror is gone by then)
-            if not continued:
-                at_switchover()
-                qmp.execute("migrate-continue", {"state": "pre-switchover"})
-                continued = True
-                last_move = time.monotonic()
-            elif time.monotonic() - last_move > stall:
+    switchover_ms: float | None = None
+    # the switch-over's pause starts when QEMU stops the vCPUs and lasts until vmkit has
+    # answered: QEMU's MIGRATION event wakes the loop at once; between events it polls
+    # for progress (a query costs ~0.3 ms)
+    poll = 0.02
+    with qmp.listening("MIGRATION") as events:
+        while True:
+            info: dict[str, Any] = qmp.execute("query-migrate")
+            status = info.get("status", "")
+            if status == "completed" or (switched and status == "postcopy-active"):
+                if switchover_ms is not None:
+                    info["vmkit-switchover-ms"] = round(switchover_ms, 1)
+                return info
+            if status in ("failed", "cancelled"):
+                raise QemuError(f"the memory transfer {status}: {info.get('error-desc', status)}")
+            if status == "pre-switchover":  # vCPUs stopped, disks still active
+                # once only: migrate-continue just wakes QEMU's migration thread, so the next
+                # query may still say pre-switchover (the mirror is gone by then)
+                if not continued:
+                    began = time.monotonic()
+                    at_switchover()
+                    qmp.execute("migrate-continue", {"state": "pre-switchover"})
+                    continued = True
+                    last_move = time.monotonic()
+                    switchover_ms = (last_move - began) * 1000
+                elif time.monotonic() - last_move > stall:
+                    cancel(qmp)
+                    raise OperationTimeout(f"the switch-over did not go on within {stall:g}s")
+                qmp.next_event(events, 0.005)
+                continue
+            reading = memory_progress(info)
+            report(reading)
+            now = time.monotonic()
+            if reading.transferred != last_bytes:
+                last_bytes, last_move = reading.transferred, now
+            elif now - last_move > stall:
                 cancel(qmp)
-                raise OperationTimeout(f"the switch-over did not go on within {stall:g}s")
-            time.sleep(0.001)
-            continue
-        reading = memory_progress(info)
-        report(reading)
-        now = time.monotonic()
-        if reading.transferred != last_bytes:
-            last_bytes, last_move = reading.transferred, now
-        elif now - last_move > stall:
-            cancel(qmp)
-            raise OperationTimeout(f"the memory transfer sent nothing for {stall:g}s "
-                                   "(the link to the destination is cut?)")
-        if now >= deadline:
-            cancel(qmp)
-            raise OperationTimeout(f"the memory transfer did not finish within {timeout:g}s")
-        ram = info.get("ram") or {}
-        if (postcopy and not switched and status == "active"
-                and int(ram.get("dirty-sync-count", 0)) >= 3):
-            qmp.execute("migrate-start-postcopy")
-            switched = True
-        time.sleep(poll)
+                raise OperationTimeout(f"the memory transfer sent nothing for {stall:g}s "
+                                       "(the link to the destination is cut?)")
+            if now >= deadline:
+                cancel(qmp)
+                raise OperationTimeout(f"the memory transfer did not finish within {timeout:g}s")
+            ram = info.get("ram") or {}
+            if (postcopy and not switched and status == "active"
+                    and int(ram.get("dirty-sync-count", 0)) >= 3):
+                qmp.execute("migrate-start-postcopy")
+                switched = True
+            qmp.next_event(events, poll)
 
 
 def cancel(qmp: QmpConnection) -> None:
@@ -290,15 +305,17 @@ def wait_incoming(qmp: QmpConnection, timeout: float, *, postcopy: bool = False)
     """Block until the destination has the whole memory state (QEMU: completed), or, with
     post-copy, until the source has switched over (the rest arrives on demand)."""
     deadline = time.monotonic() + timeout
-    while True:
-        status = incoming_status(qmp)
-        if status == "completed" or (postcopy and status == "postcopy-active"):
-            return
-        if status in ("failed", "cancelled"):
-            raise QemuError(f"the incoming memory transfer {status}")
-        if time.monotonic() >= deadline:
-            raise OperationTimeout(f"the incoming memory did not arrive within {timeout:g}s")
-        time.sleep(0.005)
+    with qmp.listening("MIGRATION") as events:  # the guest's pause lasts until this is seen
+        while True:
+            status = incoming_status(qmp)
+            if status == "completed" or (postcopy and status == "postcopy-active"):
+                return
+            if status in ("failed", "cancelled"):
+                raise QemuError(f"the incoming memory transfer {status}")
+            if time.monotonic() >= deadline:
+                raise OperationTimeout(f"the incoming memory did not arrive within "
+                                       f"{timeout:g}s")
+            qmp.next_event(events, 0.05)
 
 
 def announce(qmp: QmpConnection) -> None:

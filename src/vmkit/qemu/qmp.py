@@ -10,12 +10,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-from qemu.qmp import ExecuteError, QMPClient
+from qemu.qmp import EventListener, ExecuteError, QMPClient
 
 from vmkit.errors import OperationTimeout, QemuError, VmkitError
 from vmkit.qemu import peer
@@ -103,6 +103,26 @@ class QmpConnection:
                 from exc
         added: dict[str, int] = self.execute("add-fd")
         return int(added["fdset-id"])
+
+    @contextlib.contextmanager
+    def listening(self, *names: str) -> Iterator[EventListener]:
+        """Keep QEMU's events of these names while in the block, so a wait for one
+        (`next_event`) cannot miss an event that came between two waits."""
+        listener = EventListener(names)
+        self._client.register_listener(listener)
+        try:
+            yield listener
+        finally:
+            self._client.remove_listener(listener)
+
+    def next_event(self, listener: EventListener, timeout: float) -> dict[str, Any] | None:
+        """The next event `listener` kept, waiting up to `timeout` seconds; None when none
+        came (the session's other traffic goes on meanwhile)."""
+        try:
+            message = self._loop.run_until_complete(asyncio.wait_for(listener.get(), timeout))
+        except TimeoutError:
+            return None
+        return dict(message)
 
     def _run(self, coro: Any, *, what: str, timeout: float | None = None) -> Any:
         limit = timeout if timeout is not None else self._timeout

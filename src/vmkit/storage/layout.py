@@ -277,11 +277,14 @@ _BROKEN_HINT = "fix the file from a backup, or remove the VM: vmkit delete NAME 
 def file_lock(path: Path, *, timeout: float, what: str,
               shared: bool = False) -> Iterator[None]:
     """Hold an fcntl lock on `path` (exclusive, or `shared` with other shared holders); wait up
-    to `timeout` seconds, then LockTimeout."""
+    to `timeout` seconds, then LockTimeout. The wait polls from 1 ms, doubling up to 50 ms: a
+    lock held for a moment (a monitor session handed from one thread to another) is taken
+    within about the time it was held, a long one costs 20 tries a second."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         deadline = time.monotonic() + timeout
+        delay = 0.001
         while True:
             try:
                 fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -296,7 +299,8 @@ def file_lock(path: Path, *, timeout: float, what: str,
                         f"(waited {timeout:g}s)",
                         hint="wait for that command to finish, or raise --lock-timeout",
                     ) from None
-                time.sleep(0.05)
+                time.sleep(delay)
+                delay = min(0.05, delay * 2)
         if not shared:
             os.ftruncate(fd, 0)
             os.write(fd, f"{os.getpid()}\n".encode())
