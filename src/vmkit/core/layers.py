@@ -118,34 +118,43 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
                 machine=record.machine if with_memory else None, nvram=nvram_rel)
             _step(log, "overlay-created", node=node.model_dump(mode="json"), name=name,
                   new_layer=new_active, memory=memory_rel)
-            downtime_ms = 0.0
-            if memory_path is not None:
-                memory_path.parent.mkdir(mode=0o700, exist_ok=True)
-                if was_running and record.copies_memory_live:
-                    downtime_ms = blockops.downtime_of(blockops.save_memory_live(
-                        qmp, memory_path, MEMORY_STATE_TIMEOUT,
-                        downtime_ms=LIVE_SAVE_DOWNTIME_MS, live_for=LIVE_SAVE_LIMIT))
-                else:
+            with contextlib.ExitStack() as saved:
+                # STOP and RESUME events carry QEMU's timestamps: the pause, whole
+                pauses = saved.enter_context(qmp.listening("STOP", "RESUME"))
+                downtime_ms = 0.0
+                if memory_path is not None:
+                    memory_path.parent.mkdir(mode=0o700, exist_ok=True)
                     stopped_at = time.monotonic()
-                    if was_running:
-                        qmp.execute("stop")  # see RuntimeRecord.copies_memory_live
-                    blockops.save_memory(qmp, memory_path, MEMORY_STATE_TIMEOUT)
-                    if was_running:
-                        downtime_ms = 1000 * (time.monotonic() - stopped_at)
-            completed = time.monotonic()
-            # the variables at the moment the disk switches (the guest is paused or frozen);
-            # journalled in the node above, copied before the switch: a roll-forward finds it
-            _keep_nvram(vm, nvram_rel)
-            # switch QEMU over first, then publish the tree: the tree never names a layer
-            # QEMU is not writing to; a cut in between is rolled forward by the journal
-            blockops.add_overlay_on_top(qmp, new_path, f"layer-{Path(new_active).stem}")
-            switched = True
-            if paused_by_us:
-                qmp.execute("cont")
-                paused_by_us = False
-                # QEMU's figure (vCPUs stopped → state written) + the switch and `cont`
-                node = node.model_copy(update={"paused_ms": round(
-                    float(downtime_ms) + 1000 * (time.monotonic() - completed), 1)})
+                    if was_running and record.copies_memory_live:
+                        downtime_ms = blockops.downtime_of(saved.enter_context(
+                            blockops.saving_memory_live(
+                                qmp, memory_path, MEMORY_STATE_TIMEOUT,
+                                downtime_ms=LIVE_SAVE_DOWNTIME_MS, live_for=LIVE_SAVE_LIMIT)))
+                    else:
+                        if was_running:
+                            qmp.execute("stop")  # see RuntimeRecord.copies_memory_live
+                        saved.enter_context(blockops.saving_memory(qmp, memory_path,
+                                                                   MEMORY_STATE_TIMEOUT))
+                        if was_running:
+                            downtime_ms = 1000 * (time.monotonic() - stopped_at)
+                completed = time.monotonic()
+                # the variables at the moment the disk switches (the guest is paused or
+                # frozen); journalled in the node above, copied before the switch: a
+                # roll-forward finds it
+                _keep_nvram(vm, nvram_rel)
+                # switch QEMU over first, then publish the tree: the tree never names a layer
+                # QEMU is not writing to; a cut in between is rolled forward by the journal
+                blockops.add_overlay_on_top(qmp, new_path, f"layer-{Path(new_active).stem}")
+                switched = True
+                if paused_by_us:
+                    qmp.execute("cont")
+                    paused_by_us = False
+                    # QEMU's own stamps; else its downtime + the switch and `cont`
+                    paused = blockops.pause_of(pauses, qmp)
+                    node = node.model_copy(update={"paused_ms": round(
+                        paused if paused is not None
+                        else float(downtime_ms) + 1000 * (time.monotonic() - completed), 1)})
+            # (the memory state's descriptor was let go here, after the guest resumed)
             if memory_path is not None:
                 node = node.model_copy(update={"memory_size": memory_path.stat().st_size})
                 _step(log, "memory-saved")

@@ -9,9 +9,11 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from qemu.qmp import EventListener
 
 from vmkit.errors import OperationTimeout, QemuError
 from vmkit.qemu.qmp import QmpConnection
@@ -86,24 +88,35 @@ def _fdset_channel(fdset: int) -> list[dict[str, Any]]:
              "addr": {"transport": "file", "filename": f"/dev/fdset/{fdset}", "offset": 0}}]
 
 
+@contextlib.contextmanager
 def _file_migration(qmp: QmpConnection, path: Path, *, write: bool, timeout: float,
-                    what: str, stop_after: float | None = None) -> dict[str, Any]:
+                    what: str, stop_after: float | None = None) -> Iterator[dict[str, Any]]:
+    """Run a migration to or from the file `path` and yield QEMU's final answer. The file's
+    descriptor is let go only when the block ends: after a save QEMU takes 10-100 ms to close
+    it, which belongs after the caller has resumed the guest, not in its pause."""
     fd = _open_state(path, write=write)
     try:
         fdset = qmp.add_fd(fd)
     finally:
         os.close(fd)
     try:
+        events_on(qmp)
         if write:
             _unthrottle(qmp)
             _switchover_pause(qmp, False)  # whatever an interrupted instant clone left
             qmp.execute("migrate", {"channels": _fdset_channel(fdset)})
         else:
             qmp.execute("migrate-incoming", {"channels": _fdset_channel(fdset)})
-        return wait_migration(qmp, timeout, what, stop_after=stop_after)
+        yield wait_migration(qmp, timeout, what, stop_after=stop_after)
     finally:
         with contextlib.suppress(QemuError):
             qmp.execute("remove-fd", {"fdset-id": fdset})
+
+
+def events_on(qmp: QmpConnection) -> None:
+    """QEMU's MIGRATION events, so a wait for a migration's end wakes when it ends."""
+    qmp.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "events", "state": True}]})
 
 
 def _open_state(path: Path, *, write: bool) -> int:
@@ -120,34 +133,32 @@ def _open_state(path: Path, *, write: bool) -> int:
 
 def wait_migration(qmp: QmpConnection, timeout: float, what: str, *,
                    stop_after: float | None = None) -> dict[str, Any]:
-    """Poll a migration to its end. With `stop_after` (a live save), the polling stays at
-    LIVE_POLL throughout: the guest is paused from QEMU's switch-over until the caller has
-    seen `completed` and resumed it, so every millisecond of polling is pause; a save still
-    running after `stop_after` seconds stops the guest so that it ends."""
+    """Wait for a migration's end: woken by QEMU's MIGRATION event (events_on), polled every
+    20 ms besides. With `stop_after` (a live save) the guest is paused from QEMU's
+    switch-over until the caller has seen `completed` and resumed it, so the event matters;
+    a save still running after `stop_after` seconds stops the guest so that it ends."""
     started = time.monotonic()
     deadline = started + timeout
-    delay = LIVE_POLL if stop_after is not None else 0.005
     stopped = False
-    while True:
-        info: dict[str, Any] = qmp.execute("query-migrate")
-        status = info.get("status")
-        if status == "completed":
-            return info
-        if status in ("failed", "cancelled"):
-            raise QemuError(f"{what} failed: {info.get('error-desc', status)}")
-        now = time.monotonic()
-        if now >= deadline:
-            qmp.execute("migrate_cancel")
-            raise OperationTimeout(f"{what} did not finish within {timeout:g}s")
-        if stop_after is not None and not stopped and now - started > stop_after:
-            qmp.execute("stop")  # not converging: finish as a paused save
-            stopped = True
-        time.sleep(delay)
-        if stop_after is None:
-            delay = min(0.05, delay * 2)
+    with qmp.listening("MIGRATION") as events:
+        while True:
+            info: dict[str, Any] = qmp.execute("query-migrate")
+            status = info.get("status")
+            if status == "completed":
+                return info
+            if status in ("failed", "cancelled"):
+                raise QemuError(f"{what} failed: {info.get('error-desc', status)}")
+            now = time.monotonic()
+            if now >= deadline:
+                qmp.execute("migrate_cancel")
+                raise OperationTimeout(f"{what} did not finish within {timeout:g}s")
+            if stop_after is not None and not stopped and now - started > stop_after:
+                qmp.execute("stop")  # not converging: finish as a paused save
+                stopped = True
+            qmp.next_event(events, EVENT_POLL)
 
 
-LIVE_POLL = 0.002
+EVENT_POLL = 0.02  # between MIGRATION events, a poll for progress, timeouts and a vanished QEMU
 
 
 def cancel_migration(qmp: QmpConnection, timeout: float = 10.0) -> None:
@@ -173,19 +184,22 @@ def _unthrottle(qmp: QmpConnection) -> None:
     qmp.execute("migrate-set-parameters", {"max-bandwidth": _UNTHROTTLED})
 
 
-def save_memory(qmp: QmpConnection, path: Path, timeout: float) -> dict[str, Any]:
-    """Write the VM's memory and device state to a new file `path` (the VM must be paused)."""
+def saving_memory(qmp: QmpConnection, path: Path, timeout: float
+                  ) -> contextlib.AbstractContextManager[dict[str, Any]]:
+    """Write the VM's memory and device state to a new file `path` (the VM must be paused);
+    the block runs once it is written (see _file_migration)."""
     return _file_migration(qmp, path, write=True, timeout=timeout,
                            what=f"saving memory to {path}")
 
 
-def save_memory_live(qmp: QmpConnection, path: Path, timeout: float, *, downtime_ms: int,
-                     live_for: float) -> dict[str, Any]:
+def saving_memory_live(qmp: QmpConnection, path: Path, timeout: float, *, downtime_ms: int,
+                       live_for: float) -> contextlib.AbstractContextManager[dict[str, Any]]:
     """Write a RUNNING VM's memory and device state to `path` without stopping it first: QEMU
     copies RAM while the guest runs, then re-sends what the guest dirtied, and stops the vCPUs
-    only for the last pass (about `downtime_ms`). It ends with the VM paused (postmigrate), so
-    the caller switches the disk at that same moment and resumes. A guest that dirties memory
-    faster than the file takes it is stopped after `live_for` seconds (a plain save then)."""
+    only for the last pass (about `downtime_ms`). The block runs with the VM paused
+    (postmigrate), so the caller switches the disk at that same moment and resumes. A guest
+    that dirties memory faster than the file takes it is stopped after `live_for` seconds (a
+    plain save then)."""
     qmp.execute("migrate-set-parameters", {"downtime-limit": downtime_ms})
     return _file_migration(qmp, path, write=True, timeout=timeout,
                            what=f"saving memory to {path}", stop_after=live_for)
@@ -193,7 +207,26 @@ def save_memory_live(qmp: QmpConnection, path: Path, timeout: float, *, downtime
 
 def load_memory(qmp: QmpConnection, path: Path, timeout: float) -> None:
     """Load a memory state into a QEMU started with `-incoming defer`."""
-    _file_migration(qmp, path, write=False, timeout=timeout, what=f"loading memory from {path}")
+    with _file_migration(qmp, path, write=False, timeout=timeout,
+                         what=f"loading memory from {path}"):
+        pass
+
+
+def pause_of(events: EventListener, qmp: QmpConnection) -> float | None:
+    """How long the guest was paused (ms), by the timestamps QEMU put on its STOP and RESUME
+    events (a listener kept across the pause); None when it did not see both."""
+    stamps: dict[str, float] = {}
+    while (event := qmp.next_event(events, 0.002)) is not None:
+        stamp = event.get("timestamp") or {}
+        if event.get("event") in ("STOP", "RESUME") and isinstance(stamp, dict):
+            seconds = float(stamp.get("seconds", 0)) + float(stamp.get("microseconds", 0)) / 1e6
+            if event["event"] == "STOP":
+                stamps.setdefault("STOP", seconds)
+            else:
+                stamps["RESUME"] = seconds
+    if "STOP" in stamps and "RESUME" in stamps and stamps["RESUME"] >= stamps["STOP"]:
+        return (stamps["RESUME"] - stamps["STOP"]) * 1000
+    return None
 
 
 def run_job(qmp: QmpConnection, command: str, arguments: dict[str, Any], job_id: str,
@@ -218,6 +251,7 @@ def run_job(qmp: QmpConnection, command: str, arguments: dict[str, Any], job_id:
 def listen_incoming(qmp: QmpConnection, end: socket.socket) -> None:
     """Make a QEMU started with `-incoming defer` read a memory state from `end` (one end of a
     socketpair vmkit made: two VMs' QEMUs, each under its own uid, never share a path)."""
+    events_on(qmp)
     qmp.send_fd(end.fileno(), "vmkit-incoming")
     qmp.execute("migrate-incoming", {"channels": _fd_channel("vmkit-incoming")})
 
@@ -236,26 +270,11 @@ def send_memory_live(qmp: QmpConnection, end: socket.socket, timeout: float, *,
     _unthrottle(qmp)
     qmp.execute("migrate-set-parameters", {"downtime-limit": downtime_ms})
     _switchover_pause(qmp, True)
+    events_on(qmp)
     try:
-        qmp.execute("migrate", {"channels": _fd_channel("vmkit-outgoing")})
-        started = time.monotonic()
-        stopped = False
-        while True:
-            info = qmp.execute("query-migrate")
-            status = info.get("status")
-            if status == "pre-switchover":
-                break
-            if status in ("failed", "cancelled", "completed"):
-                raise QemuError(f"sending memory to the clone failed: "
-                                f"{info.get('error-desc', status)}")
-            now = time.monotonic()
-            if now - started >= timeout:
-                raise OperationTimeout(f"sending memory to the clone did not finish within "
-                                       f"{timeout:g}s")
-            if not stopped and now - started > live_for:
-                qmp.execute("stop")  # not converging: the rest goes with the guest paused
-                stopped = True
-            time.sleep(LIVE_POLL)
+        with qmp.listening("MIGRATION") as events:
+            qmp.execute("migrate", {"channels": _fd_channel("vmkit-outgoing")})
+            _until_switchover(qmp, events, timeout, live_for)
         at_switchover()
         qmp.execute("migrate-continue", {"state": "pre-switchover"})
         return wait_migration(qmp, timeout, "sending memory to the clone",
@@ -266,6 +285,30 @@ def send_memory_live(qmp: QmpConnection, end: socket.socket, timeout: float, *,
     finally:
         with contextlib.suppress(QemuError):
             _switchover_pause(qmp, False)
+
+
+def _until_switchover(qmp: QmpConnection, events: EventListener, timeout: float,
+                      live_for: float) -> None:
+    """Wait for pre-switchover (the vCPUs just stopped: every ms here is pause), woken by
+    QEMU's MIGRATION event."""
+    started = time.monotonic()
+    stopped = False
+    while True:
+        info = qmp.execute("query-migrate")
+        status = info.get("status")
+        if status == "pre-switchover":
+            break
+        if status in ("failed", "cancelled", "completed"):
+            raise QemuError(f"sending memory to the clone failed: "
+                            f"{info.get('error-desc', status)}")
+        now = time.monotonic()
+        if now - started >= timeout:
+            raise OperationTimeout(f"sending memory to the clone did not finish within "
+                                   f"{timeout:g}s")
+        if not stopped and now - started > live_for:
+            qmp.execute("stop")  # not converging: the rest goes with the guest paused
+            stopped = True
+        qmp.next_event(events, EVENT_POLL)
 
 
 def downtime_of(info: dict[str, Any]) -> float:
