@@ -4,6 +4,9 @@ must not be ended again (that was `Block job ... not found` on a busy host)."""
 
 from __future__ import annotations
 
+import contextlib
+import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -25,6 +28,14 @@ class ScriptedMigration:
             status = self.statuses.pop(0) if len(self.statuses) > 1 else self.statuses[0]
             return {"status": status, "ram": {"transferred": 1, "remaining": 0}}
         return {}
+
+    @contextlib.contextmanager
+    def listening(self, *names: str) -> Iterator[object]:
+        yield object()
+
+    def next_event(self, listener: object, timeout: float) -> dict[str, Any] | None:
+        time.sleep(min(timeout, 0.001))  # no events: each wait ends by its timeout
+        return None
 
 
 def _watch(qmp: ScriptedMigration, stall: float = 5) -> list[int]:

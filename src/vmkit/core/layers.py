@@ -148,12 +148,13 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
                 switched = True
                 if paused_by_us:
                     qmp.execute("cont")
+                    resumed = time.monotonic()
                     paused_by_us = False
                     # QEMU's own stamps; else its downtime + the switch and `cont`
                     paused = blockops.pause_of(pauses, qmp)
                     node = node.model_copy(update={"paused_ms": round(
                         paused if paused is not None
-                        else float(downtime_ms) + 1000 * (time.monotonic() - completed), 1)})
+                        else float(downtime_ms) + 1000 * (resumed - completed), 1)})
             # (the memory state's descriptor was let go here, after the guest resumed)
             if memory_path is not None:
                 node = node.model_copy(update={"memory_size": memory_path.stat().st_size})

@@ -76,8 +76,7 @@ OWNER_ASK_TIMEOUT = 90.0   # a destination that stopped answering at finish: how
 RECOVER_ASK_TIMEOUT = 10.0
 INCOMING_TIMEOUT = 3600.0  # a prepared destination nobody finishes is rolled back
 QMP_TIMEOUT = 30.0
-PSK_FOLDER = "migration"
-   # in the VM folder, root's: the key QEMU reads for this move
+PSK_FOLDER = "migration"   # in the VM folder, root's: the key QEMU reads for this move
 Report = Callable[[Progress], None]
 
 

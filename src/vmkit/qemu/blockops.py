@@ -15,7 +15,7 @@ from typing import Any
 
 from qemu.qmp import EventListener
 
-from vmkit.errors import OperationTimeout, QemuError
+from vmkit.errors import OperationTimeout, QemuError, VmkitError
 from vmkit.qemu.qmp import QmpConnection
 
 DISK_DEVICE = "virtio-disk0"
@@ -97,8 +97,9 @@ def _file_migration(qmp: QmpConnection, path: Path, *, write: bool, timeout: flo
     fd = _open_state(path, write=write)
     try:
         fdset = qmp.add_fd(fd)
-    finally:
+    except BaseException:
         os.close(fd)
+        raise
     try:
         events_on(qmp)
         if write:
@@ -109,8 +110,11 @@ def _file_migration(qmp: QmpConnection, path: Path, *, write: bool, timeout: flo
             qmp.execute("migrate-incoming", {"channels": _fdset_channel(fdset)})
         yield wait_migration(qmp, timeout, what, stop_after=stop_after)
     finally:
-        with contextlib.suppress(QemuError):
+        # vmkit holds the file open until QEMU has let go of it: the last close (tens of
+        # ms after a save) then happens here, not in QEMU's main loop
+        with contextlib.suppress(VmkitError):
             qmp.execute("remove-fd", {"fdset-id": fdset})
+        os.close(fd)
 
 
 def events_on(qmp: QmpConnection) -> None:
@@ -269,8 +273,8 @@ def send_memory_live(qmp: QmpConnection, end: socket.socket, timeout: float, *,
     qmp.send_fd(end.fileno(), "vmkit-outgoing")
     _unthrottle(qmp)
     qmp.execute("migrate-set-parameters", {"downtime-limit": downtime_ms})
-    _switchover_pause(qmp, True)
     events_on(qmp)
+    _switchover_pause(qmp, True)
     try:
         with qmp.listening("MIGRATION") as events:
             qmp.execute("migrate", {"channels": _fd_channel("vmkit-outgoing")})
