@@ -24,6 +24,9 @@ guest runs (libvirt: `virsh qemu-agent-command DOM guest-ping` polled; vmkit: th
 for the agent itself, and one guest-ping on its agent socket is timed after it to be sure):
 
 - create_start: `vmkit create --start --wait` / qemu-img overlay + `virsh define` + `virsh start`;
+  create_start_debian12: the same with the debian-12 image (1 GiB, 1 vCPU; systemd, cloud-init
+  from the same NoCloud seed files, attached to both as a read-only virtio disk), --debian-runs
+  (3) runs, after the tiny rows;
 - live_snapshot, restore: `vmkit snapshot create|restore` / libvirt's internal snapshot
   (`virsh snapshot-create-as DOM SNAP`, what users type; `virsh snapshot-revert`) of a running
   guest, memory included; live_snapshot_external, restore_external: libvirt's external one
@@ -64,6 +67,8 @@ sys.path.insert(0, str(Path(__file__).parent))
 from _common import drop, median, scratch_host
 from vmkit import Host
 from vmkit.errors import VmkitError
+from vmkit.images.seed import write_seed
+from vmkit.model.cloudinit import seed_files
 from vmkit.model.spec import with_hostname
 from vmkit.qemu.agent import AgentConnection
 
@@ -276,15 +281,18 @@ class Daemons:
 
 # -- the two sides -------------------------------------------------------------------------
 class Guest:
-    """What vmkit's default tiny VM is, read from a VM vmkit made: the libvirt domain copies it."""
+    """What vmkit's default VM of `image` is (given its memory, 1 vCPU), read from a VM vmkit
+    made: the libvirt domain copies it, its cloud-init seed included (the same files)."""
 
-    def __init__(self, host: Host) -> None:
-        probe = host.create("lvprobe", accel="tcg")
+    def __init__(self, host: Host, image: str = "tiny", memory: str = "256M") -> None:
+        probe = host.create("lvprobe", accel="tcg", image=image, memory=memory, cpus=1)
         try:
             config = probe.config
             spec, hw = config.spec, config.hardware
+            self.image_name, self.memory = image, memory
             self.memory_mib = spec.memory >> 20
             self.cpus = spec.cpus
+            self.seed = seed_files(config.cloud_init) if config.cloud_init else None
             self.machine = hw.machine
             self.cpu_model = hw.cpu_model
             self.vmgenid = hw.vmgenid
@@ -318,9 +326,10 @@ class VmkitSide:
         except VmkitError as exc:
             raise BenchError(f"vmkit VM {name}: the guest agent does not answer: {exc}") from exc
 
-    def create_started(self, name: str) -> None:
-        self.cli("create", name, "--accel", "tcg", "--memory", "256M", "--cpus", "1", "--start",
-                 "--wait", "--timeout", str(READY_TIMEOUT), timeout=READY_TIMEOUT + 60)
+    def create_started(self, name: str, guest: Guest) -> None:
+        self.cli("create", name, "--image", guest.image_name, "--accel", "tcg", "--memory",
+                 guest.memory, "--cpus", "1", "--start", "--wait", "--timeout",
+                 str(READY_TIMEOUT), timeout=READY_TIMEOUT + 60)
         self.ping(name)
 
     def snapshot(self, name: str, snap: str) -> None:
@@ -365,6 +374,11 @@ class LibvirtSide:
             (folder / dest).chmod(0o644)
         self.kernel, self.initrd = folder / "vmlinuz", folder / "initrd.img"
         self.base = folder / "base.qcow2"
+        self.seed: Path | None = None
+        if guest.seed is not None:  # what vmkit writes at a start, for this domain to read
+            self.seed = folder / "seed.iso"
+            write_seed(self.seed, guest.seed)
+            self.seed.chmod(0o644)
 
     def dom(self, name: str) -> str:
         return f"{self.prefix}-{name}"
@@ -402,6 +416,12 @@ class LibvirtSide:
         ET.SubElement(disk, "driver", name="qemu", type="qcow2", discard="unmap")
         ET.SubElement(disk, "source", file=str(self.disk(name)))
         ET.SubElement(disk, "target", dev="vda", bus="virtio")
+        if self.seed is not None:  # as vmkit attaches it: a read-only raw virtio disk
+            seed = ET.SubElement(devices, "disk", type="file", device="disk")
+            ET.SubElement(seed, "driver", name="qemu", type="raw")
+            ET.SubElement(seed, "source", file=str(self.seed))
+            ET.SubElement(seed, "target", dev="vdb", bus="virtio")
+            ET.SubElement(seed, "readonly")
         ET.SubElement(devices, "controller", type="usb", model="none")
         ET.SubElement(devices, "controller", type="virtio-serial", index="0")
         nic = ET.SubElement(devices, "interface", type="user")  # never libvirt's networks
@@ -525,14 +545,15 @@ def alternate(runs: int) -> Iterator[tuple[int, tuple[str, str]]]:
         yield index, (("vmkit", "libvirt") if index % 2 == 0 else ("libvirt", "vmkit"))
 
 
-def create_start(vk: VmkitSide, lv: LibvirtSide, runs: int) -> dict[str, Any]:
+def create_start(vk: VmkitSide, lv: LibvirtSide, runs: int, *, stem: str = "cs",
+                 op: str = "create_start") -> dict[str, Any]:
     """create+start until the agent answers; the last run's VMs stay, stopped: clone sources."""
     times: dict[str, list[float]] = {"vmkit": [], "libvirt": []}
     for index, order in alternate(runs):
-        name = f"cs{index}"
+        name = f"{stem}{index}"
         for side in order:
             if side == "vmkit":
-                times[side].append(timed(partial(vk.create_started, name)))
+                times[side].append(timed(partial(vk.create_started, name, lv.guest)))
                 vk.kill(name)
                 if index < runs - 1:
                     vk.delete(name)
@@ -542,13 +563,21 @@ def create_start(vk: VmkitSide, lv: LibvirtSide, runs: int) -> dict[str, Any]:
                 lv.kill(name)
                 if index < runs - 1:
                     lv.delete(name)
-    return side_by_side("create_start", times["vmkit"], times["libvirt"])
+    return side_by_side(op, times["vmkit"], times["libvirt"])
+
+
+def create_start_debian(vk: VmkitSide, lv: LibvirtSide, runs: int) -> dict[str, Any]:
+    """The same row for the debian-12 image (systemd, cloud-init from the seed, the agent)."""
+    figure = create_start(vk, lv, runs, stem="deb", op="create_start_debian12")
+    vk.delete(f"deb{runs - 1}")
+    lv.delete(f"deb{runs - 1}")
+    return figure
 
 
 def snapshots(vk: VmkitSide, lv: LibvirtSide, runs: int) -> list[dict[str, Any]]:
     """Live snapshot with memory, and restore until the agent answers, of a running guest; the
     guests not being timed are paused."""
-    vk.create_started("snap")
+    vk.create_started("snap", lv.guest)
     vk.pause("snap")
     lv.create_started("snapi", lv.write_xml("snapi"))
     lv.pause("snapi")
@@ -675,6 +704,8 @@ def main() -> int:
                         help="runs per operation (median; env BENCH_RUNS)")
     parser.add_argument("--list-runs", type=int, default=15)
     parser.add_argument("--list-vms", type=int, default=100)
+    parser.add_argument("--debian-runs", type=int, default=3,
+                        help="create+start runs of the debian-12 image (1 GiB; 0: skip)")
     args = parser.parse_args()
     if args.runs < 1 or args.list_runs < 1 or args.list_vms < 1:
         parser.error("--runs, --list-runs and --list-vms: at least 1")
@@ -683,6 +714,7 @@ def main() -> int:
     host: Host | None = None
     daemons: Daemons | None = None
     lv: LibvirtSide | None = None
+    lv_debian: LibvirtSide | None = None
     folder: Path | None = None
     results: dict[str, dict[str, float]] = {}
     try:
@@ -694,7 +726,7 @@ def main() -> int:
         daemons = Daemons(folder)
         daemons.ensure()
         check_peer()
-        host = scratch_host()
+        host = scratch_host(("tiny", "debian-12") if args.debian_runs > 0 else ("tiny",))
         guest = Guest(host)
         vk = VmkitSide(host)
         lv = LibvirtSide(guest, folder, f"vmkb-{secrets.token_hex(3)}")
@@ -709,6 +741,11 @@ def main() -> int:
         vk.delete(f"cs{args.runs - 1}")
         lv.delete(f"cs{args.runs - 1}")
         figures.append(list_vms(vk, lv, args.list_vms, args.list_runs))
+        if args.debian_runs > 0:
+            (folder / "debian-12").mkdir(mode=0o711)
+            debian = Guest(host, "debian-12", "1G")
+            lv_debian = LibvirtSide(debian, folder / "debian-12", f"{lv.prefix}d")
+            figures.append(create_start_debian(vk, lv_debian, args.debian_runs))
         for figure in figures:
             results[figure["figure"]] = {"vmkit": figure["vmkit_s"],
                                          "libvirt": figure["libvirt_s"],
@@ -722,16 +759,17 @@ def main() -> int:
     finally:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the clean-up runs to its end
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
-        cleanup(lv, host, daemons, folder)
+        cleanup([side for side in (lv, lv_debian) if side is not None], host, daemons,
+                folder)
     print(json.dumps(results))
     return 0
 
 
-def cleanup(lv: LibvirtSide | None, host: Host | None, daemons: Daemons | None,
+def cleanup(sides: list[LibvirtSide], host: Host | None, daemons: Daemons | None,
             folder: Path | None) -> None:
     steps: list[tuple[str, Callable[[], None]]] = []
-    if lv is not None:
-        steps.append(("libvirt domains and pools", lv.cleanup))
+    for side in sides:
+        steps.append(("libvirt domains and pools", side.cleanup))
     if host is not None:
         steps.append(("the scratch VMKIT_HOME", lambda: drop(host)))
     if daemons is not None:
