@@ -27,9 +27,8 @@ from pathlib import Path
 from statistics import median
 
 from vmkit import Host
-from vmkit.client.remotes import local_daemon_socket
 from vmkit.images.catalog import link_image
-from vmkit.storage.home import default_home
+from vmkit.storage.home import default_home, local_daemon_socket
 
 TARGETS_MS = {"daemon": 120.0, "direct": 150.0}
 VMKIT = [sys.executable, "-m", "vmkit.cli.main"]

@@ -27,9 +27,9 @@ from vmkit.cli import fast, render
 from vmkit.errors import OperationTimeout
 from vmkit.model.views import VmStatus
 
-#: never imported by `vmkit list` through a daemon
+#: never imported by `vmkit list` through a daemon (ssl and the client: ~15 ms of a listing)
 HEAVY = ("vmkit.core", "vmkit.qemu", "vmkit.host", "vmkit.ops", "vmkit.cli.commands", "typer",
-         "click", "rich", "httpx", "pydantic", "asyncio")
+         "click", "rich", "httpx", "pydantic", "asyncio", "ssl", "vmkit.client.remotes")
 FULL_CLI = "import sys; from vmkit.cli.commands import app; app()"
 FAST_CLI = """import sys
 modules = sys.argv.pop(1)

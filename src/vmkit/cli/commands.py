@@ -128,12 +128,14 @@ def _host() -> Any:
     """Where the command runs: a remote daemon (--remote), this host's daemon when one serves
     VMKIT_HOME (set VMKIT_NO_DAEMON=1 to bypass it), else the engine in this process. All three
     offer the same methods and raise the same errors."""
-    from vmkit.client import remotes
-
     if _state["remote"]:
+        from vmkit.client import remotes  # ssl, hashlib, the client: only for a remote
+
         return remotes.open_remote(_state["remote"])
     if not os.environ.get("VMKIT_NO_DAEMON"):
-        socket_path = remotes.local_daemon_socket()
+        from vmkit.storage.home import local_daemon_socket
+
+        socket_path = local_daemon_socket()
         if socket_path is not None:
             from vmkit.client.remote import connect
 

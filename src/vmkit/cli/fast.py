@@ -59,8 +59,8 @@ def run(argv: list[str]) -> int | None:
         return None
     lock_timeout, as_json = parsed
     if not os.environ.get("VMKIT_NO_DAEMON"):
-        with imports_kept():
-            from vmkit.client.remotes import local_daemon_socket
+        from vmkit.storage.home import local_daemon_socket
+
         socket_path = local_daemon_socket()
         if socket_path is not None:
             statuses = _from_daemon(socket_path)

@@ -8,7 +8,6 @@ import contextlib
 import hashlib
 import json
 import os
-import socket
 import ssl
 from pathlib import Path
 from typing import Any
@@ -16,7 +15,6 @@ from typing import Any
 from vmkit.client.remote import RemoteHost, connect
 from vmkit.errors import AlreadyExists, HostError, InvalidValue, NotFound
 from vmkit.model.names import validate_name
-from vmkit.storage.home import default_home
 
 
 def config_dir() -> Path:
@@ -102,30 +100,6 @@ def open_remote(name: str) -> RemoteHost:
     client = entry.get("client_cert")
     return connect(entry["url"], token=entry.get("token"), server_cert=entry.get("server_cert"),
                    client_cert=(client[0], client[1]) if client else None)
-
-
-def local_daemon_socket(home: Path | None = None) -> str | None:
-    """The socket of the daemon serving this VMKIT_HOME, when one runs."""
-    info = (home or default_home()) / "daemon" / "daemon.json"
-    try:
-        data = json.loads(info.read_text())
-        pid, path = int(data["pid"]), str(data["socket"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return None
-    except PermissionError:
-        pass
-    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-    try:
-        probe.connect(path)
-    except OSError:
-        return None
-    finally:
-        probe.close()
-    return path
 
 
 def credentials(name: str) -> dict[str, Any]:

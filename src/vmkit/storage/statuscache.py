@@ -22,7 +22,7 @@ RESTARTS = "daemon/restarts.json"
 LIVE = frozenset({"starting", "running", "paused", "stopping"})
 
 
-def file_key(path: Path) -> list[int]:
+def file_key(path: Path | str) -> list[int]:
     """Inode, size and mtime of a file ([0, 0, 0] when absent): a rename-over or an append
     changes it."""
     try:
@@ -34,9 +34,9 @@ def file_key(path: Path) -> list[int]:
 
 def vm_key(home: Path, name: str) -> list[int]:
     """The files a VM's status is read from (snapshots.json: a damaged tree makes it broken)."""
-    folder = home / "vms" / name
-    return [*file_key(folder / "vm.json"), *file_key(folder / "state.json"),
-            *file_key(folder / "snapshots.json")]
+    folder = f"{home}/vms/{name}/"  # strings: a listing of 100 VMs builds 500 paths
+    return [*file_key(folder + "vm.json"), *file_key(folder + "state.json"),
+            *file_key(folder + "snapshots.json")]
 
 
 def start_ticks(pid: int) -> int | None:
@@ -53,10 +53,11 @@ def start_ticks(pid: int) -> int | None:
 def _folders(home: Path) -> list[str] | None:
     """The VM folders; None while a create or delete is half-done (the engine sweeps it)."""
     names = []
-    for entry in os.listdir(home / "vms"):
+    vms = f"{home}/vms"
+    for entry in os.listdir(vms):
         if entry.startswith((".creating-", ".deleting-")):
             return None
-        if not entry.startswith(".") and (home / "vms" / entry / "vm.json").exists():
+        if not entry.startswith(".") and os.path.exists(f"{vms}/{entry}/vm.json"):
             names.append(entry)
     return sorted(names)
 
@@ -105,7 +106,7 @@ def read_fresh(home: Path) -> list[dict[str, Any]] | None:
         entry = entries[name]
         status = entry.get("status") if isinstance(entry, dict) else None
         if not isinstance(status, dict) or entry.get("key") != vm_key(home, name) or \
-                (home / "vms" / name / "journal.json").exists():
+                os.path.exists(f"{home}/vms/{name}/journal.json"):
             return None
         if status.get("state") in LIVE:
             pid = status.get("pid")
