@@ -10,9 +10,9 @@ the daemon names the error class and this client raises it. Long operations are 
 until they end (with progress callbacks where the SDK has them). `connect_async` gives the same
 object with awaitable methods.
 
-Importing this module is cheap (the fast `vmkit list` path reads the local daemon's socket
-through vmkit.client.remotes): httpx, ssl, asyncio and the pydantic models are imported by the
-methods that use them."""
+Importing this module is cheap (the fast `vmkit list` path takes its timeouts from here; it
+finds the local daemon's socket through vmkit.storage.home): httpx, ssl, asyncio and the
+pydantic models are imported by the methods that use them."""
 
 from __future__ import annotations
 
