@@ -121,23 +121,17 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
             with contextlib.ExitStack() as saved:
                 # STOP and RESUME events carry QEMU's timestamps: the pause, whole
                 pauses = saved.enter_context(qmp.listening("STOP", "RESUME"))
-                downtime_ms = 0.0
                 if memory_path is not None:
                     memory_path.parent.mkdir(mode=0o700, exist_ok=True)
-                    stopped_at = time.monotonic()
                     if was_running and record.copies_memory_live:
-                        downtime_ms = blockops.downtime_of(saved.enter_context(
-                            blockops.saving_memory_live(
-                                qmp, memory_path, MEMORY_STATE_TIMEOUT,
-                                downtime_ms=LIVE_SAVE_DOWNTIME_MS, live_for=LIVE_SAVE_LIMIT)))
+                        saved.enter_context(blockops.saving_memory_live(
+                            qmp, memory_path, MEMORY_STATE_TIMEOUT,
+                            downtime_ms=LIVE_SAVE_DOWNTIME_MS, live_for=LIVE_SAVE_LIMIT))
                     else:
                         if was_running:
                             qmp.execute("stop")  # see RuntimeRecord.copies_memory_live
                         saved.enter_context(blockops.saving_memory(qmp, memory_path,
                                                                    MEMORY_STATE_TIMEOUT))
-                        if was_running:
-                            downtime_ms = 1000 * (time.monotonic() - stopped_at)
-                completed = time.monotonic()
                 # the variables at the moment the disk switches (the guest is paused or
                 # frozen); journalled in the node above, copied before the switch: a
                 # roll-forward finds it
@@ -148,13 +142,11 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
                 switched = True
                 if paused_by_us:
                     qmp.execute("cont")
-                    resumed = time.monotonic()
                     paused_by_us = False
-                    # QEMU's own stamps; else its downtime + the switch and `cont`
+                    # by QEMU's own stamps (None, "unknown", if it did not send both)
                     paused = blockops.pause_of(pauses, qmp)
-                    node = node.model_copy(update={"paused_ms": round(
-                        paused if paused is not None
-                        else float(downtime_ms) + 1000 * (resumed - completed), 1)})
+                    node = node.model_copy(update={
+                        "paused_ms": round(paused, 1) if paused is not None else None})
             # (the memory state's descriptor was let go here, after the guest resumed)
             if memory_path is not None:
                 node = node.model_copy(update={"memory_size": memory_path.stat().st_size})
