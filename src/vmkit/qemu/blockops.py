@@ -149,6 +149,7 @@ def wait_migration(qmp: QmpConnection, timeout: float, what: str, *,
             info: dict[str, Any] = qmp.execute("query-migrate")
             status = info.get("status")
             if status == "completed":
+                _until_finalized(qmp, deadline, what)
                 return info
             if status in ("failed", "cancelled"):
                 raise QemuError(f"{what} failed: {info.get('error-desc', status)}")
@@ -160,6 +161,18 @@ def wait_migration(qmp: QmpConnection, timeout: float, what: str, *,
                 qmp.execute("stop")  # not converging: finish as a paused save
                 stopped = True
             qmp.next_event(events, EVENT_POLL)
+
+
+def _until_finalized(qmp: QmpConnection, deadline: float, what: str) -> None:
+    """A source QEMU reports `completed` from its migration thread a moment before its main
+    loop leaves finish-migrate for postmigrate; a `cont` in between is refused ("Migration is
+    not finalized yet"), so the wait ends only once the run state has moved on."""
+    pause = 0.001
+    while qmp.execute("query-status").get("status") == "finish-migrate":
+        if time.monotonic() >= deadline:
+            raise OperationTimeout(f"{what} was not finalized by QEMU in time")
+        time.sleep(pause)
+        pause = min(pause * 2, 0.02)
 
 
 EVENT_POLL = 0.02  # between MIGRATION events, a poll for progress, timeouts and a vanished QEMU
