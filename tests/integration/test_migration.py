@@ -52,20 +52,29 @@ def _one_qemu_on(side: Side, other: Side, vm_uuid: str) -> None:
     assert qemu_count(vm_uuid) == 1
 
 
-def _on_own_image(side: Side, vm: str) -> bool:
-    """The VM's layers stand on `side`'s own copy of the tiny image (the move left the base
-    out: the destination has one with the same sha256), not on a base that travelled."""
-    config = json.loads((side.home / "vms" / vm / "vm.json").read_text())
-    image = json.loads((side.home / "images/tiny/image.json").read_text())
-    base = str(side.home / "images/tiny" / image["root_disk"])
-    # and the layers' own headers: every backing name outside the folder is this base
-    outside = set()
+def _layers_backing(side: Side, vm: str) -> set[str]:
+    backing = set()
     for layer in (side.home / "vms" / vm / "disks").glob("*.qcow2"):
         info = json.loads(subprocess.run(
             ["qemu-img", "info", "-U", "--output=json", str(layer)], check=True,
             capture_output=True, text=True, timeout=60).stdout)
-        if str(info.get("backing-filename", "")).startswith("/"):
-            outside.add(info["backing-filename"])
+        backing.add(str(info.get("backing-filename", "")))
+    return backing - {""}
+
+
+def _on_own_image(side: Side, vm: str) -> bool:
+    """The VM's layers stand on `side`'s own copy of the tiny image (the move left the base
+    out: the destination has one with the same sha256), not on a base that travelled; and its
+    kernel and initrd are links to that image's files (they did not travel either)."""
+    config = json.loads((side.home / "vms" / vm / "vm.json").read_text())
+    image = json.loads((side.home / "images/tiny/image.json").read_text())
+    base = str(side.home / "images/tiny" / image["root_disk"])
+    # and the layers' own headers: every backing name outside the folder is this base
+    outside = {name for name in _layers_backing(side, vm) if name.startswith("/")}
+    image_files = {p.stat().st_ino for p in (side.home / "images/tiny").iterdir()}
+    boot = list((side.home / "vms" / vm / "boot").iterdir())
+    if not boot or any(p.stat().st_ino not in image_files for p in boot):
+        return False
     return config["backing_file"] == base and outside == {base} \
         and config["base_image_sha256"] == image["sha256"] \
         and not (side.home / "vms" / vm / "disks/base.qcow2").exists()
@@ -88,6 +97,8 @@ def test_live_there_and_back_keeps_guest_files_and_snapshots(hosts: tuple[Side, 
     assert check.returncode == 0, check.stderr
     moved = json.loads(a.ok("migrate", "mover", "b", "--format", "json"))
     assert moved["live"] is True and moved["name"] == "mover"
+    kernel = max((b.home / "images/tiny").iterdir(), key=lambda p: p.stat().st_size)
+    assert moved["files_bytes"] < kernel.stat().st_size, "the kernel stayed home"
     assert isinstance(moved["downtime_ms"], int) and moved["downtime_ms"] < 2000
     assert not a.has_vm("mover") and b.has_vm("mover")
     _one_qemu_on(b, a, vm_uuid)
@@ -182,6 +193,37 @@ def test_a_uefi_vm_moves_live_with_its_variables(hosts: tuple[Side, Side], image
     b.exec("efimover", prepare)
     assert (read(b, "VmkitBefore"), read(b, "VmkitAfter")) == ("gone", "here")
     b.ok("delete", "efimover", "--force")
+
+
+def test_a_linked_clone_moves_with_its_base_flattened_there_and_back(
+        hosts: tuple[Side, Side]) -> None:
+    """A linked clone stands on its source's layer, which no other host has: its base travels
+    flattened into the folder (disks/base.qcow2), and the clone no longer needs its source."""
+    a, b = hosts
+    a.ok("create", "origin", "--memory", "192M")
+    a.ok("start", "origin", "--wait")
+    a.exec("origin", "echo from-origin > /root/o.txt; sync")
+    a.ok("stop", "origin")
+    a.ok("clone", "origin", "leaf", "--linked")
+    a.ok("start", "leaf", "--wait")
+    a.exec("leaf", "echo from-leaf > /root/l.txt; sync")
+    moved = json.loads(a.ok("migrate", "leaf", "b", "--format", "json"))
+    assert moved["live"] is True and b.has_vm("leaf") and not a.has_vm("leaf")
+    assert b.exec("leaf", "cat /root/o.txt /root/l.txt").split() == ["from-origin", "from-leaf"]
+    config = json.loads((b.home / "vms/leaf/vm.json").read_text())
+    assert config["backing_file"] == "base.qcow2"
+    assert (b.home / "vms/leaf/disks/base.qcow2").is_file()
+    assert not any(name.startswith("/") for name in _layers_backing(b, "leaf")), \
+        "no layer names a file of host A"
+    a.ok("delete", "origin", "--force")  # the clone on B does not need it any more
+    b.exec("leaf", "echo on-b > /root/b.txt; sync")
+    back = json.loads(b.ok("migrate", "leaf", "a", "--format", "json"))  # the base travels
+    assert back["live"] is True and a.has_vm("leaf") and not b.has_vm("leaf")
+    a.ok("stop", "leaf")
+    a.ok("start", "leaf", "--wait")  # a cold boot from the moved chain alone
+    assert a.exec("leaf", "cat /root/o.txt /root/l.txt /root/b.txt").split() == [
+        "from-origin", "from-leaf", "on-b"]
+    a.ok("delete", "leaf", "--force")
 
 
 def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]

@@ -983,14 +983,6 @@ def _chmod_socket(path: Path, mode: int) -> None:
         os.close(fd)
 
 
-def _link_or_copy(source: Path, dest: Path) -> None:
-    """Hard-link unchanging image files into the VM folder (copy across file systems)."""
-    try:
-        os.link(source, dest)
-    except OSError:
-        shutil.copyfile(source, dest)
-
-
 def _mem_total() -> int:
     with open("/proc/meminfo") as handle:
         for line in handle:

@@ -46,6 +46,8 @@ class HostCapabilities(BaseModel):
     vms: tuple[str, ...] = ()
     networks: dict[str, str] = Field(default_factory=dict, description="name -> subnet")
     images: dict[str, str] = Field(default_factory=dict, description="name -> sha256")
+    boot_files: tuple[str, ...] = Field(default=(), description=(
+        "sha256 of the images' kernels and initrds here (a moving VM's equal ones stay home)"))
     memory_room: int = Field(description="memory the policy still lets a new VM have")
     vcpu_room: int = Field(description="vCPUs the policy still lets a new VM have")
     disk_free: int = Field(description="free bytes where the VM's folder would go")

@@ -73,6 +73,8 @@ _CHUNK = 1 << 20
 _MEMBER = re.compile(r"^(vm\.json|snapshots\.json|boot/[\w.-]+|(disks|volumes)/[\w.-]+\.qcow2|"
                      r"disks/nvram\.fd|tpm/tpm2-00\.permall|snapshots/[\w.-]+\.(state|nvram\.fd))$",
                      re.ASCII)
+MAX_OVERLAY = 1 << 50  # 1 PiB: beyond what a qcow2 with 64 KiB clusters can address
+_BOOT_MEMBER = re.compile(r"boot/\w[\w.-]*", re.ASCII)
 BUNDLE_MODE = 0o600  # disks and memory: readable by the exporting user only
 _MANIFEST_LIMIT = 1 << 20
 Progress = Callable[[int, int], None]
@@ -198,11 +200,13 @@ def _publish(partial: Path, path: Path) -> None:
 
 def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
                   progress: Progress | None, *, leave_out_active: bool = False,
-                  bases_there: frozenset[str] = frozenset()) -> dict[str, Any]:
+                  bases_there: frozenset[str] = frozenset(),
+                  boot_there: frozenset[str] = frozenset()) -> dict[str, Any]:
     """`leave_out_active`: a live move's files (the active layer is what the guest writes
     now: it travels by the disk mirror into an empty overlay the manifest describes).
     `bases_there`: the sha256 of the image root disks the receiving host holds (a move): a
-    VM on an image's base whose content is among them travels without it."""
+    VM on an image's base whose content is among them travels without it. `boot_there`: the
+    same for kernels and initrds (the manifest's boot_links name what the receiver links)."""
     folder = vm.folder.path
     tree = store.load_tree(vm)
     config = vm.config
@@ -219,7 +223,14 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
                    "size": int(info["virtual-size"])}
     else:
         layers.add(active)
-    files: dict[str, Path] = {f"boot/{p.name}": p for p in sorted(vm.folder.boot.iterdir())}
+    files: dict[str, Path] = {}
+    boot_links: dict[str, str] = {}
+    for item in sorted(vm.folder.boot.iterdir()):
+        digest = catalog.remembered_sha256(item, vm.host.layout) if boot_there else None
+        if digest is not None and digest in boot_there:
+            boot_links[f"boot/{item.name}"] = digest
+        else:
+            files[f"boot/{item.name}"] = item
     if vm.folder.nvram.is_file():
         files[NVRAM_FILE] = vm.folder.nvram
     tpm_state = vm.folder.path / TPM_STATE_FILE
@@ -266,8 +277,8 @@ def _write_bundle(vm: VM, path: Path, point: str | None, staging: Path,
     started = time.monotonic()
     with _create_private(path) as raw:
         with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
-            _fill_tar(tar, {"vm": vm.name, "repoint": repoint, "overlay": overlay}, metadata,
-                      files, entries, advance)
+            _fill_tar(tar, {"vm": vm.name, "repoint": repoint, "overlay": overlay,
+                            "boot_links": boot_links}, metadata, files, entries, advance)
         raw.flush()
         os.fsync(raw.fileno())
     elapsed = time.monotonic() - started
@@ -306,6 +317,32 @@ def _local_base(host: Host, repoint: dict[str, Any], path: Path) -> tuple[str, P
                       "which this host does not have",
                       hint="the image was removed or rebuilt here since the move began; "
                            "try the move again (the base then travels)")
+
+
+def _boot_links(host: Host, manifest: dict[str, Any], expected: dict[str, Any], path: Path, *,
+                moving: bool) -> dict[str, Path]:
+    """The boot files a move left out because the receiver has the same bytes (by sha256):
+    member name -> this host's image file to link in its place."""
+    links = manifest.get("boot_links") or {}  # an object: _read_manifest checked it
+    if links and not moving:  # only a move, which asked what this host has, omits them
+        raise BundleError(f"bundle {path} leaves out its boot files (it was written for a "
+                          "move); refused", hint="export the VM with vmkit export to import it")
+    for member, digest in links.items():
+        if not _BOOT_MEMBER.fullmatch(member) or member in expected or \
+                not isinstance(digest, str):
+            raise BundleError(f"bundle {path}: its manifest's boot_links names {shown(member)}, "
+                              "which is not a boot file it leaves out; refused")
+    here = catalog.boot_files(host.layout) if links else {}
+    found: dict[str, Path] = {}
+    for member, digest in links.items():
+        local = here.get(digest)
+        if local is None:
+            raise BundleError(f"bundle {path}: it leaves out {member} (sha256 {shown(digest)}), "
+                              "which no image of this host has",
+                              hint="an image was removed or rebuilt here since the move "
+                                   "began; try the move again (the file then travels)")
+        found[member] = local
+    return found
 
 
 def _fill_tar(tar: tarfile.TarFile, about: dict[str, Any], metadata: dict[str, bytes],
@@ -367,9 +404,6 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
             target = validate_name(name if name is not None else original)
             expected = {e["path"]: e for e in manifest["files"]}
             repoint = manifest.get("repoint") or {}
-            if not isinstance(repoint, dict):
-                raise BundleError(f"bundle {path}: its manifest's repoint is not an object; "
-                                  "refused")
             image: str | None = None
             if "image_sha256" in repoint:
                 if arriving is None:  # only a move, which asked what this host has, omits it
@@ -377,10 +411,13 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
                                       "written for a move); refused",
                                       hint="export the VM with vmkit export to import it")
                 image = _local_base(host, repoint, path)[0]
+            boot_links = _boot_links(host, manifest, expected, path, moving=arriving is not None)
 
             def build(work: VmFolder) -> VmConfig:
                 with os_errors(f"importing {path}"):
                     _extract_checked(tar, work.path, expected, path, progress)
+                    for member, own in boot_links.items():
+                        catalog.link_or_copy(own, work.path / member)
                 fault_point("import", "extracted")
                 # the disks are inspected by qemu-img without root: they become its files
                 # (disks are what a VM's uid owns anyway; the folders stay root's)
@@ -443,10 +480,27 @@ def _read_manifest(tar: tarfile.TarFile, path: Path) -> dict[str, Any]:
         manifest: dict[str, Any] = json.loads(handle.read())
     except ValueError as exc:
         raise BundleError(f"bundle {path}: manifest.json is not JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise BundleError(f"bundle {path}: manifest.json is not an object; refused")
     if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
         raise BundleError(f"bundle {path}: format {manifest.get('format')!r} version "
                           f"{manifest.get('format_version')!r} is not {FORMAT} {FORMAT_VERSION}")
+    files = manifest.get("files")
+    if not isinstance(manifest.get("vm"), str) or not isinstance(files, list) or \
+            not all(_listed(entry) for entry in files):
+        raise BundleError(f"bundle {path}: its manifest names no VM, or does not list each "
+                          "file as path, size and sha256; refused")
+    for key in ("repoint", "overlay", "boot_links"):
+        if manifest.get(key) is not None and not isinstance(manifest[key], dict):
+            raise BundleError(f"bundle {path}: its manifest's {key} is not an object; refused")
     return manifest
+
+
+def _listed(entry: Any) -> bool:
+    """One file of a manifest: {path, size, sha256} of the right types."""
+    return isinstance(entry, dict) and isinstance(entry.get("path"), str) and \
+        type(entry.get("size")) is int and entry["size"] >= 0 and \
+        isinstance(entry.get("sha256"), str)
 
 
 def _extract_checked(tar: tarfile.TarFile, dest: Path, expected: dict[str, dict[str, Any]],
@@ -496,7 +550,7 @@ def _empty_overlay(folder: Path, overlay: dict[str, Any], path: Path,
         if not isinstance(backing, str) or not re.fullmatch(r"[\w.-]+\.qcow2", backing) \
                 or not (folder / "disks" / backing).is_file():
             raise InvalidValue("backing")
-        if not isinstance(size, int) or size <= 0:
+        if type(size) is not int or not 0 < size <= MAX_OVERLAY:
             raise InvalidValue("size")
     except InvalidValue:
         raise BundleError(f"bundle {path}: its manifest's overlay {shown(overlay)} is not an "

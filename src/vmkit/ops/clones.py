@@ -26,6 +26,7 @@ from vmkit.core import layers, store
 from vmkit.core.journal import Journal, register_recovery
 from vmkit.core.locks import Held
 from vmkit.errors import AlreadyExists, InvalidState, VmkitError
+from vmkit.images import catalog
 from vmkit.isolation import jail
 from vmkit.model.journal import JournalEntry
 from vmkit.model.names import validate_name
@@ -64,10 +65,7 @@ def _link_boot(source: VM, work: VmFolder, node: SnapshotNode | None = None) -> 
     """The boot files (shared: nobody writes them) and a copy of the UEFI variables (each VM
     writes its own): those of snapshot `node` when the clone starts from it."""
     for item in source.folder.boot.iterdir():
-        try:
-            os.link(item, work.boot / item.name)
-        except OSError:
-            work.boot.joinpath(item.name).write_bytes(item.read_bytes())
+        catalog.link_or_copy(item, work.boot / item.name)
     kept = source.folder.path / node.nvram if node is not None and node.nvram else None
     if kept is not None or source.folder.nvram.is_file():
         shutil.copyfile(kept or source.folder.nvram, work.nvram)

@@ -23,7 +23,6 @@ from vmkit.core.engine import (
     STOP_TIMEOUT,
     VM,
     Host,
-    _link_or_copy,
     _read_ssh_keys,
     guest_file_mode,
 )
@@ -38,6 +37,7 @@ from vmkit.errors import (
     VmkitError,
     os_errors,
 )
+from vmkit.images import catalog
 from vmkit.isolation import jail
 from vmkit.model.cloudinit import (
     CloudInit,
@@ -443,7 +443,7 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
         kernel = info.pvh_kernel if info.pvh_kernel and pinned_firmware in PVH_FIRMWARES \
             else info.kernel
         for source, dest in ((kernel, kernel), (info.initrd, "initrd.img")):
-            _link_or_copy(image_dir / source, work.boot / dest)
+            catalog.link_or_copy(image_dir / source, work.boot / dest)
         disk_path = work.path / ROOT_DISK_FILE
         if spec.full_copy:
             img.full_copy(disk_path, image_dir / info.root_disk, spec.disk)

@@ -93,6 +93,7 @@ def capabilities(host: Host) -> HostCapabilities:
         vms=tuple(vm.name for vm in host.vms(include_broken=True)),
         networks={net.name: net.subnet or "" for net in net_core.definitions(host)},
         images={image.name: image.sha256 for image in catalog.list_images(host.layout)},
+        boot_files=tuple(sorted(catalog.boot_files(host.layout))),
         memory_room=max(0, memory_limit(capacity, policy) - allocated.memory),
         vcpu_room=max(0, vcpu_limit(capacity, policy) - allocated.cpus),
         disk_free=shutil.disk_usage(host.layout.root).free, postcopy=postcopy_possible(),
@@ -220,7 +221,8 @@ def migrate(vm: VM, peer: Peer, options: MigrationOptions, *, credentials: dict[
             sent = pack(
                 vm, bundle, None, staging / "base", lambda d, t: said(
                     Progress(stage="packing", transferred=d, total=t, remaining=t - d)),
-                leave_out_active=live, bases_there=frozenset(caps.images.values()))
+                leave_out_active=live, bases_there=frozenset(caps.images.values()),
+                boot_there=frozenset(caps.boot_files))
             mid = peer.prepare(bundle, name=target, generation=vm.config.generation + 1,
                                live=live, helper=point, progress=lambda d, t: said(Progress(
                                    stage="files", transferred=d, total=t, remaining=t - d)))
