@@ -30,7 +30,12 @@ after, on B):
   beyond_downtime_ms is switch_gap_ms - downtime_ms.
 
 Targets: busy downtime (QEMU's figure) <= 50 ms; with a bandwidth cap the memory transfer
-takes <= 1.2 x memory_bytes / bandwidth. A libvirt peer is not measured. The last line
+takes <= 1.2 x memory_bytes / bandwidth.
+
+The peer, alternated with each case (--no-bare skips it): bare QEMU, the same guest with
+the argv vmkit builds, moved QEMU to QEMU on one host over a unix socket with the disk
+shared and the destination resuming by itself: its downtime, switch gap and guest gap, and
+vmkit's ratio to them. A libvirt peer is not measured. The last line
 printed is one JSON object. Run it alone: it boots VMs (`flock /tmp/vmkit-vm.lock ...`).
 """
 
@@ -43,9 +48,12 @@ import json
 import os
 import re
 import shutil
+import signal
+import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -57,6 +65,8 @@ from tests.integration.multihost import Side, two_hosts
 
 from _common import median, scratch_host
 from vmkit.model.sizes import parse_size
+from vmkit.qemu import agent
+from vmkit.qemu.qmp import QmpConnection
 
 A_ADDRESS, B_ADDRESS = "198.18.81.1", "198.18.81.2"
 PREFIX = 30
@@ -157,9 +167,12 @@ class Guest:
     sleep: str  # a shell command sleeping one tick period
 
 
-def probe_guest(side: Side, vm: str, period_ms: float) -> Guest:
+Run = Callable[[str], str]  # a shell command in the guest -> its stdout
+
+
+def probe_guest(run: Run, period_ms: float) -> Guest:
     """What the tiny guest's busybox offers: the ticker needs a sub-second sleep and a clock."""
-    applets = set(side.exec(vm, "busybox --list").split())
+    applets = set(run("busybox --list").split())
     missing = {"dd", "mount", "cat"} - applets
     if missing:
         raise RuntimeError(f"the guest's busybox lacks {', '.join(sorted(missing))}")
@@ -167,18 +180,43 @@ def probe_guest(side: Side, vm: str, period_ms: float) -> Guest:
         sleep = f"usleep {int(period_ms * 1000)}"
     else:
         sleep = f"sleep {period_ms / 1000:.3f}"
-    if side.exec(vm, "echo ${EPOCHREALTIME:-}").strip():
+    if run("echo ${EPOCHREALTIME:-}").strip():
         return Guest("t=$EPOCHREALTIME", "EPOCHREALTIME (ash, microseconds)", sleep)
     return Guest("read t r < /proc/uptime", "/proc/uptime (centiseconds)", sleep)
 
 
-def background(side: Side, vm: str, loop: str) -> str:
+def background(run: Run, loop: str) -> str:
     """Start `loop` in the guest, detached from the agent's exec; its pid."""
-    return side.exec(vm, f"({loop}) >/dev/null 2>&1 </dev/null & echo $!").strip()
+    return run(f"({loop}) >/dev/null 2>&1 </dev/null & echo $!").strip()
 
 
-def guest_now(side: Side, vm: str, guest: Guest) -> float:
-    return float(side.exec(vm, f"{guest.stamp}; echo $t").split()[0])
+def guest_now(run: Run, guest: Guest) -> float:
+    return float(run(f"{guest.stamp}; echo $t").split()[0])
+
+
+def start_loops(run: Run, guest: Guest, args: argparse.Namespace, busy: bool) -> list[str]:
+    """Fill a tmpfs with --fill-mib of random data, start the ticker (and the dirtying loop
+    of a busy guest); their pids."""
+    tmpfs = args.fill_mib + 64 + 32
+    run(f"mkdir -p /mnt/ram && mount -t tmpfs -o size={tmpfs}m tmpfs /mnt/ram && "
+        f"dd if=/dev/urandom of=/mnt/ram/fill bs=1M count={args.fill_mib} 2>/dev/null")
+    loops = []
+    if busy:
+        loops.append(background(run, "while :; do dd if=/dev/urandom of=/mnt/ram/dirty "
+                                     "bs=1M count=64 2>/dev/null; done"))
+    loops.append(background(run, f"exec 3>>/mnt/ram/tick 4>/dev/ttyS0; while :; do "
+                                 f"{guest.stamp}; echo $t >&3; echo vmkb-tick $t >&4; "
+                                 f"{guest.sleep}; done"))
+    return loops
+
+
+def ticks_between(run: Run, loops: list[str], before: float, after: float
+                  ) -> tuple[list[float], dict[float, str]]:
+    """Stop the loops; the ticks the guest wrote between its clock readings `before` and
+    `after` (sorted), and each one's text as the serial log shows it."""
+    lines = run(f"kill {' '.join(loops)}; cat /mnt/ram/tick").split()
+    stamps = {float(s): s for s in lines}
+    return sorted(t for t in stamps if before <= t <= after), stamps
 
 
 def gaps(ticks: list[float], seen: dict[str, tuple[float, str]], stamps: dict[float, str],
@@ -207,7 +245,14 @@ def run_case(a: Side, b: Side, case: Case, args: argparse.Namespace, run: int,
     a.ok("create", vm, "--memory", args.memory)
     try:
         a.ok("start", vm, "--wait", timeout=300)
-        guest = probe_guest(a, vm, args.tick_ms)
+
+        def on_a(command: str) -> str:
+            return a.exec(vm, command, timeout=900)
+
+        def on_b(command: str) -> str:
+            return b.exec(vm, command)
+
+        guest = probe_guest(on_a, args.tick_ms)
         notes["guest_clock"] = guest.clock
         if "shared" not in notes:
             shared = a.cli("migrate", vm, "b", "--storage", "shared", timeout=120)
@@ -215,20 +260,10 @@ def run_case(a: Side, b: Side, case: Case, args: argparse.Namespace, run: int,
                 raise RuntimeError("--storage shared moved the VM: measure it here now")
             said = shared.stderr.strip().splitlines()
             notes["shared"] = "not implemented" + (f" (vmkit: {said[0]})" if said else "")
-        tmpfs = args.fill_mib + 64 + 32
-        a.exec(vm, f"mkdir -p /mnt/ram && mount -t tmpfs -o size={tmpfs}m tmpfs /mnt/ram && "
-                 f"dd if=/dev/urandom of=/mnt/ram/fill bs=1M count={args.fill_mib} "
-                 "2>/dev/null", timeout=900)
-        loops = []
-        if case.busy:
-            loops.append(background(a, vm, "while :; do dd if=/dev/urandom of=/mnt/ram/dirty "
-                                            "bs=1M count=64 2>/dev/null; done"))
-        loops.append(background(a, vm, f"exec 3>>/mnt/ram/tick 4>/dev/ttyS0; while :; do "
-                                        f"{guest.stamp}; echo $t >&3; echo vmkb-tick $t >&4; "
-                                        f"{guest.sleep}; done"))
+        loops = start_loops(on_a, guest, args, case.busy)
         time.sleep(args.settle)
         with SerialWatcher({"a": a.serial_log(vm), "b": b.serial_log(vm)}) as watcher:
-            before = guest_now(a, vm, guest)
+            before = guest_now(on_a, guest)
             start = time.monotonic()
             moved = a.cli("migrate", vm, "b", "--storage", "copy", *case.flags, "--format",
                           "json", timeout=1800)
@@ -239,11 +274,9 @@ def run_case(a: Side, b: Side, case: Case, args: argparse.Namespace, run: int,
             result = json.loads(moved.stdout)
             if not (b.has_vm(vm) and not a.has_vm(vm) and result.get("live") is True):
                 raise RuntimeError(f"{vm} did not end up running on b: {result}")
-            after = guest_now(b, vm, guest)
+            after = guest_now(on_b, guest)
             time.sleep(0.2)  # the serial lines of the last ticks in the window
-        lines = b.exec(vm, f"kill {' '.join(loops)}; cat /mnt/ram/tick").split()
-        stamps = {float(s): s for s in lines}
-        ticks = sorted(t for t in stamps if before <= t <= after)
+        ticks, stamps = ticks_between(on_b, loops, before, after)
         figures = {
             "cli_wall_s": round(wall, 3), "seconds": result.get("seconds"),
             "memory_seconds": result.get("memory_seconds"),
@@ -268,10 +301,102 @@ def run_case(a: Side, b: Side, case: Case, args: argparse.Namespace, run: int,
                 side.cli("delete", vm, "--force", timeout=300)
 
 
-def summary(runs: list[dict[str, Any]]) -> dict[str, Any]:
+def bare_case(case: Case, args: argparse.Namespace, run: int) -> dict[str, Any]:
+    """The peer: the same guest, with the argv vmkit builds, run by plain QEMU as root and
+    moved QEMU to QEMU on this host over a unix socket, the disk shared (no mirror, no TLS,
+    no daemons), the destination resuming by itself as QEMU does without -S. Its switch gap
+    is what a switch-over costs QEMU itself here (under TCG a fresh QEMU translates the
+    guest's code again before it runs at speed)."""
+    host = scratch_host()
+    procs: list[subprocess.Popen[bytes]] = []
+    try:
+        accel = host.accel().accel
+        source = host.create(f"bare-a-{run}", memory=args.memory)
+        target = host.create(f"bare-b-{run}", memory=args.memory)
+        for vm in (source, target):
+            vm.folder.run.mkdir(mode=0o700, exist_ok=True)
+        shared = target.folder.path / target.active_layer()
+        shared.unlink()
+        os.link(source.folder.path / source.active_layer(), shared)  # shared storage
+        argv = source.argv(accel)
+        procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL, start_new_session=True))
+        agent.wait_agent_ready(source.folder.agent_socket, 300,
+                               alive=lambda: procs[0].poll() is None)
+
+        def on(vm: Any) -> Run:
+            def run_it(command: str) -> str:
+                done = agent.guest_exec(vm.folder.agent_socket, ["/bin/sh", "-c", command],
+                                        timeout=900)
+                if done.exit_code != 0:
+                    raise RuntimeError(f"{command!r} in {vm.name}: {done.stderr}")
+                return done.stdout
+            return run_it
+
+        guest = probe_guest(on(source), args.tick_ms)
+        loops = start_loops(on(source), guest, args, case.busy)
+        # the same machine under the target's folder (its own sockets and serial log)
+        there = [part.replace(str(source.folder.path), str(target.folder.path))
+                 for part in argv]
+        procs.append(subprocess.Popen([*there, "-incoming", "defer"], stdin=subprocess.DEVNULL,
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                      start_new_session=True))
+        deadline = time.monotonic() + 60
+        while not target.folder.qmp_socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stream = target.folder.run / "migrate.sock"
+        time.sleep(args.settle)
+        with SerialWatcher({"a": source.folder.serial_log, "b": target.folder.serial_log}) \
+                as watcher, QmpConnection(source.folder.qmp_socket, timeout=30) as sq, \
+                QmpConnection(target.folder.qmp_socket, timeout=30) as tq:
+            tq.execute("migrate-incoming", {"uri": f"unix:{stream}"})
+            sq.execute("migrate-set-capabilities", {"capabilities": [
+                {"capability": "auto-converge", "state": "--auto-converge" in case.flags}]})
+            limit = parse_size(case.flags[1], field="bandwidth") \
+                if "--bandwidth" in case.flags else 1 << 40
+            sq.execute("migrate-set-parameters", {"downtime-limit": int(DOWNTIME_TARGET_MS),
+                                                  "max-bandwidth": limit})
+            before = guest_now(on(source), guest)
+            started = time.monotonic()
+            sq.execute("migrate", {"uri": f"unix:{stream}"})
+            while (info := sq.execute("query-migrate")).get("status") not in (
+                    "completed", "failed", "cancelled"):
+                if time.monotonic() - started > 1800:
+                    raise RuntimeError("the bare migration did not end in 1800 s")
+                time.sleep(0.005)
+            if info["status"] != "completed":
+                raise RuntimeError(f"the bare migration {info['status']}: {info}")
+            while tq.execute("query-status")["status"] != "running":
+                time.sleep(0.005)
+            seconds = time.monotonic() - started
+            after = guest_now(on(target), guest)
+            time.sleep(0.2)
+        ticks, stamps = ticks_between(on(target), loops, before, after)
+        ram = info.get("ram") or {}
+        figures = {"seconds": round(seconds, 3), "downtime_ms": info.get("downtime"),
+                   "memory_bytes": ram.get("transferred"), "mbps": ram.get("mbps"),
+                   **gaps(ticks, watcher.seen, stamps)}
+        figures["beyond_downtime_ms"] = (
+            round(figures["switch_gap_ms"] - figures["downtime_ms"], 1)
+            if figures["switch_gap_ms"] is not None and figures["downtime_ms"] is not None
+            else None)
+        return figures
+    finally:
+        for proc in procs:
+            with contextlib.suppress(OSError):
+                proc.send_signal(signal.SIGKILL)
+            proc.wait(timeout=30)
+        drop_home(host.layout.root)
+
+
+BARE_NUMBERS = ("seconds", "downtime_ms", "memory_bytes", "guest_gap_ms", "host_gap_ms",
+                "switch_gap_ms", "beyond_downtime_ms")
+
+
+def summary(runs: list[dict[str, Any]], numbers: tuple[str, ...] = NUMBERS) -> dict[str, Any]:
     """Medians of the figures over the runs (a figure missing in any run: None)."""
     out: dict[str, Any] = {}
-    for key in NUMBERS:
+    for key in numbers:
         values: list[Any] = [r.get(key) for r in runs]
         if any(v is None for v in values):
             out[key] = None
@@ -293,6 +418,8 @@ def main() -> int:
     parser.add_argument("--tick-ms", type=float, default=5.0, help="the guest ticker's period")
     parser.add_argument("--settle", type=float, default=3.0,
                         help="seconds the guest's loops run before the move")
+    parser.add_argument("--no-bare", action="store_true",
+                        help="skip the bare-QEMU peer (QEMU to QEMU, same guest and argv)")
     args = parser.parse_args()
     bandwidth = parse_size(args.bandwidth, field="bandwidth")
     for variable in ("VMKIT_REMOTE", "VMKIT_NO_DAEMON"):
@@ -301,6 +428,7 @@ def main() -> int:
              Case("busy", True, ("--auto-converge",)))
     notes: dict[str, Any] = {}
     results: dict[str, list[dict[str, Any]]] = {case.name: [] for case in cases}
+    bare: dict[str, list[dict[str, Any]]] = {case.name: [] for case in cases}
     with contextlib.ExitStack() as stack:
         a, b = two_hosts_here(stack)
         try:
@@ -314,6 +442,12 @@ def main() -> int:
                                                       "memory_bytes", "guest_gap_ms",
                                                       "host_gap_ms", "switch_gap_ms")),
                           flush=True)
+                    if args.no_bare:
+                        continue
+                    peer = bare_case(case, args, run)  # alternated with vmkit's move
+                    bare[case.name].append(peer)
+                    print(f"run {run} {case.name} bare QEMU: " + "  ".join(
+                        f"{k} {peer[k]}" for k in BARE_NUMBERS), flush=True)
         except BaseException:
             for side in (a, b):
                 with contextlib.suppress(OSError):
@@ -321,6 +455,12 @@ def main() -> int:
                                      + side.daemon.log.read_text()[-4000:] + "\n")
             raise
     medians = {name: summary(runs) for name, runs in results.items()}
+    peers = {name: summary(runs, BARE_NUMBERS) for name, runs in bare.items() if runs}
+
+    def ratio_to_bare(name: str, key: str) -> float | None:
+        ours, theirs = medians[name].get(key), peers.get(name, {}).get(key)
+        return round(ours / theirs, 2) if ours is not None and theirs else None
+
     busy_downtime = medians["busy"]["downtime_ms"]
     capped = medians["idle-capped"]
     ideal_s = (capped["memory_bytes"] / bandwidth) if capped["memory_bytes"] else None
@@ -353,10 +493,17 @@ def main() -> int:
         "guest_clock": notes.get("guest_clock"),
         "storage": {"copy": "measured (disk mirrored into the destination's NBD export)",
                     "shared": notes.get("shared", "not implemented")},
-        "peer": "libvirt is not installed here" if virsh is None else
-                "not measured (a libvirt or bare-QEMU peer run is not part of this benchmark)",
+        "peer": {"bare_qemu": "measured: the same guest and argv, QEMU to QEMU over a unix "
+                              "socket on one host, the disk shared, the destination resuming "
+                              "by itself (no TLS, mirror or daemons)" if peers else "skipped",
+                 "libvirt": "not installed here" if virsh is None else "not measured"},
         "cases": {case.name: {"flags": list(case.flags), "busy": case.busy,
-                              **medians[case.name], "runs": results[case.name]}
+                              **medians[case.name], "runs": results[case.name],
+                              "bare_qemu": {**peers.get(case.name, {}),
+                                            "runs": bare[case.name]},
+                              "ratio_to_bare": {key: ratio_to_bare(case.name, key) for key in
+                                                ("downtime_ms", "switch_gap_ms",
+                                                 "guest_gap_ms")}}
                   for case in cases},
         "targets": targets,
         "capped_whole_move": {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import stat
 import time
 from pathlib import Path
@@ -90,12 +91,13 @@ def test_a_normal_user_still_runs_vms_without_root_features(image_home: Path) ->
     import sys
     import tempfile
 
-    from vmkit.images.catalog import link_image
     from vmkit.storage.layout import HomeLayout
 
     user = pwd.getpwnam("vmkit")
     root = Path(tempfile.mkdtemp(prefix="vmku-", dir="/tmp"))
-    link_image(HomeLayout(image_home), HomeLayout(root), "tiny")
+    # copies, not the hard links link_image makes: the chown below would reach the shared
+    # image's own files (it left every VM's kernel owned by the unprivileged account)
+    shutil.copytree(HomeLayout(image_home).image("tiny"), HomeLayout(root).image("tiny"))
     for path in [root, *root.rglob("*")]:
         os.chown(path, user.pw_uid, user.pw_gid, follow_symlinks=False)
     as_user = ["setpriv", f"--reuid={user.pw_uid}", f"--regid={user.pw_gid}", "--clear-groups",

@@ -97,8 +97,6 @@ def test_live_there_and_back_keeps_guest_files_and_snapshots(hosts: tuple[Side, 
     assert check.returncode == 0, check.stderr
     moved = json.loads(a.ok("migrate", "mover", "b", "--format", "json"))
     assert moved["live"] is True and moved["name"] == "mover"
-    kernel = max((b.home / "images/tiny").iterdir(), key=lambda p: p.stat().st_size)
-    assert moved["files_bytes"] < kernel.stat().st_size, "the kernel stayed home"
     assert isinstance(moved["downtime_ms"], int) and moved["downtime_ms"] < 2000
     assert not a.has_vm("mover") and b.has_vm("mover")
     _one_qemu_on(b, a, vm_uuid)

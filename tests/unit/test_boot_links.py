@@ -69,7 +69,7 @@ class _Host:
 
 
 def _links(home: HomeLayout, links: Any, *, expected: dict[str, Any] | None = None,
-           moving: bool = True) -> dict[str, Path]:
+           moving: bool = True) -> dict[str, tuple[str, Path]]:
     return bundles._boot_links(_Host(home), {"boot_links": links},  # type: ignore[arg-type]
                                expected or {}, Path("b.vmkit"), moving=moving)
 
@@ -78,7 +78,8 @@ def test_boot_links_name_this_hosts_image_files(tmp_path: Path) -> None:
     home = HomeLayout(tmp_path)
     tiny = _image(home, "tiny", b"k1", b"i1")
     assert _links(home, {"boot/vmlinuz": _sha(b"k1"), "boot/initrd.img": _sha(b"i1")}) == {
-        "boot/vmlinuz": tiny / "vmlinuz", "boot/initrd.img": tiny / "initrd.img"}
+        "boot/vmlinuz": (_sha(b"k1"), tiny / "vmlinuz"),
+        "boot/initrd.img": (_sha(b"i1"), tiny / "initrd.img")}
     assert _links(home, {}) == {} and _links(home, None, moving=False) == {}
 
 
@@ -92,6 +93,7 @@ def test_boot_links_name_this_hosts_image_files(tmp_path: Path) -> None:
     ({"boot/member": "k1"}, True, "not a boot file it leaves out"),  # also in the bundle
     ({"boot/vmlinuz": 5}, True, "not a boot file it leaves out"),
     ({"boot/vmlinuz": "0" * 64}, True, "which no image of this host has"),
+    ({f"boot/k{i}": "k1" for i in range(5)}, True, "at most 4"),
 ])
 def test_hostile_or_stale_boot_links_are_refused(tmp_path: Path, links: Any, moving: bool,
                                                  message: str) -> None:
@@ -145,3 +147,36 @@ def test_a_manifest_of_the_wrong_shape_is_a_bundle_error_not_a_crash(
 def test_a_well_formed_manifest_is_read(tmp_path: Path) -> None:
     with tarfile.open(_manifest_in_tar(tmp_path, _GOOD)) as tar:
         assert bundles._read_manifest(tar, tmp_path / "b.vmkit")["vm"] == "web"
+
+
+def test_linked_boot_files_are_the_image_files_and_checked_against_their_digest(
+        tmp_path: Path) -> None:
+    home = HomeLayout(tmp_path)
+    tiny = _image(home, "tiny", b"k1", b"i1")
+    folder = tmp_path / "arriving"
+    (folder / "boot").mkdir(parents=True)
+    links = _links(home, {"boot/vmlinuz": _sha(b"k1")})
+    bundles._link_boot_files(_Host(home), links, folder,  # type: ignore[arg-type]
+                             Path("b.vmkit"))
+    assert (folder / "boot/vmlinuz").stat().st_ino == (tiny / "vmlinuz").stat().st_ino
+    # an image rebuilt between the lookup and the link: other bytes under that path
+    replacement = tmp_path / "new-kernel"
+    replacement.write_bytes(b"a rebuilt kernel")
+    os.replace(replacement, tiny / "vmlinuz")
+    again = tmp_path / "again"
+    (again / "boot").mkdir(parents=True)
+    with pytest.raises(BundleError, match="changed here while the move's files arrived"):
+        bundles._link_boot_files(_Host(home), links, again,  # type: ignore[arg-type]
+                                 Path("b.vmkit"))
+
+
+def test_link_or_copy_never_writes_onto_an_existing_file(tmp_path: Path) -> None:
+    image_file = tmp_path / "vmlinuz"
+    image_file.write_bytes(b"the image's kernel")
+    existing = tmp_path / "existing"
+    os.link(image_file, existing)  # e.g. a VM's boot file: the same inode as the image's
+    other = tmp_path / "other"
+    other.write_bytes(b"something else")
+    with pytest.raises(FileExistsError):
+        catalog.link_or_copy(other, existing)
+    assert image_file.read_bytes() == b"the image's kernel"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import os
 import re
@@ -88,11 +89,16 @@ def link_image(source: HomeLayout, target: HomeLayout, name: str) -> None:
 
 
 def link_or_copy(source: Path, dest: Path) -> None:
-    """Hard-link an unchanging image or boot file (a copy across file systems)."""
+    """Hard-link an unchanging image or boot file into a new `dest`; a copy where no link can
+    be made (another file system, the link limit). Never onto an existing file: that could be
+    a link to an image file, which a copy would rewrite."""
     try:
         os.link(source, dest)
-    except OSError:
-        shutil.copyfile(source, dest)
+    except OSError as exc:
+        if exc.errno not in (errno.EXDEV, errno.EMLINK, errno.EPERM):
+            raise
+        with open(source, "rb") as src, open(dest, "xb") as out:
+            shutil.copyfileobj(src, out, 1 << 20)
 
 
 def list_images(home: HomeLayout) -> list[ImageInfo]:

@@ -73,6 +73,7 @@ _CHUNK = 1 << 20
 _MEMBER = re.compile(r"^(vm\.json|snapshots\.json|boot/[\w.-]+|(disks|volumes)/[\w.-]+\.qcow2|"
                      r"disks/nvram\.fd|tpm/tpm2-00\.permall|snapshots/[\w.-]+\.(state|nvram\.fd))$",
                      re.ASCII)
+MAX_BOOT_LINKS = 4  # kernel, PVH kernel, initrd: a VM's boot/ holds no more
 MAX_OVERLAY = 1 << 50  # 1 PiB: beyond what a qcow2 with 64 KiB clusters can address
 _BOOT_MEMBER = re.compile(r"boot/\w[\w.-]*", re.ASCII)
 BUNDLE_MODE = 0o600  # disks and memory: readable by the exporting user only
@@ -320,20 +321,23 @@ def _local_base(host: Host, repoint: dict[str, Any], path: Path) -> tuple[str, P
 
 
 def _boot_links(host: Host, manifest: dict[str, Any], expected: dict[str, Any], path: Path, *,
-                moving: bool) -> dict[str, Path]:
+                moving: bool) -> dict[str, tuple[str, Path]]:
     """The boot files a move left out because the receiver has the same bytes (by sha256):
-    member name -> this host's image file to link in its place."""
+    member name -> (its digest, this host's image file to link in its place)."""
     links = manifest.get("boot_links") or {}  # an object: _read_manifest checked it
     if links and not moving:  # only a move, which asked what this host has, omits them
         raise BundleError(f"bundle {path} leaves out its boot files (it was written for a "
                           "move); refused", hint="export the VM with vmkit export to import it")
+    if len(links) > MAX_BOOT_LINKS:  # each one a kernel-sized link, or copy, here
+        raise BundleError(f"bundle {path}: its manifest's boot_links names {len(links)} "
+                          f"files; a VM boots from at most {MAX_BOOT_LINKS}; refused")
     for member, digest in links.items():
         if not _BOOT_MEMBER.fullmatch(member) or member in expected or \
                 not isinstance(digest, str):
             raise BundleError(f"bundle {path}: its manifest's boot_links names {shown(member)}, "
                               "which is not a boot file it leaves out; refused")
     here = catalog.boot_files(host.layout) if links else {}
-    found: dict[str, Path] = {}
+    found: dict[str, tuple[str, Path]] = {}
     for member, digest in links.items():
         local = here.get(digest)
         if local is None:
@@ -341,8 +345,21 @@ def _boot_links(host: Host, manifest: dict[str, Any], expected: dict[str, Any], 
                               "which no image of this host has",
                               hint="an image was removed or rebuilt here since the move "
                                    "began; try the move again (the file then travels)")
-        found[member] = local
+        found[member] = (digest, local)
     return found
+
+
+def _link_boot_files(host: Host, links: dict[str, tuple[str, Path]], folder: Path,
+                     path: Path) -> None:
+    """This host's image files in place of the boot files a move left out, each checked
+    against the digest the manifest names once linked (an image rebuilt since the lookup
+    has other files at those paths)."""
+    for member, (digest, own) in links.items():
+        catalog.link_or_copy(own, folder / member)
+        if catalog.remembered_sha256(folder / member, host.layout) != digest:
+            raise BundleError(f"bundle {path}: {member} (sha256 {shown(digest)}) changed here "
+                              "while the move's files arrived; refused",
+                              hint="an image was rebuilt meanwhile; try the move again")
 
 
 def _fill_tar(tar: tarfile.TarFile, about: dict[str, Any], metadata: dict[str, bytes],
@@ -416,8 +433,7 @@ def import_bundle(host: Host, path: Path, *, name: str | None = None,
             def build(work: VmFolder) -> VmConfig:
                 with os_errors(f"importing {path}"):
                     _extract_checked(tar, work.path, expected, path, progress)
-                    for member, own in boot_links.items():
-                        catalog.link_or_copy(own, work.path / member)
+                    _link_boot_files(host, boot_links, work.path, path)
                 fault_point("import", "extracted")
                 # the disks are inspected by qemu-img without root: they become its files
                 # (disks are what a VM's uid owns anyway; the folders stay root's)

@@ -369,9 +369,10 @@ def _settle_source(source: VM) -> None:
 def _resume(vm: VM) -> None:
     """Let the source run again whatever state the clone left it in (paused or postmigrate)."""
     try:
-        status = qmp_execute(vm.folder.qmp_socket, "query-status")["status"]
-        if status != "running":
-            qmp_execute(vm.folder.qmp_socket, "cont")
+        with QmpConnection(vm.folder.qmp_socket, timeout=10) as qmp:
+            blockops.until_finalized(qmp)  # a send that just ended, either way
+            if qmp.execute("query-status")["status"] != "running":
+                qmp.execute("cont")
     except VmkitError:
         pass
 

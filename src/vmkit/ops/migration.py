@@ -58,7 +58,7 @@ from vmkit.model.resources import memory_limit, vcpu_limit
 from vmkit.model.runtime import MachineRecord, RuntimeRecord
 from vmkit.model.spec import KNOWN_DEVICES, VmConfig
 from vmkit.model.state import LIVE_STATES, VmState
-from vmkit.qemu import hostinfo
+from vmkit.qemu import blockops, hostinfo
 from vmkit.qemu import migrate as qm
 from vmkit.qemu.qmp import QmpConnection, qmp_execute
 from vmkit.storage.layout import VmFolder, file_lock
@@ -390,6 +390,7 @@ def _source_back(held: Held, vm: VM, point: str | None) -> None:
                 time.sleep(0.02)
             qm.abandon_mirror(qmp)
             qm.reset(qmp)
+            blockops.until_finalized(qmp)
             status = qmp.execute("query-status")["status"]
             if status != "running" and record.state is VmState.RUNNING:
                 qmp.execute("cont")

@@ -149,9 +149,10 @@ def wait_migration(qmp: QmpConnection, timeout: float, what: str, *,
             info: dict[str, Any] = qmp.execute("query-migrate")
             status = info.get("status")
             if status == "completed":
-                _until_finalized(qmp, deadline, what)
+                until_finalized(qmp, what)
                 return info
             if status in ("failed", "cancelled"):
+                until_finalized(qmp, what)  # the caller resumes the guest next
                 raise QemuError(f"{what} failed: {info.get('error-desc', status)}")
             now = time.monotonic()
             if now >= deadline:
@@ -163,16 +164,23 @@ def wait_migration(qmp: QmpConnection, timeout: float, what: str, *,
             qmp.next_event(events, EVENT_POLL)
 
 
-def _until_finalized(qmp: QmpConnection, deadline: float, what: str) -> None:
-    """A source QEMU reports `completed` from its migration thread a moment before its main
-    loop leaves finish-migrate for postmigrate; a `cont` in between is refused ("Migration is
-    not finalized yet"), so the wait ends only once the run state has moved on."""
+FINALIZE_GRACE = 10.0  # a migration's end to its run state's: ms here, any wait is a fault
+
+
+def until_finalized(qmp: QmpConnection, what: str = "the migration",
+                    grace: float = FINALIZE_GRACE) -> None:
+    """A source QEMU reports `completed` (or `failed`, `cancelled`) from its migration thread
+    a moment before its main loop leaves finish-migrate (for postmigrate, or the state it
+    had); a `cont` in between is refused ("Migration is not finalized yet"). Call it before
+    resuming a guest a migration has ended; it returns once the run state has moved on."""
+    deadline = time.monotonic() + grace
     pause = 0.001
     while qmp.execute("query-status").get("status") == "finish-migrate":
         if time.monotonic() >= deadline:
-            raise OperationTimeout(f"{what} was not finalized by QEMU in time")
+            raise OperationTimeout(f"{what} was not finalized by QEMU within {grace:g}s")
         time.sleep(pause)
         pause = min(pause * 2, 0.02)
+
 
 
 EVENT_POLL = 0.02  # between MIGRATION events, a poll for progress, timeouts and a vanished QEMU
@@ -186,6 +194,7 @@ def cancel_migration(qmp: QmpConnection, timeout: float = 10.0) -> None:
         status = qmp.execute("query-migrate").get("status")
         if status not in ("setup", "active", "device", "pre-switchover", "cancelling",
                           "wait-unplug"):
+            until_finalized(qmp)
             return
         if status != "cancelling":
             qmp.execute("migrate_cancel")
