@@ -65,13 +65,14 @@ def _layers_backing(side: Side, vm: str) -> set[str]:
 def _on_own_image(side: Side, vm: str) -> bool:
     """The VM's layers stand on `side`'s own copy of the tiny image (the move left the base
     out: the destination has one with the same sha256), not on a base that travelled; and its
-    kernel and initrd are links to that image's files (they did not travel either)."""
+    kernel and initrd are links to `side`'s image files (they did not travel either)."""
     config = json.loads((side.home / "vms" / vm / "vm.json").read_text())
     image = json.loads((side.home / "images/tiny/image.json").read_text())
     base = str(side.home / "images/tiny" / image["root_disk"])
     # and the layers' own headers: every backing name outside the folder is this base
     outside = {name for name in _layers_backing(side, vm) if name.startswith("/")}
-    image_files = {p.stat().st_ino for p in (side.home / "images/tiny").iterdir()}
+    # (the same bytes may be another image's: tiny and debian-12 share their kernel)
+    image_files = {p.stat().st_ino for p in (side.home / "images").glob("*/*")}
     boot = list((side.home / "vms" / vm / "boot").iterdir())
     if not boot or any(p.stat().st_ino not in image_files for p in boot):
         return False
