@@ -1,5 +1,6 @@
 """Hostile bundles forged from a real export, shared by the tests that feed them to `vmkit
-import` (test_bundle_hostile.py) and to the daemon's upload routes (test_daemon_bundle_hostile.py).
+import` (test_bundle_hostile.py, test_clones_bundles.py) and to the daemon's upload routes
+(test_daemon_bundle_hostile.py).
 
 Each forgery changes one thing and recomputes the manifest's sizes and checksums (so only that
 thing trips), except the damaged ones, whose bytes no longer match their manifest at all."""
@@ -7,6 +8,7 @@ thing trips), except the damaged ones, whose bytes no longer match their manifes
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import subprocess
 import tarfile
@@ -14,9 +16,22 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tests.integration.test_clones_bundles import _rewrite_bundle
 
-rewrite_bundle = _rewrite_bundle
+def rewrite_bundle(source: Path, target: Path, replace: dict[str, bytes]) -> None:
+    """A bundle with some members replaced and a manifest that matches them (a forgery)."""
+    with tarfile.open(source) as tar:
+        members = {m.name: tar.extractfile(m).read()  # type: ignore[union-attr]
+                   for m in tar if m.isfile()}
+    members.update(replace)
+    manifest = json.loads(members.pop("manifest.json"))
+    manifest["files"] = [{"path": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
+                         for n, d in members.items()]
+    members["manifest.json"] = json.dumps(manifest).encode()
+    with tarfile.open(target, "w") as tar:
+        for name, data in members.items():
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
 
 
 def member(bundle: Path, name: str) -> bytes:
@@ -35,7 +50,7 @@ def forge_json(bundle: Path, target: Path, name: str, **changes: Any) -> Path:
         for key in parents:
             node = node[key]
         node[last] = value
-    _rewrite_bundle(bundle, target, {name: json.dumps(data).encode()})
+    rewrite_bundle(bundle, target, {name: json.dumps(data).encode()})
     return target
 
 
@@ -79,7 +94,7 @@ def forge_field_cases(bundle: Path, folder: Path, image_sha256: str) -> Forged:
 
     def disk(label: str, image: Path) -> Path:
         target = folder / f"{label}.vmkit"
-        _rewrite_bundle(bundle, target, {"disks/root.qcow2": image.read_bytes()})
+        rewrite_bundle(bundle, target, {"disks/root.qcow2": image.read_bytes()})
         return target
 
     leaning = folder / "leaning.qcow2"  # an extra disk on a host file: /etc/shadow
@@ -89,13 +104,13 @@ def forge_field_cases(bundle: Path, folder: Path, image_sha256: str) -> Forged:
     plain = folder / "plain.qcow2"
     subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(plain), "1M"], check=True)
     unnamed = folder / "volume-unnamed.vmkit"
-    _rewrite_bundle(bundle, unnamed, {"volumes/stowaway.qcow2": plain.read_bytes()})
+    rewrite_bundle(bundle, unnamed, {"volumes/stowaway.qcow2": plain.read_bytes()})
 
     def volume(label: str, image: Path) -> Path:
         target = folder / f"{label}.vmkit"
         config = json.loads(member(bundle, "vm.json"))
         config["disks"] = [{"name": "data", "size": 64 << 20}]
-        _rewrite_bundle(bundle, target, {"vm.json": json.dumps(config).encode(),
+        rewrite_bundle(bundle, target, {"vm.json": json.dumps(config).encode(),
                                          "volumes/data.qcow2": image.read_bytes()})
         return target
 
@@ -145,7 +160,7 @@ ESCAPE_TARGET = Path("/etc/evil")
 
 
 def forge_damaged(bundle: Path, folder: Path) -> list[tuple[Path, str]]:
-    """Bundles damaged in transit or by hand (as test_clones_bundles makes them): a flipped
+    """Bundles damaged in transit or by hand, each with the message that refuses it: a flipped
     byte in a disk, cut in half, a disk whose backing file is /etc/shadow, a member named
     ../../etc/evil, an active layer outside the folder."""
     data = bytearray(bundle.read_bytes())
@@ -161,13 +176,13 @@ def forge_damaged(bundle: Path, folder: Path) -> list[tuple[Path, str]]:
     with tarfile.open(bundle) as tar:
         disk_name = next(m.name for m in tar if m.name.startswith("disks/"))
     malicious = folder / "malicious.vmkit"
-    _rewrite_bundle(bundle, malicious, {disk_name: evil_disk.read_bytes()})
+    rewrite_bundle(bundle, malicious, {disk_name: evil_disk.read_bytes()})
     escape = folder / "escape.vmkit"
-    _rewrite_bundle(bundle, escape, {"../../etc/evil": b"x"})
+    rewrite_bundle(bundle, escape, {"../../etc/evil": b"x"})
     tree = json.loads(member(bundle, "snapshots.json"))
     tree["active_layer"] = "../../../etc/hostname"
     pointer = folder / "pointer.vmkit"
-    _rewrite_bundle(bundle, pointer, {"snapshots.json": json.dumps(tree).encode()})
+    rewrite_bundle(bundle, pointer, {"snapshots.json": json.dumps(tree).encode()})
     return [(tampered, "does not match its checksum"), (truncated, "truncated"),
             (malicious, "/etc/shadow"), (escape, "unexpected member"),
             (pointer, "is not a file of the bundle")]

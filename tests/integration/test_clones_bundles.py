@@ -2,19 +2,15 @@
 
 from __future__ import annotations
 
-import hashlib
-import io
-import json
 import os
 import stat
-import subprocess
-import tarfile
 import time
 from pathlib import Path
 
 import pytest
 
 from tests.integration.conftest import COUNTER, chain_is_sound, new_home, run_cli, sh
+from tests.integration.hostile_bundles import ESCAPE_TARGET, forge_damaged
 from vmkit import Host, InvalidState, InvalidValue, VmState
 
 
@@ -98,52 +94,13 @@ def test_export_import_round_trip_with_snapshots(host: Host, home: Path,
         assert renamed.config.uuid != vm.config.uuid and renamed.config.mac != vm.config.mac
 
 
-def _rewrite_bundle(source: Path, target: Path, replace: dict[str, bytes]) -> None:
-    """A bundle with some members replaced and a manifest that matches them (a forgery)."""
-    with tarfile.open(source) as tar:
-        members = {m.name: tar.extractfile(m).read() for m in tar if m.isfile()}  # type: ignore[union-attr]
-    members.update(replace)
-    manifest = json.loads(members.pop("manifest.json"))
-    manifest["files"] = [{"path": n, "size": len(d), "sha256": hashlib.sha256(d).hexdigest()}
-                         for n, d in members.items()]
-    members["manifest.json"] = json.dumps(manifest).encode()
-    with tarfile.open(target, "w") as tar:
-        for name, data in members.items():
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tar.addfile(info, io.BytesIO(data))
-
-
 def test_tampered_truncated_and_malicious_bundles_are_refused(host: Host, home: Path,
                                                               tmp_path: Path) -> None:
     vm = host.create("sealed")
     bundle = tmp_path / "sealed.vmkit"
     vm.export(bundle)
     vm.delete()
-    data = bytearray(bundle.read_bytes())
-    offset = data.index(b"QFI\xfb")  # inside the first disk image
-    data[offset + 200000] ^= 0xFF
-    tampered = tmp_path / "tampered.vmkit"
-    tampered.write_bytes(bytes(data))
-    truncated = tmp_path / "truncated.vmkit"
-    truncated.write_bytes(bundle.read_bytes()[: len(data) // 2])
-    evil_disk = tmp_path / "evil.qcow2"
-    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "raw", "-b", "/etc/shadow",
-                    str(evil_disk), "1M"], check=True)
-    with tarfile.open(bundle) as tar:
-        disk_name = next(m.name for m in tar if m.name.startswith("disks/"))
-    malicious = tmp_path / "malicious.vmkit"
-    _rewrite_bundle(bundle, malicious, {disk_name: evil_disk.read_bytes()})
-    escape = tmp_path / "escape.vmkit"
-    _rewrite_bundle(bundle, escape, {"../../etc/evil": b"x"})
-    with tarfile.open(bundle) as tar:
-        tree = json.loads(tar.extractfile("snapshots.json").read())  # type: ignore[union-attr]
-    tree["active_layer"] = "../../../etc/hostname"
-    pointer = tmp_path / "pointer.vmkit"
-    _rewrite_bundle(bundle, pointer, {"snapshots.json": json.dumps(tree).encode()})
-    cases = [(tampered, "does not match its checksum"), (truncated, "truncated"),
-             (malicious, "/etc/shadow"), (escape, "unexpected member"),
-             (pointer, "is not a file of the bundle")]
+    cases = forge_damaged(bundle, tmp_path)
     for path, message in cases:
         done = run_cli(home, "import", str(path))
         assert done.returncode == 2, (path, done.stderr)
@@ -151,6 +108,6 @@ def test_tampered_truncated_and_malicious_bundles_are_refused(host: Host, home: 
         with pytest.raises(InvalidValue):
             host.import_bundle(path, name="again")
     assert sorted(os.listdir(home / "vms")) == []  # nothing registered, nothing half-made
-    assert not Path("/etc/evil").exists()
+    assert not ESCAPE_TARGET.exists()
     host.import_bundle(bundle)  # the genuine bundle still imports
     assert host.get("sealed").state is VmState.DEFINED

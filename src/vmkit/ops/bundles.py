@@ -74,7 +74,7 @@ _MEMBER = re.compile(r"^(vm\.json|snapshots\.json|boot/[\w.-]+|(disks|volumes)/[
                      r"disks/nvram\.fd|tpm/tpm2-00\.permall|snapshots/[\w.-]+\.(state|nvram\.fd))$",
                      re.ASCII)
 MAX_BOOT_LINKS = 4  # kernel, PVH kernel, initrd: a VM's boot/ holds no more
-MAX_OVERLAY = 1 << 50  # 1 PiB: beyond what a qcow2 with 64 KiB clusters can address
+MAX_OVERLAY = 1 << 50  # 1 PiB: a qcow2 with 64 KiB clusters addresses 2 PiB at most
 _BOOT_MEMBER = re.compile(r"boot/\w[\w.-]*", re.ASCII)
 BUNDLE_MODE = 0o600  # disks and memory: readable by the exporting user only
 _MANIFEST_LIMIT = 1 << 20

@@ -370,8 +370,8 @@ def _resume(vm: VM) -> None:
     """Let the source run again whatever state the clone left it in (paused or postmigrate)."""
     try:
         with QmpConnection(vm.folder.qmp_socket, timeout=10) as qmp:
-            blockops.until_finalized(qmp)  # a send that just ended, either way
-            if qmp.execute("query-status")["status"] != "running":
+            # (a send that just ended, either way, may still be leaving finish-migrate)
+            if blockops.until_finalized(qmp) != "running":
                 qmp.execute("cont")
     except VmkitError:
         pass

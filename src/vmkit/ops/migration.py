@@ -390,8 +390,7 @@ def _source_back(held: Held, vm: VM, point: str | None) -> None:
                 time.sleep(0.02)
             qm.abandon_mirror(qmp)
             qm.reset(qmp)
-            blockops.until_finalized(qmp)
-            status = qmp.execute("query-status")["status"]
+            status = blockops.until_finalized(qmp)
             if status != "running" and record.state is VmState.RUNNING:
                 qmp.execute("cont")
     with contextlib.suppress(OSError, FileNotFoundError):

@@ -168,19 +168,19 @@ FINALIZE_GRACE = 10.0  # a migration's end to its run state's: ms here, any wait
 
 
 def until_finalized(qmp: QmpConnection, what: str = "the migration",
-                    grace: float = FINALIZE_GRACE) -> None:
+                    grace: float = FINALIZE_GRACE) -> str:
     """A source QEMU reports `completed` (or `failed`, `cancelled`) from its migration thread
     a moment before its main loop leaves finish-migrate (for postmigrate, or the state it
     had); a `cont` in between is refused ("Migration is not finalized yet"). Call it before
-    resuming a guest a migration has ended; it returns once the run state has moved on."""
+    resuming a guest a migration has ended; returns the run state it moved on to."""
     deadline = time.monotonic() + grace
     pause = 0.001
-    while qmp.execute("query-status").get("status") == "finish-migrate":
+    while (status := str(qmp.execute("query-status").get("status"))) == "finish-migrate":
         if time.monotonic() >= deadline:
             raise OperationTimeout(f"{what} was not finalized by QEMU within {grace:g}s")
         time.sleep(pause)
         pause = min(pause * 2, 0.02)
-
+    return status
 
 
 EVENT_POLL = 0.02  # between MIGRATION events, a poll for progress, timeouts and a vanished QEMU
