@@ -284,7 +284,7 @@ def run_case(a: Side, b: Side, case: Case, args: argparse.Namespace, run: int,
             "files_bytes": result.get("files_bytes"), "mbps": result.get("mbps"),
             "dirty_syncs": result.get("dirty_syncs"),
             "switchover_ms": result.get("switchover_ms"),
-            "window_s": round(after - before, 3),
+            "window_s": round(after - before, 3), "stages": result.get("stages"),
             **gaps(ticks, watcher.seen, stamps),
         }
         figures["tick_mean_ms"] = (round((ticks[-1] - ticks[0]) / (len(ticks) - 1) * 1000, 1)
@@ -440,7 +440,8 @@ def main() -> int:
                         f"{k} {figures[k]}" for k in ("cli_wall_s", "seconds", "downtime_ms",
                                                       "switchover_ms",
                                                       "memory_bytes", "guest_gap_ms",
-                                                      "host_gap_ms", "switch_gap_ms")),
+                                                      "host_gap_ms", "switch_gap_ms",
+                                                      "stages")),
                           flush=True)
                     if args.no_bare:
                         continue

@@ -46,13 +46,15 @@ FREEZE_TIMEOUT = 10.0
 
 
 def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_only: bool,
-                journal: bool | Journal = True, qmp: QmpConnection | None = None
-                ) -> SnapshotNode:
+                journal: bool | Journal = True, qmp: QmpConnection | None = None,
+                quiesce: bool = True) -> SnapshotNode:
     """Take the snapshot (the caller holds the VM's lock). With `journal`, every step is
     recorded so an interruption is rolled forward or back (`recover_take`); an operation that
     takes a helper snapshot inside its own journal passes that Journal (its steps go there,
     and its recovery calls `recover_take`: an instant clone) or False (export). `qmp`: the
-    caller's own connection to the VM's monitor (an instant clone's, mid-migration)."""
+    caller's own connection to the VM's monitor (an instant clone's, mid-migration).
+    `quiesce`: a disk-only snapshot of a running guest freezes its file systems first (a
+    move's helper does not: its layer and the mirrored layer above are the disk whole)."""
     held.require(vm.name)
     tree = load_tree(vm)
     tree.check_new(vm.name, name)
@@ -99,7 +101,7 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
         paused_by_us = freeze_tried = False
         try:
             if disk_only:
-                if was_running:
+                if was_running and quiesce:
                     freeze_tried = True
                     _step(log, "paused", frozen=True)
                     quiesced = _freeze(vm)

@@ -34,6 +34,12 @@ NBD_NODE = "vmkit-migration-nbd"
 MIRROR_JOB = "vmkit-migration-mirror"
 EXPORT = "vmkit-disk"
 _UNTHROTTLED = 1 << 40
+# GnuTLS's default order, with a pre-shared key (bound to SHA-256), skips AES-256-GCM-SHA384 and
+# lands on ChaCha20-Poly1305: 1.3 s for 200 MB of guest memory here, against 0.5 s with
+# AES-128-GCM, which the CPU's AES instructions run (measured with bare QEMU, /tmp/probe in
+# the session note). Both sides name the same order; ChaCha20 stays as the fallback for a
+# CPU without AES instructions on either side.
+TLS_PRIORITY = "NORMAL:-CIPHER-ALL:+AES-128-GCM:+CHACHA20-POLY1305"
 
 
 def write_psk(folder: Path, key_hex: str, owner: RunAs | None) -> None:
@@ -69,7 +75,7 @@ def remove_psk(folder: Path) -> None:
 def add_tls(qmp: QmpConnection, psk_dir: Path, *, server: bool) -> None:
     arguments: dict[str, Any] = {"qom-type": "tls-creds-psk", "id": TLS_ID,
                                  "endpoint": "server" if server else "client",
-                                 "dir": str(psk_dir)}
+                                 "dir": str(psk_dir), "priority": TLS_PRIORITY}
     if not server:
         arguments["username"] = PSK_USER
     qmp.execute("object-add", arguments)
