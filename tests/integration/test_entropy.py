@@ -56,7 +56,7 @@ Reseed = Callable[..., "ExecResult | None"]
 def _only_clones(source: VM, real: Reseed) -> Reseed:
     """agent.reseed that leaves `source` alone: the clone checks see the clone's reseed only,
     not one a restore of the source already did."""
-    def reseed(socket_path: Path, timeout: float, **options: str) -> ExecResult | None:
+    def reseed(socket_path: Path, timeout: float, **options: object) -> ExecResult | None:
         if socket_path == source.folder.agent_socket:
             return None
         return real(socket_path, timeout, **options)

@@ -383,25 +383,10 @@ def tell_new_identity(vm: VM) -> None:
     agent.wait_agent_ready(sock, IDENTITY_TIMEOUT)
     macs = [n.mac for n in vm.config.nics] or [vm.config.mac]
     # NICs in the guest appear in the order of the VM's NICs; each takes its new MAC and asks
-    # for the lease that goes with it (busybox udhcpc: release + renew; systemd: networkctl)
-    # shell built-ins wherever they do (hostname through /proc, udhcpc found through /proc):
-    # each program started costs 50-80 ms in a clone whose translated code is all gone
-    # (the hostname and each MAC must be set: anything else is best effort)
-    identity = (
-        f"echo {vm.name} > /proc/sys/kernel/hostname || exit 1; "
-        f"if [ -w /etc/hostname ]; then echo {vm.name} > /etc/hostname; fi; "
-        f"set -- {' '.join(macs)}; "
-        "for nic in /sys/class/net/*; do n=${nic##*/}; [ \"$n\" = lo ] && continue; "
-        "[ $# -gt 0 ] || break; ip link set dev \"$n\" address \"$1\" || exit 1; shift; "
-        "if command -v networkctl >/dev/null; then networkctl renew \"$n\"; fi; done; "
-        "for p in /proc/[0-9]*; do read -r c < $p/comm 2>/dev/null || continue; "
-        "if [ \"$c\" = udhcpc ]; then kill -USR2 ${p#/proc/}; kill -USR1 ${p#/proc/}; fi; "
-        "done; exit 0"
-    )
-    # the clone starts from its source's RNG state: credited host entropy and a forced
-    # reseed (the guest kernels here have no vmgenid driver to do it on their own), in the
-    # same guest process as the identity
-    result = agent.reseed(sock, IDENTITY_TIMEOUT, first=identity)
+    # for the lease that goes with it. The clone starts from its source's RNG state: credited
+    # host entropy and a forced reseed (the guest kernels here have no vmgenid driver to do
+    # it on their own), in the same guest process as the identity
+    result = agent.reseed(sock, IDENTITY_TIMEOUT, identity=(vm.name, macs))
     if result is None or result.exit_code == agent.RESEED_FIRST_FAILED:
         detail = result.stderr if result else "its guest agent did not answer"
         raise VmkitError(f"could not give clone {vm.name!r} its new identity: {detail}")

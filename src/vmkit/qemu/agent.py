@@ -305,25 +305,60 @@ RESEED_SCRIPT = (
 )
 
 
-RESEED_FIRST_FAILED = 3  # the exit code of reseed_argv(first=...) when `first` failed
+RESEED_FIRST_FAILED = 3  # the exit code of reseed_argv(first=...) when `first` failed, and of
+#                          the helper's --identity when the hostname or a MAC could not be set
+NOT_FOUND = 127
 
 
 def reseed_argv(first: str = "") -> list[str]:
-    """What the guest runs (stdin: the host's bytes) to credit them and reseed its RNG;
-    `first`, a shell script, runs before in the same process (one guest-exec less: each
-    costs 0.1-0.25 s on a guest that has just resumed under TCG) and exits
+    """What a guest without the helper runs (stdin: the host's bytes) to credit them and
+    reseed its RNG; `first`, a shell script, runs before in the same process (one guest-exec
+    less: each costs 0.1-0.25 s on a guest that has just resumed under TCG) and exits
     RESEED_FIRST_FAILED when it fails."""
     # a subshell: `first` may not touch "$1" (the Python reseed) nor read the host's bytes
     before = f"( {first}\n) </dev/null || exit {RESEED_FIRST_FAILED}\n" if first else ""
     return ["sh", "-c", before + RESEED_SCRIPT, "vmkit-reseed", RESEED_PYTHON]
 
 
-def reseed(socket_path: Path, timeout: float, *, first: str = "") -> ExecResult | None:
+def identity_script(hostname: str, macs: list[str]) -> str:
+    """The shell version of the helper's --identity (for a guest without the helper): the
+    hostname, each NIC other than lo in name order its MAC (each must be set: anything else
+    is best effort), and a new lease (busybox udhcpc: release + renew; systemd: networkctl).
+    Shell built-ins wherever they do (hostname through /proc, udhcpc found through /proc)."""
+    return (
+        f"echo {hostname} > /proc/sys/kernel/hostname || exit 1; "
+        f"if [ -w /etc/hostname ]; then echo {hostname} > /etc/hostname; fi; "
+        f"set -- {' '.join(macs)}; "
+        "for nic in /sys/class/net/*; do n=${nic##*/}; [ \"$n\" = lo ] && continue; "
+        "[ $# -gt 0 ] || break; ip link set dev \"$n\" address \"$1\" || exit 1; shift; "
+        "if command -v networkctl >/dev/null; then networkctl renew \"$n\"; fi; done; "
+        "for p in /proc/[0-9]*; do read -r c < $p/comm 2>/dev/null || continue; "
+        "if [ \"$c\" = udhcpc ]; then kill -USR2 ${p#/proc/}; kill -USR1 ${p#/proc/}; fi; "
+        "done; exit 0"
+    )
+
+
+def reseed(socket_path: Path, timeout: float, *,
+           identity: tuple[str, list[str]] | None = None) -> ExecResult | None:
     """Give the guest RESEED_BYTES from the host's os.urandom, credited, and make its kernel
-    reseed the CRNG now (after `first`, see reseed_argv). The guest's result (ok: reseeded);
+    reseed the CRNG now; with `identity` (hostname, MACs), an instant clone's new identity
+    first, in the same guest process. The helper (the tiny image's) does it all in one
+    program; a guest without it runs the shell and Python versions (two or three programs
+    more). The guest's result (ok: reseeded; exit RESEED_FIRST_FAILED: the identity failed);
     None when the agent did not answer within `timeout`."""
+    deadline = time.monotonic() + timeout
+    helper = [RESEED_HELPER, *(("--identity", identity[0], *identity[1]) if identity else ())]
     try:
-        return guest_exec(socket_path, reseed_argv(first), timeout=timeout,
-                          stdin=os.urandom(RESEED_BYTES))
+        try:
+            done = guest_exec(socket_path, helper, timeout=timeout,
+                              stdin=os.urandom(RESEED_BYTES))
+            if done.exit_code != NOT_FOUND:
+                return done
+        except AgentError:
+            pass  # no helper in this guest (the agent could not start it)
+        first = identity_script(*identity) if identity else ""
+        return guest_exec(socket_path, reseed_argv(first),
+                          timeout=max(1.0, deadline - time.monotonic()),
+                          stdin=os.urandom(RESEED_BYTES))  # fresh bytes: none credited twice
     except (AgentError, OperationTimeout):
         return None
