@@ -7,6 +7,11 @@ turn, --runs times: over a unix socket, over TCP on 127.0.0.1, TLS-PSK with QEMU
 priority, TLS-PSK with vmkit's. Printed per variant: the median of QEMU's total-time, and its
 ratio to the unix socket's; the last line is one JSON object. What it shows: which cipher the
 move's TLS should ask for (the choice behind TLS_PRIORITY). Run it alone (it boots a VM).
+
+Before that, without a VM: how long QEMU takes to make a TLS-PSK server endpoint (`object-add
+tls-creds-psk`, what a destination does when a move starts) from a folder with the key alone
+(QEMU generates DH parameters) and with vmkit's folder (`write_psk`: the key and RFC 7919's
+ffdhe2048).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).parent))
 
 from _common import median, scratch_host
-from vmkit.qemu import agent
+from vmkit.qemu import agent, hostinfo
 from vmkit.qemu import migrate as qm
 from vmkit.qemu.qmp import QmpConnection
 
@@ -94,12 +99,59 @@ def move(source: Any, target: Any, variant: str, psk: Path) -> dict[str, Any]:
             "bytes": ram.get("transferred")}
 
 
+def creds_ms(folder: Path) -> float:
+    """Milliseconds of one `object-add tls-creds-psk` (server) on a machine-less QEMU."""
+    proc = subprocess.Popen([hostinfo.qemu_path() or "qemu-system-x86_64", "-machine", "none",
+                             "-nodefaults", "-display", "none", "-qmp", "stdio"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdin is not None and proc.stdout is not None
+
+    def ask(command: dict[str, Any]) -> str:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(json.dumps(command) + "\n")
+        proc.stdin.flush()
+        return proc.stdout.readline()
+
+    try:
+        proc.stdout.readline()  # the greeting
+        ask({"execute": "qmp_capabilities"})
+        started = time.monotonic()
+        answer = ask({"execute": "object-add", "arguments": {
+            "qom-type": "tls-creds-psk", "id": "bench", "endpoint": "server",
+            "dir": str(folder)}})
+        took = 1000 * (time.monotonic() - started)
+        if "return" not in answer:
+            raise RuntimeError(f"object-add tls-creds-psk: {answer.strip()}")
+        ask({"execute": "quit"})
+    finally:
+        proc.wait(timeout=30)
+    return took
+
+
+def creds_figure(runs: int) -> dict[str, Any]:
+    folder = Path(tempfile.mkdtemp(prefix="vmkb-creds-"))
+    try:
+        qm.write_psk(folder / "vmkit", secrets.token_hex(32), None)
+        (folder / "key-only").mkdir()
+        shutil.copy(folder / "vmkit" / "keys.psk", folder / "key-only" / "keys.psk")
+        figures: dict[str, list[float]] = {"key-only": [], "vmkit": []}
+        for _ in range(runs):
+            for name, times in figures.items():
+                times.append(round(creds_ms(folder / name), 1))
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+    return {name: {"median_ms": median(times), "runs_ms": times}
+            for name, times in figures.items()}
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--fill-mib", type=int, default=128)
     args = parser.parse_args()
+    creds = creds_figure(max(args.runs, 5))
+    print(f"tls-creds-psk server endpoint: {creds}", flush=True)
     host = scratch_host()
     psk = Path(tempfile.mkdtemp(prefix="vmkb-psk-"))
     procs: list[subprocess.Popen[bytes]] = []
@@ -149,7 +201,8 @@ def main() -> int:
                                              / unix, 2) if unix else None,
                       "runs": runs} for name, runs in results.items()}
     print(json.dumps({"benchmark": "migrate_tls", "fill_mib": args.fill_mib,
-                      "tls_priority": qm.TLS_PRIORITY, "variants": summary}))
+                      "tls_priority": qm.TLS_PRIORITY, "server_creds": creds,
+                      "variants": summary}))
     return 0
 
 

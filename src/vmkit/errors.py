@@ -13,6 +13,7 @@
     ├── LockTimeout             another vmkit process holds the VM's lock
     ├── QemuError               QEMU failed to start, died, or refused a command
     ├── AgentError              the guest agent did not answer or failed
+    │   └── AgentRefused        it answered: it could not do that command (e.g. start a program)
     ├── OperationTimeout        a wait ran out of time
     ├── HostError               the host lacks something vmkit needs (QEMU, disk, ...)
     ├── Cancelled               an operation was cancelled at a user's request
@@ -85,6 +86,11 @@ class QemuError(VmkitError):
 
 class AgentError(VmkitError):
     pass
+
+
+class AgentRefused(AgentError):
+    """The guest agent answered, with an error: it runs, but could not do the command (a
+    program it could not start, a file it could not open)."""
 
 
 class OperationTimeout(VmkitError):
@@ -172,4 +178,4 @@ _CLASSES: dict[str, type[VmkitError]] = {
     cls.__name__: cls for cls in (
         VmkitError, RequestError, InvalidValue, NotFound, AlreadyExists, InvalidState,
         AdmissionRefused, AuthError, TooLarge, MoveRefused, LockTimeout, QemuError, AgentError,
-        OperationTimeout, HostError, ImageBuildError, Cancelled, BrokenVm)}
+        AgentRefused, OperationTimeout, HostError, ImageBuildError, Cancelled, BrokenVm)}

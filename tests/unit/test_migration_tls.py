@@ -43,3 +43,23 @@ def test_laps_add_up_per_stage(monkeypatch: pytest.MonkeyPatch) -> None:
     lap("memory")
     lap("files")  # a stage met twice adds up
     assert lap.seconds == {"files": 0.75, "memory": 1.5}
+
+
+def test_the_key_folder_carries_standard_dh_parameters(tmp_path: Path) -> None:
+    """A server endpoint without dh-params.pem makes its own (0.3-1.6 s of every move's
+    destination start): the folder holds RFC 7919's ffdhe2048, root's like the key."""
+    import base64
+
+    folder = tmp_path / "migration"
+    qm.write_psk(folder, "ab" * 32, None)
+    assert sorted(p.name for p in folder.iterdir()) == ["dh-params.pem", "keys.psk"]
+    pem = (folder / "dh-params.pem").read_text()
+    der = base64.b64decode("".join(pem.splitlines()[1:-1]))
+    # SEQUENCE { INTEGER p (256 bytes after a 0 pad), INTEGER 2 }
+    assert der[:8] == bytes.fromhex("3082010802820101") and der[8] == 0
+    prime = int.from_bytes(der[9:9 + 256], "big")
+    assert prime.bit_length() == 2048 and hex(prime).startswith("0xffffffffffffffffadf85458")
+    assert der[9 + 256:] == bytes.fromhex("020102")  # generator 2
+    assert (folder / "dh-params.pem").stat().st_mode & 0o777 == 0o600
+    qm.remove_psk(folder)
+    assert not folder.exists()

@@ -65,6 +65,7 @@ def test_hostname_and_macs_in_nic_name_order_then_the_reseed(helper: Path,
     # aa0 (up) and aa1 take the MACs in order; zz1, beyond the list, keeps its own
     assert seen["aa0"] == "52:54:00:aa:bb:01" and seen["aa1"] == "52:54:00:aa:bb:02"
     assert not seen["zz1"].startswith("52:54:00:aa:bb")
+    assert seen["vmkit-identity:"] == "set"  # how the host tells it from an older helper
     # then the reseed: with no bytes on stdin it says so (exit 1, not the identity's 3)
     assert seen["exit"] == "1" and "no bytes on stdin" in seen["stderr"]
 
@@ -75,6 +76,9 @@ def test_a_mac_that_cannot_be_set_is_the_identity_failing(helper: Path,
     assert seen["exit"] == str(agent.RESEED_FIRST_FAILED)
     assert "reading the MAC 52:54:00:aa:bb:zz" in seen["stderr"]
     assert "no bytes on stdin" not in seen["stderr"]  # the reseed was not tried
+    # every MAC is read before anything changes: no half-made identity
+    assert seen["hostname"] != "x" and seen["etc_hostname"] == "old\n"
+    assert "vmkit-identity:" not in seen
 
 
 def test_anything_else_is_a_usage_error(helper: Path, tmp_path: Path) -> None:

@@ -247,6 +247,7 @@ def migrate(vm: VM, peer: Peer, options: MigrationOptions, *, credentials: dict[
             lap("finish")
             if outcome.get("postcopy"):  # the destination runs; the last pages follow
                 outcome.update(_postcopy_tail(vm))
+                lap("postcopy_tail")
         except BaseException:
             _roll_back(held, vm, peer, mid, point, staging)
             log.end()

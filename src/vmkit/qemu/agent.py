@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, BinaryIO
 
-from vmkit.errors import AgentError, OperationTimeout, QemuError
+from vmkit.errors import AgentError, AgentRefused, OperationTimeout, QemuError
 from vmkit.model.views import ExecResult
 from vmkit.qemu import peer
 
@@ -87,8 +87,8 @@ class AgentConnection:
         reply = self._read_message(time.monotonic() + limit)
         if "error" in reply:
             error = reply["error"]
-            raise AgentError(f"guest agent command {command} failed: {error.get('desc', error)}",
-                             detail=f"sent: {json.dumps(message)}")
+            raise AgentRefused(f"guest agent command {command} failed: "
+                               f"{error.get('desc', error)}", detail=f"sent: {json.dumps(message)}")
         return reply.get("return")
 
     def _send(self, message: dict[str, Any]) -> None:
@@ -168,7 +168,8 @@ EXEC_POLL_MAX = (0.025, 0.2)
 
 def guest_exec(socket_path: Path, argv: list[str], *, timeout: float,
                stdin: bytes | None = None) -> ExecResult:
-    """Run argv in the guest, wait for it, and return its exit code and output."""
+    """Run argv in the guest, wait for it, and return its exit code and output. AgentRefused:
+    the agent could not start it (no such program, not executable)."""
     if not argv:
         raise AgentError("nothing to run: the command is empty")
     deadline = time.monotonic() + timeout
@@ -176,11 +177,14 @@ def guest_exec(socket_path: Path, argv: list[str], *, timeout: float,
         arguments: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
         if stdin is not None:
             arguments["input-data"] = base64.b64encode(stdin).decode()
-        started = conn.call("guest-exec", arguments)
+        started = conn.call("guest-exec", arguments)  # AgentRefused: not started
         pid = started["pid"]
         delay = EXEC_POLL_FIRST
         while True:
-            status = conn.call("guest-exec-status", {"pid": pid})
+            try:
+                status = conn.call("guest-exec-status", {"pid": pid})
+            except AgentRefused as exc:  # it started: never to be taken for "not started"
+                raise AgentError(exc.message, detail=exc.detail) from exc
             if status.get("exited"):
                 break
             if time.monotonic() >= deadline:
@@ -307,7 +311,7 @@ RESEED_SCRIPT = (
 
 RESEED_FIRST_FAILED = 3  # the exit code of reseed_argv(first=...) when `first` failed, and of
 #                          the helper's --identity when the hostname or a MAC could not be set
-NOT_FOUND = 127
+IDENTITY_SET = "vmkit-identity: set"  # what the helper prints once --identity is done
 
 
 def reseed_argv(first: str = "") -> list[str]:
@@ -343,22 +347,25 @@ def reseed(socket_path: Path, timeout: float, *,
     """Give the guest RESEED_BYTES from the host's os.urandom, credited, and make its kernel
     reseed the CRNG now; with `identity` (hostname, MACs), an instant clone's new identity
     first, in the same guest process. The helper (the tiny image's) does it all in one
-    program; a guest without it runs the shell and Python versions (two or three programs
-    more). The guest's result (ok: reseeded; exit RESEED_FIRST_FAILED: the identity failed);
-    None when the agent did not answer within `timeout`."""
+    program; a guest without it, or with a helper too old to know --identity (it says
+    nothing of it), runs the shell and Python versions (two or three programs more). The
+    guest's result (ok: reseeded; exit RESEED_FIRST_FAILED: the identity failed); None when
+    the agent did not answer within `timeout`."""
     deadline = time.monotonic() + timeout
     helper = [RESEED_HELPER, *(("--identity", identity[0], *identity[1]) if identity else ())]
     try:
-        try:
+        done: ExecResult | None = None
+        with contextlib.suppress(AgentRefused):  # no helper: the agent could not start it
             done = guest_exec(socket_path, helper, timeout=timeout,
                               stdin=os.urandom(RESEED_BYTES))
-            if done.exit_code != NOT_FOUND:
-                return done
-        except AgentError:
-            pass  # no helper in this guest (the agent could not start it)
+        if done is not None and (identity is None or not done.ok
+                                 or IDENTITY_SET in done.stdout.splitlines()):
+            return done
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
         first = identity_script(*identity) if identity else ""
-        return guest_exec(socket_path, reseed_argv(first),
-                          timeout=max(1.0, deadline - time.monotonic()),
+        return guest_exec(socket_path, reseed_argv(first), timeout=left,
                           stdin=os.urandom(RESEED_BYTES))  # fresh bytes: none credited twice
     except (AgentError, OperationTimeout):
         return None

@@ -10,8 +10,9 @@
  * in this one process (each program a clone starts costs 50-250 ms under TCG, its translated
  * code all gone): the hostname (kernel, and /etc/hostname when writable), each NIC other
  * than lo, in name order, the next MAC (SIOCSIFHWADDR), and every udhcpc is told to release
- * its lease and ask again (SIGUSR2, SIGUSR1). Exit 3 when the hostname or a MAC could not be
- * set (the reseed is not tried).
+ * its lease and ask again (SIGUSR2, SIGUSR1); then it prints "vmkit-identity: set" (an older
+ * helper ignored the option: the host runs its shell version then). Exit 3 when the hostname
+ * or a MAC could not be set (the reseed is not tried); every MAC is read before any change.
  *
  * Built static by vmkit's tiny image recipe: gcc -static -Os.
  */
@@ -94,8 +95,15 @@ static int identity(int count, char **args)
 {
 	const char *hostname = args[0];
 	struct dirent **nics = NULL;
+	unsigned char mac[6];
 	int fd, n, next = 1;
 
+	for (int i = 1; i < count; i++) { /* every argument checked before anything changes */
+		if (parse_mac(args[i], mac) < 0) {
+			errno = EINVAL;
+			return identity_fail("reading the MAC", args[i]);
+		}
+	}
 	if (sethostname(hostname, strlen(hostname)) < 0)
 		return identity_fail("setting the hostname", hostname);
 	fd = open("/etc/hostname", O_WRONLY | O_TRUNC | O_CLOEXEC | O_NOFOLLOW);
@@ -120,15 +128,15 @@ static int identity(int count, char **args)
 		}
 		memcpy(request.ifr_name, nics[i]->d_name, strlen(nics[i]->d_name));
 		request.ifr_hwaddr.sa_family = ARPHRD_ETHER;
-		if (parse_mac(args[next], (unsigned char *)request.ifr_hwaddr.sa_data) < 0) {
-			errno = EINVAL;
-			return identity_fail("reading the MAC", args[next]);
-		}
+		parse_mac(args[next], (unsigned char *)request.ifr_hwaddr.sa_data);
 		if (ioctl(fd, SIOCSIFHWADDR, &request) < 0)
 			return identity_fail("setting the MAC of", nics[i]->d_name);
 	}
 	close(fd);
 	renew_leases();
+	/* the host tells this helper from an older one, which ignored --identity */
+	printf("vmkit-identity: set\n");
+	fflush(stdout);
 	return 0;
 }
 

@@ -1,0 +1,140 @@
+"""agent.reseed's choice between the guest's helper and the shell version, against a scripted
+guest agent on a UNIX socket: the shell runs only when the helper could not be started or is
+too old to know --identity; never after the helper started, never past the caller's time."""
+
+from __future__ import annotations
+
+import base64
+import json
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from vmkit.qemu import agent
+
+
+class FakeAgent:
+    """Answers guest-sync and guest-exec as a guest would; `programs` says what each program
+    does: ("missing",) the agent cannot start it; ("exit", code, stdout) it runs; a status
+    error after the start with ("status-error",)."""
+
+    def __init__(self, path: Path, programs: dict[str, tuple[Any, ...]], *,
+                 silent: bool = False) -> None:
+        self.started: list[list[str]] = []
+        self.programs, self.silent = programs, silent
+        self._pids: dict[int, tuple[Any, ...]] = {}
+        self._server = socket.socket(socket.AF_UNIX)
+        self._server.bind(str(path))
+        self._server.listen(4)
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self._server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
+
+    def _reply(self, conn: socket.socket, body: dict[str, Any], *, sync: bool = False) -> None:
+        conn.sendall((b"\xff" if sync else b"") + json.dumps(body).encode() + b"\n")
+
+    def _serve(self, conn: socket.socket) -> None:
+        for raw in conn.makefile("rb"):
+            line = raw.lstrip(b"\xff").strip()
+            if not line or self.silent:
+                continue
+            message = json.loads(line)
+            command, arguments = message["execute"], message.get("arguments", {})
+            if command == "guest-sync-delimited":
+                self._reply(conn, {"return": arguments["id"]}, sync=True)
+            elif command == "guest-exec":
+                argv = [arguments["path"], *arguments.get("arg", [])]
+                self.started.append(argv)
+                does = self.programs.get(arguments["path"], ("missing",))
+                if does[0] == "missing":
+                    self._reply(conn, {"error": {"class": "GenericError", "desc": (
+                        f"Failed to execute child process “{argv[0]}” (No such file)")}})
+                    continue
+                pid = len(self.started)
+                self._pids[pid] = does
+                self._reply(conn, {"return": {"pid": pid}})
+            elif command == "guest-exec-status":
+                does = self._pids[arguments["pid"]]
+                if does[0] == "status-error":
+                    self._reply(conn, {"error": {"class": "GenericError",
+                                                 "desc": "Invalid parameter 'pid'"}})
+                    continue
+                self._reply(conn, {"return": {"exited": True, "exitcode": does[1],
+                                              "out-data": base64.b64encode(
+                                                  does[2].encode()).decode()}})
+
+    def close(self) -> None:
+        self._server.close()
+
+
+@pytest.fixture
+def sock(tmp_path: Path) -> Iterator[Path]:
+    yield tmp_path / "agent.sock"
+
+
+def _agent(path: Path, programs: dict[str, tuple[Any, ...]], **kw: Any) -> FakeAgent:
+    return FakeAgent(path, programs, **kw)
+
+
+IDENTITY = ("c1", ["52:54:00:00:00:01"])
+
+
+def test_the_helper_alone_when_it_says_the_identity_is_set(sock: Path) -> None:
+    fake = _agent(sock, {agent.RESEED_HELPER: ("exit", 0, agent.IDENTITY_SET + "\n")})
+    done = agent.reseed(sock, 10, identity=IDENTITY)
+    assert done is not None and done.ok
+    assert fake.started == [[agent.RESEED_HELPER, "--identity", "c1", "52:54:00:00:00:01"]]
+
+
+def test_no_helper_runs_the_shell_version(sock: Path) -> None:
+    fake = _agent(sock, {"sh": ("exit", 0, "")})
+    done = agent.reseed(sock, 10, identity=IDENTITY)
+    assert done is not None and done.ok
+    assert [argv[0] for argv in fake.started] == [agent.RESEED_HELPER, "sh"]
+    assert "c1" in fake.started[1][2] and "52:54:00:00:00:01" in fake.started[1][2]
+
+
+def test_an_old_helper_that_ignored_identity_is_followed_by_the_shell_version(
+        sock: Path) -> None:
+    fake = _agent(sock, {agent.RESEED_HELPER: ("exit", 0, ""), "sh": ("exit", 0, "")})
+    done = agent.reseed(sock, 10, identity=IDENTITY)
+    assert done is not None and done.ok
+    assert [argv[0] for argv in fake.started] == [agent.RESEED_HELPER, "sh"]
+
+
+def test_a_restore_takes_the_helpers_reseed_as_it_is(sock: Path) -> None:
+    fake = _agent(sock, {agent.RESEED_HELPER: ("exit", 0, "")})
+    done = agent.reseed(sock, 10)
+    assert done is not None and done.ok and len(fake.started) == 1
+
+
+def test_a_failed_identity_is_not_run_again(sock: Path) -> None:
+    fake = _agent(sock, {agent.RESEED_HELPER: ("exit", agent.RESEED_FIRST_FAILED, "")})
+    done = agent.reseed(sock, 10, identity=IDENTITY)
+    assert done is not None and done.exit_code == agent.RESEED_FIRST_FAILED
+    assert len(fake.started) == 1
+
+
+def test_a_helper_that_started_is_never_run_twice(sock: Path) -> None:
+    """An error after the start (its status) is the agent failing, not a missing helper."""
+    fake = _agent(sock, {agent.RESEED_HELPER: ("status-error",), "sh": ("exit", 0, "")})
+    assert agent.reseed(sock, 10, identity=IDENTITY) is None
+    assert len(fake.started) == 1
+
+
+def test_a_silent_agent_costs_the_callers_time_once(sock: Path) -> None:
+    _agent(sock, {}, silent=True)
+    started = time.monotonic()
+    assert agent.reseed(sock, 1.5) is None
+    assert time.monotonic() - started < 2.9  # not a second try after the first ran out
