@@ -60,6 +60,7 @@ bench: setup
 	$(VENV)/bin/python bench/guest_boot.py
 	$(VENV)/bin/python bench/network.py
 	$(VENV)/bin/python bench/migrate.py
+	$(VENV)/bin/python bench/migrate_tls.py
 	$(VENV)/bin/python bench/libvirt.py
 
 clean:
