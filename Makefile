@@ -13,7 +13,7 @@ run: setup
 	$(VENV)/bin/python scripts/demo.py
 
 test: setup lint
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=30 tests
 
 setup: deps venv bytecode web image
 
@@ -49,7 +49,7 @@ lint: venv
 	$(VENV)/bin/mypy
 
 unit: venv
-	$(VENV)/bin/python -m pytest -q -p no:cacheprovider tests/unit tests/golden
+	$(VENV)/bin/python -m pytest -q -p no:cacheprovider --durations=30 tests/unit tests/golden
 
 bench: setup
 	$(VENV)/bin/python bench/cli.py

@@ -115,6 +115,16 @@ def _busy_guest(host: Host, name: str) -> tuple[VM, str]:
     return vm, known
 
 
+def _rounds_pass(vm: VM, since: int, within: float = 20.0) -> bool:
+    """Whether the guest's dirtying loop counts past `since` within `within` seconds."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if int(sh(vm, "cat /run/rounds")) > since:
+            return True
+        time.sleep(0.5)
+    return False
+
+
 def test_a_live_snapshot_of_a_guest_dirtying_memory_pauses_it_briefly_and_restores_exactly(
         host: Host) -> None:
     """The memory is saved while the guest runs (QEMU re-sends what it dirties) and the guest
@@ -159,9 +169,11 @@ def test_an_instant_clone_of_a_guest_dirtying_memory_pauses_it_briefly_and_copie
     assert sh(vm, "sha256sum /run/known") == known
     copied = int(sh(clone, "cat /run/rounds"))
     assert copied >= before  # the clone starts where the source was at the switch-over
-    time.sleep(3)
-    assert int(sh(clone, "cat /run/rounds")) > copied  # the copied loop runs in the clone
-    assert int(sh(vm, "cat /run/rounds")) > copied  # and the source's own goes on
+    # each guest's loop is measured against its own count: the two share 2 host cores, so
+    # either may run ahead of the other
+    source_after = int(sh(vm, "cat /run/rounds"))
+    assert _rounds_pass(clone, copied)  # the copied loop runs in the clone
+    assert _rounds_pass(vm, source_after)  # and the source's own goes on
     assert sh(clone, "hostname") == "busyc2"
     chain_is_sound(vm.folder.path)
     chain_is_sound(clone.folder.path)

@@ -22,15 +22,15 @@ INSIDE = """
 set -e
 mount -t sysfs sysfs /sys
 mount --bind "$2" /etc/hostname
-ip link add zz1 type veth peer name zz2
-ip link add aa0 type veth peer name aa1
-ip link set aa0 up
+ip link add eth10 type veth peer name eth11
+ip link add eth2 type veth peer name eth3
+ip link set eth2 up
 set +e
 "$1" "$3" "$4" "$5" "$6" < /dev/null
 echo "exit $?"
 set -e
 echo "hostname $(hostname)"
-for n in aa0 aa1 zz1; do echo "$n $(cat /sys/class/net/$n/address)"; done
+for n in eth10 eth11 eth2 eth3; do echo "$n $(cat /sys/class/net/$n/address)"; done
 """
 
 
@@ -57,17 +57,36 @@ def _identity(helper: Path, tmp_path: Path, *args: str) -> dict[str, str]:
     return seen
 
 
-def test_hostname_and_macs_in_nic_name_order_then_the_reseed(helper: Path,
-                                                              tmp_path: Path) -> None:
+def test_hostname_and_macs_in_nic_registration_order_then_the_reseed(helper: Path,
+                                                                      tmp_path: Path) -> None:
     seen = _identity(helper, tmp_path, "--identity", "clone-7", "52:54:00:aa:bb:01",
                      "52:54:00:aa:bb:02")
     assert seen["hostname"] == "clone-7" and seen["etc_hostname"] == "clone-7\n"
-    # aa0 (up) and aa1 take the MACs in order; zz1, beyond the list, keeps its own
-    assert seen["aa0"] == "52:54:00:aa:bb:01" and seen["aa1"] == "52:54:00:aa:bb:02"
-    assert not seen["zz1"].startswith("52:54:00:aa:bb")
+    _macs_in_registration_order(seen)
     assert seen["vmkit-identity:"] == "set"  # how the host tells it from an older helper
     # then the reseed: with no bytes on stdin it says so (exit 1, not the identity's 3)
     assert seen["exit"] == "1" and "no bytes on stdin" in seen["stderr"]
+
+
+def _macs_in_registration_order(seen: dict[str, str]) -> None:
+    """The pair eth10/eth11 was made first, and a veth's peer is registered before it
+    (ifindex 2: eth11, 3: eth10): they take the MACs in that order (by name eth10, then eth11,
+    eth2 and eth3 would); eth3 and eth2 (up), beyond the list, keep their own."""
+    assert seen["eth11"] == "52:54:00:aa:bb:01" and seen["eth10"] == "52:54:00:aa:bb:02"
+    assert not seen["eth2"].startswith("52:54:00:aa:bb")
+    assert not seen["eth3"].startswith("52:54:00:aa:bb")
+
+
+def test_the_shell_version_sets_the_same_macs_in_the_same_order(tmp_path: Path) -> None:
+    """What a guest without the helper runs (debian-12, older tiny images)."""
+    script = tmp_path / "identity.sh"
+    script.write_text("#!/bin/sh\n" + agent.identity_script("clone-8", ["52:54:00:aa:bb:01",
+                                                        "52:54:00:aa:bb:02"]))
+    script.chmod(0o755)
+    seen = _identity(script, tmp_path)
+    assert seen["exit"] == "0", seen["stderr"]
+    assert seen["hostname"] == "clone-8"
+    _macs_in_registration_order(seen)
 
 
 def test_a_mac_that_cannot_be_set_is_the_identity_failing(helper: Path,

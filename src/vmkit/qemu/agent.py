@@ -326,14 +326,19 @@ def reseed_argv(first: str = "") -> list[str]:
 
 def identity_script(hostname: str, macs: list[str]) -> str:
     """The shell version of the helper's --identity (for a guest without the helper): the
-    hostname, each NIC other than lo in name order its MAC (each must be set: anything else
-    is best effort), and a new lease (busybox udhcpc: release + renew; systemd: networkctl).
-    Shell built-ins wherever they do (hostname through /proc, udhcpc found through /proc)."""
+    hostname, each Ethernet NIC in ifindex order (the kernel's registration order, i.e. the
+    NIC slots' PCI order; names sort enp10s0 before enp2s0) its MAC (each must be set: anything
+    else is best effort), and a new lease (busybox udhcpc: release + renew; systemd:
+    networkctl). Shell built-ins wherever they do (hostname through /proc, udhcpc found
+    through /proc)."""
     return (
         f"echo {hostname} > /proc/sys/kernel/hostname || exit 1; "
         f"if [ -w /etc/hostname ]; then echo {hostname} > /etc/hostname; fi; "
         f"set -- {' '.join(macs)}; "
-        "for nic in /sys/class/net/*; do n=${nic##*/}; [ \"$n\" = lo ] && continue; "
+        "nics=$(for d in /sys/class/net/*; do read -r t 2>/dev/null < $d/type || continue; "
+        "[ \"$t\" = 1 ] && read -r i < $d/ifindex && echo \"$i ${d##*/}\"; done "
+        "| sort -n | cut -d' ' -f2); "
+        "for n in $nics; do "
         "[ $# -gt 0 ] || break; ip link set dev \"$n\" address \"$1\" || exit 1; shift; "
         "if command -v networkctl >/dev/null; then networkctl renew \"$n\"; fi; done; "
         "for p in /proc/[0-9]*; do read -r c < $p/comm 2>/dev/null || continue; "

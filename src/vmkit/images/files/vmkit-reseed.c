@@ -8,8 +8,10 @@
  *
  * `vmkit-reseed --identity HOSTNAME [MAC...]` first gives an instant clone its own identity,
  * in this one process (each program a clone starts costs 50-250 ms under TCG, its translated
- * code all gone): the hostname (kernel, and /etc/hostname when writable), each NIC other
- * than lo, in name order, the next MAC (SIOCSIFHWADDR), and every udhcpc is told to release
+ * code all gone): the hostname (kernel, and /etc/hostname when writable), each Ethernet NIC
+ * in the order the kernel registered them (ifindex: the PCI order of the VM's NIC slots; names
+ * sort eth10 before eth2, enp10s0 before enp2s0) the next MAC (SIOCSIFHWADDR), and every
+ * udhcpc is told to release
  * its lease and ask again (SIGUSR2, SIGUSR1); then it prints "vmkit-identity: set" (an older
  * helper ignored the option: the host runs its shell version then). Exit 3 when the hostname
  * or a MAC could not be set (the reseed is not tried); every MAC is read before any change.
@@ -59,9 +61,33 @@ static int parse_mac(const char *text, unsigned char mac[6])
 	return 0;
 }
 
-static int not_dot(const struct dirent *entry)
+/* A number read from /sys/class/net/NAME/WHAT; -1 when there is none (not a device). */
+static long net_number(const char *name, const char *what)
 {
-	return entry->d_name[0] != '.' && strcmp(entry->d_name, "lo") != 0;
+	char path[300], text[32] = "";
+	FILE *file;
+
+	snprintf(path, sizeof(path), "/sys/class/net/%s/%s", name, what);
+	file = fopen(path, "re");
+	if (file == NULL)
+		return -1;
+	if (fgets(text, sizeof(text), file) == NULL)
+		text[0] = '\0';
+	fclose(file);
+	return isdigit((unsigned char)text[0]) ? strtol(text, NULL, 10) : -1;
+}
+
+/* Ethernet devices only: not lo, a tunnel, or a file such as bonding_masters */
+static int ethernet(const struct dirent *entry)
+{
+	return entry->d_name[0] != '.' && net_number(entry->d_name, "type") == ARPHRD_ETHER;
+}
+
+static int by_ifindex(const struct dirent **a, const struct dirent **b)
+{
+	long x = net_number((*a)->d_name, "ifindex"), y = net_number((*b)->d_name, "ifindex");
+
+	return (x > y) - (x < y);
 }
 
 static void renew_leases(void)
@@ -112,7 +138,7 @@ static int identity(int count, char **args)
 			perror("vmkit-reseed: /etc/hostname");
 		close(fd);
 	}
-	n = scandir("/sys/class/net", &nics, not_dot, alphasort);
+	n = scandir("/sys/class/net", &nics, ethernet, by_ifindex);
 	if (n < 0)
 		return identity_fail("listing", "/sys/class/net");
 	fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
