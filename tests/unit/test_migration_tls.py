@@ -4,11 +4,13 @@ with a SHA-256 key), which carried guest memory 2.4x slower here; and a move's s
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from vmkit.isolation.jail import RunAs
 from vmkit.ops.migration import Laps
 from vmkit.qemu import migrate as qm
 
@@ -63,3 +65,30 @@ def test_the_key_folder_carries_standard_dh_parameters(tmp_path: Path) -> None:
     assert (folder / "dh-params.pem").stat().st_mode & 0o777 == 0o600
     qm.remove_psk(folder)
     assert not folder.exists()
+
+
+def test_credentials_left_by_another_vmkit_do_not_block_a_move(tmp_path: Path) -> None:
+    """A folder a crash left with a file this version does not know (an older or newer
+    vmkit's) is replaced, not a raw error that stops every later move of the VM."""
+    folder = tmp_path / "migration"
+    folder.mkdir()
+    (folder / "keys.psk").write_text("old\n")
+    (folder / "something-else").write_text("x")
+    (folder / "nested").mkdir()
+    qm.write_psk(folder, "cd" * 32, None)
+    assert sorted(p.name for p in folder.iterdir()) == ["dh-params.pem", "keys.psk"]
+    assert (folder / "keys.psk").read_text().endswith(":" + "cd" * 32 + "\n")
+    qm.remove_psk(folder)
+    qm.remove_psk(folder)  # nothing there is fine
+    assert not folder.exists()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="chown needs root")
+def test_only_root_and_the_vms_group_read_the_key(tmp_path: Path) -> None:
+    folder = tmp_path / "migration"
+    qm.write_psk(folder, "ef" * 32, RunAs(uid=2_000_123, gid=2_000_123))
+    assert (folder.stat().st_uid, folder.stat().st_gid) == (0, 2_000_123)
+    assert folder.stat().st_mode & 0o777 == 0o750
+    for name in qm.CREDENTIAL_FILES:
+        info = (folder / name).stat()
+        assert (info.st_uid, info.st_gid, info.st_mode & 0o777) == (0, 2_000_123, 0o640)

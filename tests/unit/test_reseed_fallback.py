@@ -21,7 +21,9 @@ from vmkit.qemu import agent
 class FakeAgent:
     """Answers guest-sync and guest-exec as a guest would; `programs` says what each program
     does: ("missing",) the agent cannot start it; ("exit", code, stdout) it runs; a status
-    error after the start with ("status-error",)."""
+    error after the start with ("status-error",); ("runs-then-stalls", seconds) it runs, and
+    after `seconds` the agent stops answering; ("says", reply) guest-exec's `return` is
+    `reply`; ("outputs", status) its status is `status`."""
 
     def __init__(self, path: Path, programs: dict[str, tuple[Any, ...]], *,
                  silent: bool = False) -> None:
@@ -61,11 +63,22 @@ class FakeAgent:
                     self._reply(conn, {"error": {"class": "GenericError", "desc": (
                         f"Failed to execute child process “{argv[0]}” (No such file)")}})
                     continue
+                if does[0] == "says":
+                    self._reply(conn, {"return": does[1]})
+                    continue
                 pid = len(self.started)
-                self._pids[pid] = does
+                self._pids[pid] = does if does[0] != "runs-then-stalls" else (
+                    "stalls-at", time.monotonic() + does[1])
                 self._reply(conn, {"return": {"pid": pid}})
             elif command == "guest-exec-status":
                 does = self._pids[arguments["pid"]]
+                if does[0] == "stalls-at":
+                    if time.monotonic() < does[1]:
+                        self._reply(conn, {"return": {"exited": False}})
+                    continue  # from then on: no answer
+                if does[0] == "outputs":
+                    self._reply(conn, {"return": does[1]})
+                    continue
                 if does[0] == "status-error":
                     self._reply(conn, {"error": {"class": "GenericError",
                                                  "desc": "Invalid parameter 'pid'"}})
@@ -78,13 +91,19 @@ class FakeAgent:
         self._server.close()
 
 
+_MADE: list[FakeAgent] = []
+
+
 @pytest.fixture
 def sock(tmp_path: Path) -> Iterator[Path]:
     yield tmp_path / "agent.sock"
+    while _MADE:
+        _MADE.pop().close()
 
 
 def _agent(path: Path, programs: dict[str, tuple[Any, ...]], **kw: Any) -> FakeAgent:
-    return FakeAgent(path, programs, **kw)
+    _MADE.append(FakeAgent(path, programs, **kw))
+    return _MADE[-1]
 
 
 IDENTITY = ("c1", ["52:54:00:00:00:01"])
@@ -137,4 +156,29 @@ def test_a_silent_agent_costs_the_callers_time_once(sock: Path) -> None:
     _agent(sock, {}, silent=True)
     started = time.monotonic()
     assert agent.reseed(sock, 1.5) is None
-    assert time.monotonic() - started < 2.9  # not a second try after the first ran out
+    assert time.monotonic() - started < 2.0  # not a second try after the first ran out
+
+
+def test_an_agent_that_stops_answering_midway_costs_no_more_than_the_callers_time(
+        sock: Path) -> None:
+    """Each call waits for what is left, not for a whole timeout of its own (a status
+    request sent at 1.2 s of 1.5 waited 1.5 s more)."""
+    _agent(sock, {agent.RESEED_HELPER: ("runs-then-stalls", 1.2)})
+    started = time.monotonic()
+    assert agent.reseed(sock, 1.5) is None
+    assert time.monotonic() - started < 1.9
+
+
+@pytest.mark.parametrize("does", [
+    ("says", None), ("says", {"pid": "7"}), ("says", []),
+    ("outputs", "done"), ("outputs", {"exited": True, "exitcode": "0"}),
+    ("outputs", {"exited": True, "exitcode": 0, "out-data": "not base64!"}),
+    ("outputs", {"exited": True, "exitcode": 0, "out-data": 12}),
+])
+def test_a_malformed_agent_reply_is_an_agent_error(sock: Path, does: tuple[Any, ...]) -> None:
+    """The guest's replies are untrusted: a reply of another shape is the agent failing (a
+    restore that succeeded is not reported as vmkit's bug), never a TypeError."""
+    _agent(sock, {agent.RESEED_HELPER: does})
+    with pytest.raises(agent.AgentError):
+        agent.guest_exec(sock, [agent.RESEED_HELPER], timeout=5)
+    assert agent.reseed(sock, 5) is None

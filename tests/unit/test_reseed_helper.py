@@ -15,23 +15,40 @@ from vmkit.images import tiny
 from vmkit.qemu import agent
 
 pytestmark = pytest.mark.skipif(
-    os.geteuid() != 0 or shutil.which("gcc") is None or shutil.which("unshare") is None,
-    reason="needs root (namespaces) and gcc")
+    os.geteuid() != 0 or any(shutil.which(tool) is None
+                             for tool in ("gcc", "unshare", "ip", "mount")),
+    reason="needs root (namespaces), gcc, ip and mount")
 
-INSIDE = """
+# Registration order (ifindex) in the namespace: lo 1, eth11 2 (a veth's peer comes first),
+# eth10 3, br9 4 (a bridge the guest made: no device behind it), eth3 5, eth2 6. A VM's NICs
+# have a device behind them (/sys/class/net/NAME/device); veths have none, so the test shows
+# the helper a copy of /sys/class/net where the eth* have one (the MACs are set for real).
+INSIDE = r"""
 set -e
+helper=$1 etc_hostname=$2; shift 2
 mount -t sysfs sysfs /sys
-mount --bind "$2" /etc/hostname
+mount --bind "$etc_hostname" /etc/hostname
 ip link add eth10 type veth peer name eth11
+ip link add br9 type bridge
 ip link add eth2 type veth peer name eth3
 ip link set eth2 up
+view=$(mktemp -d)
+for d in /sys/class/net/*; do
+    n=${d##*/}; [ -d "$d" ] || continue
+    mkdir "$view/$n"; cat "$d/type" > "$view/$n/type"; cat "$d/ifindex" > "$view/$n/ifindex"
+    case $n in eth*) ln -s /sys/devices/virtual "$view/$n/device";; esac
+done
+mount --bind "$view" /sys/class/net
 set +e
-"$1" "$3" "$4" "$5" "$6" < /dev/null
+"$helper" "$@" < /dev/null
 echo "exit $?"
 set -e
 echo "hostname $(hostname)"
-for n in eth10 eth11 eth2 eth3; do echo "$n $(cat /sys/class/net/$n/address)"; done
+for n in eth10 eth11 eth2 eth3 br9; do
+    echo "$n $(ip -o link show dev $n | sed 's|.*link/ether \([^ ]*\).*|\1|')"
+done
 """
+MACS = ["52:54:00:aa:bb:01", "52:54:00:aa:bb:02", "52:54:00:aa:bb:03"]
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +62,16 @@ def helper(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def _identity(helper: Path, tmp_path: Path, *args: str) -> dict[str, str]:
     etc_hostname = tmp_path / "hostname"
     etc_hostname.write_text("old\n")
-    padded = [*args, "", "", "", ""][:4]
+    # a networkctl that does nothing: the real one would ask the host's networkd to renew
+    stubs = tmp_path / "stubs"
+    stubs.mkdir(exist_ok=True)
+    (stubs / "networkctl").write_text("#!/bin/sh\nexit 0\n")
+    (stubs / "networkctl").chmod(0o755)
     done = subprocess.run(
         ["unshare", "--uts", "--net", "--mount", "--pid", "--fork", "--mount-proc",
-         "sh", "-c", INSIDE, "inside", str(helper), str(etc_hostname), *padded],
-        capture_output=True, text=True, timeout=60, check=False)
+         "sh", "-c", INSIDE, "inside", str(helper), str(etc_hostname), *args],
+        capture_output=True, text=True, timeout=60, check=False,
+        env={**os.environ, "PATH": f"{stubs}:{os.environ.get('PATH', '/usr/bin:/bin')}"})
     assert done.returncode == 0, done.stderr
     seen = dict(line.split(" ", 1) for line in done.stdout.splitlines())
     seen["stderr"] = done.stderr
@@ -57,10 +79,25 @@ def _identity(helper: Path, tmp_path: Path, *args: str) -> dict[str, str]:
     return seen
 
 
+def _macs_in_registration_order(seen: dict[str, str]) -> None:
+    """eth11, eth10 and eth3 take the MACs in that order (by name: eth10, eth11, eth2); the
+    bridge between them is skipped, and eth2 (up), beyond the list, keeps its own."""
+    assert (seen["eth11"], seen["eth10"], seen["eth3"]) == tuple(MACS), seen
+    assert not seen["eth2"].startswith("52:54:00:aa:bb")
+    assert not seen["br9"].startswith("52:54:00:aa:bb")
+
+
+def _shell_version(tmp_path: Path, macs: list[str]) -> Path:
+    """What a guest without the helper runs (debian-12, older tiny images), as a script."""
+    script = tmp_path / "identity.sh"
+    script.write_text("#!/bin/sh\n" + agent.identity_script("clone-8", macs))
+    script.chmod(0o755)
+    return script
+
+
 def test_hostname_and_macs_in_nic_registration_order_then_the_reseed(helper: Path,
                                                                       tmp_path: Path) -> None:
-    seen = _identity(helper, tmp_path, "--identity", "clone-7", "52:54:00:aa:bb:01",
-                     "52:54:00:aa:bb:02")
+    seen = _identity(helper, tmp_path, "--identity", "clone-7", *MACS)
     assert seen["hostname"] == "clone-7" and seen["etc_hostname"] == "clone-7\n"
     _macs_in_registration_order(seen)
     assert seen["vmkit-identity:"] == "set"  # how the host tells it from an older helper
@@ -68,25 +105,25 @@ def test_hostname_and_macs_in_nic_registration_order_then_the_reseed(helper: Pat
     assert seen["exit"] == "1" and "no bytes on stdin" in seen["stderr"]
 
 
-def _macs_in_registration_order(seen: dict[str, str]) -> None:
-    """The pair eth10/eth11 was made first, and a veth's peer is registered before it
-    (ifindex 2: eth11, 3: eth10): they take the MACs in that order (by name eth10, then eth11,
-    eth2 and eth3 would); eth3 and eth2 (up), beyond the list, keep their own."""
-    assert seen["eth11"] == "52:54:00:aa:bb:01" and seen["eth10"] == "52:54:00:aa:bb:02"
-    assert not seen["eth2"].startswith("52:54:00:aa:bb")
-    assert not seen["eth3"].startswith("52:54:00:aa:bb")
-
-
 def test_the_shell_version_sets_the_same_macs_in_the_same_order(tmp_path: Path) -> None:
-    """What a guest without the helper runs (debian-12, older tiny images)."""
-    script = tmp_path / "identity.sh"
-    script.write_text("#!/bin/sh\n" + agent.identity_script("clone-8", ["52:54:00:aa:bb:01",
-                                                        "52:54:00:aa:bb:02"]))
-    script.chmod(0o755)
-    seen = _identity(script, tmp_path)
+    seen = _identity(_shell_version(tmp_path, MACS), tmp_path)
     assert seen["exit"] == "0", seen["stderr"]
     assert seen["hostname"] == "clone-8"
     _macs_in_registration_order(seen)
+
+
+def test_a_mac_left_without_a_nic_is_the_identity_failing(helper: Path,
+                                                          tmp_path: Path) -> None:
+    """Five MACs, four NICs (the bridge is none): a clone never keeps its source's MAC on a
+    NIC it failed to find, and says so."""
+    macs, extra = [*MACS, "52:54:00:aa:bb:04"], "52:54:00:aa:bb:05"
+    seen = _identity(helper, tmp_path, "--identity", "clone-9", *macs, extra)
+    assert seen["exit"] == str(agent.RESEED_FIRST_FAILED), seen
+    assert f"finding a NIC for {extra}" in seen["stderr"]
+    assert "vmkit-identity:" not in seen and "no bytes on stdin" not in seen["stderr"]
+    assert seen["eth2"] == macs[3] and not seen["br9"].startswith("52:54:00:aa:bb")
+    shell = _identity(_shell_version(tmp_path, [*macs, extra]), tmp_path)
+    assert shell["exit"] == "1" and f"no NIC left for {extra}" in shell["stderr"], shell
 
 
 def test_a_mac_that_cannot_be_set_is_the_identity_failing(helper: Path,

@@ -12,6 +12,7 @@ import contextlib
 import json
 import os
 import random
+import shlex
 import socket
 import time
 from collections.abc import Iterator
@@ -87,8 +88,9 @@ class AgentConnection:
         reply = self._read_message(time.monotonic() + limit)
         if "error" in reply:
             error = reply["error"]
-            raise AgentRefused(f"guest agent command {command} failed: "
-                               f"{error.get('desc', error)}", detail=f"sent: {json.dumps(message)}")
+            said = error.get("desc", error) if isinstance(error, dict) else error
+            raise AgentRefused(f"guest agent command {command} failed: {str(said)[:300]}",
+                               detail=f"sent: {json.dumps(message)}")
         return reply.get("return")
 
     def _send(self, message: dict[str, Any]) -> None:
@@ -173,18 +175,30 @@ def guest_exec(socket_path: Path, argv: list[str], *, timeout: float,
     if not argv:
         raise AgentError("nothing to run: the command is empty")
     deadline = time.monotonic() + timeout
-    with AgentConnection(socket_path, timeout=min(timeout, 10.0)) as conn:
+
+    def left() -> float:
+        """Every call waits only for what is left of `timeout` (and at most 10 s)."""
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise OperationTimeout(f"command {argv[0]!r} in the guest did not finish "
+                                   f"within {timeout:g}s")
+        return min(remaining, 10.0)
+
+    with AgentConnection(socket_path, timeout=left()) as conn:
         arguments: dict[str, Any] = {"path": argv[0], "arg": argv[1:], "capture-output": True}
         if stdin is not None:
             arguments["input-data"] = base64.b64encode(stdin).decode()
-        started = conn.call("guest-exec", arguments)  # AgentRefused: not started
-        pid = started["pid"]
+        started = conn.call("guest-exec", arguments, timeout=left())  # AgentRefused: not run
+        pid = _field(started, "pid", int, "guest-exec")
         delay = EXEC_POLL_FIRST
         while True:
             try:
-                status = conn.call("guest-exec-status", {"pid": pid})
+                status = conn.call("guest-exec-status", {"pid": pid}, timeout=left())
             except AgentRefused as exc:  # it started: never to be taken for "not started"
                 raise AgentError(exc.message, detail=exc.detail) from exc
+            if not isinstance(status, dict):
+                raise AgentError(f"the guest agent's guest-exec-status is not an object: "
+                                 f"{str(status)[:80]!r}")
             if status.get("exited"):
                 break
             if time.monotonic() >= deadline:
@@ -193,12 +207,31 @@ def guest_exec(socket_path: Path, argv: list[str], *, timeout: float,
             time.sleep(delay)
             fast = time.monotonic() < deadline - timeout + EXEC_POLL_FAST
             delay = min(EXEC_POLL_MAX[0] if fast else EXEC_POLL_MAX[1], delay * 1.5)
-    return ExecResult(
-        exit_code=status.get("exitcode"),
-        signal=status.get("signal"),
-        stdout=base64.b64decode(status.get("out-data", "")).decode(errors="replace"),
-        stderr=base64.b64decode(status.get("err-data", "")).decode(errors="replace"),
-    )
+    exit_code, signal = status.get("exitcode"), status.get("signal")
+    if not isinstance(exit_code, int | None) or not isinstance(signal, int | None):
+        raise AgentError("the guest agent's guest-exec-status has a non-integer exit code "
+                         "or signal")
+    return ExecResult(exit_code=exit_code, signal=signal,
+                      stdout=_output(status, "out-data"), stderr=_output(status, "err-data"))
+
+
+def _field(reply: Any, key: str, kind: type, command: str) -> Any:
+    """`reply[key]` of the type expected; anything else from the guest is an AgentError."""
+    if not isinstance(reply, dict) or not isinstance(reply.get(key), kind):
+        raise AgentError(f"the guest agent's {command} reply has no {kind.__name__} {key!r}: "
+                         f"{str(reply)[:80]!r}")
+    return reply[key]
+
+
+def _output(status: dict[str, Any], key: str) -> str:
+    """A captured stream of guest-exec-status (base64; the guest's bytes, untrusted)."""
+    data = status.get(key, "")
+    try:
+        if not isinstance(data, str):
+            raise ValueError(key)
+        return base64.b64decode(data, validate=True).decode(errors="replace")
+    except ValueError as exc:
+        raise AgentError(f"the guest agent's {key} is not base64") from exc
 
 
 COPY_CHUNK = 1 << 20  # bytes per guest-file-read/write (1.4 MB of base64 per message)
@@ -326,21 +359,25 @@ def reseed_argv(first: str = "") -> list[str]:
 
 def identity_script(hostname: str, macs: list[str]) -> str:
     """The shell version of the helper's --identity (for a guest without the helper): the
-    hostname, each Ethernet NIC in ifindex order (the kernel's registration order, i.e. the
-    NIC slots' PCI order; names sort enp10s0 before enp2s0) its MAC (each must be set: anything
-    else is best effort), and a new lease (busybox udhcpc: release + renew; systemd:
+    hostname, each Ethernet NIC backed by a device (not a bridge, veth or tunnel the guest
+    made) in ifindex order (the kernel's registration order, i.e. the NIC slots' PCI order;
+    names sort enp10s0 before enp2s0) its MAC (each must be set, and each must find its NIC:
+    anything else is best effort), and a new lease (busybox udhcpc: release + renew; systemd:
     networkctl). Shell built-ins wherever they do (hostname through /proc, udhcpc found
     through /proc)."""
+    name = shlex.quote(hostname)
     return (
-        f"echo {hostname} > /proc/sys/kernel/hostname || exit 1; "
-        f"if [ -w /etc/hostname ]; then echo {hostname} > /etc/hostname; fi; "
-        f"set -- {' '.join(macs)}; "
-        "nics=$(for d in /sys/class/net/*; do read -r t 2>/dev/null < $d/type || continue; "
+        f"echo {name} > /proc/sys/kernel/hostname || exit 1; "
+        f"if [ -w /etc/hostname ]; then echo {name} > /etc/hostname; fi; "
+        f"set -- {' '.join(shlex.quote(mac) for mac in macs)}; "
+        "nics=$(for d in /sys/class/net/*; do [ -e $d/device ] || continue; "
+        "read -r t 2>/dev/null < $d/type || continue; "
         "[ \"$t\" = 1 ] && read -r i < $d/ifindex && echo \"$i ${d##*/}\"; done "
         "| sort -n | cut -d' ' -f2); "
         "for n in $nics; do "
         "[ $# -gt 0 ] || break; ip link set dev \"$n\" address \"$1\" || exit 1; shift; "
         "if command -v networkctl >/dev/null; then networkctl renew \"$n\"; fi; done; "
+        "[ $# -eq 0 ] || { echo \"vmkit-identity: no NIC left for $*\" >&2; exit 1; }; "
         "for p in /proc/[0-9]*; do read -r c < $p/comm 2>/dev/null || continue; "
         "if [ \"$c\" = udhcpc ]; then kill -USR2 ${p#/proc/}; kill -USR1 ${p#/proc/}; fi; "
         "done; exit 0"

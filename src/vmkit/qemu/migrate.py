@@ -17,7 +17,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from vmkit.errors import OperationTimeout, QemuError, VmkitError
+from vmkit.errors import OperationTimeout, QemuError, VmkitError, os_errors
 from vmkit.isolation.jail import RunAs
 from vmkit.model.migration import (
     MigrationOptions,
@@ -65,8 +65,12 @@ def write_psk(folder: Path, key_hex: str, owner: RunAs | None) -> None:
     made fresh (never an existing path followed)."""
     if not key_hex or any(c not in "0123456789abcdef" for c in key_hex) or len(key_hex) < 32:
         raise ValueError("a migration key is at least 16 bytes of lower-case hex")
-    with contextlib.suppress(FileNotFoundError):
+    with os_errors(f"writing this move's TLS credentials in {folder}"):
         remove_psk(folder)
+        _write_credentials(folder, key_hex, owner)
+
+
+def _write_credentials(folder: Path, key_hex: str, owner: RunAs | None) -> None:
     os.mkdir(folder, 0o700)
     for name, text in zip(CREDENTIAL_FILES, (f"{PSK_USER}:{key_hex}\n", DH_PARAMS),
                           strict=True):
@@ -85,12 +89,22 @@ def write_psk(folder: Path, key_hex: str, owner: RunAs | None) -> None:
 
 
 def remove_psk(folder: Path) -> None:
+    """The credentials folder and whatever is in it (root's own: a file another vmkit
+    version left there too), never a link followed; nothing there is fine."""
     if folder.is_symlink():
         folder.unlink()
         return
-    for name in CREDENTIAL_FILES:
-        (folder / name).unlink(missing_ok=True)
-    folder.rmdir()
+    try:
+        entries = list(os.scandir(folder))
+    except FileNotFoundError:
+        return
+    for entry in entries:
+        if entry.is_dir(follow_symlinks=False):
+            remove_psk(Path(entry.path))
+        else:
+            os.unlink(entry.path)
+    with contextlib.suppress(FileNotFoundError):
+        folder.rmdir()
 
 
 def add_tls(qmp: QmpConnection, psk_dir: Path, *, server: bool) -> None:

@@ -9,12 +9,14 @@
  * `vmkit-reseed --identity HOSTNAME [MAC...]` first gives an instant clone its own identity,
  * in this one process (each program a clone starts costs 50-250 ms under TCG, its translated
  * code all gone): the hostname (kernel, and /etc/hostname when writable), each Ethernet NIC
- * in the order the kernel registered them (ifindex: the PCI order of the VM's NIC slots; names
+ * backed by a device (not a bridge, veth or tunnel the guest made), in the order the kernel
+ * registered them (ifindex: the PCI order of the VM's NIC slots; names
  * sort eth10 before eth2, enp10s0 before enp2s0) the next MAC (SIOCSIFHWADDR), and every
  * udhcpc is told to release
  * its lease and ask again (SIGUSR2, SIGUSR1); then it prints "vmkit-identity: set" (an older
  * helper ignored the option: the host runs its shell version then). Exit 3 when the hostname
- * or a MAC could not be set (the reseed is not tried); every MAC is read before any change.
+ * or a MAC could not be set, or a MAC found no NIC (the reseed is not tried); every MAC is
+ * read before any change.
  *
  * Built static by vmkit's tiny image recipe: gcc -static -Os.
  */
@@ -77,10 +79,16 @@ static long net_number(const char *name, const char *what)
 	return isdigit((unsigned char)text[0]) ? strtol(text, NULL, 10) : -1;
 }
 
-/* Ethernet devices only: not lo, a tunnel, or a file such as bonding_masters */
-static int ethernet(const struct dirent *entry)
+/* The VM's NICs: Ethernet and backed by a device (not lo, a tunnel, a bridge or veth the
+ * guest made, or a file such as bonding_masters) */
+static int vm_nic(const struct dirent *entry)
 {
-	return entry->d_name[0] != '.' && net_number(entry->d_name, "type") == ARPHRD_ETHER;
+	char path[300];
+
+	if (entry->d_name[0] == '.' || net_number(entry->d_name, "type") != ARPHRD_ETHER)
+		return 0;
+	snprintf(path, sizeof(path), "/sys/class/net/%s/device", entry->d_name);
+	return access(path, F_OK) == 0;
 }
 
 static int by_ifindex(const struct dirent **a, const struct dirent **b)
@@ -138,7 +146,7 @@ static int identity(int count, char **args)
 			perror("vmkit-reseed: /etc/hostname");
 		close(fd);
 	}
-	n = scandir("/sys/class/net", &nics, ethernet, by_ifindex);
+	n = scandir("/sys/class/net", &nics, vm_nic, by_ifindex);
 	if (n < 0)
 		return identity_fail("listing", "/sys/class/net");
 	fd = socket(AF_INET, SOCK_DGRAM | SOCK_CLOEXEC, 0);
@@ -159,6 +167,10 @@ static int identity(int count, char **args)
 			return identity_fail("setting the MAC of", nics[i]->d_name);
 	}
 	close(fd);
+	if (next < count) { /* the clone would keep its source's MAC on a NIC: never */
+		errno = ENODEV;
+		return identity_fail("finding a NIC for", args[next]);
+	}
 	renew_leases();
 	/* the host tells this helper from an older one, which ignored --identity */
 	printf("vmkit-identity: set\n");
