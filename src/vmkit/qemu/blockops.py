@@ -11,12 +11,13 @@ import stat
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
-
-from qemu.qmp import EventListener
+from typing import TYPE_CHECKING, Any
 
 from vmkit.errors import OperationTimeout, QemuError, VmkitError
 from vmkit.qemu.qmp import QmpConnection
+
+if TYPE_CHECKING:
+    from qemu.qmp import EventListener
 
 DISK_DEVICE = "virtio-disk0"
 
