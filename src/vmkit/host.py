@@ -15,14 +15,11 @@ from typing import Any, cast
 
 from vmkit.core import engine
 from vmkit.core.engine import (
-    AGENT_READY_TIMEOUT,
     COPY_TIMEOUT,
-    EXEC_TIMEOUT,
-    LOCK_TIMEOUT,
-    STOP_TIMEOUT,
     Progress,
 )
 from vmkit.errors import InvalidState
+from vmkit.model.defaults import AGENT_READY_TIMEOUT, EXEC_TIMEOUT, LOCK_TIMEOUT, STOP_TIMEOUT
 from vmkit.model.hardware import HostCapabilities
 from vmkit.model.migration import MigrationOptions
 from vmkit.model.migration import Progress as MigrationProgress

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from vmkit.cli import render
 from vmkit.cli.console import DETACH_KEY, attach
 from vmkit.errors import InvalidState, InvalidValue, VmkitError
-from vmkit.host import AGENT_READY_TIMEOUT, EXEC_TIMEOUT, LOCK_TIMEOUT, STOP_TIMEOUT, Host
+from vmkit.model.defaults import AGENT_READY_TIMEOUT, EXEC_TIMEOUT, LOCK_TIMEOUT, STOP_TIMEOUT
 from vmkit.model.names import validate_name
 from vmkit.model.resources import Policy
 from vmkit.model.sizes import format_size, parse_size
@@ -140,7 +140,23 @@ def _host() -> Any:
             from vmkit.client.remote import connect
 
             return connect(f"unix://{socket_path}")
+    return _local_host()
+
+
+def _local_host() -> Any:
+    """The engine in this process, imported only here: a command that goes through a daemon
+    never loads it (~0.2 s of pydantic models, QEMU and storage code)."""
+    from vmkit.cli.fast import imports_kept
+
+    with imports_kept():
+        from vmkit.host import Host
     return Host(lock_timeout=_state["lock_timeout"])
+
+
+def _is_local(host: Any) -> bool:
+    """Whether `host` is the engine in this process (never imported: it cannot be)."""
+    module = sys.modules.get("vmkit.host")
+    return module is not None and isinstance(host, module.Host)
 
 
 @contextlib.contextmanager
@@ -674,7 +690,7 @@ def console(name: NameArg,
             forward_vnc(path, port, ready=lambda bound: render.err.print(
                 f"VM {name}'s screen on vnc://127.0.0.1:{bound} (loopback only); Ctrl-C ends"))
         return
-    if isinstance(host, Host):
+    if _is_local(host):
         path = vm.console_socket()
         render.err.print(f"connected to {name}'s serial console; {DETACH_KEY} detaches")
         attach(path)
@@ -1273,7 +1289,7 @@ app.add_typer(remote_app, name="remote")
 def _daemon_paths() -> Any:
     from vmkit.daemon.service import paths_for
 
-    return paths_for(Host(lock_timeout=_state["lock_timeout"]))
+    return paths_for(_local_host())
 
 
 @app.command()
@@ -1319,7 +1335,7 @@ def daemon(
         render.err.print(f"vmkit daemon {pid} listening on {options.socket}"
                          + (f" and https://{listen}" if listen else ""))
         return
-    server.serve(Host(lock_timeout=_state["lock_timeout"]), options)
+    server.serve(_local_host(), options)
 
 
 @token_app.command("create")
@@ -1464,7 +1480,7 @@ def cpu_baseline(
 
     found = {}
     for name in dict.fromkeys(remotes_):
-        host = Host(lock_timeout=_state["lock_timeout"]) if name == "local" \
+        host = _local_host() if name == "local" \
             else remotes.open_remote(name)
         found[name] = host.capabilities()
     model = baseline(caps.cpu_models for caps in found.values())

@@ -60,12 +60,25 @@ OPERATION_TIMEOUT = 3600.0
 POLL = 0.3
 
 
+def _without_httpx_cli() -> None:
+    """Before `import httpx`: without its command-line client. `import httpx` also imports
+    `httpx._main` whenever click, rich and pygments are installed (they are: typer brings
+    them), and that loads pygments' lexers, ~40 ms of every CLI command that goes through a
+    daemon. vmkit never runs httpx's command line, and httpx falls back to a stub `main` of its
+    own when that module cannot be imported."""
+    import sys
+
+    if "httpx" not in sys.modules:
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+
+
 class Connection:
     """One HTTP client on a daemon's unix socket or TLS port; errors become vmkit errors."""
 
     def __init__(self, url: str, *, token: str | None = None, server_cert: str | Path | None = None,
                  client_cert: tuple[str | Path, str | Path] | None = None,
                  server_pem: str | None = None):
+        _without_httpx_cli()
         import httpx
 
         self.url = url
@@ -99,6 +112,7 @@ class Connection:
         self.headers = headers
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
+        _without_httpx_cli()
         import httpx
 
         try:

@@ -53,6 +53,7 @@ from vmkit.model.cloudinit import (
     parse_ssh_public_keys,
     seed_files,
 )
+from vmkit.model.defaults import AGENT_READY_TIMEOUT, LOCK_TIMEOUT
 from vmkit.model.names import validate_name
 from vmkit.model.network import USER_NETWORK, Nic, scope_of
 from vmkit.model.resources import (
@@ -100,12 +101,10 @@ from vmkit.storage.layout import (
 )
 
 # Named timeouts (seconds); every wait in the engine uses one of these or a caller's value.
-LOCK_TIMEOUT = 30.0
+# (The defaults a user can change are in model/defaults.py: the CLI reads them without the
+# engine.)
 QEMU_START_TIMEOUT = 30.0
-AGENT_READY_TIMEOUT = 180.0
-STOP_TIMEOUT = 30.0
 KILL_TIMEOUT = 10.0
-EXEC_TIMEOUT = 60.0
 COPY_TIMEOUT = 600.0
 QMP_TIMEOUT = 5.0
 QEMU_MEMORY_OVERHEAD = 512 << 20  # cgroup memory limit = guest RAM ceiling + this (QEMU, TCG)

@@ -15,12 +15,9 @@ from pathlib import Path
 
 from vmkit.core import networks as net_ops
 from vmkit.core.engine import (
-    AGENT_READY_TIMEOUT,
     COPY_TIMEOUT,
     DEFAULT_MACHINE,
-    EXEC_TIMEOUT,
     QMP_TIMEOUT,
-    STOP_TIMEOUT,
     VM,
     Host,
     _read_ssh_keys,
@@ -45,6 +42,7 @@ from vmkit.model.cloudinit import (
     instance_id_for,
     validate_hostname,
 )
+from vmkit.model.defaults import AGENT_READY_TIMEOUT, EXEC_TIMEOUT, STOP_TIMEOUT
 from vmkit.model.journal import JournalEntry
 from vmkit.model.network import USER_NETWORK, Nic
 from vmkit.model.resources import (
