@@ -80,6 +80,13 @@ COUNTER = ("sh -c 'echo $$ > /run/counter.pid; i=0; "
            ">/dev/null 2>&1 </dev/null &")
 
 
+def count(vm: VM, path: str = "/run/counter") -> int:
+    """A guest loop's counter: re-read while it is empty (the loop's `echo $i > FILE` truncates
+    the file before it writes the number, and a read may fall in between)."""
+    return int(sh(vm, f'v=; n=0; while [ -z "$v" ] && [ $n -lt 1000 ]; do '
+                      f'read -r v < {path}; n=$((n+1)); done; echo "$v"'))
+
+
 def sh(vm: VM, script: str) -> str:
     result = vm.exec(["sh", "-c", script], timeout=120)
     assert result.exit_code == 0, result.stderr

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.integration.conftest import COUNTER, chain_is_sound, new_home, run_cli, sh
+from tests.integration.conftest import COUNTER, chain_is_sound, count, new_home, run_cli, sh
 from tests.integration.hostile_bundles import ESCAPE_TARGET, forge_damaged
 from vmkit import Host, InvalidState, InvalidValue, VmState
 
@@ -45,7 +45,7 @@ def test_instant_clone_runs_from_the_sources_memory(host: Host, home: Path) -> N
     source.start(wait=True)
     sh(source, COUNTER)
     time.sleep(1)
-    before = int(sh(source, "cat /run/counter"))
+    before = count(source)
     loop_pid = sh(source, "cat /run/counter.pid")
     started = time.monotonic()
     done = run_cli(home, "clone", "busy", "twin", "--live")
@@ -53,14 +53,14 @@ def test_instant_clone_runs_from_the_sources_memory(host: Host, home: Path) -> N
     assert done.returncode == 0, done.stderr
     twin = host.get("twin")
     assert twin.state is VmState.RUNNING and source.state is VmState.RUNNING
-    value = int(sh(twin, "cat /run/counter"))
+    value = count(twin)
     assert value >= before  # its memory came from the source: the counter went on from there
     assert "counter" in sh(twin, f"cat /proc/{loop_pid}/cmdline")  # the same process runs on
     assert sh(twin, "hostname") == "twin" and sh(source, "hostname") == "busy"
     twin_mac = sh(twin, "cat /sys/class/net/eth0/address")
     assert twin_mac == twin.config.mac != sh(source, "cat /sys/class/net/eth0/address")
     time.sleep(1)
-    assert int(sh(twin, "cat /run/counter")) > value and int(sh(source, "cat /run/counter")) > 0
+    assert count(twin) > value and count(source) > 0
     print(f"instant clone via CLI: {elapsed:.2f}s")
 
 

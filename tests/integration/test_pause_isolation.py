@@ -7,13 +7,9 @@ import signal
 import time
 from pathlib import Path
 
-from tests.integration.conftest import COUNTER, run_cli
+from tests.integration.conftest import COUNTER, count, run_cli
 from vmkit import Host, VmState
 from vmkit.qemu.qmp import qmp_execute
-
-
-def _count(vm) -> int:  # type: ignore[no-untyped-def]
-    return int(vm.exec(["cat", "/run/counter"]).stdout)
 
 
 def test_pause_freezes_the_guest_and_resume_continues(host: Host, home: Path) -> None:
@@ -22,9 +18,9 @@ def test_pause_freezes_the_guest_and_resume_continues(host: Host, home: Path) ->
     vm.exec(["sh", "-c", COUNTER])
     time.sleep(1)
     # the running rate first
-    a, t0 = _count(vm), time.monotonic()
+    a, t0 = count(vm), time.monotonic()
     time.sleep(3)
-    b, t1 = _count(vm), time.monotonic()
+    b, t1 = count(vm), time.monotonic()
     rate = (b - a) / (t1 - t0)
     assert rate > 1
     vm.pause()
@@ -32,11 +28,11 @@ def test_pause_freezes_the_guest_and_resume_continues(host: Host, home: Path) ->
     assert qmp_execute(home / "vms/counter/run/qmp.sock", "query-status")["status"] == "paused"
     time.sleep(4)
     vm.resume()
-    c = _count(vm)
+    c = count(vm)
     # 4 s paused: the counter advanced by far less than 4 s worth (only the exec round trips ran)
     assert c - b < rate * 2.0, (a, b, c, rate)
     time.sleep(2)
-    d = _count(vm)
+    d = count(vm)
     assert d - c > rate * 0.5  # and it runs again after resume
 
 

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from tests.integration.conftest import COUNTER, chain_is_sound, run_cli, sh
+from tests.integration.conftest import COUNTER, chain_is_sound, count, run_cli, sh
 from vmkit import VM, Host, VmState
 
 
@@ -19,26 +19,26 @@ def test_live_snapshot_restores_disk_ram_and_processes(host: Host) -> None:
     ram_sum = sh(vm, "sha256sum /run/blob")  # /run is tmpfs: this lives only in guest RAM
     sh(vm, COUNTER)
     time.sleep(1)
-    before = int(sh(vm, "cat /run/counter"))
+    before = count(vm)
     info = vm.snapshot("before-upgrade")
-    after = int(sh(vm, "cat /run/counter"))
+    after = count(vm)
     assert info.with_memory and info.taken_in == "running" and info.current
     assert vm.state is VmState.RUNNING  # the VM kept running
     sh(vm, "head -c 1000000 /dev/urandom > /root/data; sync; "
            "dd if=/dev/urandom of=/run/blob bs=1M count=64 2>/dev/null")
     assert sh(vm, "sha256sum /root/data") != disk_sum
     time.sleep(4)
-    later = int(sh(vm, "cat /run/counter"))
+    later = count(vm)
     for _ in range(2):  # restorable any number of times
         vm.restore("before-upgrade")
         assert vm.state is VmState.RUNNING
-        resumed = int(sh(vm, "cat /run/counter"))
+        resumed = count(vm)
         # the counter continues from its value at the snapshot, not from where it had got to
         assert before <= resumed < after + (later - after) // 2, (before, after, resumed, later)
         assert sh(vm, "sha256sum /root/data") == disk_sum
         assert sh(vm, "sha256sum /run/blob") == ram_sum
         time.sleep(1)
-        assert int(sh(vm, "cat /run/counter")) > resumed  # and it runs on
+        assert count(vm) > resumed  # and it runs on
     chain_is_sound(vm.folder.path)
 
 
@@ -119,7 +119,7 @@ def _rounds_pass(vm: VM, since: int, within: float = 20.0) -> bool:
     """Whether the guest's dirtying loop counts past `since` within `within` seconds."""
     deadline = time.monotonic() + within
     while time.monotonic() < deadline:
-        if int(sh(vm, "cat /run/rounds")) > since:
+        if count(vm, "/run/rounds") > since:
             return True
         time.sleep(0.5)
     return False
@@ -139,13 +139,13 @@ def test_a_live_snapshot_of_a_guest_dirtying_memory_pauses_it_briefly_and_restor
     sh(vm, "dd if=/dev/urandom of=/run/known bs=1M count=48 2>/dev/null")
     assert sh(vm, "sha256sum /run/known") != known
     time.sleep(3)
-    later = int(sh(vm, "cat /run/rounds"))
+    later = count(vm, "/run/rounds")
     vm.restore("busy-point")
-    resumed = int(sh(vm, "cat /run/rounds"))
+    resumed = count(vm, "/run/rounds")
     assert resumed < later  # back to the snapshot's moment, and the loop runs from there
     assert sh(vm, "sha256sum /run/known") == known
     time.sleep(3)
-    assert int(sh(vm, "cat /run/rounds")) > resumed  # the dirtying loop lives on
+    assert count(vm, "/run/rounds") > resumed  # the dirtying loop lives on
     listed = {s.name: s for s in vm.snapshots()}
     assert listed["busy-point"].paused_ms == info.paused_ms
     chain_is_sound(vm.folder.path)
@@ -157,7 +157,7 @@ def test_an_instant_clone_of_a_guest_dirtying_memory_pauses_it_briefly_and_copie
     source stops only for the last pass and its disk switch: the clone's RAM-resident data
     checksums the same, and both guests' loops run on."""
     vm, known = _busy_guest(host, "busyc")
-    before = int(sh(vm, "cat /run/rounds"))
+    before = count(vm, "/run/rounds")
     started = time.monotonic()
     clone = vm.clone("busyc2", live=True)
     wall_ms = 1000 * (time.monotonic() - started)
@@ -167,11 +167,11 @@ def test_an_instant_clone_of_a_guest_dirtying_memory_pauses_it_briefly_and_copie
                                                                                  wall_ms)
     assert sh(clone, "sha256sum /run/known") == known
     assert sh(vm, "sha256sum /run/known") == known
-    copied = int(sh(clone, "cat /run/rounds"))
+    copied = count(clone, "/run/rounds")
     assert copied >= before  # the clone starts where the source was at the switch-over
     # each guest's loop is measured against its own count: the two share 2 host cores, so
     # either may run ahead of the other
-    source_after = int(sh(vm, "cat /run/rounds"))
+    source_after = count(vm, "/run/rounds")
     assert _rounds_pass(clone, copied)  # the copied loop runs in the clone
     assert _rounds_pass(vm, source_after)  # and the source's own goes on
     assert sh(clone, "hostname") == "busyc2"
