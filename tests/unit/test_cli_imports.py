@@ -302,14 +302,22 @@ def _tables() -> Iterator[tuple[list[str], list[list[str]], bool, dict[str, str]
     yield ["A", "B"], [["  indented", "trailing  "], ["x", ""]], True, {"TERM": "dumb"}
     yield ["A", "B"], [["a" * 70, "b" * 20]], False, {}  # wider than 80: left to rich
     yield ["A"], [["[bold]x[/bold]"], [":smile:"]], False, {}  # markup, emoji: rich
+    yield ["A", "B"], [["mac", "52:54:00:a9:21:45"], ["at", "12:30:01"]], True, {}  # plain
+    yield ["A"], [["x:smile:y"], ["a :+1: b"], [":smile-text:"], [":Smile:"]], False, {}
+    yield ["A"], [["::"], [":a:b:"], [": :"], ["https://198.18.0.1:8443/ui"]], False, {}
     rng = random.Random(11)
-    plain, special = "abcXYZ019 -._/%()<>=,+@#!?'\"{}|~^&*$`;", ":[]\\é\t"
+    plain, special = "abcXYZ019 -._/%()<>=,+@#!?'\"{}|~^&*$`;:", "[]\\é\t"
+    emoji = [":smile:", ":+1:", ":thumbs_up:", ":red_heart-emoji:", ":x:", ":nope:"]
     for _ in range(1000):
         width = rng.randint(1, 6)
 
         def cell() -> str:
-            return "".join(rng.choice(special if rng.random() < 0.01 else plain)
+            text = "".join(rng.choice(special if rng.random() < 0.01 else plain)
                            for _ in range(rng.choice([0, 1, 3, 8, 30])))
+            if rng.random() < 0.05:
+                cut = rng.randint(0, len(text))
+                text = text[:cut] + rng.choice(emoji) + text[cut:]
+            return text
 
         env = {key: rng.choice(values) for key, values in (
             ("COLUMNS", ["0", "20", "80", "200", "x"]), ("LINES", ["10"]),

@@ -20,8 +20,11 @@ from vmkit.model.sizes import format_size
 if TYPE_CHECKING:
     from rich.console import Console
 
-#: what rich prints as it is: printable ASCII without markup ([ ]), emoji codes (:) or escapes
-_PLAIN_CELL = re.compile(r"[ !-9;-Z^-~]*")
+#: what rich prints as it is: printable ASCII without markup ([ ]) or escapes; a colon is
+#: plain too unless it starts an emoji code rich knows (:smile:), asked of rich's own
+#: replacement (a MAC, a time or a URL: `vmkit info` without importing rich's tables)
+_PLAIN_CELL = re.compile(r"[ !-Z^-~]*")
+_EMOJI_LIKE = re.compile(r":\S*?:")
 _BOLD, _RESET = "\x1b[1m", "\x1b[0m"
 LIST_COLUMNS = ["NAME", "STATE", "VCPUS", "MEMORY", "DISK", "UPTIME", "PID", "ACCEL"]
 
@@ -95,6 +98,8 @@ def _plain_table(columns: list[str], rows: list[list[str]]) -> str | None:
     if any(len(row) != len(columns) for row in rows) or not all(
             isinstance(cell, str) and _PLAIN_CELL.fullmatch(cell) for row in cells for cell in row):
         return None
+    if any(_EMOJI_LIKE.search(cell) and _emoji_replaced(cell) for row in cells for cell in row):
+        return None
     terminal = _is_terminal()
     if terminal is None:
         return None
@@ -115,6 +120,15 @@ def _plain_table(columns: list[str], rows: list[list[str]]) -> str | None:
         lines.append(_plain_row(columns, widths))
     lines += [_plain_row(row, widths) for row in rows]
     return "".join(line + "\n" for line in lines)
+
+
+def _emoji_replaced(cell: str) -> bool:
+    """Whether rich would replace an emoji code in `cell` (unknown: it would)."""
+    try:
+        from rich._emoji_replace import _emoji_replace
+    except ImportError:
+        return True
+    return bool(_emoji_replace(cell) != cell)
 
 
 def _plain_row(row: list[str], widths: list[int]) -> str:
