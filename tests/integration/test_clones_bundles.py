@@ -12,6 +12,7 @@ import pytest
 from tests.integration.conftest import COUNTER, chain_is_sound, count, new_home, run_cli, sh
 from tests.integration.hostile_bundles import ESCAPE_TARGET, forge_damaged
 from vmkit import Host, InvalidState, InvalidValue, VmState
+from vmkit.qemu import agent
 
 
 def test_full_linked_and_snapshot_clones_have_new_identities(host: Host, home: Path) -> None:
@@ -62,6 +63,23 @@ def test_instant_clone_runs_from_the_sources_memory(host: Host, home: Path) -> N
     time.sleep(1)
     assert count(twin) > value and count(source) > 0
     print(f"instant clone via CLI: {elapsed:.2f}s")
+
+
+def test_a_clone_that_cannot_take_its_identity_is_removed(host: Host, home: Path) -> None:
+    """The source's guest has a reseed helper that fails: its instant clone, which runs the
+    source's memory (the bind mount included), cannot be given its identity, and would run
+    as the source's twin (hostname, MAC, RNG state): it is removed; the source runs on."""
+    source = host.create("twinsrc", memory="256M")
+    source.start(wait=True)
+    sh(source, "printf '#!/bin/sh\\necho broken >&2; exit 1\\n' > /run/broken; "
+               f"chmod +x /run/broken; mount -o bind /run/broken {agent.RESEED_HELPER}")
+    done = run_cli(home, "clone", "twinsrc", "twin2", "--live")
+    assert done.returncode == 1 and "the clone was removed" in done.stderr, done.stderr
+    assert "Traceback" not in done.stderr
+    assert [vm.name for vm in host.vms()] == ["twinsrc"]
+    assert not (home / "vms" / "twin2").exists()
+    assert source.state is VmState.RUNNING and sh(source, "hostname") == "twinsrc"
+    assert "clone-twin2" not in {s.name for s in source.snapshots()}  # no helper left either
 
 
 def test_export_import_round_trip_with_snapshots(host: Host, home: Path,

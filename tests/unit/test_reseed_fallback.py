@@ -1,6 +1,7 @@
 """agent.reseed's choice between the guest's helper and the shell version, against a scripted
 guest agent on a UNIX socket: the shell runs only when the helper could not be started or is
-too old to know --identity; never after the helper started, never past the caller's time."""
+too old to know --identity; never after the helper started, never past the caller's time.
+And the agent client against a guest whose replies are of another shape (untrusted)."""
 
 from __future__ import annotations
 
@@ -23,12 +24,15 @@ class FakeAgent:
     does: ("missing",) the agent cannot start it; ("exit", code, stdout) it runs; a status
     error after the start with ("status-error",); ("runs-then-stalls", seconds) it runs, and
     after `seconds` the agent stops answering; ("says", reply) guest-exec's `return` is
-    `reply`; ("outputs", status) its status is `status`."""
+    `reply`; ("outputs", status) its status is `status`; ("never-answers",) guest-exec gets
+    no answer."""
 
     def __init__(self, path: Path, programs: dict[str, tuple[Any, ...]], *,
-                 silent: bool = False) -> None:
+                 silent: bool = False, sync_delay: float = 0.0,
+                 replies: dict[str, Any] | None = None) -> None:
         self.started: list[list[str]] = []
-        self.programs, self.silent = programs, silent
+        self.programs, self.silent, self.sync_delay = programs, silent, sync_delay
+        self.replies = replies or {}  # any other command: its `return`
         self._pids: dict[int, tuple[Any, ...]] = {}
         self._server = socket.socket(socket.AF_UNIX)
         self._server.bind(str(path))
@@ -53,7 +57,10 @@ class FakeAgent:
                 continue
             message = json.loads(line)
             command, arguments = message["execute"], message.get("arguments", {})
-            if command == "guest-sync-delimited":
+            if command in self.replies:
+                self._reply(conn, {"return": self.replies[command]})
+            elif command == "guest-sync-delimited":
+                time.sleep(self.sync_delay)
                 self._reply(conn, {"return": arguments["id"]}, sync=True)
             elif command == "guest-exec":
                 argv = [arguments["path"], *arguments.get("arg", [])]
@@ -62,6 +69,8 @@ class FakeAgent:
                 if does[0] == "missing":
                     self._reply(conn, {"error": {"class": "GenericError", "desc": (
                         f"Failed to execute child process “{argv[0]}” (No such file)")}})
+                    continue
+                if does[0] == "never-answers":
                     continue
                 if does[0] == "says":
                     self._reply(conn, {"return": does[1]})
@@ -169,6 +178,16 @@ def test_an_agent_that_stops_answering_midway_costs_no_more_than_the_callers_tim
     assert time.monotonic() - started < 1.9
 
 
+def test_a_slow_sync_counts_against_the_same_time(sock: Path) -> None:
+    """The sync that opens a session and the command after it share one deadline (a sync
+    answered at 1.4 s of 1.5 gave guest-exec 1.5 s more)."""
+    _agent(sock, {agent.RESEED_HELPER: ("never-answers",)}, sync_delay=1.2)
+    started = time.monotonic()
+    with pytest.raises(agent.OperationTimeout):
+        agent.guest_exec(sock, [agent.RESEED_HELPER], timeout=1.5)
+    assert time.monotonic() - started < 1.9
+
+
 @pytest.mark.parametrize("does", [
     ("says", None), ("says", {"pid": "7"}), ("says", []),
     ("outputs", "done"), ("outputs", {"exited": True, "exitcode": "0"}),
@@ -182,3 +201,27 @@ def test_a_malformed_agent_reply_is_an_agent_error(sock: Path, does: tuple[Any, 
     with pytest.raises(agent.AgentError):
         agent.guest_exec(sock, [agent.RESEED_HELPER], timeout=5)
     assert agent.reseed(sock, 5) is None
+
+
+def test_a_guests_malformed_interfaces_are_left_out_of_its_facts(sock: Path) -> None:
+    """`vmkit info` shows what the guest reports; entries of another shape are dropped, not a
+    KeyError reported as vmkit's bug."""
+    _agent(sock, {"cat": ("exit", 0, "12.5 3.0\n")}, replies={
+        "guest-get-osinfo": {"id": "x"}, "guest-get-host-name": {"host-name": "g"},
+        "guest-network-get-interfaces": [
+            {"name": "eth0", "ip-addresses": [{"ip-address": "198.18.0.5"}, {"prefix": 24},
+                                              "junk"]},
+            {"name": "eth1"}, {"name": "eth2", "ip-addresses": 5}, "junk", {"no": "name"},
+            {"name": "lo", "ip-addresses": [{"ip-address": "127.0.0.1"}]}]})
+    facts = agent.guest_facts(sock, timeout=5)
+    assert facts["addresses"] == {"eth0": ["198.18.0.5"], "eth1": []}
+    assert facts["hostname"] == "g" and facts["uptime"] == 12.5
+
+
+@pytest.mark.parametrize("chunk", [None, "x", {"buf-b64": "!!"}, {"buf-b64": 5}])
+def test_a_malformed_file_chunk_is_an_agent_error(sock: Path, tmp_path: Path,
+                                                  chunk: Any) -> None:
+    _agent(sock, {}, replies={"guest-file-open": 7, "guest-file-read": chunk,
+                              "guest-file-close": {}})
+    with open(tmp_path / "out", "wb") as dest, pytest.raises(agent.AgentError):
+        agent.copy_from_guest(sock, "/etc/hostname", dest, timeout=5, max_bytes=1 << 20)

@@ -2,9 +2,13 @@
 
 rich is imported only when something needs it: `out` and `err` (rich consoles) are made on
 first use, and `table` writes a plain table itself when rich would print it unchanged (cells of
-plain ASCII that fit the console's width: no wrapping, markup or emoji to apply). It then
-writes exactly what rich writes, bold header included on a terminal (tests/unit/
-test_cli_imports.py compares the two); any other table goes through rich.
+plain ASCII that fit the console's width: no wrapping to apply). It then writes exactly what
+rich writes, bold header included on a terminal (tests/unit/test_cli_imports.py compares the
+two); any other table goes through rich.
+
+What vmkit prints is data, never markup: the consoles apply no markup and no emoji codes,
+and table cells are rich Text. (With them a MAC such as 52:54:00:ab:cd:ef printed as
+52:54:00🆎cd:ef, and a guest's text holding "[/x]" made `vmkit info` fail.)
 """
 
 from __future__ import annotations
@@ -20,11 +24,8 @@ from vmkit.model.sizes import format_size
 if TYPE_CHECKING:
     from rich.console import Console
 
-#: what rich prints as it is: printable ASCII without markup ([ ]) or escapes; a colon is
-#: plain too unless it starts an emoji code rich knows (:smile:), asked of rich's own
-#: replacement (a MAC, a time or a URL: `vmkit info` without importing rich's tables)
-_PLAIN_CELL = re.compile(r"[ !-Z^-~]*")
-_EMOJI_LIKE = re.compile(r":\S*?:")
+#: what rich prints as it is: printable ASCII (no escapes, tabs or wide characters)
+_PLAIN_CELL = re.compile(r"[ -~]*")
 _BOLD, _RESET = "\x1b[1m", "\x1b[0m"
 LIST_COLUMNS = ["NAME", "STATE", "VCPUS", "MEMORY", "DISK", "UPTIME", "PID", "ACCEL"]
 
@@ -41,7 +42,8 @@ def _console(name: str) -> Console:
     if console is None:
         from rich.console import Console
 
-        console = globals()[name] = Console(stderr=name == "err", highlight=False)
+        console = globals()[name] = Console(stderr=name == "err", highlight=False,
+                                            markup=False, emoji=False)
     return console
 
 
@@ -66,14 +68,20 @@ def table(columns: list[str], rows: list[list[str]]) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()  # as rich does: a closed pipe is seen here, not at exit
         return
+    _console("out").print(rich_table(columns, rows))
+
+
+def rich_table(columns: list[str], rows: list[list[str]]) -> Any:
+    """The rich Table `table` prints when it cannot print plainly: every cell as Text."""
     from rich.table import Table
+    from rich.text import Text
 
     result = Table(box=None, pad_edge=False, header_style="bold")
     for column in columns:
-        result.add_column(column)
+        result.add_column(Text(column))
     for row in rows:
-        result.add_row(*row)
-    _console("out").print(result)
+        result.add_row(*(Text(cell) for cell in row))
+    return result
 
 
 def size(value: int) -> str:
@@ -98,8 +106,6 @@ def _plain_table(columns: list[str], rows: list[list[str]]) -> str | None:
     if any(len(row) != len(columns) for row in rows) or not all(
             isinstance(cell, str) and _PLAIN_CELL.fullmatch(cell) for row in cells for cell in row):
         return None
-    if any(_EMOJI_LIKE.search(cell) and _emoji_replaced(cell) for row in cells for cell in row):
-        return None
     terminal = _is_terminal()
     if terminal is None:
         return None
@@ -120,15 +126,6 @@ def _plain_table(columns: list[str], rows: list[list[str]]) -> str | None:
         lines.append(_plain_row(columns, widths))
     lines += [_plain_row(row, widths) for row in rows]
     return "".join(line + "\n" for line in lines)
-
-
-def _emoji_replaced(cell: str) -> bool:
-    """Whether rich would replace an emoji code in `cell` (unknown: it would)."""
-    try:
-        from rich._emoji_replace import _emoji_replace
-    except ImportError:
-        return True
-    return bool(_emoji_replace(cell) != cell)
 
 
 def _plain_row(row: list[str], widths: list[int]) -> str:

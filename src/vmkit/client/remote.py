@@ -68,8 +68,13 @@ def _without_httpx_cli() -> None:
     own when that module cannot be imported."""
     import sys
 
-    if "httpx" not in sys.modules:
-        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
+    if "httpx" not in sys.modules and "httpx._main" not in sys.modules:
+        sys.modules["httpx._main"] = None  # type: ignore[assignment]
+        try:
+            import httpx  # noqa: F401
+        finally:
+            # only for this import: a program using the SDK may still run httpx's own CLI
+            sys.modules.pop("httpx._main", None)
 
 
 class Connection:

@@ -277,8 +277,32 @@ def instant_clone(source: VM, target: str) -> VM:
         if node is not None:
             layers.note_pause(source, node.name, paused_ms)
         log.end()
-    tell_new_identity(clone_vm)
+    _identity_or_remove(source, clone_vm, point)
     return clone_vm
+
+
+def _identity_or_remove(source: VM, clone: VM, point: str,
+                        source_held: Held | None = None) -> None:
+    """A clone that could not be told its identity would run as its source's twin (hostname,
+    MAC and RNG state) on the same networks: it is removed with the source's helper
+    snapshot `point` (merged away while the source runs), and the error says so.
+    `source_held`: the source's lock when the caller holds it (a recovery)."""
+    try:
+        tell_new_identity(clone)
+    except BaseException as exc:
+        with contextlib.suppress(VmkitError), clone.host._vm_lock(clone.name) as held:
+            clone._remove_locked(held, clone._observe(persist=True, held=held))
+        with contextlib.suppress(VmkitError), (
+                contextlib.nullcontext(source_held) if source_held is not None
+                else source.host._vm_lock(source.name)) as held:
+            if point in store.load_tree(source).nodes:
+                layers.delete_locked(held, source, source._observe(persist=True, held=held),
+                                     point)
+        if isinstance(exc, VmkitError):
+            raise VmkitError(f"{exc.message}; the clone was removed (its source runs on)",
+                             hint="see that the guest agent runs in the source, then clone "
+                                  "again") from exc
+        raise
 
 
 SWITCHOVER_DOWNTIME_MS = 20  # QEMU's target for the last pass of an instant clone's source
@@ -354,7 +378,7 @@ def recover_instant_clone(held: Held, source: VM, entry: JournalEntry) -> None:
             _resume(source)  # the clone has all it needs
             _settle_source(source)
             with contextlib.suppress(VmkitError):
-                tell_new_identity(clone)
+                _identity_or_remove(source, clone, str(entry.intent["point"]), held)
             return
     _undo_instant_clone(held, source, entry)
 

@@ -76,6 +76,7 @@ class AgentConnection:
     def call(self, command: str, arguments: dict[str, Any] | None = None, *,
              timeout: float | None = None) -> Any:
         limit = timeout if timeout is not None else self._timeout
+        deadline = time.monotonic() + limit  # the sync of a new session included
         if self._sock is None:
             self.connect()
             if not self.sync(limit):
@@ -85,7 +86,7 @@ class AgentConnection:
         if arguments:
             message["arguments"] = arguments
         self._send(message)
-        reply = self._read_message(time.monotonic() + limit)
+        reply = self._read_message(deadline)
         if "error" in reply:
             error = reply["error"]
             said = error.get("desc", error) if isinstance(error, dict) else error
@@ -225,13 +226,17 @@ def _field(reply: Any, key: str, kind: type, command: str) -> Any:
 
 def _output(status: dict[str, Any], key: str) -> str:
     """A captured stream of guest-exec-status (base64; the guest's bytes, untrusted)."""
-    data = status.get(key, "")
+    return _b64(status.get(key, ""), key).decode(errors="replace")
+
+
+def _b64(data: Any, what: str) -> bytes:
+    """Base64 from the guest (untrusted): anything else is an AgentError."""
     try:
         if not isinstance(data, str):
-            raise ValueError(key)
-        return base64.b64decode(data, validate=True).decode(errors="replace")
+            raise ValueError(what)
+        return base64.b64decode(data, validate=True)
     except ValueError as exc:
-        raise AgentError(f"the guest agent's {key} is not base64") from exc
+        raise AgentError(f"the guest agent's {what} is not base64") from exc
 
 
 COPY_CHUNK = 1 << 20  # bytes per guest-file-read/write (1.4 MB of base64 per message)
@@ -267,7 +272,10 @@ def copy_from_guest(socket_path: Path, source: str, dest: BinaryIO, *, timeout: 
                                        f"{timeout:g}s")
             reply = conn.call("guest-file-read", {"handle": guest, "count": COPY_CHUNK},
                               timeout=remaining)
-            data = base64.b64decode(reply.get("buf-b64", ""))
+            if not isinstance(reply, dict):
+                raise AgentError(f"the guest agent's guest-file-read reply is not a chunk: "
+                                 f"{str(reply)[:80]!r}")
+            data = _b64(reply.get("buf-b64", ""), "guest-file-read's buf-b64")
             if read + len(data) > max_bytes:
                 raise AgentError(f"{source} in the guest is larger than the {max_bytes} bytes "
                                  "the host has room for: copy refused")
@@ -309,10 +317,13 @@ def guest_facts(socket_path: Path, *, timeout: float = 10.0) -> dict[str, Any]:
     if isinstance(hostname, dict) and "host-name" in hostname:
         facts["hostname"] = hostname["host-name"]
     interfaces = facts.get("interfaces")
-    if isinstance(interfaces, list):
+    if isinstance(interfaces, list):  # the guest's words: anything of another shape is left out
         facts["addresses"] = {
-            nic["name"]: [a["ip-address"] for a in nic.get("ip-addresses", [])]
-            for nic in interfaces if nic.get("name") != "lo"}
+            nic["name"]: [a["ip-address"] for a in nic.get("ip-addresses") or []
+                          if isinstance(a, dict) and isinstance(a.get("ip-address"), str)]
+            for nic in interfaces
+            if isinstance(nic, dict) and isinstance(nic.get("name"), str)
+            and nic["name"] != "lo" and isinstance(nic.get("ip-addresses") or [], list)}
     return facts
 
 
@@ -361,8 +372,9 @@ def identity_script(hostname: str, macs: list[str]) -> str:
     """The shell version of the helper's --identity (for a guest without the helper): the
     hostname, each Ethernet NIC backed by a device (not a bridge, veth or tunnel the guest
     made) in ifindex order (the kernel's registration order, i.e. the NIC slots' PCI order;
-    names sort enp10s0 before enp2s0) its MAC (each must be set, and each must find its NIC:
-    anything else is best effort), and a new lease (busybox udhcpc: release + renew; systemd:
+    names sort enp10s0 before enp2s0) its MAC (each must be set; a MAC left over is a NIC the
+    guest has not probed yet, which takes the clone's MAC from its device; anything else is
+    best effort), and a new lease (busybox udhcpc: release + renew; systemd:
     networkctl). Shell built-ins wherever they do (hostname through /proc, udhcpc found
     through /proc)."""
     name = shlex.quote(hostname)
@@ -377,7 +389,6 @@ def identity_script(hostname: str, macs: list[str]) -> str:
         "for n in $nics; do "
         "[ $# -gt 0 ] || break; ip link set dev \"$n\" address \"$1\" || exit 1; shift; "
         "if command -v networkctl >/dev/null; then networkctl renew \"$n\"; fi; done; "
-        "[ $# -eq 0 ] || { echo \"vmkit-identity: no NIC left for $*\" >&2; exit 1; }; "
         "for p in /proc/[0-9]*; do read -r c < $p/comm 2>/dev/null || continue; "
         "if [ \"$c\" = udhcpc ]; then kill -USR2 ${p#/proc/}; kill -USR1 ${p#/proc/}; fi; "
         "done; exit 0"

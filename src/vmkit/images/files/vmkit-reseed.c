@@ -15,8 +15,7 @@
  * udhcpc is told to release
  * its lease and ask again (SIGUSR2, SIGUSR1); then it prints "vmkit-identity: set" (an older
  * helper ignored the option: the host runs its shell version then). Exit 3 when the hostname
- * or a MAC could not be set, or a MAC found no NIC (the reseed is not tried); every MAC is
- * read before any change.
+ * or a MAC could not be set (the reseed is not tried); every MAC is read before any change.
  *
  * Built static by vmkit's tiny image recipe: gcc -static -Os.
  */
@@ -167,10 +166,9 @@ static int identity(int count, char **args)
 			return identity_fail("setting the MAC of", nics[i]->d_name);
 	}
 	close(fd);
-	if (next < count) { /* the clone would keep its source's MAC on a NIC: never */
-		errno = ENODEV;
-		return identity_fail("finding a NIC for", args[next]);
-	}
+	/* MACs left over belong to NICs the guest has not probed yet (a driver it lacks, a NIC
+	 * hot-added a moment ago): such a NIC reads the clone's MAC from its device when it
+	 * comes up, so they need nothing here */
 	renew_leases();
 	/* the host tells this helper from an older one, which ignored --identity */
 	printf("vmkit-identity: set\n");
