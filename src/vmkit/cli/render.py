@@ -68,10 +68,10 @@ def table(columns: list[str], rows: list[list[str]]) -> None:
         sys.stdout.write(text)
         sys.stdout.flush()  # as rich does: a closed pipe is seen here, not at exit
         return
-    _console("out").print(rich_table(columns, rows))
+    _console("out").print(_rich_table(columns, rows))
 
 
-def rich_table(columns: list[str], rows: list[list[str]]) -> Any:
+def _rich_table(columns: list[str], rows: list[list[str]]) -> Any:
     """The rich Table `table` prints when it cannot print plainly: every cell as Text."""
     from rich.table import Table
     from rich.text import Text

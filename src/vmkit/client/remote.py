@@ -119,8 +119,7 @@ class Connection:
         self.headers = headers
 
     def request(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        _without_httpx_cli()
-        import httpx
+        import httpx  # imported by __init__ already
 
         try:
             response = self.client.request(method, path, **kwargs)

@@ -10,12 +10,12 @@
  * in this one process (each program a clone starts costs 50-250 ms under TCG, its translated
  * code all gone): the hostname (kernel, and /etc/hostname when writable), each Ethernet NIC
  * backed by a device (not a bridge, veth or tunnel the guest made), in the order the kernel
- * registered them (ifindex: the PCI order of the VM's NIC slots; names
- * sort eth10 before eth2, enp10s0 before enp2s0) the next MAC (SIOCSIFHWADDR), and every
- * udhcpc is told to release
- * its lease and ask again (SIGUSR2, SIGUSR1); then it prints "vmkit-identity: set" (an older
- * helper ignored the option: the host runs its shell version then). Exit 3 when the hostname
- * or a MAC could not be set (the reseed is not tried); every MAC is read before any change.
+ * registered them (ifindex: the PCI order of the VM's NIC slots; names sort eth10 before
+ * eth2, enp10s0 before enp2s0), the next MAC (SIOCSIFHWADDR), and every udhcpc is told to
+ * release its lease and ask again (SIGUSR2, SIGUSR1); then it prints "vmkit-identity: set"
+ * (an older helper ignored the option: the host runs its shell version then). Exit 3 when the
+ * hostname or a MAC could not be set (the reseed is not tried); every MAC is read before any
+ * change.
  *
  * Built static by vmkit's tiny image recipe: gcc -static -Os.
  */
