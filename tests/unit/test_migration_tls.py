@@ -25,7 +25,8 @@ class Recorder:
 
 
 @pytest.mark.parametrize("server", [True, False])
-def test_both_ends_ask_for_aes_gcm_first(server: bool) -> None:
+def test_both_ends_ask_for_aes_gcm_first(server: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(qm, "system_tls_policy", lambda: False)
     qmp = Recorder()
     qm.add_tls(qmp, Path("/run/x/migration"), server=server)  # type: ignore[arg-type]
     [(command, arguments)] = qmp.sent
@@ -35,6 +36,29 @@ def test_both_ends_ask_for_aes_gcm_first(server: bool) -> None:
     assert "-CIPHER-ALL" in arguments["priority"].split(":")  # no other cipher before it
     assert "+CHACHA20-POLY1305" in ciphers  # a host without AES instructions still moves
     assert arguments["endpoint"] == ("server" if server else "client")
+
+
+def test_a_hosts_system_policy_wins_whole(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With crypto-policies (or an admin's /etc/gnutls/config) the admin's order is used as
+    it is: no `+CIPHER` of vmkit's that could bring back one the policy removed."""
+    monkeypatch.setattr(qm, "system_tls_policy", lambda: True)
+    qmp = Recorder()
+    qm.add_tls(qmp, Path("/run/x/migration"), server=True)  # type: ignore[arg-type]
+    assert qmp.sent[0][1]["priority"] == "@SYSTEM"
+
+
+def test_the_policy_is_asked_of_gnutls_in_qemus_environment(tmp_path: Path) -> None:
+    """The real library answers: a policy file defines @SYSTEM, no file (Debian's default)
+    leaves it undefined; QEMU's environment is what counts, not the caller's."""
+    policy = tmp_path / "gnutls.config"
+    policy.write_text("[priorities]\nSYSTEM = NORMAL:-VERS-TLS1.0\n")
+    with_file = {**qm.CLEAN_ENV, "GNUTLS_SYSTEM_PRIORITY_FILE": str(policy)}
+    assert qm.system_tls_policy(with_file) is True
+    without = {**qm.CLEAN_ENV, "GNUTLS_SYSTEM_PRIORITY_FILE": str(tmp_path / "none")}
+    assert qm.system_tls_policy(without) is False
+    if not Path("/etc/gnutls/config").exists():  # Debian: QEMU's GnuTLS has no policy
+        assert qm.system_tls_policy() is False
+        assert qm.tls_priority(qm.system_tls_policy()) == qm.TLS_PRIORITY
 
 
 def test_laps_add_up_per_stage(monkeypatch: pytest.MonkeyPatch) -> None:

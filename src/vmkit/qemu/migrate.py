@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import os
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -26,6 +28,7 @@ from vmkit.model.migration import (
     qemu_downtime_limit,
 )
 from vmkit.qemu.blockops import top_node
+from vmkit.qemu.process import CLEAN_ENV
 from vmkit.qemu.qmp import QmpConnection
 
 PSK_USER = "vmkit"
@@ -40,6 +43,23 @@ _UNTHROTTLED = 1 << 40
 # the session note). Both sides name the same order; ChaCha20 stays as the fallback for a
 # CPU without AES instructions on either side.
 TLS_PRIORITY = "NORMAL:-CIPHER-ALL:+AES-128-GCM:+CHACHA20-POLY1305"
+#: A host with a system-wide GnuTLS policy (crypto-policies on Fedora/RHEL, an /etc/gnutls/config
+#: an admin wrote): the admin's choice wins whole; vmkit's cipher order is not added to it, as
+#: its `+` items would bring back a cipher the policy took away.
+SYSTEM_TLS_PRIORITY = "@SYSTEM"
+# Asks the GnuTLS QEMU links whether "@SYSTEM" is defined, in QEMU's own clean environment (the
+# policy file is found by GnuTLS's compiled-in path or GNUTLS_SYSTEM_PRIORITY_FILE). Debian
+# ships none: there "@SYSTEM" is an error (GNUTLS_E_INVALID_REQUEST) and QEMU's handshake
+# would fail with it.
+_POLICY_PROBE = """
+import ctypes
+lib = ctypes.CDLL("libgnutls.so.30")
+lib.gnutls_priority_init.argtypes = [ctypes.POINTER(ctypes.c_void_p), ctypes.c_char_p,
+                                     ctypes.POINTER(ctypes.c_char_p)]
+cache, where = ctypes.c_void_p(), ctypes.c_char_p()
+print("yes" if lib.gnutls_priority_init(ctypes.byref(cache), b"@SYSTEM",
+                                        ctypes.byref(where)) == 0 else "no")
+"""
 
 
 # RFC 7919's ffdhe2048 group (PKCS#3: its prime, generator 2), as `openssl genpkey -genparam
@@ -107,10 +127,33 @@ def remove_psk(folder: Path) -> None:
         folder.rmdir()
 
 
+def system_tls_policy(env: dict[str, str] | None = None) -> bool:
+    """Whether QEMU's GnuTLS has a system-wide policy ("@SYSTEM"); asked once per process
+    (a Python child in QEMU's environment, ~30 ms). False when it cannot be asked."""
+    key = tuple(sorted((env or CLEAN_ENV).items()))
+    if key not in _POLICY:
+        try:
+            done = subprocess.run([sys.executable, "-I", "-c", _POLICY_PROBE],
+                                  env=dict(key), capture_output=True, text=True, timeout=10,
+                                  check=False)
+            _POLICY[key] = done.stdout.strip() == "yes"
+        except (OSError, subprocess.SubprocessError):
+            _POLICY[key] = False
+    return _POLICY[key]
+
+
+_POLICY: dict[tuple[tuple[str, str], ...], bool] = {}
+
+
+def tls_priority(system_policy: bool) -> str:
+    return SYSTEM_TLS_PRIORITY if system_policy else TLS_PRIORITY
+
+
 def add_tls(qmp: QmpConnection, psk_dir: Path, *, server: bool) -> None:
     arguments: dict[str, Any] = {"qom-type": "tls-creds-psk", "id": TLS_ID,
                                  "endpoint": "server" if server else "client",
-                                 "dir": str(psk_dir), "priority": TLS_PRIORITY}
+                                 "dir": str(psk_dir),
+                                 "priority": tls_priority(system_tls_policy())}
     if not server:
         arguments["username"] = PSK_USER
     qmp.execute("object-add", arguments)
