@@ -15,9 +15,6 @@ The engine is imported on first use of Host/VM, so a client of a daemon never lo
 
 from __future__ import annotations
 
-import importlib
-from typing import TYPE_CHECKING, Any
-
 from vmkit.errors import (
     AdmissionRefused,
     AgentError,
@@ -34,7 +31,10 @@ from vmkit.errors import (
     VmkitError,
 )
 
+TYPE_CHECKING = False  # no typing at run time: `vmkit list` would pay ~3 ms for it
 if TYPE_CHECKING:
+    from typing import Any
+
     from vmkit.client.remote import connect, connect_async
     from vmkit.host import VM, Host
     from vmkit.model.state import VmState
@@ -49,6 +49,8 @@ def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
     if module is None:
         raise AttributeError(f"module 'vmkit' has no attribute {name!r}")
+    import importlib
+
     return getattr(importlib.import_module(module), name)
 
 

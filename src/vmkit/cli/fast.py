@@ -16,12 +16,14 @@ import contextlib
 import gc
 import json
 import os
-import socket
 from collections.abc import Iterator
-from typing import Any
 
 from vmkit.cli import render
 from vmkit.model.state import VmState
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # typing, pathlib and socket cost a listing ~10 ms: none at run time
+    from typing import Any
 
 #: the keys of VmStatus.model_dump(mode="json") and of the models inside it (a unit test keeps
 #: this true). A daemon's answer of another shape (another vmkit version) goes through the
@@ -69,9 +71,9 @@ def run(argv: list[str]) -> int | None:
             render.vm_list(statuses, as_json=as_json)
             return 0
     from vmkit.storage import statuscache
-    from vmkit.storage.home import default_home
+    from vmkit.storage.home import home_path
 
-    remembered = statuscache.read_fresh(default_home())
+    remembered = statuscache.read_fresh(home_path())
     if remembered is not None and all(_shaped(s, STATUS_SHAPE) and _listable(s)
                                       for s in remembered):
         render.vm_list(remembered, as_json=as_json)  # nothing moved since the engine listed
@@ -131,6 +133,8 @@ def _options(args: list[str], name: str) -> dict[str, str] | None:
 def _from_daemon(socket_path: str) -> list[dict[str, Any]] | None:
     """GET /1.0/vms on the daemon's socket: the statuses, or None when the answer is anything
     but a 200 with the expected shape (the full client then asks again and reports)."""
+    import socket
+
     from vmkit.client.remote import CONNECT_TIMEOUT, REQUEST_TIMEOUT, timed_out
 
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

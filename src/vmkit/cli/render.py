@@ -17,11 +17,13 @@ import json
 import os
 import re
 import sys
-from typing import TYPE_CHECKING, Any
 
 from vmkit.model.sizes import format_size
 
+TYPE_CHECKING = False  # no typing at run time: the fast `vmkit list` renders with this module
 if TYPE_CHECKING:
+    from typing import Any
+
     from rich.console import Console
 
 #: what rich prints as it is: printable ASCII (no escapes, tabs or wide characters)

@@ -13,8 +13,11 @@ import contextlib
 import json
 import os
 import time
-from pathlib import Path
-from typing import Any
+
+TYPE_CHECKING = False
+if TYPE_CHECKING:  # no pathlib or typing at run time: the fast `vmkit list` reads this
+    from pathlib import Path
+    from typing import Any
 
 VERSION = 1
 FILE = "cache/statuses.json"
@@ -32,7 +35,7 @@ def file_key(path: Path | str) -> list[int]:
     return [info.st_ino, info.st_size, info.st_mtime_ns]
 
 
-def vm_key(home: Path, name: str) -> list[int]:
+def vm_key(home: Path | str, name: str) -> list[int]:
     """The files a VM's status is read from (snapshots.json: a damaged tree makes it broken)."""
     folder = f"{home}/vms/{name}/"  # strings: a listing of 100 VMs builds 500 paths
     return [*file_key(folder + "vm.json"), *file_key(folder + "state.json"),
@@ -50,7 +53,7 @@ def start_ticks(pid: int) -> int | None:
     return None if fields[0] == "Z" else int(fields[19])
 
 
-def _folders(home: Path) -> list[str] | None:
+def _folders(home: Path | str) -> list[str] | None:
     """The VM folders; None while a create or delete is half-done (the engine sweeps it)."""
     names = []
     vms = f"{home}/vms"
@@ -75,21 +78,24 @@ def write(home: Path, keys: dict[str, list[int]], statuses: list[dict[str, Any]]
         started = time.time() - status["uptime"] if status.get("uptime") is not None else None
         entries[name] = {"key": keys[name], "ticks": ticks, "started": started,
                          "status": status}
-    data = {"version": VERSION, "restarts": file_key(home / RESTARTS), "entries": entries}
-    target = home / FILE
-    tmp = target.with_name(f".{target.name}.{os.getpid()}")
+    data = {"version": VERSION, "restarts": file_key(f"{home}/{RESTARTS}"),
+            "entries": entries}
+    target = f"{home}/{FILE}"
+    folder, name = os.path.split(target)
+    tmp = f"{folder}/.{name}.{os.getpid()}"
     with contextlib.suppress(OSError):
-        target.parent.mkdir(exist_ok=True)
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(folder)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump(data, out, separators=(",", ":"))
         os.replace(tmp, target)
 
 
-def read_fresh(home: Path) -> list[dict[str, Any]] | None:
+def read_fresh(home: Path | str) -> list[dict[str, Any]] | None:
     """The remembered statuses when they still hold for every VM, else None."""
     try:
-        with open(home / FILE) as handle:
+        with open(f"{home}/{FILE}") as handle:
             data = json.load(handle)
         names = _folders(home)
     except (OSError, ValueError):
@@ -98,7 +104,7 @@ def read_fresh(home: Path) -> list[dict[str, Any]] | None:
         return None
     entries = data.get("entries")
     if not isinstance(entries, dict) or sorted(entries) != names or \
-            data.get("restarts") != file_key(home / RESTARTS):
+            data.get("restarts") != file_key(f"{home}/{RESTARTS}"):
         return None
     now = time.time()
     out = []
