@@ -161,7 +161,9 @@ class Events:
         from websockets.sync.client import unix_connect
 
         self.events: list[dict[str, Any]] = []
-        self.ws = unix_connect(str(daemon.socket), f"ws://vmkit/1.0/events{query}")
+        self._connection = contextlib.ExitStack()  # websockets 17.1: connect() as a context
+        self.ws = self._connection.enter_context(
+            unix_connect(str(daemon.socket), f"ws://vmkit/1.0/events{query}"))
         self.thread = threading.Thread(target=self._pump, daemon=True)
         self.thread.start()
 
@@ -187,7 +189,7 @@ class Events:
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.ws.close()
+            self._connection.close()
 
 
 def qemu_count(vm_uuid: str) -> int:

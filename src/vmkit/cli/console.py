@@ -11,9 +11,13 @@ import termios
 import tty
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from vmkit.errors import InvalidValue, QemuError
 from vmkit.qemu import peer
+
+if TYPE_CHECKING:
+    from websockets.sync.client import ClientConnection
 
 DETACH_BYTE = b"\x1d"  # Ctrl-]
 DETACH_KEY = "Ctrl-]"
@@ -74,25 +78,35 @@ def attach(socket_path: Path) -> None:
 
 def attach_remote(url: str, headers: dict[str, str], context: object | None) -> None:
     """The same console through a daemon's websocket (`/1.0/vms/NAME/console`)."""
-    import threading
-
     from websockets.exceptions import ConnectionClosed
     from websockets.sync.client import connect, unix_connect
 
+    # entered as a context manager: websockets 17.1 deprecated using connect() directly
+    connection = contextlib.ExitStack()
     try:
         if url.startswith("unix://"):
             path, _, rest = url[len("unix://"):].partition("|")
-            ws = unix_connect(path, f"ws://vmkit{rest}", additional_headers=headers)
+            ws = connection.enter_context(
+                unix_connect(path, f"ws://vmkit{rest}", additional_headers=headers))
         else:
-            ws = connect(url, additional_headers=headers, ssl=context)  # type: ignore[arg-type]
+            ws = connection.enter_context(connect(
+                url, additional_headers=headers, ssl=context))  # type: ignore[arg-type]
     except (OSError, ConnectionClosed) as exc:
         raise QemuError(f"cannot connect to the console at {url}: {exc}") from exc
+    with connection:
+        _pump_console(ws, ConnectionClosed)
+
+
+def _pump_console(ws: ClientConnection, closed: type[Exception]) -> None:
+    """Terminal to websocket and back, until either side ends."""
+    import threading
+
     stdin = sys.stdin.fileno()
     stdout = sys.stdout.fileno()
     done = threading.Event()
 
     def pump() -> None:
-        with contextlib.suppress(ConnectionClosed, OSError):
+        with contextlib.suppress(closed, OSError):
             for message in ws:
                 if isinstance(message, str):
                     if message.startswith("{") and '"error"' in message:
@@ -111,7 +125,7 @@ def attach_remote(url: str, headers: dict[str, str], context: object | None) -> 
                 ready, _, _ = select.select([stdin], [], [], 0.2)
                 if ready and not _typed(stdin, ws.send):
                     break
-    except ConnectionClosed:
+    except closed:
         pass
     finally:
         with contextlib.suppress(Exception):
