@@ -356,9 +356,9 @@ def test_vmkit_console_and_logs_through_the_daemon(daemon: Daemon) -> None:
 
     daemon.local().create("remote-tty", start=True, wait=True)
     master, slave = pty.openpty()
-    # a deprecated use of a library (websockets' connect() outside `with`) fails the test
-    env = {**os.environ, "VMKIT_HOME": str(daemon.home),
-           "PYTHONWARNINGS": "error::DeprecationWarning"}
+    # websockets' connect() outside `with` (deprecated in 17.1) fails the test
+    env = {**os.environ, "VMKIT_HOME": str(daemon.home), "PYTHONWARNINGS":
+           "error:connect() must be used as a context manager:DeprecationWarning"}
     proc = subprocess.Popen([sys.executable, "-m", "vmkit.cli.main", "console", "remote-tty"],
                             stdin=slave, stdout=slave, stderr=subprocess.PIPE, env=env)
     os.close(slave)

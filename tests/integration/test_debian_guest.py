@@ -303,6 +303,7 @@ def test_the_image_as_a_foreign_disk_boots_through_firmware_in_each_format(
     OVMF; vmdk and vdi (each boot took ~70 s more) must hold, block for block, the disk that
     booted, so they would boot the same."""
     from tests.integration.anyos_media import bootable_disk
+    from vmkit.model.spec import FIRMWARE_CHOICES
 
     disk = bootable_disk(debian_home, tmp_path / "disk", "debian-12")
     with new_home(debian_home) as root:
@@ -324,6 +325,8 @@ def test_the_image_as_a_foreign_disk_boots_through_firmware_in_each_format(
                 assert uefi == firmware, (fmt, uefi)
                 vm.kill()
             else:
+                assert vm.status().boot == "disk" and \
+                    vm.config.hardware.firmware == FIRMWARE_CHOICES[firmware]
                 same = subprocess.run(
                     ["qemu-img", "compare", "-f", "raw", "-F", "qcow2", str(disk),
                      str(vm.folder.path / vm.active_layer())],

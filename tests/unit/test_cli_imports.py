@@ -236,12 +236,15 @@ def test_list_in_process_is_the_full_clis(tmp_path: Path, args: list[str]) -> No
     assert "worse  broken" in quick.stdout or '"name": "worse"' in quick.stdout
 
 
-def test_a_remembered_listing_imports_only_what_it_reads(tmp_path: Path) -> None:
-    """Answered from the engine's memo (storage/statuscache.py): besides json and re, no
-    typing, pathlib or socket (~10 ms of a listing of 100 VMs) and nothing of the engine."""
+@pytest.mark.parametrize("no_daemon", [True, False])
+def test_a_remembered_listing_imports_only_what_it_reads(tmp_path: Path, no_daemon: bool
+                                                        ) -> None:
+    """Answered from the engine's memo (storage/statuscache.py), with VMKIT_NO_DAEMON or
+    with no daemon serving the home: besides json and re, no typing, pathlib or socket
+    (~10 ms of a listing of 100 VMs) and nothing of the engine."""
     (tmp_path / "vms" / "bad").mkdir(parents=True)
     (tmp_path / "vms" / "bad" / "vm.json").write_text("not json")
-    env = _env(tmp_path, VMKIT_NO_DAEMON="1")
+    env = _env(tmp_path, **({"VMKIT_NO_DAEMON": "1"} if no_daemon else {}))
     first, _ = _fast(["list"], env, tmp_path)  # the engine lists and remembers
     again, modules = _fast(["list"], env, tmp_path)
     assert (again.returncode, again.stdout) == (0, first.stdout) and "bad" in again.stdout

@@ -67,3 +67,25 @@ def test_only_the_vms_qemu_counts_not_its_waiter() -> None:
     assert not is_vm_qemu(qemu, "u-2")
     assert not is_vm_qemu(waiter_argv(Path("/run/exit"), qemu), "u-1")
     assert not is_vm_qemu(["/usr/bin/qemu-system-x86_64", "-name", "u-1"], "u-1")
+
+
+@pytest.mark.parametrize("given", ["/srv/vmkit", "rel/home", "~/vk", "./a/../b/"])
+def test_home_path_is_default_homes_as_a_string(given: str, monkeypatch: pytest.MonkeyPatch,
+                                                tmp_path: Path) -> None:
+    """The fast `vmkit list` path's string and the engine's Path name one folder."""
+    from vmkit.storage.home import default_home, home_path
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path / "user"))
+    monkeypatch.setenv("VMKIT_HOME", given)
+    assert Path(home_path()) == Path(given).expanduser().absolute() == default_home()
+
+
+def test_a_home_that_cannot_be_expanded_is_a_clear_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from vmkit.errors import InvalidValue
+    from vmkit.storage.home import home_path
+
+    monkeypatch.setenv("VMKIT_HOME", "~no-such-user-here/vk")
+    with pytest.raises(InvalidValue, match="VMKIT_HOME"):
+        home_path()

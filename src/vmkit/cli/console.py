@@ -78,7 +78,7 @@ def attach(socket_path: Path) -> None:
 
 def attach_remote(url: str, headers: dict[str, str], context: object | None) -> None:
     """The same console through a daemon's websocket (`/1.0/vms/NAME/console`)."""
-    from websockets.exceptions import ConnectionClosed
+    from websockets.exceptions import ConnectionClosed, InvalidHandshake
     from websockets.sync.client import connect, unix_connect
 
     # entered as a context manager: websockets 17.1 deprecated using connect() directly
@@ -91,7 +91,7 @@ def attach_remote(url: str, headers: dict[str, str], context: object | None) -> 
         else:
             ws = connection.enter_context(connect(
                 url, additional_headers=headers, ssl=context))  # type: ignore[arg-type]
-    except (OSError, ConnectionClosed) as exc:
+    except (OSError, ConnectionClosed, InvalidHandshake) as exc:  # refused: 401, 404, ...
         raise QemuError(f"cannot connect to the console at {url}: {exc}") from exc
     with connection:
         _pump_console(ws, ConnectionClosed)

@@ -43,14 +43,13 @@ _UNTHROTTLED = 1 << 40
 # the session note). Both sides name the same order; ChaCha20 stays as the fallback for a
 # CPU without AES instructions on either side.
 TLS_PRIORITY = "NORMAL:-CIPHER-ALL:+AES-128-GCM:+CHACHA20-POLY1305"
-#: A host with a system-wide GnuTLS policy (crypto-policies on Fedora/RHEL, an /etc/gnutls/config
-#: an admin wrote): the admin's choice wins whole; vmkit's cipher order is not added to it, as
-#: its `+` items would bring back a cipher the policy took away.
-SYSTEM_TLS_PRIORITY = "@SYSTEM"
-# Asks the GnuTLS QEMU links whether "@SYSTEM" is defined, in QEMU's own clean environment (the
-# policy file is found by GnuTLS's compiled-in path or GNUTLS_SYSTEM_PRIORITY_FILE). Debian
-# ships none: there "@SYSTEM" is an error (GNUTLS_E_INVALID_REQUEST) and QEMU's handshake
-# would fail with it.
+# A host with a system-wide GnuTLS policy (crypto-policies on Fedora/RHEL, an /etc/gnutls/config
+# an admin wrote) gets no priority from vmkit: QEMU's own default applies, which distributions
+# with such policies build to follow them (Fedora: "@QEMU,SYSTEM"). GnuTLS applies a policy's
+# global overrides to any priority string; vmkit's order would still replace the policy's
+# preferences with its own. The probe asks the libgnutls.so.30 the dynamic loader finds (the
+# one a distribution's QEMU links), in QEMU's clean environment, whether "@SYSTEM" is defined.
+# Debian ships no policy: there "@SYSTEM" is an error (GNUTLS_E_INVALID_REQUEST).
 _POLICY_PROBE = """
 import ctypes
 lib = ctypes.CDLL("libgnutls.so.30")
@@ -128,8 +127,8 @@ def remove_psk(folder: Path) -> None:
 
 
 def system_tls_policy(env: dict[str, str] | None = None) -> bool:
-    """Whether QEMU's GnuTLS has a system-wide policy ("@SYSTEM"); asked once per process
-    (a Python child in QEMU's environment, ~30 ms). False when it cannot be asked."""
+    """Whether GnuTLS has a system-wide policy ("@SYSTEM") in QEMU's environment; asked once
+    per process (a Python child, 13-30 ms). False when it cannot be asked (vmkit's order)."""
     key = tuple(sorted((env or CLEAN_ENV).items()))
     if key not in _POLICY:
         try:
@@ -145,15 +144,18 @@ def system_tls_policy(env: dict[str, str] | None = None) -> bool:
 _POLICY: dict[tuple[tuple[str, str], ...], bool] = {}
 
 
-def tls_priority(system_policy: bool) -> str:
-    return SYSTEM_TLS_PRIORITY if system_policy else TLS_PRIORITY
+def tls_priority(system_policy: bool) -> str | None:
+    """vmkit's cipher order, or None (QEMU's default) on a host with a system policy."""
+    return None if system_policy else TLS_PRIORITY
 
 
 def add_tls(qmp: QmpConnection, psk_dir: Path, *, server: bool) -> None:
     arguments: dict[str, Any] = {"qom-type": "tls-creds-psk", "id": TLS_ID,
                                  "endpoint": "server" if server else "client",
-                                 "dir": str(psk_dir),
-                                 "priority": tls_priority(system_tls_policy())}
+                                 "dir": str(psk_dir)}
+    priority = tls_priority(system_tls_policy())
+    if priority is not None:
+        arguments["priority"] = priority
     if not server:
         arguments["username"] = PSK_USER
     qmp.execute("object-add", arguments)

@@ -7,20 +7,29 @@ from __future__ import annotations
 import json
 import os
 
+from vmkit.errors import InvalidValue
+
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     from pathlib import Path
 
 
 def home_path() -> str:
-    """VMKIT_HOME as an absolute path (default_home's, as a string)."""
+    """VMKIT_HOME as an absolute path (default_home's, as a string; not normalised)."""
     env = os.environ.get("VMKIT_HOME")
     if env:
         path = os.path.expanduser(env)
+        if path.startswith("~"):
+            raise InvalidValue(f"cannot expand VMKIT_HOME={env!r}: no such user's home",
+                               hint="set VMKIT_HOME to an absolute path")
         return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
     if os.geteuid() == 0:
         return "/var/lib/vmkit"
-    return os.path.join(os.path.expanduser("~"), ".local/share/vmkit")
+    home = os.path.expanduser("~")
+    if not os.path.isabs(home):
+        raise InvalidValue("cannot tell where vmkit's folder is: this user has no home "
+                           "directory", hint="set VMKIT_HOME to an absolute path")
+    return os.path.join(home, ".local/share/vmkit")
 
 
 def default_home() -> Path:

@@ -65,7 +65,7 @@ def _folders(home: Path | str) -> list[str] | None:
     return sorted(names)
 
 
-def write(home: Path, keys: dict[str, list[int]], statuses: list[dict[str, Any]]) -> None:
+def write(home: Path | str, keys: dict[str, list[int]], statuses: list[dict[str, Any]]) -> None:
     """Remember `statuses` (JSON dumps of VmStatus), each computed from the files of `keys`
     (taken before it was computed, so a change during it shows as stale next time)."""
     entries = {}
@@ -83,13 +83,16 @@ def write(home: Path, keys: dict[str, list[int]], statuses: list[dict[str, Any]]
     target = f"{home}/{FILE}"
     folder, name = os.path.split(target)
     tmp = f"{folder}/.{name}.{os.getpid()}"
-    with contextlib.suppress(OSError):
+    try:
         with contextlib.suppress(FileExistsError):
             os.mkdir(folder)
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "w") as out:
             json.dump(data, out, separators=(",", ":"))
         os.replace(tmp, target)
+    except OSError:  # a memo only: the next listing asks the engine
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def read_fresh(home: Path | str) -> list[dict[str, Any]] | None:
