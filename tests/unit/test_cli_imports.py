@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import itertools
 import json
 import os
 import random
@@ -400,3 +401,44 @@ def test_data_is_printed_as_it_is(monkeypatch: pytest.MonkeyPatch, plainly: bool
     render.__dict__.pop("err", None)
     render.err.print(f"NIC {DATA[0]} added; {DATA[3]}")
     assert sys.stderr.getvalue() == f"NIC {DATA[0]} added; {DATA[3]}\n"
+
+
+def _messages() -> Iterator[str]:
+    yield "cloned web to web2 (defined)"
+    yield "\ndetached from web"
+    yield "problem: the disk is full\nhint: free some space"
+    yield "x" * 80
+    yield "x" * 81
+    yield "trailing space "
+    yield f"VM web: NIC {DATA[0]} on lan"
+    yield "a wide é character"
+    rng = random.Random(11)
+    words = ["vm", "web", ":ab:", "[bold]", "é", "  ", "a" * 30, "\n", "\t", "-", "1.5s"]
+    for _ in range(300):
+        yield "".join(rng.choice(words) + rng.choice(["", " "]) for _ in range(rng.randint(0, 12)))
+
+
+def test_messages_are_printed_as_rich_prints_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """render.say writes what `err.print` would, byte for byte, in each environment; most
+    messages without a rich console."""
+    from rich.console import Console
+
+    plain = 0
+    envs: list[dict[str, str]] = [{}, {"COLUMNS": "40"}, {"COLUMNS": "120", "LINES": "30"},
+                                  {"TERM": "dumb"}, {"FORCE_COLOR": "1"}]
+    for text in _messages():
+        for env, tty in itertools.product(envs, (False, True)):
+            for key in ("COLUMNS", "LINES", "TERM", "FORCE_COLOR", "TTY_COMPATIBLE",
+                        "NO_COLOR", "COLORTERM"):
+                monkeypatch.delenv(key, raising=False)
+            for key, value in env.items():
+                monkeypatch.setenv(key, value)
+            monkeypatch.setattr(sys, "stderr", _Stdout(tty))
+            Console(stderr=True, highlight=False, markup=False, emoji=False).print(text)
+            expected = sys.stderr.getvalue()
+            monkeypatch.setattr(sys, "stderr", _Stdout(tty))
+            render.__dict__.pop("err", None)
+            render.say(text)
+            assert sys.stderr.getvalue() == expected, (text, env, tty)
+            plain += "err" not in render.__dict__
+    assert plain > 500

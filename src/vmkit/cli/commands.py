@@ -182,7 +182,7 @@ def recover(format: FormatOpt = Format.table) -> None:
     if format is Format.json:
         render.print_json({"recovered": done})
         return
-    render.err.print(f"recovered: {', '.join(done)}" if done else "nothing to recover")
+    render.say(f"recovered: {', '.join(done)}" if done else "nothing to recover")
 
 
 @app.command()
@@ -219,7 +219,7 @@ def doctor(format: FormatOpt = Format.table) -> None:
         ]
         render.table(["", ""], rows)
         for problem in report["problems"]:
-            render.err.print(f"problem: {problem['message']}\nhint: {problem['hint']}")
+            render.say(f"problem: {problem['message']}\nhint: {problem['hint']}")
     if not report["ok"]:
         raise typer.Exit(1)
 
@@ -250,7 +250,7 @@ def image_build(name: Annotated[str, typer.Argument(help="image recipe: tiny or 
             name, force=force, progress=lambda msg: bar.update(task, description=msg),
             packages=[p.strip() for p in packages.split(",") if p.strip()] if packages else [])
     verb = "built" if built else "up to date"
-    render.err.print(f"image {info.name} {verb}: kernel {info.kernel_version}, "
+    render.say(f"image {info.name} {verb}: kernel {info.kernel_version}, "
                      f"{render.size(info.size)}, sha256 {info.sha256[:16]}...")
 
 
@@ -276,7 +276,7 @@ def image_list(format: FormatOpt = Format.table) -> None:
                   for i in images])
     for image in images:
         if image.newer_packages:
-            render.err.print(f"{image.name}: newer {', '.join(image.newer_packages[:5])}"
+            render.say(f"{image.name}: newer {', '.join(image.newer_packages[:5])}"
                              f"{', ...' if len(image.newer_packages) > 5 else ''} in this "
                              f"host's apt; rebuild: vmkit image build {image.name}")
 
@@ -367,7 +367,7 @@ def create(
                          restart=restart, autostart=autostart, cpu_model=cpu_model,
                          firmware=firmware, boot=boot, from_disk=from_disk, iso=iso,
                          display=display, os_type=os_type, secure_boot=secure_boot)
-    render.err.print(f"created VM {name}")
+    render.say(f"created VM {name}")
     if start:
         _start(vm.name, wait, timeout)
 
@@ -376,11 +376,11 @@ def _start(name: str, wait: bool, timeout: float) -> None:
     vm = _host().get(name)
     with _status(f"starting {name}"):
         vm.start()
-    render.err.print(f"started VM {name} (pid {vm.status().pid})")
+    render.say(f"started VM {name} (pid {vm.status().pid})")
     if wait:
         with _status(f"waiting for the guest agent of {name}"):
             waited = vm.wait_ready(timeout=timeout)
-        render.err.print(f"VM {name} is ready (agent answered after {waited:.1f}s)")
+        render.say(f"VM {name} is ready (agent answered after {waited:.1f}s)")
 
 
 @app.command()
@@ -408,14 +408,14 @@ def stop(name: NameArg,
     with _status(f"stopping {name}"):
         vm.stop(timeout=timeout)
     exit_record = vm.status().last_exit
-    render.err.print(f"stopped VM {name}" + (f": {exit_record.description}" if exit_record else ""))
+    render.say(f"stopped VM {name}" + (f": {exit_record.description}" if exit_record else ""))
 
 
 @app.command()
 def kill(name: NameArg) -> None:
     """Hard power-off (SIGKILL to the VM's QEMU). Example: vmkit kill web"""
     _host().get(name).kill()
-    render.err.print(f"killed VM {name}")
+    render.say(f"killed VM {name}")
 
 
 @app.command()
@@ -427,21 +427,21 @@ def restart(name: NameArg,
     vm = _host().get(name)
     with _status(f"restarting {name}"):
         vm.restart(wait=wait, timeout=timeout)
-    render.err.print(f"restarted VM {name}")
+    render.say(f"restarted VM {name}")
 
 
 @app.command()
 def pause(name: NameArg) -> None:
     """Freeze the VM's vCPUs (it keeps its memory). Example: vmkit pause web"""
     _host().get(name).pause()
-    render.err.print(f"paused VM {name}")
+    render.say(f"paused VM {name}")
 
 
 @app.command()
 def resume(name: NameArg) -> None:
     """Continue a paused VM. Example: vmkit resume web"""
     _host().get(name).resume()
-    render.err.print(f"resumed VM {name}")
+    render.say(f"resumed VM {name}")
 
 
 @app.command()
@@ -453,7 +453,7 @@ def delete(name: NameArg,
     Example: vmkit delete web --force
     """
     _host().get(name).delete(force=force)
-    render.err.print(f"deleted VM {name}")
+    render.say(f"deleted VM {name}")
 
 
 @app.command("list")
@@ -589,7 +589,7 @@ def set_(
         lines.append(f"restart policy {new.mode} (max {new.max_restarts} in a row), autostart "
                      f"{'on' if new.autostart else 'off'}")
     for line in lines:
-        render.err.print(f"{name}: {line}")
+        render.say(f"{name}: {line}")
 
 
 @app.command()
@@ -610,7 +610,7 @@ def cp(source: Annotated[str, typer.Argument(help="FILE or VM:PATH")],
         size = host.get(name).copy_out(path, dest)
     else:
         raise typer.BadParameter("exactly one side must be VM:PATH (e.g. web:/root/file)")
-    render.err.print(f"copied {render.size(size)}")
+    render.say(f"copied {render.size(size)}")
 
 
 @app.command()
@@ -681,18 +681,18 @@ def console(name: NameArg,
         path = vm.vnc_socket()
         if port is None:
             render.out.print(str(path))
-            render.err.print(f"VM {name}'s screen: VNC on unix socket {path} (root only); "
+            render.say(f"VM {name}'s screen: VNC on unix socket {path} (root only); "
                              f"a TCP viewer: vmkit console {name} --vnc --port 5901")
             return
         from vmkit.cli.console import forward_vnc
 
         with contextlib.suppress(KeyboardInterrupt):
-            forward_vnc(path, port, ready=lambda bound: render.err.print(
+            forward_vnc(path, port, ready=lambda bound: render.say(
                 f"VM {name}'s screen on vnc://127.0.0.1:{bound} (loopback only); Ctrl-C ends"))
         return
     if _is_local(host):
         path = vm.console_socket()
-        render.err.print(f"connected to {name}'s serial console; {DETACH_KEY} detaches")
+        render.say(f"connected to {name}'s serial console; {DETACH_KEY} detaches")
         attach(path)
     else:
         from vmkit.cli.console import attach_remote
@@ -701,9 +701,9 @@ def console(name: NameArg,
         route = f"/1.0/vms/{name}/console"
         url = f"{connection.url}|{route}" if connection.ws_base is None else \
             f"{connection.ws_base}{route}"
-        render.err.print(f"connected to {name}'s serial console; {DETACH_KEY} detaches")
+        render.say(f"connected to {name}'s serial console; {DETACH_KEY} detaches")
         attach_remote(url, connection.headers, getattr(connection, "ssl_context", None))
-    render.err.print(f"\ndetached from {name}")
+    render.say(f"\ndetached from {name}")
 
 
 @app.command()
@@ -711,7 +711,7 @@ def screenshot(name: NameArg,
                out: Annotated[Path, typer.Argument(help="PNG file to write")]) -> None:
     """Save a PNG of the VM's screen (VMs with a display). Example: vmkit screenshot win s.png"""
     size = _host().get(name).screenshot(out)
-    render.err.print(f"wrote {out} ({render.size(size)})")
+    render.say(f"wrote {out} ({render.size(size)})")
 
 
 @media_app.command("attach")
@@ -723,14 +723,14 @@ def media_attach(name: NameArg,
     Example: vmkit media attach win virtio-drivers.iso
     """
     path = _host().get(name).attach_media(iso)
-    render.err.print(f"VM {name}: {path} in the CD-ROM drive")
+    render.say(f"VM {name}: {path} in the CD-ROM drive")
 
 
 @media_app.command("eject")
 def media_eject(name: NameArg) -> None:
     """Empty the CD-ROM drive. Example: vmkit media eject win"""
     was = _host().get(name).eject_media()
-    render.err.print(f"VM {name}: ejected {was}" if was else f"VM {name}: the drive was empty")
+    render.say(f"VM {name}: ejected {was}" if was else f"VM {name}: the drive was empty")
 
 
 @app.command()
@@ -813,7 +813,7 @@ def network_create(
     mode = "isolated" if isolated else "bridged" if bridged else "nat"
     net = _host().create_network(name, subnet=subnet, mode=mode, parent=parent)
     where = f"{net.subnet}, gateway {net.gateway}" if net.subnet else "the host's LAN"
-    render.err.print(f"created network {net.name} ({net.mode}): {where}, bridge {net.bridge}")
+    render.say(f"created network {net.name} ({net.mode}): {where}, bridge {net.bridge}")
 
 
 @network_app.command("list")
@@ -855,7 +855,7 @@ def network_delete(name: Annotated[str, typer.Argument(help="network name")]) ->
     Example: vmkit network delete lan
     """
     _host().delete_network(name)
-    render.err.print(f"deleted network {name}")
+    render.say(f"deleted network {name}")
 
 
 @network_app.command("reconcile")
@@ -866,7 +866,7 @@ def network_reconcile() -> None:
     """
     host = _host()
     host.reconcile_networks()
-    render.err.print(f"{len(host.networks())} network(s) up")
+    render.say(f"{len(host.networks())} network(s) up")
 
 
 @nic_app.command("add")
@@ -880,7 +880,7 @@ def nic_add(name: NameArg,
     Example: vmkit nic add web --network backend
     """
     nic = _host().get(name).add_nic(network, ports=port or [])
-    render.err.print(f"VM {name}: NIC {nic.mac} on {nic.network}"
+    render.say(f"VM {name}: NIC {nic.mac} on {nic.network}"
                      f"{f' ({nic.address})' if nic.address else ''}")
 
 
@@ -892,7 +892,7 @@ def nic_remove(name: NameArg,
     Example: vmkit nic remove web backend
     """
     nic = _host().get(name).remove_nic(network)
-    render.err.print(f"VM {name}: NIC {nic.mac} on {nic.network} removed")
+    render.say(f"VM {name}: NIC {nic.mac} on {nic.network} removed")
 
 
 @disk_app.command("add")
@@ -906,7 +906,7 @@ def disk_add(name: NameArg,
     Example: vmkit disk add web data --size 20G
     """
     added = _host().get(name).add_disk(disk, size)
-    render.err.print(f"VM {name}: disk {added.name} ({format_size(added.size)}) added")
+    render.say(f"VM {name}: disk {added.name} ({format_size(added.size)}) added")
 
 
 @disk_app.command("remove")
@@ -917,7 +917,7 @@ def disk_remove(name: NameArg,
     Example: vmkit disk remove web data
     """
     removed = _host().get(name).remove_disk(disk)
-    render.err.print(f"VM {name}: disk {removed.name} removed, its data deleted")
+    render.say(f"VM {name}: disk {removed.name} removed, its data deleted")
 
 
 @disk_app.command("list")
@@ -958,7 +958,7 @@ def clone(
         helper = next((s for s in source.snapshots() if s.name == f"clone-{target}"[:63]), None)
         if helper is not None and helper.paused_ms is not None:
             pause = f", {name} paused {helper.paused_ms:g} ms"
-    render.err.print(f"cloned {name} to {target} ({vm.state.value}{pause})")
+    render.say(f"cloned {name} to {target} ({vm.state.value}{pause})")
 
 
 def _bytes_progress(label: str) -> tuple[Any, Any]:
@@ -987,7 +987,7 @@ def export_(name: NameArg,
     bar, progress = _bytes_progress(f"export {name}")
     with bar:
         result = vm.export(path, progress=progress)
-    render.err.print(f"exported {name} to {result['path']} ({render.size(result['bytes'])}, "
+    render.say(f"exported {name} to {result['path']} ({render.size(result['bytes'])}, "
                      f"mode {result['mode']}: readable by its owner only)")
 
 
@@ -1026,9 +1026,9 @@ def _move(name: str, remote: str, *, live: bool | None, storage: str, bandwidth:
             render.print_json({"vm": name, "destination": remote, "reasons": reasons})
         elif reasons:
             for reason in reasons:
-                render.err.print(f"refused: {reason}")
+                render.say(f"refused: {reason}")
         else:
-            render.err.print(f"{name} can move to {remote}")
+            render.say(f"{name} can move to {remote}")
         if reasons:
             raise typer.Exit(2)
         return
@@ -1054,7 +1054,7 @@ def _move(name: str, remote: str, *, live: bool | None, storage: str, bandwidth:
         render.print_json(result)
         return
     downtime = result.get("downtime_ms")
-    render.err.print(f"moved {name} to {remote} as {result['name']} in {result['seconds']:.2f}s"
+    render.say(f"moved {name} to {remote} as {result['name']} in {result['seconds']:.2f}s"
                      + (f" (guest paused {downtime} ms)" if downtime is not None else ""))
 
 
@@ -1115,7 +1115,7 @@ def import_(path: Annotated[str, typer.Argument(help="bundle file, e.g. web.vmki
     bar, progress = _bytes_progress("import")
     with bar:
         vm = _host().import_bundle(path, name=name, progress=progress)
-    render.err.print(f"imported VM {vm.name}")
+    render.say(f"imported VM {vm.name}")
 
 
 # -- snapshots ----------------------------------------------------------------------------
@@ -1135,9 +1135,9 @@ def snapshot_create(name: NameArg, snapshot: SnapArg,
         info = _host().get(name).snapshot(snapshot, disk_only=disk_only)
     kind = "disk + memory" if info.with_memory else "disk only"
     paused = f", guest paused {info.paused_ms:g} ms" if info.paused_ms is not None else ""
-    render.err.print(f"snapshot {snapshot} of {name} taken ({kind}{paused})")
+    render.say(f"snapshot {snapshot} of {name} taken ({kind}{paused})")
     if info.quiesced is False:
-        render.err.print("warning: the guest agent did not freeze the file systems; the "
+        render.say("warning: the guest agent did not freeze the file systems; the "
                          "snapshot is crash-consistent only")
 
 
@@ -1169,7 +1169,7 @@ def snapshot_restore(name: NameArg, snapshot: SnapArg) -> None:
     vm = _host().get(name)
     with _status(f"restoring {name} to {snapshot}"):
         vm.restore(snapshot)
-    render.err.print(f"VM {name} restored to {snapshot} ({vm.state.value})")
+    render.say(f"VM {name} restored to {snapshot} ({vm.state.value})")
 
 
 @snapshot_app.command("delete")
@@ -1180,7 +1180,7 @@ def snapshot_delete(name: NameArg, snapshot: SnapArg) -> None:
     """
     with _status(f"deleting snapshot {snapshot}"):
         _host().get(name).delete_snapshot(snapshot)
-    render.err.print(f"snapshot {snapshot} of {name} deleted")
+    render.say(f"snapshot {snapshot} of {name} deleted")
 
 
 # -- the host service ------------------------------------------------------------------------
@@ -1273,7 +1273,7 @@ def host_set(
         raise InvalidValue(f"invalid {where} {first.get('input')!r}: {first['msg'].lower()}",
                            hint="see vmkit host set --help") from None
     host.set_policy(policy)
-    render.err.print("host policy set")
+    render.say("host policy set")
 
 
 token_app = typer.Typer(no_args_is_help=True,
@@ -1322,7 +1322,7 @@ def daemon(
     if stop:
         assert options.pidfile is not None
         stopped = server.stop_daemon(options.pidfile)
-        render.err.print(f"stopped daemon {stopped}" if stopped else "no daemon running")
+        render.say(f"stopped daemon {stopped}" if stopped else "no daemon running")
         return
     if detach:
         argv = [sys.executable, "-m", "vmkit.cli.main", "daemon", "--socket",
@@ -1332,7 +1332,7 @@ def daemon(
         if listen:
             argv += ["--listen", listen]
         pid = server.detach(argv, options)
-        render.err.print(f"vmkit daemon {pid} listening on {options.socket}"
+        render.say(f"vmkit daemon {pid} listening on {options.socket}"
                          + (f" and https://{listen}" if listen else ""))
         return
     server.serve(_local_host(), options)
@@ -1345,7 +1345,7 @@ def token_create(name: Annotated[str, typer.Argument(help="a name for the token"
     from vmkit.daemon.auth import TokenStore
 
     print(TokenStore(_daemon_paths().tokens).create(name))
-    render.err.print(f"token {name} created: give it to the client "
+    render.say(f"token {name} created: give it to the client "
                      "(vmkit remote add NAME https://HOST:PORT --token TOKEN)")
 
 
@@ -1370,7 +1370,7 @@ def token_revoke(name: Annotated[str, typer.Argument(help="token name")]) -> Non
     from vmkit.daemon.auth import TokenStore
 
     TokenStore(_daemon_paths().tokens).revoke(name)
-    render.err.print(f"token {name} revoked")
+    render.say(f"token {name} revoked")
 
 
 @trust_app.command("issue")
@@ -1389,7 +1389,7 @@ def trust_issue(name: Annotated[str, typer.Argument(help="client name")],
     fd = os.open(out / f"{name}.key", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     with os.fdopen(fd, "wb") as handle:
         handle.write(key)
-    render.err.print(f"issued {out / name}.crt (sha256 {fingerprint[:16]}...) and its key")
+    render.say(f"issued {out / name}.crt (sha256 {fingerprint[:16]}...) and its key")
 
 
 @trust_app.command("revoke")
@@ -1398,7 +1398,7 @@ def trust_revoke(name: Annotated[str, typer.Argument(help="client name")]) -> No
     from vmkit.daemon.auth import ClientCA
 
     ClientCA(_daemon_paths().folder).revoke(name)
-    render.err.print(f"client certificate {name} revoked")
+    render.say(f"client certificate {name} revoked")
 
 
 @remote_app.command("add")
@@ -1424,7 +1424,7 @@ def remote_add(
     if (client_cert is None) != (client_key is None):
         raise InvalidValue("--client-cert and --client-key go together")
     pem, fingerprint = remotes.server_certificate(url)
-    render.err.print(f"certificate fingerprint of {url}: {fingerprint}")
+    render.say(f"certificate fingerprint of {url}: {fingerprint}")
     if accept_fingerprint is not None:
         if accept_fingerprint.replace(":", "").lower() != fingerprint:
             raise InvalidValue(f"the server's certificate fingerprint is {fingerprint}, not "
@@ -1446,7 +1446,7 @@ def remote_add(
     remotes.add(name, url, pem=pem, token=token,
                 client_cert=(str(client_cert.absolute()), str(client_key.absolute()))
                 if client_cert and client_key else None)
-    render.err.print(f"remote {name} added: vmkit {info['version']} serving {info['home']} "
+    render.say(f"remote {name} added: vmkit {info['version']} serving {info['home']} "
                      f"(you are {info['requestor']})")
 
 
@@ -1489,7 +1489,7 @@ def cpu_baseline(
             n: {"accel": c.accel, "qemu": c.qemu_version} for n, c in found.items()}})
         return
     print(model)
-    render.err.print("hosts: " + ", ".join(f"{n} (QEMU {c.qemu_version}, {c.accel})"
+    render.say("hosts: " + ", ".join(f"{n} (QEMU {c.qemu_version}, {c.accel})"
                                           for n, c in found.items()))
 
 
@@ -1499,5 +1499,5 @@ def remote_remove(name: Annotated[str, typer.Argument(help="remote name")]) -> N
     from vmkit.client import remotes
 
     remotes.remove(name)
-    render.err.print(f"remote {name} removed")
+    render.say(f"remote {name} removed")
 
