@@ -251,7 +251,7 @@ def image_build(name: Annotated[str, typer.Argument(help="image recipe: tiny or 
             packages=[p.strip() for p in packages.split(",") if p.strip()] if packages else [])
     verb = "built" if built else "up to date"
     render.say(f"image {info.name} {verb}: kernel {info.kernel_version}, "
-                     f"{render.size(info.size)}, sha256 {info.sha256[:16]}...")
+               f"{render.size(info.size)}, sha256 {info.sha256[:16]}...")
 
 
 @image_app.command("list")
@@ -277,8 +277,8 @@ def image_list(format: FormatOpt = Format.table) -> None:
     for image in images:
         if image.newer_packages:
             render.say(f"{image.name}: newer {', '.join(image.newer_packages[:5])}"
-                             f"{', ...' if len(image.newer_packages) > 5 else ''} in this "
-                             f"host's apt; rebuild: vmkit image build {image.name}")
+                       f"{', ...' if len(image.newer_packages) > 5 else ''} in this "
+                       f"host's apt; rebuild: vmkit image build {image.name}")
 
 
 # -- VMs ----------------------------------------------------------------------------------
@@ -682,7 +682,7 @@ def console(name: NameArg,
         if port is None:
             render.out.print(str(path))
             render.say(f"VM {name}'s screen: VNC on unix socket {path} (root only); "
-                             f"a TCP viewer: vmkit console {name} --vnc --port 5901")
+                       f"a TCP viewer: vmkit console {name} --vnc --port 5901")
             return
         from vmkit.cli.console import forward_vnc
 
@@ -881,7 +881,7 @@ def nic_add(name: NameArg,
     """
     nic = _host().get(name).add_nic(network, ports=port or [])
     render.say(f"VM {name}: NIC {nic.mac} on {nic.network}"
-                     f"{f' ({nic.address})' if nic.address else ''}")
+               f"{f' ({nic.address})' if nic.address else ''}")
 
 
 @nic_app.command("remove")
@@ -988,7 +988,7 @@ def export_(name: NameArg,
     with bar:
         result = vm.export(path, progress=progress)
     render.say(f"exported {name} to {result['path']} ({render.size(result['bytes'])}, "
-                     f"mode {result['mode']}: readable by its owner only)")
+               f"mode {result['mode']}: readable by its owner only)")
 
 
 def _move(name: str, remote: str, *, live: bool | None, storage: str, bandwidth: str | None,
@@ -1055,7 +1055,7 @@ def _move(name: str, remote: str, *, live: bool | None, storage: str, bandwidth:
         return
     downtime = result.get("downtime_ms")
     render.say(f"moved {name} to {remote} as {result['name']} in {result['seconds']:.2f}s"
-                     + (f" (guest paused {downtime} ms)" if downtime is not None else ""))
+               + (f" (guest paused {downtime} ms)" if downtime is not None else ""))
 
 
 MoveRemote = Annotated[str, typer.Argument(help="destination remote (vmkit remote add)")]
@@ -1138,7 +1138,7 @@ def snapshot_create(name: NameArg, snapshot: SnapArg,
     render.say(f"snapshot {snapshot} of {name} taken ({kind}{paused})")
     if info.quiesced is False:
         render.say("warning: the guest agent did not freeze the file systems; the "
-                         "snapshot is crash-consistent only")
+                   "snapshot is crash-consistent only")
 
 
 @snapshot_app.command("list")
@@ -1333,7 +1333,7 @@ def daemon(
             argv += ["--listen", listen]
         pid = server.detach(argv, options)
         render.say(f"vmkit daemon {pid} listening on {options.socket}"
-                         + (f" and https://{listen}" if listen else ""))
+                   + (f" and https://{listen}" if listen else ""))
         return
     server.serve(_local_host(), options)
 
@@ -1346,7 +1346,7 @@ def token_create(name: Annotated[str, typer.Argument(help="a name for the token"
 
     print(TokenStore(_daemon_paths().tokens).create(name))
     render.say(f"token {name} created: give it to the client "
-                     "(vmkit remote add NAME https://HOST:PORT --token TOKEN)")
+               "(vmkit remote add NAME https://HOST:PORT --token TOKEN)")
 
 
 @token_app.command("list")
@@ -1447,7 +1447,7 @@ def remote_add(
                 client_cert=(str(client_cert.absolute()), str(client_key.absolute()))
                 if client_cert and client_key else None)
     render.say(f"remote {name} added: vmkit {info['version']} serving {info['home']} "
-                     f"(you are {info['requestor']})")
+               f"(you are {info['requestor']})")
 
 
 @remote_app.command("list")

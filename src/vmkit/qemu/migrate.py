@@ -126,6 +126,9 @@ def remove_psk(folder: Path) -> None:
         folder.rmdir()
 
 
+_POLICY: dict[tuple[tuple[str, str], ...], bool] = {}  # environment -> a policy is defined
+
+
 def system_tls_policy(env: dict[str, str] | None = None) -> bool:
     """Whether GnuTLS has a system-wide policy ("@SYSTEM") in QEMU's environment; asked once
     per process (a Python child, 13-30 ms). False when it cannot be asked (vmkit's order)."""
@@ -139,9 +142,6 @@ def system_tls_policy(env: dict[str, str] | None = None) -> bool:
         except (OSError, subprocess.SubprocessError):
             _POLICY[key] = False
     return _POLICY[key]
-
-
-_POLICY: dict[tuple[tuple[str, str], ...], bool] = {}
 
 
 def tls_priority(system_policy: bool) -> str | None:
