@@ -63,7 +63,8 @@ class Host(engine.Host):
                autostart: bool = False, cpu_model: str = "qemu64", firmware: str | None = None,
                boot: str | None = None, from_disk: str | Path | None = None,
                iso: str | Path | None = None, display: str | None = None,
-               os_type: str = "linux", secure_boot: bool = False) -> VM:
+               os_type: str = "linux", secure_boot: bool = False,
+               shared: str | Path | None = None) -> VM:
         """Create a VM folder (complete or not at all); optionally start it.
 
         Maxima (room to hot-add) default to the host's cores and 4x the memory, within what
@@ -80,14 +81,18 @@ class Host(engine.Host):
         that boots through its `firmware` (bios or uefi) in `boot` order (e.g.
         "disk,cdrom"), with a graphical console (`display` std, VNC on a unix socket);
         `os_type` (linux, windows, other) picks devices the guest has drivers for;
-        `secure_boot` (UEFI) starts only signed boot loaders."""
+        `secure_boot` (UEFI) starts only signed boot loaders.
+
+        `shared`: a folder on shared storage every host of a group sees at the same path;
+        the VM's folder goes there (this host keeps its registration and runtime), so a move
+        to another of those hosts sends only memory."""
         return cast(VM, lifecycle.create(
             self, name, image=image, cpus=cpus, memory=memory, disk=disk, full_copy=full_copy,
             accel=accel, start=start, wait=wait, timeout=timeout, max_cpus=max_cpus,
             max_memory=max_memory, hostname=hostname, ssh_keys=ssh_keys, user_data=user_data,
             networks=networks, ports=ports, restart=restart, autostart=autostart,
             cpu_model=cpu_model, firmware=firmware, boot=boot, from_disk=from_disk, iso=iso,
-            display=display, os_type=os_type, secure_boot=secure_boot))
+            display=display, os_type=os_type, secure_boot=secure_boot, shared=shared))
 
     def delete_all(self) -> None:
         """Delete every VM (running ones too), linked clones before the VMs they lean on."""
@@ -280,6 +285,16 @@ class VM(engine.VM):
         """Every reason this VM cannot move to the host described by `destination`
         (Host.capabilities() there); empty when it can."""
         return migration.check(self, destination, name=name)
+
+    def check_move_to(self, destination: dict[str, Any],
+                      options: MigrationOptions | None = None) -> list[str]:
+        """Every reason this VM cannot move to that host's daemon (credentials as for
+        `migrate`) with `options`, asked there: its capabilities, and whether it sees this
+        VM's folder on shared storage. Empty when it can; nothing changes."""
+        from vmkit.client.remote import MovePeer
+
+        return migration.reasons_against(self, MovePeer(destination),
+                                         options or MigrationOptions())
 
     def migrate(self, destination: dict[str, Any], options: MigrationOptions | None = None, *,
                 report: Callable[[MigrationProgress], None] | None = None) -> dict[str, Any]:

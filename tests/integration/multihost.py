@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import ssl
 import subprocess
 import tempfile
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from tests.integration.daemon_harness import Daemon, cli
+from tests.integration.daemon_harness import Daemon, cli, qemu_count
 
 PORT = 8443
 
@@ -110,3 +112,31 @@ def two_hosts(stack: contextlib.ExitStack, new_home: Callable[[], Path], *,
                 there.daemon.token, "--accept-fingerprint",
                 fingerprint(there.daemon.server_cert))
     return a, b
+
+
+# -- what the move tests check on either host ---------------------------------------------
+def vm_uuid_on(side: Side, vm: str) -> str:
+    return str(json.loads(side.ok("info", vm, "--format", "json"))["uuid"])
+
+
+def uptime_on(side: Side, vm: str) -> float:
+    return float(side.exec(vm, "cut -d' ' -f1 /proc/uptime").split()[0])
+
+
+def snapshots_on(side: Side, vm: str) -> list[str]:
+    return [s["name"] for s in json.loads(side.ok("snapshot", "list", vm, "--format", "json"))]
+
+
+def one_qemu_on(side: Side, other: Side, vm_uuid: str) -> None:
+    assert len(side.qemus(vm_uuid)) == 1, "the VM's QEMU runs once on its owner"
+    assert other.qemus(vm_uuid) == [], "no QEMU of the VM is left on the other host"
+    assert qemu_count(vm_uuid) == 1
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")

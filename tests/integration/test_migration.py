@@ -20,8 +20,16 @@ from pathlib import Path
 import pytest
 
 from tests.integration.conftest import new_home
-from tests.integration.daemon_harness import qemu_count
-from tests.integration.multihost import Side, ip, two_hosts
+from tests.integration.multihost import (
+    Side,
+    ip,
+    one_qemu_on,
+    snapshots_on,
+    two_hosts,
+    uptime_on,
+    vm_uuid_on,
+    wait_for,
+)
 
 A_ADDRESS, B_ADDRESS = "198.18.78.1", "198.18.78.2"
 
@@ -34,22 +42,12 @@ def hosts(debian_home: Path) -> Iterator[tuple[Side, Side]]:
                         addresses=(A_ADDRESS, B_ADDRESS), uid_base=2_100_000, tag="vmkm")
 
 
-def _uuid(side: Side, vm: str) -> str:
-    return str(json.loads(side.ok("info", vm, "--format", "json"))["uuid"])
 
 
-def _uptime(side: Side, vm: str) -> float:
-    return float(side.exec(vm, "cut -d' ' -f1 /proc/uptime").split()[0])
 
 
-def _snapshots(side: Side, vm: str) -> list[str]:
-    return [s["name"] for s in json.loads(side.ok("snapshot", "list", vm, "--format", "json"))]
 
 
-def _one_qemu_on(side: Side, other: Side, vm_uuid: str) -> None:
-    assert len(side.qemus(vm_uuid)) == 1, "the VM's QEMU runs once on its owner"
-    assert other.qemus(vm_uuid) == [], "no QEMU of the VM is left on the other host"
-    assert qemu_count(vm_uuid) == 1
 
 
 def _layers_backing(side: Side, vm: str) -> set[str]:
@@ -85,14 +83,14 @@ def test_live_there_and_back_keeps_guest_files_and_snapshots(hosts: tuple[Side, 
     a, b = hosts
     a.ok("create", "mover", "--memory", "192M")
     a.ok("start", "mover", "--wait")
-    vm_uuid = _uuid(a, "mover")
+    vm_uuid = vm_uuid_on(a, "mover")
     a.exec("mover", "echo kept > /root/before.txt; sync")
     a.ok("snapshot", "create", "mover", "before")
     a.exec("mover", "echo later > /root/after.txt; sync; "
                     "dd if=/dev/urandom of=/root/blob bs=64k count=64 2>/dev/null; sync")
     blob = a.exec("mover", "sha256sum /root/blob").split()[0]
     boot_id = a.exec("mover", "cat /proc/sys/kernel/random/boot_id").strip()
-    up_before = _uptime(a, "mover")
+    up_before = uptime_on(a, "mover")
 
     check = a.cli("migrate", "mover", "b", "--check")
     assert check.returncode == 0, check.stderr
@@ -100,13 +98,13 @@ def test_live_there_and_back_keeps_guest_files_and_snapshots(hosts: tuple[Side, 
     assert moved["live"] is True and moved["name"] == "mover"
     assert isinstance(moved["downtime_ms"], int) and moved["downtime_ms"] < 2000
     assert not a.has_vm("mover") and b.has_vm("mover")
-    _one_qemu_on(b, a, vm_uuid)
+    one_qemu_on(b, a, vm_uuid)
     # the same running guest: same boot, its clock went on, its files and disk are intact
     assert b.exec("mover", "cat /proc/sys/kernel/random/boot_id").strip() == boot_id
-    assert _uptime(b, "mover") > up_before
+    assert uptime_on(b, "mover") > up_before
     assert b.exec("mover", "cat /root/before.txt /root/after.txt").split() == ["kept", "later"]
     assert b.exec("mover", "sha256sum /root/blob").split()[0] == blob
-    _wait_for(lambda: _snapshots(b, "mover") == ["before"], 60,
+    wait_for(lambda: snapshots_on(b, "mover") == ["before"], 60,
               "the snapshot tree, without the move's helper")
     assert _on_own_image(b, "mover")  # (its layers read once the helper's is merged away)
     info = json.loads(b.ok("info", "mover", "--format", "json"))
@@ -116,8 +114,8 @@ def test_live_there_and_back_keeps_guest_files_and_snapshots(hosts: tuple[Side, 
     back = json.loads(b.ok("migrate", "mover", "a", "--format", "json"))
     assert back["live"] is True
     assert a.has_vm("mover") and not b.has_vm("mover")
-    _one_qemu_on(a, b, vm_uuid)
-    _wait_for(lambda: _snapshots(a, "mover") == ["before"], 60,
+    one_qemu_on(a, b, vm_uuid)
+    wait_for(lambda: snapshots_on(a, "mover") == ["before"], 60,
               "the snapshot tree on A, without the move's helper")
     assert _on_own_image(a, "mover")
     assert a.exec("mover", "cat /root/b.txt").strip() == "on-b"
@@ -181,10 +179,10 @@ def test_a_uefi_vm_moves_live_with_its_variables(hosts: tuple[Side, Side], image
     a.ok("start", "efimover", "--wait")
     a.exec("efimover", prepare)
     write(a, "VmkitBefore", "gone")
-    vm_uuid = _uuid(a, "efimover")
+    vm_uuid = vm_uuid_on(a, "efimover")
     moved = json.loads(a.ok("migrate", "efimover", "b", "--format", "json"))
     assert moved["live"] is True and b.has_vm("efimover") and not a.has_vm("efimover")
-    _one_qemu_on(b, a, vm_uuid)
+    one_qemu_on(b, a, vm_uuid)
     assert read(b, "VmkitBefore") == "gone"  # the running firmware's variables came along
     write(b, "VmkitAfter", "here")
     b.ok("stop", "efimover")
@@ -212,7 +210,7 @@ def test_a_linked_clone_moves_with_its_base_flattened_there_and_back(
         moved = json.loads(a.ok("migrate", "leaf", "b", "--format", "json"))
         assert moved["live"] is True and b.has_vm("leaf") and not a.has_vm("leaf")
         # the move's helper snapshot is merged away after it: its layer then goes
-        _wait_for(lambda: _snapshots(b, "leaf") == [], 120, "the helper snapshot merged on B")
+        wait_for(lambda: snapshots_on(b, "leaf") == [], 120, "the helper snapshot merged on B")
         assert b.exec("leaf", "cat /root/o.txt /root/l.txt").split() == ["from-origin",
                                                                         "from-leaf"]
         config = json.loads((b.home / "vms/leaf/vm.json").read_text())
@@ -224,7 +222,7 @@ def test_a_linked_clone_moves_with_its_base_flattened_there_and_back(
         b.exec("leaf", "echo on-b > /root/b.txt; sync")
         back = json.loads(b.ok("migrate", "leaf", "a", "--format", "json"))  # the base travels
         assert back["live"] is True and a.has_vm("leaf") and not b.has_vm("leaf")
-        _wait_for(lambda: _snapshots(a, "leaf") == [], 120, "the helper snapshot merged on A")
+        wait_for(lambda: snapshots_on(a, "leaf") == [], 120, "the helper snapshot merged on A")
         a.ok("stop", "leaf")
         a.ok("start", "leaf", "--wait")  # a cold boot from the moved chain alone
         assert a.exec("leaf", "cat /root/o.txt /root/l.txt /root/b.txt").split() == [
@@ -236,13 +234,6 @@ def test_a_linked_clone_moves_with_its_base_flattened_there_and_back(
                     side.cli("delete", vm, "--force")
 
 
-def _wait_for(predicate, timeout: float, what: str) -> None:  # type: ignore[no-untyped-def]
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @pytest.mark.parametrize("failure", ["destination-qemu-killed", "destination-daemon-killed",
@@ -252,7 +243,7 @@ def test_a_failed_move_leaves_the_source_running_and_nothing_there(
     a, b = hosts
     a.ok("create", "stayer", "--memory", "192M")
     a.ok("start", "stayer", "--wait")
-    vm_uuid = _uuid(a, "stayer")
+    vm_uuid = vm_uuid_on(a, "stayer")
     a.exec("stayer", "echo mine > /root/mark.txt; sync")
     boot_id = a.exec("stayer", "cat /proc/sys/kernel/random/boot_id").strip()
     result: dict[str, subprocess.CompletedProcess[str]] = {}
@@ -261,7 +252,7 @@ def test_a_failed_move_leaves_the_source_running_and_nothing_there(
         "migrate", "stayer", "b", "--bandwidth", "2M")))
     mover.start()
     try:
-        _wait_for(lambda: len(b.qemus(vm_uuid)) == 1, 120, "the incoming QEMU")
+        wait_for(lambda: len(b.qemus(vm_uuid)) == 1, 120, "the incoming QEMU")
         time.sleep(2)
         if failure == "destination-qemu-killed":
             os.kill(b.qemus(vm_uuid)[0], signal.SIGKILL)
@@ -286,17 +277,17 @@ def test_a_failed_move_leaves_the_source_running_and_nothing_there(
         done = result["done"]
         assert done.returncode != 0, done.stderr
         try:
-            _wait_for(lambda: not b.has_vm("stayer") and not b.qemus(vm_uuid), 60,
+            wait_for(lambda: not b.has_vm("stayer") and not b.qemus(vm_uuid), 60,
                       "the destination to drop the incoming VM")
         except AssertionError as exc:  # seen once in CI, under load: what was B doing?
             raise AssertionError(f"{exc}; the move said {done.stderr!r}; B's daemon log: "
                                  f"{_log_tail(b)}") from None
-        _one_qemu_on(a, b, vm_uuid)
+        one_qemu_on(a, b, vm_uuid)
         assert a.exec("stayer", "cat /root/mark.txt").strip() == "mine"
         assert a.exec("stayer", "cat /proc/sys/kernel/random/boot_id").strip() == boot_id
         info = json.loads(a.ok("info", "stayer", "--format", "json"))
         assert info["state"] == "running", (info, done.stderr)
-        assert _snapshots(a, "stayer") == [], "the helper snapshot was merged away"
+        assert snapshots_on(a, "stayer") == [], "the helper snapshot was merged away"
         taps = subprocess.run(["ip", "-n", b.namespace, "-o", "link"], capture_output=True,
                               text=True).stdout
         assert "vmkt" not in taps
@@ -323,7 +314,7 @@ def test_a_source_killed_mid_move_settles_with_the_destination(
     a, b = hosts
     a.ok("create", "once", "--memory", "192M")
     a.ok("start", "once", "--wait")
-    vm_uuid = _uuid(a, "once")
+    vm_uuid = vm_uuid_on(a, "once")
     a.exec("once", "echo here > /root/mark.txt; sync")
     a.daemon.stop()
     a.daemon.start(env={**a.env, "VMKIT_FAULT": f"migrate-out:{step}"})
@@ -335,11 +326,11 @@ def test_a_source_killed_mid_move_settles_with_the_destination(
     finally:
         a.daemon.start(env=a.env)
     owner, other = (a, b) if step == "perform" else (b, a)
-    _wait_for(lambda: not other.has_vm("once"), 60, "the move to be settled")
-    _one_qemu_on(owner, other, vm_uuid)
+    wait_for(lambda: not other.has_vm("once"), 60, "the move to be settled")
+    one_qemu_on(owner, other, vm_uuid)
     assert owner.exec("once", "cat /root/mark.txt").strip() == "here"
     assert json.loads(owner.ok("info", "once", "--format", "json"))["state"] == "running"
-    _wait_for(lambda: _snapshots(owner, "once") == [], 60, "the helper snapshot merged away")
+    wait_for(lambda: snapshots_on(owner, "once") == [], 60, "the helper snapshot merged away")
     owner.ok("delete", "once", "--force")
 
 
@@ -370,7 +361,7 @@ def test_memory_stays_intact_over_20_moves_while_the_guest_dirties_it(
     a, b = hosts
     a.ok("create", "churn", "--memory", "192M")
     a.ok("start", "churn", "--wait")
-    vm_uuid = _uuid(a, "churn")
+    vm_uuid = vm_uuid_on(a, "churn")
     known = a.exec("churn", "mkdir -p /mnt/ram && mount -t tmpfs -o size=96m tmpfs /mnt/ram && "
                             "dd if=/dev/urandom of=/mnt/ram/known bs=1M count=32 2>/dev/null && "
                             "sha256sum /mnt/ram/known").split()[0]
@@ -383,8 +374,8 @@ def test_memory_stays_intact_over_20_moves_while_the_guest_dirties_it(
         "migrate", "churn", "b", "--bandwidth", "16M", "--auto-converge")))
     mover.start()
     try:
-        _wait_for(lambda: len(b.qemus(vm_uuid)) == 1, 120, "the incoming QEMU")
-        _wait_for(lambda: len(_migration_ports(b)) >= 1, 30, "the migration ports")
+        wait_for(lambda: len(b.qemus(vm_uuid)) == 1, 120, "the incoming QEMU")
+        wait_for(lambda: len(_migration_ports(b)) >= 1, 30, "the migration ports")
         answers = [_third_party(b, port) for port in _migration_ports(b)]
     finally:
         mover.join(timeout=600)
@@ -396,7 +387,7 @@ def test_memory_stays_intact_over_20_moves_while_the_guest_dirties_it(
             there.ok("migrate", "churn", here.name)
         got = here.exec("churn", "sha256sum /mnt/ram/known").split()[0]
         mismatches += got != known
-        _one_qemu_on(here, there, vm_uuid)
+        one_qemu_on(here, there, vm_uuid)
     assert mismatches == 0
     assert _still_dirtying(a if a.has_vm("churn") else b, "churn")
     (a if a.has_vm("churn") else b).ok("delete", "churn", "--force")
@@ -598,14 +589,14 @@ def test_a_debian_guest_moves_there_and_back(hosts: tuple[Side, Side]) -> None:
         a.ok("start", "deb", "--wait", "--timeout", "300")
         a.exec("deb", "echo debian > /root/moved.txt; sync")
         boot_id = a.exec("deb", "cat /proc/sys/kernel/random/boot_id").strip()
-        up = _uptime(a, "deb")
+        up = uptime_on(a, "deb")
         there = json.loads(a.ok("migrate", "deb", "b", "--format", "json"))
         assert there["live"] and not a.has_vm("deb")
         assert b.exec("deb", "cat /root/moved.txt").strip() == "debian"
         assert b.exec("deb", "cat /proc/1/comm").strip() == "systemd"
         b.ok("migrate", "deb", "a")
         assert a.exec("deb", "cat /proc/sys/kernel/random/boot_id").strip() == boot_id
-        assert _uptime(a, "deb") > up
+        assert uptime_on(a, "deb") > up
     finally:
         for side in (a, b):
             side.cli("delete", "deb", "--force")

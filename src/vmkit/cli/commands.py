@@ -341,6 +341,10 @@ def create(
     secure_boot: Annotated[bool, typer.Option(
         "--secure-boot", help="with --firmware uefi: Secure Boot with Microsoft's keys (only "
                               "signed boot loaders start)")] = False,
+    shared: Annotated[Path | None, typer.Option(
+        "--shared", help="a folder on shared storage every host sees at the same path: the "
+                         "VM's folder goes there, so a move between those hosts sends only "
+                         "memory")] = None,
 ) -> None:
     """Create a VM (a folder under VMKIT_HOME/vms).
 
@@ -366,7 +370,8 @@ def create(
                          user_data=text, networks=network or [], ports=port or [],
                          restart=restart, autostart=autostart, cpu_model=cpu_model,
                          firmware=firmware, boot=boot, from_disk=from_disk, iso=iso,
-                         display=display, os_type=os_type, secure_boot=secure_boot)
+                         display=display, os_type=os_type, secure_boot=secure_boot,
+                         shared=os.path.abspath(shared) if shared is not None else None)
     render.say(f"created VM {name}")
     if start:
         _start(vm.name, wait, timeout)
@@ -1018,10 +1023,7 @@ def _move(name: str, remote: str, *, live: bool | None, storage: str, bandwidth:
         raise InvalidState(f"VM {name!r} is {state.value}: vmkit move moves a stopped VM",
                            hint=f"move it live with vmkit migrate {name} {remote}")
     if check:
-        from vmkit.model.migration import option_reasons
-
-        caps = remotes.open_remote(remote).capabilities()
-        reasons = vm.check_move(caps, name=target) + option_reasons(options, caps.postcopy)
+        reasons = vm.check_move_to(destination, options)
         if format is Format.json:
             render.print_json({"vm": name, "destination": remote, "reasons": reasons})
         elif reasons:
@@ -1065,7 +1067,10 @@ MoveRemote = Annotated[str, typer.Argument(help="destination remote (vmkit remot
 def migrate_(
     name: NameArg, remote: MoveRemote,
     storage: Annotated[str, typer.Option(help="auto|shared|copy: how the disks get there "
-                                              "(copy: mirrored while the guest runs)")] = "auto",
+                                              "(shared: the destination sees the VM's "
+                                              "folder and runs it from there; copy: "
+                                              "mirrored while the guest runs; auto: shared "
+                                              "when it can)")] = "auto",
     bandwidth: Annotated[str | None, typer.Option(help="cap per second, e.g. 100M")] = None,
     downtime_ms: Annotated[int, typer.Option("--downtime-ms", help="target pause at the "
                                              "switch-over, ms")] = 50,
@@ -1092,13 +1097,15 @@ def move_(
     name: NameArg, remote: MoveRemote,
     check: Annotated[bool, typer.Option("--check", help="pre-flight only")] = False,
     target: Annotated[str | None, typer.Option("--name", help="its name there")] = None,
+    storage: Annotated[str, typer.Option(help="auto|shared|copy: shared registers the same "
+                                              "folder there, copy sends the files")] = "auto",
     format: FormatOpt = Format.table,
 ) -> None:
     """Move a stopped VM (disks, snapshots, memory states, settings) to another host.
 
     Example: vmkit move web lab-b
     """
-    _move(name, remote, live=None if check else False, storage="auto", bandwidth=None,
+    _move(name, remote, live=None if check else False, storage=storage, bandwidth=None,
           downtime_ms=50, auto_converge=False, postcopy=False, check=check, target=target,
           format=format)
 

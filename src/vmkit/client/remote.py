@@ -274,10 +274,12 @@ class RemoteHost:
                autostart: bool = False, cpu_model: str = "qemu64", firmware: str | None = None,
                boot: str | None = None, from_disk: str | Path | None = None,
                iso: str | Path | None = None, display: str | None = None,
-               os_type: str = "linux", secure_boot: bool = False) -> RemoteVM:
+               os_type: str = "linux", secure_boot: bool = False,
+               shared: str | Path | None = None) -> RemoteVM:
         # paths are the daemon host's: a local CLI talking to its own daemon means the same file
         paths = {key: os.path.abspath(value) for key, value in
-                 (("from_disk", from_disk), ("iso", iso)) if value is not None}
+                 (("from_disk", from_disk), ("iso", iso), ("shared", shared))
+                 if value is not None}
         body = {"name": name, "image": image, "cpus": cpus, "memory": memory, "disk": disk,
                 "full_copy": full_copy, "accel": accel, "start": start, "wait": wait,
                 "timeout": timeout, "max_cpus": max_cpus, "max_memory": max_memory,
@@ -619,16 +621,21 @@ class RemoteVM:
             json=destination.model_dump(mode="json"))
         return reasons
 
+    def check_move_to(self, destination: dict[str, Any], options: Any = None) -> list[str]:
+        """The move's pre-flight, asked by the daemon (see Host's VM.check_move_to)."""
+        from vmkit.model.migration import MigrationOptions
+
+        body = _migrate_body(destination, options or MigrationOptions())
+        reasons: list[str] = self._c.run("POST", f"/1.0/vms/{self.name}/migrate",
+                                         json={**body, "check": True})
+        return reasons
+
     def migrate(self, destination: dict[str, Any], options: Any = None, *,
                 report: Callable[[Any], None] | None = None) -> dict[str, Any]:
         """Move the VM to another host; the daemon drives it (see Host's VM.migrate)."""
         from vmkit.model.migration import MigrationOptions, Progress
 
-        opts = options or MigrationOptions()
-        body = {"destination": destination, "storage": opts.storage,
-                "bandwidth": opts.bandwidth, "downtime_ms": opts.downtime_ms,
-                "auto_converge": opts.auto_converge, "postcopy": opts.postcopy,
-                "name": opts.name}
+        body = _migrate_body(destination, options or MigrationOptions())
 
         def progress(p: dict[str, Any]) -> None:
             if report is not None and p.get("stage"):
@@ -737,6 +744,12 @@ def connect_async(url: str, **kwargs: Any) -> Any:
     return _Async(connect(url, **kwargs))
 
 
+def _migrate_body(destination: dict[str, Any], opts: Any) -> dict[str, Any]:
+    return {"destination": destination, "storage": opts.storage, "bandwidth": opts.bandwidth,
+            "downtime_ms": opts.downtime_ms, "auto_converge": opts.auto_converge,
+            "postcopy": opts.postcopy, "name": opts.name}
+
+
 class MovePeer:
     """The destination of a move as the source's engine sees it (ops/migration.Peer): the
     destination daemon's /1.0/migrations routes, with the credentials the user's remote
@@ -769,6 +782,19 @@ class MovePeer:
                     **({"helper": helper} if helper else {})},
             headers={"Content-Type": "application/octet-stream"})
         return str(result["id"])
+
+    def sees(self, folder: str, nonce: str) -> str | None:
+        answer = self.connection.metadata("POST", "/1.0/migrations/storage",
+                                          json={"folder": folder, "nonce": nonce})
+        return None if answer.get("sees") else str(answer.get("reason") or "not seen")
+
+    def prepare_shared(self, *, folder: str, nonce: str, name: str, generation: int,
+                       live: bool) -> str:
+        answer = self.connection.metadata(
+            "POST", "/1.0/migrations/shared",
+            json={"folder": folder, "nonce": nonce, "name": name, "generation": generation,
+                  "live": live})
+        return str(answer["id"])
 
     def incoming(self, migration: str, *, key: str, machine: dict[str, Any] | None,
                  paused: bool, postcopy: bool) -> dict[str, Any]:

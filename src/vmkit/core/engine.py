@@ -91,13 +91,17 @@ from vmkit.qemu.qmp import QmpConnection, qmp_execute, wait_qmp_ready
 from vmkit.storage import statuscache
 from vmkit.storage.home import default_home
 from vmkit.storage.layout import (
+    REGISTRATION_FILE,
     HomeLayout,
+    Registration,
     VmFolder,
     file_lock,
     lock_is_free,
     read_json,
     read_metadata,
+    read_registration,
     write_json_atomic,
+    write_registration,
 )
 
 # Named timeouts (seconds); every wait in the engine uses one of these or a caller's value.
@@ -208,7 +212,7 @@ class Host:
         self._sweep_leftovers()
         result = []
         for folder in sorted(self.layout.vms.iterdir()):
-            if not folder.name.startswith(".") and (folder / "vm.json").exists():
+            if not folder.name.startswith(".") and self._is_vm_folder(folder):
                 self._finish_interrupted(folder.name)
                 vm = self._vm(folder.name)
                 if include_broken or vm.broken_reason() is None:
@@ -227,9 +231,14 @@ class Host:
                               [s.model_dump(mode="json") for s in statuses])
         return statuses
 
+    @staticmethod
+    def _is_vm_folder(local: Path) -> bool:
+        """vms/NAME holds a VM: its vm.json, or the registration of one on shared storage."""
+        return (local / "vm.json").exists() or (local / REGISTRATION_FILE).exists()
+
     def get(self, name: str) -> VM:
         validate_name(name)
-        if not (self.layout.vm(name).config_file).exists():
+        if not self._is_vm_folder(self.layout.vms / name):
             known = ", ".join(vm.name for vm in self.vms()) or "none"
             raise NotFound(f"unknown VM {name!r} (VMs on this host: {known})",
                            hint="see vmkit list")
@@ -239,16 +248,19 @@ class Host:
     def _finish_interrupted(self, name: str) -> None:
         """Run an interrupted operation's recovery now when nobody holds the VM's lock (a
         holder is still working on it), so what `list`/`info` show is consistent."""
-        if (self.layout.vm(name).path / JOURNAL_FILE).exists():
-            with contextlib.suppress(LockTimeout, BrokenVm), self._vm_lock(name, timeout=0):
+        if (self.layout.vm(name).runtime_root / JOURNAL_FILE).exists():
+            with contextlib.suppress(LockTimeout, BrokenVm), \
+                    self._vm_lock(name, timeout=0, not_held=True):
                 pass
 
 
     def _new_vm_folder(self, name: str, build: Callable[[VmFolder], VmConfig], *,
-                       held: Held | None = None) -> VM:
+                       held: Held | None = None, pool: Path | None = None) -> VM:
         """Make vms/NAME complete or not at all: `build` fills a hidden folder, then one rename
         publishes it. The caller has validated the request; this holds the name's lock (or
-        the caller does, `held`: nobody may start the VM before the caller is done with it)."""
+        the caller does, `held`: nobody may start the VM before the caller is done with it).
+        `pool`: a folder on shared storage, where the VM's folder goes (POOL/NAME), with its
+        registration and runtime in vms/NAME."""
         longest = self.layout.vm(name).serial_socket
         if len(str(longest)) > _UNIX_PATH_MAX:
             raise InvalidValue(
@@ -263,44 +275,89 @@ class Host:
             if target.path.exists():
                 raise AlreadyExists(f"VM {name!r} already exists",
                                     hint=f"pick another name or delete it: vmkit delete {name}")
-            work = VmFolder(self.layout.vms / f".creating-{name}-{uuidlib.uuid4().hex[:8]}")
+            tag = uuidlib.uuid4().hex[:8]
+            local = self.layout.vms / f".creating-{name}-{tag}"
+            work = VmFolder(local) if pool is None else \
+                VmFolder(pool / f".creating-{name}-{tag}", runtime=local)
+            if pool is not None and (pool / name).exists():
+                raise AlreadyExists(f"the shared storage {pool} already has a folder {name!r}",
+                                    hint="pick another name, or remove that folder")
             try:
                 with os_errors(f"creating VM {name!r}"):
-                    work.path.mkdir()
+                    for root in {work.path, work.runtime_root}:
+                        root.mkdir()
                     work.make_dirs()
                     config = build(work)
                     write_json_atomic(work.config_file, config.model_dump(mode="json"))
                     write_json_atomic(work.state_file, RuntimeRecord().model_dump(mode="json"))
-                    os.rename(work.path, target.path)
+                    if pool is not None:  # the folder first: a registration names a folder
+                        os.rename(work.path, pool / name)
+                        write_registration(local, Registration(str(pool / name),
+                                                               config.generation))
+                    os.rename(local, target.path)
             except BaseException:
-                shutil.rmtree(work.path, ignore_errors=True)
+                for root in {work.path, work.runtime_root}:
+                    shutil.rmtree(root, ignore_errors=True)
+                if pool is not None and not target.path.exists():
+                    shutil.rmtree(pool / name, ignore_errors=True)
                 raise
         return self._vm(name)
 
-    def _discard_vm_folder(self, name: str) -> None:
+    def _discard_vm_folder(self, name: str, *, leave_shared: bool = False) -> None:
         """Remove vms/NAME (the caller holds its lock): rename away first, so it is never seen
-        half-deleted; an interrupted removal is finished by the next listing."""
+        half-deleted; an interrupted removal is finished by the next listing. A VM on shared
+        storage: its folder there goes too, unless `leave_shared` (a move's source or a
+        rolled-back arrival lets go of the VM; another host may run it)."""
+        local = self.layout.vms / name
+        try:
+            folder = self.layout.vm(name)
+        except BrokenVm:
+            folder = VmFolder(local)
+        shared_trash = None
+        if folder.shared and not leave_shared and folder.path.exists() and \
+                self._holds_shared(name, folder):
+            shared_trash = folder.path.parent / f".deleting-{name}-{uuidlib.uuid4().hex[:8]}"
+            os.rename(folder.path, shared_trash)
         trash = self.layout.vms / f".deleting-{name}-{uuidlib.uuid4().hex[:8]}"
-        os.rename(self.layout.vm(name).path, trash)
+        os.rename(local, trash)
         shutil.rmtree(trash, ignore_errors=True)
+        if shared_trash is not None:
+            shutil.rmtree(shared_trash, ignore_errors=True)
+
+    def _holds_shared(self, name: str, folder: VmFolder) -> bool:
+        """This host's registration of a VM on shared storage has the folder's generation: the
+        VM is this host's to run or delete (a host it moved away from holds an older one)."""
+        with contextlib.suppress(BrokenVm, OSError, ValueError):
+            registration = read_registration(self.layout.vms / name)
+            data = json.loads(folder.config_file.read_bytes()[:1 << 22])
+            return registration is not None and isinstance(data, dict) and \
+                data.get("generation") == registration.generation
+        return False
 
     # -- internals ------------------------------------------------------------------------
     def _lock_path(self, name: str) -> Path:
         return self.layout.locks / f"vm-{name}.lock"
 
-    def _vm_lock(self, name: str,
-                 timeout: float | None = None) -> contextlib.AbstractContextManager[Held]:
-        """The VM's lock; whoever takes it first finishes an interrupted operation (journal)."""
-        return self._locked_and_recovered(name, timeout)
+    def _vm_lock(self, name: str, timeout: float | None = None, *,
+                 not_held: bool = False) -> contextlib.AbstractContextManager[Held]:
+        """The VM's lock; whoever takes it first finishes an interrupted operation (journal).
+        A VM on shared storage that another host now runs (this host's registration is of an
+        older generation) is refused, so nothing here writes its folder; `not_held` lets
+        through what touches only this host's side (its runtime record, the delete of the
+        registration)."""
+        return self._locked_and_recovered(name, timeout, not_held)
 
     @contextlib.contextmanager
-    def _locked_and_recovered(self, name: str, timeout: float | None) -> Iterator[Held]:
+    def _locked_and_recovered(self, name: str, timeout: float | None,
+                              not_held: bool) -> Iterator[Held]:
         wait = self.lock_timeout if timeout is None else timeout
         with file_lock(self._lock_path(name), timeout=wait, what=f"VM {name!r}"):
             held = Held(name)
             try:
-                if (self.layout.vm(name).path / JOURNAL_FILE).exists():
+                if (self.layout.vm(name).runtime_root / JOURNAL_FILE).exists():
                     self._vm(name).recover_locked(held)
+                if not not_held and (self.layout.vms / name / REGISTRATION_FILE).exists():
+                    store.check_holds_shared(self._vm(name))
                 yield held
             finally:
                 held.release()
@@ -313,7 +370,7 @@ class Host:
             if not folder.name.startswith(".") and (folder / JOURNAL_FILE).exists():
                 # one VM that cannot be decided now (a move on hold, a busy lock) does not
                 # keep the others from being recovered; its next command says why
-                with contextlib.suppress(VmkitError), self._vm_lock(folder.name):
+                with contextlib.suppress(VmkitError), self._vm_lock(folder.name, not_held=True):
                     pass
                 done.append(folder.name)
         return done
@@ -345,7 +402,11 @@ class VM:
     def __init__(self, host: Host, name: str):
         self.host = host
         self.name = name
-        self.folder = host.layout.vm(name)
+        self._unregistered: str | None = None
+        try:
+            self.folder = host.layout.vm(name)
+        except BrokenVm as exc:  # listed as broken; delete --force removes it
+            self.folder, self._unregistered = VmFolder(host.layout.vms / name), exc.message
         self._config: VmConfig | None = None
 
     def __repr__(self) -> str:
@@ -364,11 +425,16 @@ class VM:
     def broken_reason(self) -> str | None:
         """Why this VM's metadata cannot be read (vm.json, state.json, snapshots.json), or
         None when it can."""
+        if self._unregistered is not None:
+            return self._unregistered
+        if self.folder.shared and not self.folder.config_file.exists():
+            return (f"VM {self.name!r} is broken: its folder on shared storage "
+                    f"{self.folder.path} cannot be reached (is the storage mounted?)")
         try:
             self.config  # noqa: B018 - loading is the check
             self._record()
             store.load_tree(self)
-            Journal(self.folder.path).read()
+            Journal(self.folder.runtime_root).read()
         except BrokenVm as exc:
             return exc.message
         return None
@@ -389,7 +455,7 @@ class VM:
         """The VM's uid, with its folder in the jail's shape and the layers it leans on shared
         with it: who runs qemu-img on its layers (what its guest wrote is untrusted)."""
         owner = self.owner()
-        jail.prepare_folder(owner, self.folder.path)
+        jail.prepare_folder(owner, self.folder.path, self.folder.runtime)
         jail.share_layers(owner, self.leaned_on_layers())
         return owner
 
@@ -447,7 +513,8 @@ class VM:
                 if final.state not in LIVE_STATES:
                     self._clear_run()
             else:
-                with contextlib.suppress(LockTimeout), self.host._vm_lock(self.name, timeout=0):
+                with contextlib.suppress(LockTimeout), \
+                        self.host._vm_lock(self.name, timeout=0, not_held=True):
                     if self._record() == record:
                         self._write(final)
                         if final.state not in LIVE_STATES:
@@ -706,7 +773,7 @@ class VM:
                 with os_errors(f"writing the cloud-init seed of VM {self.name!r}"):
                     # written in the folder of root's, then renamed over whatever the VM's
                     # uid may have left in run/ (rename replaces a symlink, never follows it)
-                    staged = self.folder.path / ".seed.iso.tmp"
+                    staged = self.folder.runtime_root / ".seed.iso.tmp"
                     staged.unlink(missing_ok=True)
                     write_seed(staged, seed_files(self.config.cloud_init))
                     os.chmod(staged, 0o644)
@@ -721,10 +788,10 @@ class VM:
                 driver.apply(self.name, self.cgroup_limits())
                 join = driver.procs_files(self.name)
             owner = self.owner()
-            jail.prepare_folder(owner, self.folder.path)
+            jail.prepare_folder(owner, self.folder.path, self.folder.runtime)
             jail.share_layers(owner, self.leaned_on_layers())
             if machine.config.hardware.tpm:
-                jail.prepare_tpm(owner, self.folder.path)
+                jail.prepare_tpm(owner, self.folder.path, self.folder.runtime)
                 tpm.start(jail.drop_to(owner, tpm.swtpm_argv(
                     self.folder.tpm_state, self.folder.tpm_socket, self.folder.tpm_pidfile,
                     self.folder.logs / "swtpm.log"), join=join),
@@ -818,9 +885,11 @@ class VM:
 
 
 
-    def _remove_locked(self, held: Held, record: RuntimeRecord) -> None:
+    def _remove_locked(self, held: Held, record: RuntimeRecord, *,
+                       leave_shared: bool = False) -> None:
         """Kill the VM's QEMU if it runs, then remove its taps, uid, cgroup and folder (the
-        caller holds the lock and has checked that it may)."""
+        caller holds the lock and has checked that it may); `leave_shared`: of a VM on shared
+        storage, only what this host holds (see _discard_vm_folder)."""
         held.require(self.name)
         if record.state in LIVE_STATES:
             self._kill_locked(held, record)
@@ -829,7 +898,7 @@ class VM:
         uid = uids.lookup(vm_uuid) if os.geteuid() == 0 else None
         if uid is not None:
             jail.unshare_layers(uid, self.leaned_on_layers())
-        self.host._discard_vm_folder(self.name)
+        self.host._discard_vm_folder(self.name, leave_shared=leave_shared)
         jail.release_owner(vm_uuid)
         if self.host.cgroups is not None:  # a VM that crashed at start left its cgroup
             self.host.cgroups.remove(self.name)
@@ -840,13 +909,13 @@ class VM:
         """Roll an unfinished operation recorded in the journal forward or back, then sweep
         files nothing names."""
         held.require(self.name)
-        journal = Journal(self.folder.path)
+        journal = Journal(self.folder.runtime_root)
         entry = journal.read()
         if entry is None:
             return
         recovery_rule(entry.op)(held, self, entry)
         journal.end()
-        if self.folder.path.exists():  # a rolled-back arrival leaves no folder
+        if self.folder.runtime_root.exists():  # a rolled-back arrival leaves no folder
             store.sweep_orphans(self)
 
 

@@ -89,7 +89,7 @@ def take_locked(held: Held, vm: VM, record: RuntimeRecord, name: str, *, disk_on
         return node
 
     own_journal = journal is True
-    log = journal if isinstance(journal, Journal) else Journal(vm.folder.path) if journal \
+    log = journal if isinstance(journal, Journal) else Journal(vm.folder.runtime_root) if journal \
         else None
     if own_journal and log is not None:
         log.begin("snapshot", name=name, new_layer=new_active, memory=memory_rel)

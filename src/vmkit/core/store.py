@@ -9,11 +9,12 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from vmkit.core.journal import Journal
 from vmkit.errors import InvalidState
 from vmkit.model.migration import may_start
 from vmkit.model.snapshots import SnapshotTree
 from vmkit.model.spec import VmConfig, check_relative_path
-from vmkit.storage.layout import read_metadata, write_json_atomic
+from vmkit.storage.layout import read_metadata, read_registration, write_json_atomic
 
 if TYPE_CHECKING:
     from vmkit.core.engine import VM, Host
@@ -102,12 +103,30 @@ def tombstone(host: Host, vm_uuid: str) -> dict[str, Any] | None:
 
 def check_may_start(vm: VM) -> None:
     """Refuse to start a VM another host owns at a newer generation (it moved away)."""
+    if vm.folder.shared:
+        check_holds_shared(vm)
     moved = tombstone(vm.host, vm.config.uuid)
     owner = moved.get("generation") if moved else None
     if not may_start(vm.config.generation, owner if isinstance(owner, int) else None):
         raise InvalidState(f"VM {vm.name!r} moved to {moved and moved.get('destination')} "
                            f"(generation {owner}; this copy is {vm.config.generation}): it "
                            "runs there, never here", hint="delete this stale copy")
+
+
+def check_holds_shared(vm: VM) -> None:
+    """A VM on shared storage runs where the registration's generation is the folder's; an
+    arrival (journal migrate-in) holds the next one until its finish writes it there."""
+    registration = read_registration(vm.folder.runtime_root)
+    held = registration.generation if registration is not None else -1
+    entry = Journal(vm.folder.runtime_root).read()
+    arriving = entry is not None and entry.op == "migrate-in"
+    if held == vm.config.generation + (1 if arriving else 0):
+        return
+    raise InvalidState(f"VM {vm.name!r} is not this host's to start: its folder on shared "
+                       f"storage ({vm.folder.path}) is at generation {vm.config.generation} "
+                       f"and this host holds generation {held}: it moved to another host",
+                       hint=f"run it there; vmkit delete {vm.name} here removes only this "
+                            "host's registration")
 
 
 def bury(host: Host, config: VmConfig, generation: int, destination: str) -> None:

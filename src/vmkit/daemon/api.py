@@ -33,7 +33,6 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from vmkit.client.remote import MovePeer
 from vmkit.daemon import auth, web
 from vmkit.daemon.consoles import ConsoleHub
 from vmkit.daemon.metrics import build_registry
@@ -67,13 +66,15 @@ from vmkit.model.api import (
     OperationView,
     ServerInfo,
     SetRequest,
+    SharedPrepareRequest,
+    SharedStorageRequest,
     SnapshotRequest,
     StateRequest,
     Sync,
 )
 from vmkit.model.cloudinit import KEY_TYPES
 from vmkit.model.hardware import HostCapabilities
-from vmkit.model.migration import MigrationOptions, option_reasons
+from vmkit.model.migration import MigrationOptions
 from vmkit.model.migration import Progress as MoveProgress
 from vmkit.model.names import validate_name
 from vmkit.model.network import Nic, parse_forward
@@ -92,6 +93,7 @@ from vmkit.model.views import (
     VmStatus,
 )
 from vmkit.qemu import peer
+from vmkit.storage import shared as shared_storage
 
 VERSION = "0.2.0"
 MUTATING = frozenset({"POST", "PUT", "PATCH", "DELETE"})
@@ -364,7 +366,8 @@ def build_app(service: Service) -> FastAPI:
                              ports=body.ports, restart=body.restart, autostart=body.autostart,
                              cpu_model=body.cpu_model, firmware=body.firmware, boot=body.boot,
                              display=body.display, from_disk=body.from_disk, iso=body.iso,
-                             os_type=body.os_type, secure_boot=body.secure_boot)
+                             os_type=body.os_type, secure_boot=body.secure_boot,
+                             shared=body.shared)
             if body.start:
                 op.report(stage="starting")
                 vm.start()
@@ -642,9 +645,7 @@ def build_app(service: Service) -> FastAPI:
 
         def work(op: Operation) -> Any:
             if body.check:
-                caps = MovePeer(credentials).capabilities()
-                return vm.check_move(caps, name=body.name) + option_reasons(options,
-                                                                            caps.postcopy)
+                return vm.check_move_to(credentials, options)
 
             def report(progress: MoveProgress) -> None:
                 op.progress.update({"transferred": progress.transferred,
@@ -683,6 +684,24 @@ def build_app(service: Service) -> FastAPI:
                 spool.unlink(missing_ok=True)
 
         return accepted(request, "migration.prepare", f"receive {name}", work, [name])
+
+    @app.post("/1.0/migrations/storage", response_model=Sync[dict[str, Any]],
+              responses=_ERRORS)
+    def migration_storage(body: SharedStorageRequest) -> dict[str, Any]:
+        """Destination: whether it sees the folder on shared storage the source wrote the
+        nonce into (then a move sends memory only)."""
+        why = shared_storage.sees(body.folder, body.nonce)
+        return _sync({"sees": why is None, "reason": why})
+
+    @app.post("/1.0/migrations/shared", response_model=Sync[dict[str, Any]],
+              responses=_ERRORS)
+    def migration_prepare_shared(body: SharedPrepareRequest) -> dict[str, Any]:
+        """Destination, prepare for a VM on shared storage: its folder registered as an
+        incoming VM (nothing copied) that nothing else may touch until finish."""
+        validate_name(body.name)
+        return _sync(service.arrivals.receive_shared(
+            folder=body.folder, nonce=body.nonce, name=body.name,
+            generation=body.generation, live=body.live))
 
     @app.post("/1.0/migrations/{mid}/incoming", response_model=Sync[dict[str, Any]],
               responses=_ERRORS)
@@ -1050,7 +1069,8 @@ def _check_host_paths(request: Request, body: CreateRequest) -> None:
     """A disk image or ISO named by a path on this host is read by the daemon (root): only a
     peer who could read it anyway may name one — root on the unix socket. Anyone else would
     have root lend them any file of the host (e.g. /etc/shadow as a CD)."""
-    named = [field for field in ("from_disk", "iso") if getattr(body, field) is not None]
+    named = [field for field in ("from_disk", "iso", "shared")
+             if getattr(body, field) is not None]
     if not named:
         return
     _require_local_root(request, named[0])

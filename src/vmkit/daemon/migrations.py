@@ -56,6 +56,9 @@ class Arrivals:
         vm = migration.receive(self.host, bundle, name=name, generation=generation,
                                migration=mid, helper=helper, unpack=bundles.import_bundle,
                                progress=progress)
+        return self._open(mid, vm, live=live, helper=helper)
+
+    def _open(self, mid: str, vm: Any, *, live: bool, helper: str | None) -> dict[str, Any]:
         session = Incoming(vm, mid, helper=helper,
                            on_end=lambda state: self._ended(mid, state, vm.name),
                            before_resume=lambda: self._record(mid, "finishing", vm.name))
@@ -66,6 +69,15 @@ class Arrivals:
         timer.daemon = True
         timer.start()
         return {"id": mid, "name": vm.name, "live": live}
+
+    def receive_shared(self, *, folder: str, nonce: str, name: str, generation: int,
+                       live: bool) -> dict[str, Any]:
+        """A VM on shared storage this host sees: registered, nothing copied."""
+        self.listen_address()
+        mid = uuidlib.uuid4().hex
+        vm = migration.receive_shared(self.host, folder=folder, nonce=nonce, name=name,
+                                      generation=generation, migration=mid)
+        return self._open(mid, vm, live=live, helper=None)
 
     def session(self, mid: str) -> Incoming:
         with self._lock:

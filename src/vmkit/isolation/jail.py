@@ -73,23 +73,30 @@ def release_owner(vm_uuid: str) -> None:
 # (relative path, mode, owned by the VM) for the folders of a VM folder; files are set below
 _FOLDERS = (("boot", 0o755, False), ("logs", 0o755, False), ("snapshots", 0o700, False),
             ("disks", 0o750, False), ("volumes", 0o750, False), ("run", 0o700, True))
+_RUNTIME_FOLDERS = frozenset({"logs", "run"})
 
 
-def prepare_folder(owner: RunAs | None, folder: Path) -> None:
+def prepare_folder(owner: RunAs | None, folder: Path, runtime: Path | None = None) -> None:
     """Set the ownership model of a VM folder before QEMU starts (idempotent, never recursive
     into anything the VM can write). The disk layers (disks/, a folder of root's the VM cannot
-    add to) alone belong to the VM's uid."""
+    add to) alone belong to the VM's uid. `runtime`: where run/ and logs/ are when not in the
+    folder (a VM on shared storage): root:VMGID 0710 like the folder."""
     if owner is None:
-        os.chmod(folder, 0o700)
+        for path in {folder, runtime or folder}:
+            os.chmod(path, 0o700)
         return
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    run_fd = fd if runtime is None else \
+        os.open(runtime, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        os.fchown(fd, 0, owner.gid)
-        os.fchmod(fd, 0o710)
+        for root_fd in {fd, run_fd}:
+            os.fchown(root_fd, 0, owner.gid)
+            os.fchmod(root_fd, 0o710)
         for name, mode, vm_owned in _FOLDERS:
+            where = run_fd if name in _RUNTIME_FOLDERS else fd
             with contextlib.suppress(FileExistsError):
-                os.mkdir(name, mode, dir_fd=fd)
-            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                os.mkdir(name, mode, dir_fd=where)
+            sub = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=where)
             try:
                 if vm_owned:
                     os.fchown(sub, owner.uid, owner.gid)
@@ -111,8 +118,10 @@ def prepare_folder(owner: RunAs | None, folder: Path) -> None:
         if "nvram.fd" in names:  # a UEFI VM's variables: QEMU writes them
             _own_file(fd, "disks/nvram.fd", owner)
         # QEMU appends the serial log itself: a file of its own in a folder of root's
-        _own_file(fd, "logs/serial.log", owner, create=True)
+        _own_file(run_fd, "logs/serial.log", owner, create=True)
     finally:
+        if run_fd != fd:
+            os.close(run_fd)
         os.close(fd)
 
 
@@ -124,7 +133,7 @@ def _qcow2_files(folder_fd: int, name: str) -> list[str]:
         os.close(sub)
 
 
-def prepare_tpm(owner: RunAs | None, folder: Path) -> None:
+def prepare_tpm(owner: RunAs | None, folder: Path, runtime: Path | None = None) -> None:
     """tpm/ (swtpm's state, written by the VM's uid like its disks) and swtpm's log."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
@@ -138,7 +147,11 @@ def prepare_tpm(owner: RunAs | None, folder: Path) -> None:
         finally:
             os.close(sub)
         if owner is not None:
-            _own_file(fd, "logs/swtpm.log", owner, create=True)
+            run_fd = os.open(runtime or folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+            try:
+                _own_file(run_fd, "logs/swtpm.log", owner, create=True)
+            finally:
+                os.close(run_fd)
             # imported with a bundle: root's until handed over; anything odd the VM's uid may
             # have left there is swtpm's to reject, never followed here
             with contextlib.suppress(OSError, HostError):

@@ -46,6 +46,9 @@ class CreateRequest(_Request):
     display: Literal["none", "std"] | None = None
     os_type: Literal["linux", "windows", "other"] = "linux"
     secure_boot: bool = False
+    shared: str | None = Field(default=None, max_length=4096, description=(
+        "a folder on shared storage (the same path on every host) for the VM's folder "
+        "(accepted from root on the unix socket only)"))
     from_disk: str | None = Field(default=None, max_length=4096, description=(
         "a disk image path on the daemon's host (accepted from root on the unix socket only)"))
     iso: str | None = Field(default=None, max_length=4096, description=(
@@ -202,6 +205,17 @@ class MigrateRequest(_Request):
     postcopy: bool = False
     name: str | None = Field(default=None, max_length=63)
     check: bool = Field(default=False, description="pre-flight only: the reasons, nothing moved")
+
+
+class SharedStorageRequest(_Request):
+    folder: str = Field(min_length=2, max_length=4096)
+    nonce: str = Field(min_length=64, max_length=64, pattern=r"^[0-9a-f]+$")
+
+
+class SharedPrepareRequest(SharedStorageRequest):
+    name: str = Field(min_length=1, max_length=63)
+    generation: int = Field(ge=1)
+    live: bool = False
 
 
 class IncomingRequest(_Request):

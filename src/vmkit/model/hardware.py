@@ -55,6 +55,8 @@ class HostCapabilities(BaseModel):
         "the firmwares installed on this host (ovmf: UEFI)"))
     postcopy: bool = Field(default=False, description=(
         "whether a VM's QEMU may use userfaultfd here (post-copy migration)"))
+    uid_range: tuple[int, int] | None = Field(default=None, description=(
+        "the uids this host's VMs run as (base, count); None: vmkit is not root there"))
 
 
 def machine_version(machine: str) -> tuple[int, int] | None:
@@ -80,8 +82,9 @@ def preflight_disks(config: VmConfig) -> list[str]:
 
 
 def preflight(config: VmConfig, caps: HostCapabilities, *, name: str, disk_bytes: int,
-              running: bool) -> list[str]:
-    """Every reason the destination described by `caps` cannot take this VM under `name`."""
+              running: bool, shared: bool = False) -> list[str]:
+    """Every reason the destination described by `caps` cannot take this VM under `name`
+    (`shared`: it runs the VM from the same folder on shared storage, extra disks too)."""
     reasons: list[str] = []
     hardware = config.hardware
     if name in caps.vms:
@@ -115,7 +118,7 @@ def preflight(config: VmConfig, caps: HostCapabilities, *, name: str, disk_bytes
     if disk_bytes > caps.disk_free:
         reasons.append(f"not enough disk on the destination: the VM's files take "
                        f"{format_size(disk_bytes)}, {format_size(caps.disk_free)} are free")
-    if running:
+    if running and not shared:
         reasons += preflight_disks(config)
     if config.media is not None:
         reasons.append(f"installation media {config.media} is in the CD-ROM drive: a file of "

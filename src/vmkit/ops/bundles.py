@@ -126,7 +126,7 @@ def export(vm: VM, path: Path, *, progress: Progress | None = None) -> dict[str,
         partial = path.parent / f".{path.name}.{uuidlib.uuid4().hex[:8]}.partial"
         # journalled: a cut leaves no partial file, no staging copy, no helper snapshot and
         # no frozen guest once the next command on this VM (or vmkit recover) has run
-        log = Journal(vm.folder.path)
+        log = Journal(vm.folder.runtime_root)
         log.begin("export", path=str(path), partial=str(partial), staging=str(staging),
                   point=point, frozen=live)
         try:

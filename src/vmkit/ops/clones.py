@@ -86,6 +86,12 @@ def clone(source: VM, target: str, *, linked: bool = False, from_snapshot: str |
           live: bool = False) -> VM:
     validate_name(target)
     host = source.host
+    if (linked or live) and source.folder.shared:
+        # its layers move between hosts' uids with the VM, and another host may run it
+        raise InvalidState(f"VM {source.name!r} is on shared storage: a "
+                           f"{'linked' if linked else 'instant'} clone would lean on its "
+                           "layers there", hint=f"make a full clone (vmkit clone {source.name} "
+                                                f"{target})")
     if live:
         if from_snapshot is not None:
             raise InvalidState("an instant clone starts from the source's present state",
@@ -109,7 +115,7 @@ def clone(source: VM, target: str, *, linked: bool = False, from_snapshot: str |
             automatic = f"clone-{target}"[:63]
         # journalled in the source's folder: the helper snapshot, the clone published, the
         # helper merged back (full clone); recover_clone finishes or undoes a cut
-        log = Journal(source.folder.path)
+        log = Journal(source.folder.runtime_root)
         log.begin("clone", target=target, automatic=automatic, linked=linked,
                   frozen=automatic is not None and record.state is VmState.RUNNING)
         if automatic is not None:
@@ -201,7 +207,7 @@ def instant_clone(source: VM, target: str) -> VM:
             raise InvalidState(f"cannot instant-clone VM {source.name!r}: a device it started "
                                "with was unplugged live, and that machine cannot be started "
                                "again", hint=f"restart it first (vmkit restart {source.name})")
-        log = Journal(source.folder.path)
+        log = Journal(source.folder.runtime_root)
         point = f"clone-{target}"[:63]
         store.load_tree(source).check_new(source.name, point)  # before anything is made
         # the clone's disk is an overlay on the source's active layer, which becomes the

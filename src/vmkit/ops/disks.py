@@ -76,7 +76,7 @@ def add(vm: VM, name: str, size: int | str) -> ExtraDisk:
                                f"{before.hardware.machine} has no PCIe hot-plug",
                                hint="stop it, add the disk, start it again")
         path = vm.folder.path / disk.file
-        log = Journal(vm.folder.path)
+        log = Journal(vm.folder.runtime_root)
         log.begin("disk-add", disk=disk.model_dump(mode="json"))
         try:
             path.parent.mkdir(mode=0o750, exist_ok=True)
@@ -174,7 +174,7 @@ def remove(vm: VM, name: str) -> ExtraDisk:
         if record.state not in CHANGEABLE:
             raise InvalidState(f"cannot remove a disk of VM {vm.name!r}: it is "
                                f"{record.state.value}", hint="wait, or resume it first")
-        log = Journal(vm.folder.path)
+        log = Journal(vm.folder.runtime_root)
         log.begin("disk-remove", disk=disk.model_dump(mode="json"))
         try:
             if record.state is VmState.RUNNING:

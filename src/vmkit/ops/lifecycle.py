@@ -75,6 +75,7 @@ from vmkit.qemu import agent, hostinfo, img, process
 from vmkit.qemu import argv as qemu_argv
 from vmkit.qemu.argv import HOTPLUG_SPARE
 from vmkit.qemu.qmp import QmpConnection, qmp_execute
+from vmkit.storage import shared as shared_storage
 from vmkit.storage.layout import (
     VmFolder,
     file_lock,
@@ -97,7 +98,7 @@ def start(vm: VM, *, wait: bool = False, timeout: float = AGENT_READY_TIMEOUT,
             raise InvalidState(f"VM {vm.name!r} changed since the exit the restart was for: "
                                "not restarted")
         check_transition(vm.name, record.state, Operation.START)
-        log = Journal(vm.folder.path)
+        log = Journal(vm.folder.runtime_root)
         log.begin("start")
         try:
             vm._start_locked(held, record, log=log)
@@ -139,7 +140,7 @@ def stop(vm: VM, *, timeout: float = STOP_TIMEOUT) -> VM:
         check_transition(vm.name, record.state, Operation.STOP)
         identity = vm._identity(record)
         assert identity is not None
-        log = Journal(vm.folder.path)
+        log = Journal(vm.folder.runtime_root)
         log.begin("stop")
         vm._write(record.model_copy(update={"state": VmState.STOPPING, "intent": "stop"}))
         log.step("stopping")
@@ -210,7 +211,8 @@ def delete(vm: VM, *, force: bool = False) -> None:
                                hint=f"vmkit delete {vm.name} --force")
         _delete_broken(vm)
         return
-    with vm.host._vm_lock(vm.name) as held:
+    # a VM on shared storage that another host now runs: only this host's registration goes
+    with vm.host._vm_lock(vm.name, not_held=True) as held:
         record = vm._observe(persist=True, held=held)
         users = vm.linked_clones()
         if users:
@@ -229,7 +231,10 @@ def _delete_broken(vm: VM) -> None:
     vm_uuid = str(vm._lenient().get("uuid") or "")
     with file_lock(vm.host._lock_path(vm.name), timeout=vm.host.lock_timeout,
                    what=f"VM {vm.name!r}"):
-        for identity in process.find_qemus_of(vm.folder.path, vm_uuid or None):
+        # a VM on shared storage: by its runtime here only (another host may run the same
+        # uuid from the same folder)
+        for identity in process.find_qemus_of(
+                vm.folder.runtime_root, None if vm.folder.shared else vm_uuid or None):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(identity.pid, signal.SIGKILL)
         if vm.host.cgroups is not None:
@@ -333,7 +338,7 @@ def ssh_argv(vm: VM, command: list[str] | None = None, *,
                            hint=f"start it first: vmkit start {vm.name} --wait")
     address, port = target.split("@", 1)[1].rsplit(":", 1)
     argv = ["ssh", "-p", port, "-l", cfg.ssh_user,
-            "-o", f"UserKnownHostsFile={vm.folder.path / 'ssh_known_hosts'}",
+            "-o", f"UserKnownHostsFile={vm.folder.runtime_root / 'ssh_known_hosts'}",
             "-o", "StrictHostKeyChecking=accept-new",
             "-o", f"HostKeyAlias=vmkit-{cfg.uuid}"]
     if cfg.ssh_identity:
@@ -354,8 +359,10 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
            autostart: bool = False, cpu_model: str = "qemu64", firmware: str | None = None,
            boot: str | None = None, from_disk: str | Path | None = None,
            iso: str | Path | None = None, display: str | None = None,
-           os_type: str = "linux", secure_boot: bool = False) -> VM:
+           os_type: str = "linux", secure_boot: bool = False,
+           shared: str | Path | None = None) -> VM:
     """The create operation; the parameters are documented on the SDK's Host.create."""
+    pool = shared_storage.check_pool(shared) if shared is not None else None
     if os_type not in OS_TYPES:
         raise InvalidValue(f"invalid os-type {os_type!r}",
                            hint="use " + ", ".join(OS_TYPES) + " (the devices the guest has "
@@ -400,6 +407,10 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
             raise InvalidValue("--full-copy is for images: a foreign disk is always copied")
         order = parse_boot_order(boot) if boot is not None else \
             (("disk", "cdrom") if iso is not None else ("disk",))
+        if pool is not None:
+            raise InvalidValue("--shared is for VMs from an image (a foreign disk or media "
+                               "VM is created on this host's storage)",
+                               hint="drop --shared, or create from --image")
         return _create_foreign(
             host, spec, grow=disk is not None, firmware=pinned_firmware, order=order,
             devices=implied, secure_boot=secure_boot,
@@ -443,10 +454,13 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
         for source, dest in ((kernel, kernel), (info.initrd, "initrd.img")):
             catalog.link_or_copy(image_dir / source, work.boot / dest)
         disk_path = work.path / ROOT_DISK_FILE
+        base = image_dir / info.root_disk
+        if pool is not None and not spec.full_copy:  # the same base on every host
+            base = shared_storage.pool_base(pool, info.name, info.sha256, base)
         if spec.full_copy:
-            img.full_copy(disk_path, image_dir / info.root_disk, spec.disk)
+            img.full_copy(disk_path, base, spec.disk)
         else:
-            img.create_overlay(disk_path, image_dir / info.root_disk, spec.disk)
+            img.create_overlay(disk_path, base, spec.disk)
         _make_nvram(work, pinned_firmware, secure_boot=secure_boot)
         seed = CloudInit(instance_id=instance_id_for(vm_uuid), hostname=hostname,
                          ssh_keys=keys, user_data=user_data) if info.cloud_init else None
@@ -459,7 +473,7 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
                                      display=display or "none", secure_boot=secure_boot),
             boot=BootConfig(kernel=f"boot/{kernel}", initrd="boot/initrd.img",
                             cmdline=with_hostname(info.cmdline, hostname)),
-            backing_file=None if spec.full_copy else str(image_dir / info.root_disk),
+            backing_file=None if spec.full_copy else str(base),
             base_image_sha256=info.sha256, cloud_init=seed, ssh_user=info.ssh_user,
             ssh_identity=identity if info.ssh_user else None, nics=nics,
             restart=restart_policy,
@@ -467,14 +481,14 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
 
     # the image's lock, shared: no rebuild can retire its base before this VM is listed
     with host._image_lock(image, shared=True):
-        vm = _new_vm(host, name, nics, build)
+        vm = _new_vm(host, name, nics, build, pool=pool)
     if start:
         _start_vm(vm, wait=wait, timeout=timeout)
     return vm
 
 
 def _new_vm(host: Host, name: str, nics: tuple[Nic, ...] | list[Nic],
-            build: Callable[[VmFolder], VmConfig]) -> VM:
+            build: Callable[[VmFolder], VmConfig], *, pool: Path | None = None) -> VM:
     """The VM's folder made by `build`; NICs on host networks get their addresses first."""
     if any(nic.network != USER_NETWORK for nic in nics):
         with net_ops.locked(host):  # addresses unique per network: decided under lock
@@ -483,10 +497,10 @@ def _new_vm(host: Host, name: str, nics: tuple[Nic, ...] | list[Nic],
             def build_addressed(work: VmFolder) -> VmConfig:
                 return build(work).model_copy(update={"nics": tuple(addressed)})
 
-            vm = host._new_vm_folder(name, build_addressed)
+            vm = host._new_vm_folder(name, build_addressed, pool=pool)
         net_ops.forget(host)  # leases and rules know the new NIC
         return vm
-    return host._new_vm_folder(name, build)
+    return host._new_vm_folder(name, build, pool=pool)
 
 
 def _check_disk_fits(host: Host, name: str, size: int) -> None:

@@ -111,7 +111,7 @@ def set_resources(vm: VM, *, cpus: int | str | None = None, memory: int | str | 
             updates["disk_bps"] = bps or None
         new_limits = limits.model_copy(update=updates)
         new_spec = spec.model_copy(update={**new, "limits": new_limits})
-        log = Journal(vm.folder.path) if live else None
+        log = Journal(vm.folder.runtime_root) if live else None
         if live:  # partitioning applies to live changes too: admitted and reserved (the new
             # spec saved) under the host lock, so two racing grows cannot both take the rest
             assert log is not None

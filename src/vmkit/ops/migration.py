@@ -49,7 +49,7 @@ from vmkit.errors import (
     VmkitError,
 )
 from vmkit.images import catalog
-from vmkit.isolation import uids
+from vmkit.isolation import jail, uids
 from vmkit.model.hardware import HostCapabilities, preflight, preflight_disks
 from vmkit.model.journal import JournalEntry
 from vmkit.model.migration import MigrationOptions, Progress, option_reasons
@@ -61,7 +61,16 @@ from vmkit.model.state import LIVE_STATES, VmState
 from vmkit.qemu import blockops, hostinfo
 from vmkit.qemu import migrate as qm
 from vmkit.qemu.qmp import QmpConnection, qmp_execute
-from vmkit.storage.layout import VmFolder, file_lock
+from vmkit.storage import shared as shared_storage
+from vmkit.storage.layout import (
+    Registration,
+    VmFolder,
+    file_lock,
+    read_metadata,
+    read_registration,
+    write_json_atomic,
+    write_registration,
+)
 
 if TYPE_CHECKING:
     from vmkit.core.engine import VM, Host
@@ -97,7 +106,9 @@ def capabilities(host: Host) -> HostCapabilities:
         memory_room=max(0, memory_limit(capacity, policy) - allocated.memory),
         vcpu_room=max(0, vcpu_limit(capacity, policy) - allocated.cpus),
         disk_free=shutil.disk_usage(host.layout.root).free, postcopy=postcopy_possible(),
-        firmwares=hostinfo.firmwares())
+        firmwares=hostinfo.firmwares(),
+        uid_range=(lambda r: (r.base, r.count))(uids.configured_range())
+        if os.geteuid() == 0 else None)
 
 
 def postcopy_possible() -> bool:
@@ -127,10 +138,22 @@ def folder_bytes(vm: VM) -> int:
     return total
 
 
-def check(vm: VM, caps: HostCapabilities, *, name: str | None = None) -> list[str]:
-    """Every reason `vm` cannot move to the host described by `caps` (empty: it can)."""
-    return preflight(vm.config, caps, name=name or vm.name, disk_bytes=folder_bytes(vm),
-                     running=vm.state in LIVE_STATES)
+def check(vm: VM, caps: HostCapabilities, *, name: str | None = None,
+          shared: bool = False) -> list[str]:
+    """Every reason `vm` cannot move to the host described by `caps` (empty: it can);
+    `shared`: by shared storage (nothing is copied)."""
+    reasons = preflight(vm.config, caps, name=name or vm.name,
+                        disk_bytes=0 if shared else folder_bytes(vm),
+                        running=vm.state in LIVE_STATES, shared=shared)
+    if shared and os.geteuid() == 0 and caps.uid_range is not None:
+        here = uids.configured_range()
+        base, count = caps.uid_range
+        if base < here.base + here.count and here.base < base + count:
+            reasons.append(
+                f"the destination's VM uids ({base}+{count}) overlap this host's "
+                f"({here.base}+{here.count}): on shared storage one host's VM could open "
+                "another's files (give each host its own VMKIT_UID_RANGE)")
+    return reasons
 
 
 # -- the destination as the source sees it --------------------------------------------------
@@ -150,6 +173,15 @@ class Peer(Protocol):
                  paused: bool, postcopy: bool) -> dict[str, Any]: ...
 
     def finish(self, migration: str) -> dict[str, Any]: ...
+
+    def sees(self, folder: str, nonce: str) -> str | None:
+        """Why the destination does not see the VM's shared folder (None: it does)."""
+        ...
+
+    def prepare_shared(self, *, folder: str, nonce: str, name: str, generation: int,
+                       live: bool) -> str:
+        """Register the VM's folder on shared storage there, as an incoming VM."""
+        ...
 
     def settle(self, migration: str) -> str:
         """Abort the move unless the destination already runs the guest: "aborted" (it
@@ -185,21 +217,21 @@ def migrate(vm: VM, peer: Peer, options: MigrationOptions, *, credentials: dict[
     lap = Laps()
     caps = peer.capabilities()
     lap("capabilities")
-    reasons = check(vm, caps, name=target) + option_reasons(options, caps.postcopy)
-    if reasons:
-        raise _refusal(vm, peer.describe(), reasons)
-    if options.storage == "shared":
-        raise MoveRefused("shared storage is not supported yet: the VM's folder is copied",
-                          hint="use --storage copy (the default here)")
+    nonce = _shared_nonce(vm, peer, options)
+    try:
+        reasons = check(vm, caps, name=target, shared=nonce is not None) + \
+            option_reasons(options, caps.postcopy)
+        if reasons:
+            raise _refusal(vm, peer.describe(), reasons)
+        if nonce is not None:
+            return _migrate_shared(vm, peer, options, nonce=nonce, target=target,
+                                   credentials=credentials, said=said, lap=lap,
+                                   started=started)
+    finally:
+        if nonce is not None:
+            shared_storage.remove_nonce(vm.folder.path, nonce)
     with host._vm_lock(vm.name) as held:
-        record = vm._observe(persist=True, held=held)
-        if record.state in (VmState.STARTING, VmState.STOPPING):
-            raise InvalidState(f"cannot move VM {vm.name!r}: it is {record.state.value}",
-                               hint="wait until it is running or stopped")
-        if record.machine is not None and not record.machine.rebuildable:
-            raise InvalidState(f"cannot move VM {vm.name!r}: a device it started with was "
-                               "unplugged live, and that machine cannot be rebuilt",
-                               hint=f"restart it first (vmkit restart {vm.name})")
+        record = _movable_record(vm, held)
         live = record.state in LIVE_STATES
         if live and (vm.config.disks or (record.machine and record.machine.config.disks)):
             # added since the pre-flight, or one the running machine started with
@@ -208,7 +240,7 @@ def migrate(vm: VM, peer: Peer, options: MigrationOptions, *, credentials: dict[
                 else vm.config))
         point = f"move-{uuidlib.uuid4().hex[:8]}" if live else None
         staging = host.layout.cache / f"move-{uuidlib.uuid4().hex[:8]}"
-        log = Journal(vm.folder.path)
+        log = Journal(vm.folder.runtime_root)
         log.begin("migrate-out", destination=peer.describe(), credentials=credentials,
                   point=point, staging=str(staging), live=live,
                   paused=record.state is VmState.PAUSED)
@@ -255,9 +287,110 @@ def migrate(vm: VM, peer: Peer, options: MigrationOptions, *, credentials: dict[
         log.step("confirm")
         _confirm(held, vm, generation=vm.config.generation + 1, destination=peer.describe())
         lap("confirm")
-    return {"name": target, "destination": peer.describe(), "live": live,
+    return {"name": target, "destination": peer.describe(), "live": live, "storage": "copy",
             "seconds": round(time.monotonic() - started, 3), "files_bytes": sent["bytes"],
             **outcome, "stages": lap.seconds, "status": there}
+
+
+def reasons_against(vm: VM, peer: Peer, options: MigrationOptions) -> list[str]:
+    """The pre-flight of `vmkit migrate --check`: what `migrate` would refuse, found the way
+    it finds it (a shared-storage probe included), changing nothing."""
+    caps = peer.capabilities()
+    try:
+        nonce = _shared_nonce(vm, peer, options)
+    except MoveRefused as exc:
+        return [exc.message, *option_reasons(options, caps.postcopy)]
+    if nonce is not None:
+        shared_storage.remove_nonce(vm.folder.path, nonce)
+    return check(vm, caps, name=options.name, shared=nonce is not None) + \
+        option_reasons(options, caps.postcopy)
+
+
+def _shared_nonce(vm: VM, peer: Peer, options: MigrationOptions) -> str | None:
+    """Whether the move sends memory only: the VM is on shared storage and the destination
+    sees its folder (it reads back the nonce written there). Returns that nonce, or None
+    for a copy; `--storage shared` that cannot be is refused."""
+    if options.storage == "copy":
+        return None
+    if not vm.folder.shared:
+        if options.storage == "shared":
+            raise MoveRefused(f"VM {vm.name!r} is on this host's storage, not shared storage",
+                              hint="use --storage copy, or create VMs that move by memory "
+                                   "only with --shared DIR")
+        return None
+    nonce = shared_storage.write_nonce(vm.folder.path)
+    try:
+        why = peer.sees(str(vm.folder.path), nonce)
+    except BaseException:
+        shared_storage.remove_nonce(vm.folder.path, nonce)
+        raise
+    if why is None:
+        return nonce
+    shared_storage.remove_nonce(vm.folder.path, nonce)
+    if options.storage == "shared":
+        raise MoveRefused(f"cannot move VM {vm.name!r} by shared storage: {why}",
+                          hint="use --storage copy, or mount the storage at the same path "
+                               "there")
+    return None
+
+
+def _migrate_shared(vm: VM, peer: Peer, options: MigrationOptions, *, nonce: str, target: str,
+                    credentials: dict[str, Any], said: Report, lap: Laps,
+                    started: float) -> dict[str, Any]:
+    """The move of a VM on shared storage both hosts see: the destination registers the same
+    folder and its QEMU opens the same chain inactive; memory alone goes over the wire.
+    Ownership is the generation: the destination writes the next one into vm.json at its
+    point of no return, and this host (registered at the old one) can never start it again."""
+    host = vm.host
+    with host._vm_lock(vm.name) as held:
+        record = _movable_record(vm, held)
+        live = record.state in LIVE_STATES
+        generation = vm.config.generation + 1
+        log = Journal(vm.folder.runtime_root)
+        log.begin("migrate-out", destination=peer.describe(), credentials=credentials,
+                  point=None, staging=None, live=live, shared=True,
+                  paused=record.state is VmState.PAUSED)
+        mid: str | None = None
+        outcome: dict[str, Any] = {}
+        try:
+            lap("begin")
+            mid = peer.prepare_shared(folder=str(vm.folder.path), nonce=nonce, name=target,
+                                      generation=generation, live=live)
+            log.step("prepared", migration=mid)
+            lap("prepare")
+            if live:
+                log.step("perform")
+                outcome = _perform(vm, peer, mid, options, record, said, lap, shared=True)
+            log.step("performed")
+            said(Progress(stage="finishing"))
+            there = _finish_or_ask(peer, mid)
+            lap("finish")
+            if outcome.get("postcopy"):
+                outcome.update(_postcopy_tail(vm))
+                lap("postcopy_tail")
+        except BaseException:
+            _roll_back(held, vm, peer, mid, None, None)
+            log.end()
+            raise
+        log.step("confirm")
+        _confirm(held, vm, generation=generation, destination=peer.describe(), shared=True)
+        lap("confirm")
+    return {"name": target, "destination": peer.describe(), "live": live, "storage": "shared",
+            "seconds": round(time.monotonic() - started, 3), "files_bytes": 0,
+            **outcome, "stages": lap.seconds, "status": there}
+
+
+def _movable_record(vm: VM, held: Held) -> RuntimeRecord:
+    """The VM's run, observed under its lock, in a state a move can start from."""
+    record = vm._observe(persist=True, held=held)
+    if record.state in (VmState.STARTING, VmState.STOPPING):
+        raise InvalidState(f"cannot move VM {vm.name!r}: it is {record.state.value}",
+                           hint="wait until it is running or stopped")
+    if record.machine is not None and not record.machine.rebuildable:
+        raise InvalidState(f"cannot move VM {vm.name!r}: a device it started with was "
+                           "unplugged live, and that machine cannot be rebuilt",
+                           hint=f"restart it first (vmkit restart {vm.name})")
+    return record
 
 
 class Laps:
@@ -274,22 +407,25 @@ class Laps:
 
 
 def _perform(vm: VM, peer: Peer, mid: str, options: MigrationOptions,
-             record: RuntimeRecord, said: Report, lap: Laps) -> dict[str, Any]:
-    """Disk mirror and memory stream, TLS with this move's key; returns QEMU's figures.
-    When it returns the source is paused for good (postmigrate) and its disk is mirrored."""
+             record: RuntimeRecord, said: Report, lap: Laps, *,
+             shared: bool = False) -> dict[str, Any]:
+    """Disk mirror (not on shared storage) and memory stream, TLS with this move's key;
+    returns QEMU's figures. When it returns the source is paused for good (postmigrate) and
+    its disk is mirrored or, shared, inactive (its image locks let go for the destination)."""
     key = secrets.token_hex(32)
     machine = record.machine.model_dump(mode="json") if record.machine else None
     ports = peer.incoming(mid, key=key, machine=machine,
                           paused=record.state is VmState.PAUSED, postcopy=options.postcopy)
     lap("incoming")
-    psk = vm.folder.path / PSK_FOLDER
+    psk = vm.folder.runtime_root / PSK_FOLDER
     qm.write_psk(psk, key, vm.owner())
     with QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
         qm.add_tls(qmp, psk, server=False)
         qm.tune_source(qmp, options)
-        qm.start_mirror(qmp, peer.address, int(ports["nbd_port"]))
-        qm.wait_mirror_ready(qmp, MIRROR_TIMEOUT, said)
-        lap("disk_mirror")
+        if not shared:
+            qm.start_mirror(qmp, peer.address, int(ports["nbd_port"]))
+            qm.wait_mirror_ready(qmp, MIRROR_TIMEOUT, said)
+            lap("disk_mirror")
         with socket.create_connection((peer.address, int(ports["port"])), timeout=10) as sock:
             sock.sendall(bytes.fromhex(str(ports["token"])))
             sock.settimeout(None)
@@ -301,7 +437,8 @@ def _perform(vm: VM, peer: Peer, mid: str, options: MigrationOptions,
         # its last writes there, then the device state goes (libvirt's order)
         info = qm.watch_memory(qmp, timeout=MEMORY_TIMEOUT, stall=STALL_TIMEOUT,
                                postcopy=options.postcopy, report=said,
-                               at_switchover=lambda: qm.complete_mirror(qmp, FINISH_TIMEOUT))
+                               at_switchover=None if shared else
+                               lambda: qm.complete_mirror(qmp, FINISH_TIMEOUT))
         lap("memory")
     return _figures(info) | {"postcopy": info.get("status") == "postcopy-active"}
 
@@ -369,7 +506,7 @@ class _Undecided(VmkitError):
 
 
 def _roll_back(held: Held, vm: VM, peer: Peer, mid: str | None, point: str | None,
-               staging: Path) -> None:
+               staging: Path | None) -> None:
     """A move that did not happen: the destination drops what it made, the source runs on
     its own disk with its helper snapshot merged away. Once the source's QEMU has sent the
     whole state the destination may already run the guest (it finishes on its own at
@@ -390,7 +527,8 @@ def _roll_back(held: Held, vm: VM, peer: Peer, mid: str | None, point: str | Non
                              + ": the source stays paused and is never started",
                              hint="vmkit recover decides (it asks the destination)")
     _source_back(held, vm, point)
-    shutil.rmtree(staging, ignore_errors=True)
+    if staging is not None:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def _source_sent_all(vm: VM) -> bool:
@@ -422,15 +560,24 @@ def _source_back(held: Held, vm: VM, point: str | None) -> None:
             if status != "running" and record.state is VmState.RUNNING:
                 qmp.execute("cont")
     with contextlib.suppress(OSError, FileNotFoundError):
-        qm.remove_psk(vm.folder.path / PSK_FOLDER)
+        qm.remove_psk(vm.folder.runtime_root / PSK_FOLDER)
     if point is not None and point in store.load_tree(vm).nodes:
         layers.delete_locked(held, vm, vm._observe(persist=True, held=held), point)
+    if vm.folder.shared:  # the destination's QEMU was handed the files: back to this VM's uid
+        jail.prepare_folder(vm.owner(), vm.folder.path, vm.folder.runtime)
 
 
-def _confirm(held: Held, vm: VM, *, generation: int, destination: str) -> None:
-    """The destination owns the VM: remember where it went, then the source goes."""
+def _registered_generation(vm: VM) -> int:
+    registration = read_registration(vm.folder.runtime_root)
+    return registration.generation if registration is not None else vm.config.generation
+
+
+def _confirm(held: Held, vm: VM, *, generation: int, destination: str,
+             shared: bool = False) -> None:
+    """The destination owns the VM: remember where it went, then the source goes (`shared`:
+    the destination runs it from the same folder, which stays)."""
     store.bury(vm.host, vm.config, generation, destination)
-    vm._remove_locked(held, vm._observe(persist=True, held=held))
+    vm._remove_locked(held, vm._observe(persist=True, held=held), leave_shared=shared)
 
 
 def recover_out(held: Held, vm: VM, entry: JournalEntry) -> None:
@@ -457,8 +604,12 @@ def recover_out(held: Held, vm: VM, entry: JournalEntry) -> None:
     if staging.parent == vm.host.layout.cache:
         shutil.rmtree(staging, ignore_errors=True)
     if decision.action is Action.KILL_SOURCE:
-        _confirm(held, vm, generation=vm.config.generation + 1,
-                 destination=str(intent.get("destination")))
+        shared = bool(intent.get("shared"))
+        # shared: the destination wrote the next generation into the folder's vm.json
+        generation = vm.config.generation if shared and vm.config.generation > \
+            _registered_generation(vm) else vm.config.generation + 1
+        _confirm(held, vm, generation=generation, destination=str(intent.get("destination")),
+                 shared=shared)
         return
     if decision.action is Action.HOLD:
         raise InvalidState(f"VM {vm.name!r} was moving to {intent.get('destination')} when "
@@ -488,15 +639,7 @@ def receive(host: Host, bundle: Path, *, name: str, generation: int, migration: 
         validate_name(helper, kind="helper snapshot name")
 
     def arriving(work: VmFolder, config: VmConfig) -> VmConfig:
-        moved = store.tombstone(host, config.uuid)
-        if moved is not None and int(moved.get("generation", 0)) >= generation:
-            raise MoveRefused(f"VM {config.uuid} already left this host at generation "
-                              f"{moved.get('generation')}; generation {generation} is stale")
-        # a uuid is a VM's identity here (its uid claim, its QEMU): never a second holder
-        if any(v.config.uuid == config.uuid for v in host.vms()) or \
-                (os.geteuid() == 0 and uids.lookup(config.uuid) is not None):
-            raise MoveRefused(f"a VM with uuid {config.uuid} already exists on this host",
-                              hint="the same machine cannot live here twice")
+        _check_arrival(host, config, generation)
         with _ARRIVING_LOCK:
             _ARRIVING.add(migration)
         log = Journal(work.path)
@@ -510,6 +653,61 @@ def receive(host: Host, bundle: Path, *, name: str, generation: int, migration: 
         with _ARRIVING_LOCK:
             _ARRIVING.discard(migration)
         raise
+
+
+def _check_arrival(host: Host, config: VmConfig, generation: int) -> None:
+    moved = store.tombstone(host, config.uuid)
+    if moved is not None and int(moved.get("generation", 0)) >= generation:
+        raise MoveRefused(f"VM {config.uuid} already left this host at generation "
+                          f"{moved.get('generation')}; generation {generation} is stale")
+    # a uuid is a VM's identity here (its uid claim, its QEMU): never a second holder
+    if any(v.config.uuid == config.uuid for v in host.vms()) or \
+            (os.geteuid() == 0 and uids.lookup(config.uuid) is not None):
+        raise MoveRefused(f"a VM with uuid {config.uuid} already exists on this host",
+                          hint="the same machine cannot live here twice")
+
+
+def receive_shared(host: Host, *, folder: str, nonce: str, name: str, generation: int,
+                   migration: str) -> VM:
+    """Register a VM's folder on shared storage as an incoming VM under `name`, at the next
+    generation (its vm.json keeps the source's until finish). Nothing is copied: the folder
+    must be the source's (the nonce it wrote there), in root's hands (neither it nor the
+    folder that holds it writable by anyone else: no user can offer a folder of theirs),
+    and its vm.json at the generation before `generation`."""
+    validate_name(name)
+    shared_storage.require_sees(folder, nonce)
+    shared_storage.require_root_owned(folder)
+    path = Path(folder)
+    try:
+        config = read_metadata(path / "vm.json", VmConfig, f"the VM in {folder}")
+    except FileNotFoundError:
+        raise MoveRefused(f"{folder} holds no vm.json: not a VM folder") from None
+    if config.generation + 1 != generation:
+        raise MoveRefused(f"the VM in {folder} is at generation {config.generation}; a move "
+                          f"at generation {generation} is stale")
+    _check_arrival(host, config, generation)
+    with host._vm_lock(name):
+        if (host.layout.vms / name).exists():
+            raise MoveRefused(f"a VM named {name!r} already exists here",
+                              hint="pick another name on the destination (--name)")
+        local = host.layout.vms / f".creating-{name}-{uuidlib.uuid4().hex[:8]}"
+        try:
+            local.mkdir(mode=0o700)
+            (local / "logs").mkdir()
+            (local / "run").mkdir(mode=0o700)
+            write_registration(local, Registration(folder, generation))
+            write_json_atomic(local / "state.json", RuntimeRecord().model_dump(mode="json"))
+            with _ARRIVING_LOCK:
+                _ARRIVING.add(migration)
+            Journal(local).begin("migrate-in", migration=migration, helper=None, shared=True,
+                                 started=_process_start(os.getpid()))
+            os.rename(local, host.layout.vms / name)
+        except BaseException:
+            shutil.rmtree(local, ignore_errors=True)
+            with _ARRIVING_LOCK:
+                _ARRIVING.discard(migration)
+            raise
+    return host._vm(name)
 
 
 class Incoming:
@@ -590,21 +788,25 @@ class Incoming:
         held = self._take_lock()
         self._paused, self._postcopy, self._live = paused, postcopy, True
         running_as = _checked_machine(vm, machine)
-        psk = vm.folder.path / PSK_FOLDER
+        psk = vm.folder.runtime_root / PSK_FOLDER
         qm.write_psk(psk, key, vm.owner())
         memory = socket.create_server((listen, 0))
-        nbd = socket.create_server((listen, 0))
-        self._listeners = [memory, nbd]
+        # shared storage: the chain is the source's own files, opened inactive (no mirror)
+        nbd = None if vm.folder.shared else socket.create_server((listen, 0))
+        self._listeners = [memory] if nbd is None else [memory, nbd]
 
         def setup(qmp: QmpConnection) -> None:
             qm.add_tls(qmp, psk, server=True)
             qm.tune_destination(qmp, postcopy=postcopy)
-            qm.serve_disk(qmp, nbd)
+            if nbd is not None:
+                qm.serve_disk(qmp, nbd)
 
         vm._start_locked(held, RuntimeRecord(), incoming=setup, resume=False,
                          machine=running_as)
-        ports = {"port": memory.getsockname()[1], "nbd_port": nbd.getsockname()[1]}
-        nbd.close()  # QEMU holds its own copy
+        ports = {"port": memory.getsockname()[1]}
+        if nbd is not None:
+            ports["nbd_port"] = nbd.getsockname()[1]
+            nbd.close()  # QEMU holds its own copy
         threading.Thread(target=self._admit, args=(memory, source), daemon=True,
                          name=f"migration-gate-{self.migration}").start()
         threading.Thread(target=self._watch, daemon=True,
@@ -703,14 +905,17 @@ class Incoming:
                         qmp = stack.enter_context(QmpConnection(vm.folder.qmp_socket,
                                                                 timeout=QMP_TIMEOUT))
                         qm.wait_incoming(qmp, timeout, postcopy=self._postcopy)
-                        qm.stop_serving(qmp)
+                        if not vm.folder.shared:
+                            qm.stop_serving(qmp)
                 except BaseException:
                     self.state = "started" if live else "prepared"  # the source will settle
                     raise
                 # the point of no return, recorded first: a restart keeps a running guest
-                log = Journal(vm.folder.path)
+                log = Journal(vm.folder.runtime_root)
                 log.entry = log.read()
                 log.step("finish", paused=self._paused)
+                if vm.folder.shared:
+                    _take_shared(vm)
                 self._before_resume()
                 if qmp is not None:
                     if not self._paused:
@@ -720,10 +925,10 @@ class Incoming:
             if live:
                 vm._write(vm._record().model_copy(update={
                     "state": VmState.PAUSED if self._paused else VmState.RUNNING}))
-            Journal(vm.folder.path).end()  # from here on this host owns the VM
+            Journal(vm.folder.runtime_root).end()  # from here on this host owns the VM
             self.state = "finished"
             with contextlib.suppress(OSError):
-                qm.remove_psk(vm.folder.path / PSK_FOLDER)
+                qm.remove_psk(vm.folder.runtime_root / PSK_FOLDER)
             # the source's helper snapshot, merged away here too while the guest runs, and
             # before the VM's lock is let go (a next command never races the merge's job)
             if self.helper is not None:
@@ -755,6 +960,20 @@ class Incoming:
         self._release_lock()
         with contextlib.suppress(Exception):
             self._on_end(state)
+
+
+def _take_shared(vm: VM) -> None:
+    """The arrival's point of no return on shared storage: the folder's vm.json gets this
+    host's generation (and name), so the source, registered at the one before, never starts
+    the VM again. Idempotent (a recovery after a cut repeats it)."""
+    registration = read_registration(vm.folder.runtime_root)
+    if registration is None:
+        return
+    config = read_metadata(vm.folder.config_file, VmConfig, f"VM {vm.name!r}")
+    if config.generation != registration.generation or config.spec.name != vm.name:
+        vm.save_config(config.model_copy(update={
+            "generation": registration.generation,
+            "spec": config.spec.model_copy(update={"name": vm.name})}))
 
 
 def _checked_machine(vm: VM, machine: dict[str, Any] | None) -> MachineRecord | None:
@@ -795,9 +1014,11 @@ def _keepalive(sock: socket.socket) -> None:
 
 
 def _destroy_incoming(held: Held, vm: VM) -> None:
-    if not vm.folder.path.exists():
+    """Every trace of an arrival that did not happen; of one on shared storage only this
+    host's registration (the folder is the source's, which runs it)."""
+    if not vm.folder.runtime_root.exists():
         return
-    vm._remove_locked(held, vm._observe(persist=True, held=held))
+    vm._remove_locked(held, vm._observe(persist=True, held=held), leave_shared=True)
 
 
 def recover_in(held: Held, vm: VM, entry: JournalEntry) -> None:
@@ -823,6 +1044,8 @@ def recover_in(held: Held, vm: VM, entry: JournalEntry) -> None:
     decision = recover(Side.DESTINATION, Phase.FINISH if entry.done("finish")
                        else Phase.PREPARE, destination_owns=None, destination_running=running)
     if decision.action is Action.KEEP:
+        if vm.folder.shared:
+            _take_shared(vm)
         vm._write(vm._record().model_copy(update={
             "state": VmState.RUNNING if status == "running" else VmState.PAUSED}))
         return

@@ -50,7 +50,7 @@ def add(vm: VM, network: str, *, ports: tuple[str, ...] = ()) -> Nic:
                                f"{record.state.value}", hint="wait, or resume it first")
         before = vm.config
         current = _explicit(vm)
-        log = Journal(vm.folder.path)
+        log = Journal(vm.folder.runtime_root)
         with net_ops.locked(host):
             (nic,) = net_ops.new_nics(host, before.uuid, [network], list(ports),
                                       existing=current)
@@ -164,7 +164,7 @@ def remove(vm: VM, network: str) -> Nic:
         if record.state in LIVE_STATES and record.state is not VmState.RUNNING:
             raise InvalidState(f"cannot unplug a NIC of VM {vm.name!r}: it is "
                                f"{record.state.value}", hint="resume it first")
-        log = Journal(vm.folder.path)
+        log = Journal(vm.folder.runtime_root)
         log.begin("nic-remove", nic=nic.model_dump(mode="json"))
         try:
             if record.state in LIVE_STATES:

@@ -102,7 +102,7 @@ def restore(vm: VM, name: str) -> None:
         old_active = vm.active_layer()
         new_active = new_layer()
         new_path = vm.folder.path / new_active
-        log = Journal(vm.folder.path)
+        log = Journal(vm.folder.runtime_root)
         log.begin("restore", name=name, new_layer=new_active, old_active=old_active)
         if record.state in LIVE_STATES:
             vm._kill_locked(held, record, note=f" (to restore snapshot {name!r})")
@@ -179,7 +179,7 @@ def delete(vm: VM, name: str) -> None:
         record = vm._observe(persist=True, held=held)
         tree = load_tree(vm)
         tree.get(vm.name, name)
-        log = Journal(vm.folder.path)
+        log = Journal(vm.folder.runtime_root)
         log.begin("delete-snapshot", name=name)
         try:
             delete_locked(held, vm, record, name, log=log)

@@ -306,7 +306,7 @@ def receive_memory(qmp: QmpConnection, sock: socket.socket) -> None:
 
 def watch_memory(qmp: QmpConnection, *, timeout: float, stall: float, postcopy: bool,
                  report: Callable[[Progress], None],
-                 at_switchover: Callable[[], None]) -> dict[str, Any]:
+                 at_switchover: Callable[[], None] | None) -> dict[str, Any]:
     """Poll the outgoing migration to its end. A stream that sends nothing for `stall`
     seconds (a cut link) is cancelled; with post-copy allowed, a pre-copy that has not
     converged after three passes over memory switches to post-copy, and this returns once it
@@ -334,7 +334,8 @@ def watch_memory(qmp: QmpConnection, *, timeout: float, stall: float, postcopy: 
                 # query may still say pre-switchover (the mirror is gone by then)
                 if not continued:
                     began = time.monotonic()
-                    at_switchover()
+                    if at_switchover is not None:
+                        at_switchover()
                     qmp.execute("migrate-continue", {"state": "pre-switchover"})
                     continued = True
                     last_move = time.monotonic()

@@ -3,6 +3,10 @@
     $VMKIT_HOME/
       images/<image>/         image.json, vmlinuz, initrd.img, root.qcow2
       vms/<vm>/               vm.json, state.json, boot/, disks/, run/ (0700), logs/
+      vms/<vm>/shared.json    instead of the above, for a VM on shared storage: where its
+                              folder is (vm.json, disks/, snapshots/, boot/) and the generation
+                              this host holds; the runtime (state.json, run/, logs/, journal)
+                              stays here, one per host
       vms/.creating-<vm>-*    a create in progress (renamed into place when complete)
       vms/.deleting-<vm>-*    a delete in progress (removed by the next call)
       locks/                  vm-<name>.lock, host.lock
@@ -26,7 +30,7 @@ from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
 
-from vmkit.errors import BrokenVm, LockTimeout, VmkitError
+from vmkit.errors import BrokenVm, InvalidValue, LockTimeout, VmkitError
 from vmkit.model.spec import NVRAM_FILE, VmConfig
 from vmkit.qemu.argv import RunPaths
 
@@ -68,17 +72,89 @@ class HomeLayout:
                     os.chmod(folder, folder.stat().st_mode | 0o755)
 
     def vm(self, name: str) -> VmFolder:
-        return VmFolder(self.vms / name)
+        """vms/NAME, or the shared folder its registration names (with vms/NAME as runtime)."""
+        local = self.vms / name
+        registration = read_registration(local)
+        if registration is None:
+            return VmFolder(local)
+        return VmFolder(Path(registration.folder), runtime=local)
 
     def image(self, name: str) -> Path:
         return self.images / name
 
 
+REGISTRATION_FILE = "shared.json"
+_MAX_REGISTRATION = 4096
+
+
+@dataclass(frozen=True)
+class Registration:
+    """A host's claim on a VM whose folder is on shared storage: the folder, and the generation
+    this host holds (it may start the VM only while the folder's vm.json has that generation:
+    a host the VM has moved away from holds an older one)."""
+
+    folder: str
+    generation: int
+
+
+def check_shared_folder(path: str) -> str:
+    """An absolute, normalised path with no `..`: what a registration may name."""
+    if not path.startswith("/") or os.path.normpath(path) != path or path == "/" \
+            or any(ord(c) < 32 for c in path):
+        raise InvalidValue(f"invalid shared folder {path!r}",
+                           hint="an absolute path without '..', '.' or a trailing '/'")
+    return path
+
+
+def read_registration(local: Path) -> Registration | None:
+    """vms/NAME/shared.json (None when the VM's folder is vms/NAME itself). Never follows a
+    link; a damaged registration is BrokenVm."""
+    try:
+        fd = os.open(local / REGISTRATION_FILE,
+                     os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise BrokenVm(f"VM {local.name!r} is broken: cannot open {REGISTRATION_FILE}: "
+                       f"{exc.strerror}", hint=_BROKEN_HINT) from exc
+    try:
+        with os.fdopen(fd, "rb") as handle:
+            regular = stat.S_ISREG(os.fstat(handle.fileno()).st_mode)
+            raw = handle.read(_MAX_REGISTRATION + 1) if regular else b""
+        data = json.loads(raw)
+        folder, generation = data["folder"], data["generation"]
+        if not isinstance(folder, str) or type(generation) is not int or generation < 0:
+            raise ValueError("a field has the wrong type")
+        return Registration(check_shared_folder(folder), generation)
+    except (ValueError, KeyError, TypeError, VmkitError) as exc:
+        raise BrokenVm(f"VM {local.name!r} is broken: {REGISTRATION_FILE} cannot be read "
+                       f"({str(exc)[:200]})", hint=_BROKEN_HINT) from exc
+
+
+def write_registration(local: Path, registration: Registration) -> None:
+    write_json_atomic(local / REGISTRATION_FILE,
+                      {"folder": check_shared_folder(registration.folder),
+                       "generation": registration.generation})
+
+
 @dataclass(frozen=True)
 class VmFolder:
-    """One VM's folder: everything the VM is, so it can be copied, backed up or moved."""
+    """One VM's folder: everything the VM is, so it can be copied, backed up or moved.
+
+    `runtime` is where what one host runs lives (state.json, run/, logs/, the journal, the
+    exit status): the folder itself, except for a VM on shared storage, whose folder two hosts
+    see during a move while each runs its own QEMU."""
 
     path: Path
+    runtime: Path | None = None
+
+    @property
+    def shared(self) -> bool:
+        return self.runtime is not None
+
+    @property
+    def runtime_root(self) -> Path:
+        return self.runtime if self.runtime is not None else self.path
 
     @property
     def config_file(self) -> Path:
@@ -86,15 +162,15 @@ class VmFolder:
 
     @property
     def state_file(self) -> Path:
-        return self.path / "state.json"
+        return self.runtime_root / "state.json"
 
     @property
     def run(self) -> Path:
-        return self.path / "run"
+        return self.runtime_root / "run"
 
     @property
     def logs(self) -> Path:
-        return self.path / "logs"
+        return self.runtime_root / "logs"
 
     @property
     def disks(self) -> Path:
@@ -123,7 +199,7 @@ class VmFolder:
     @property
     def exit_file(self) -> Path:
         """Written by the root waiter: in the folder of root's, never in the VM-writable run/."""
-        return self.path / ".exit-status"
+        return self.runtime_root / ".exit-status"
 
     @property
     def serial_log(self) -> Path:
@@ -188,7 +264,8 @@ class VmFolder:
                               tpm=config.hardware.tpm)
 
     def make_dirs(self) -> None:
-        os.chmod(self.path, 0o700)
+        for root in {self.path, self.runtime_root}:
+            os.chmod(root, 0o700)
         for folder in (self.disks, self.boot, self.logs, self.path / "snapshots"):
             folder.mkdir(parents=True, exist_ok=True)
         self.run.mkdir(mode=0o700, exist_ok=True)

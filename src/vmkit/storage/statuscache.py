@@ -54,13 +54,18 @@ def start_ticks(pid: int) -> int | None:
 
 
 def _folders(home: Path | str) -> list[str] | None:
-    """The VM folders; None while a create or delete is half-done (the engine sweeps it)."""
+    """The VM folders; None while a create or delete is half-done (the engine sweeps it) or
+    when a VM is on shared storage (the engine reads it)."""
     names = []
     vms = f"{home}/vms"
     for entry in os.listdir(vms):
         if entry.startswith((".creating-", ".deleting-")):
             return None
-        if not entry.startswith(".") and os.path.exists(f"{vms}/{entry}/vm.json"):
+        if entry.startswith("."):
+            continue
+        if os.path.exists(f"{vms}/{entry}/shared.json"):
+            return None  # its vm.json is on shared storage, where another host may change it
+        if os.path.exists(f"{vms}/{entry}/vm.json"):
             names.append(entry)
     return sorted(names)
 
