@@ -63,6 +63,10 @@ def _registration(side: Side, vm: str) -> dict[str, object] | None:
 
 
 
+def _listed(side: Side) -> list[str]:
+    return [vm["name"] for vm in json.loads(side.ok("list", "--format", "json"))]
+
+
 def _layer_owners(folder: Path) -> set[int]:
     return {p.stat().st_uid for p in (folder / "disks").glob("*.qcow2")}
 
@@ -75,13 +79,15 @@ def test_a_shared_vm_moves_by_memory_only_there_and_back(hosts: tuple[Side, Side
     a.ok("create", "roamer", "--memory", "192M", "--shared", str(pool))
     folder = pool / "roamer"
     try:
-        assert _registration(a, "roamer") == {"folder": str(folder), "generation": 0}
+        vm_uuid = vm_uuid_on(a, "roamer")
+        assert _registration(a, "roamer") == {"folder": str(folder), "generation": 0,
+                                              "uuid": vm_uuid}
         config = json.loads((folder / "vm.json").read_text())
         assert config["backing_file"].startswith(f"{pool}/.images/tiny-"), \
             "the first layer stands on the pool's copy of the image, the same on every host"
         assert not (a.home / "vms/roamer/vm.json").exists()
         a.ok("start", "roamer", "--wait")
-        vm_uuid = vm_uuid_on(a, "roamer")
+        assert "roamer" in _listed(a), "the daemon lists a VM on shared storage"
         a.exec("roamer", "echo kept > /root/before.txt; sync")
         a.ok("snapshot", "create", "roamer", "before")
         a.exec("roamer", "echo later > /root/after.txt; sync; "
@@ -95,7 +101,9 @@ def test_a_shared_vm_moves_by_memory_only_there_and_back(hosts: tuple[Side, Side
         assert moved["storage"] == "shared" and moved["files_bytes"] == 0, moved
         assert moved["live"] is True and "disk_mirror" not in moved["stages"], moved
         assert not a.has_vm("roamer") and b.has_vm("roamer")
-        assert _registration(b, "roamer") == {"folder": str(folder), "generation": 1}
+        assert _registration(b, "roamer") == {"folder": str(folder), "generation": 1,
+                                              "uuid": vm_uuid}
+        assert "roamer" in _listed(b) and "roamer" not in _listed(a)
         assert json.loads((folder / "vm.json").read_text())["generation"] == 1
         # the same files, not a copy: no layer was added, none went to B's home
         assert sorted(p.name for p in (folder / "disks").iterdir()) == layers_before
@@ -119,7 +127,8 @@ def test_a_shared_vm_moves_by_memory_only_there_and_back(hosts: tuple[Side, Side
                                "--format", "json"))
         assert back["storage"] == "shared" and back["live"] is True
         assert a.has_vm("roamer") and not b.has_vm("roamer")
-        assert _registration(a, "roamer") == {"folder": str(folder), "generation": 2}
+        assert _registration(a, "roamer") == {"folder": str(folder), "generation": 2,
+                                              "uuid": vm_uuid}
         one_qemu_on(a, b, vm_uuid)
         assert a.exec("roamer", "cat /root/b.txt").strip() == "on-b"
         assert a.exec("roamer", "cat /proc/sys/kernel/random/boot_id").strip() == boot_id
@@ -138,7 +147,10 @@ def test_a_shared_vm_moves_by_memory_only_there_and_back(hosts: tuple[Side, Side
         a.ok("stop", "roamer")
         cold = json.loads(a.ok("move", "roamer", "b", "--format", "json"))
         assert cold["storage"] == "shared" and cold["live"] is False
-        assert _registration(b, "roamer") == {"folder": str(folder), "generation": 3}
+        assert _registration(b, "roamer") == {"folder": str(folder), "generation": 3,
+                                              "uuid": vm_uuid}
+        assert _layer_owners(folder) == {0}, \
+            "A's uid let go of the files (A may give it to another VM); B takes them at start"
         b.ok("start", "roamer", "--wait")
         assert b.exec("roamer", "cat /root/b.txt").strip() == "on-b"
         b.ok("delete", "roamer", "--force")
@@ -196,7 +208,8 @@ def test_a_failed_shared_move_gives_the_folder_back_to_the_source(hosts: tuple[S
         one_qemu_on(a, b, vm_uuid)
         assert folder.is_dir() and (folder / "vm.json").exists(), "the shared folder stays"
         assert json.loads((folder / "vm.json").read_text())["generation"] == 0
-        assert _registration(a, "stayer") == {"folder": str(folder), "generation": 0}
+        assert _registration(a, "stayer") == {"folder": str(folder), "generation": 0,
+                                              "uuid": vm_uuid}
         assert _layer_owners(folder) == a_owners, "the layers are the source VM's uid's again"
         assert a.exec("stayer", "cat /root/mark.txt").strip() == "mine"
         assert a.exec("stayer", "cat /proc/sys/kernel/random/boot_id").strip() == boot_id

@@ -27,7 +27,7 @@ def test_a_registered_vm_splits_what_it_is_from_what_this_host_runs(tmp_path: Pa
     layout.ensure()
     local = layout.vms / "web"
     local.mkdir()
-    write_registration(local, Registration("/pool/web", 3))
+    write_registration(local, Registration("/pool/web", 3, "u-1"))
     folder = layout.vm("web")
     assert folder == VmFolder(Path("/pool/web"), runtime=local) and folder.shared
     assert folder.config_file == Path("/pool/web/vm.json")
@@ -103,11 +103,11 @@ def test_a_folder_a_user_could_plant_is_never_run(tmp_path: Path) -> None:
     (pool / "web").chmod(0o710)
     shared.require_root_owned(str(pool / "web"))
     os.chown(pool, 65534, 65534)  # a pool a user owns: they could swap the folder
-    with pytest.raises(MoveRefused, match="only root may write"):
+    with pytest.raises(MoveRefused, match="only root may change"):
         shared.require_root_owned(str(pool / "web"))
     os.chown(pool, 0, 0)
     (pool / "web").chmod(0o777)
-    with pytest.raises(MoveRefused, match="only root may write"):
+    with pytest.raises(MoveRefused, match="only root may change"):
         shared.require_root_owned(str(pool / "web"))
 
 
@@ -131,3 +131,66 @@ def test_the_pool_keeps_one_copy_of_an_image(tmp_path: Path) -> None:
     source.write_bytes(b"changed")
     assert shared.pool_base(tmp_path, "tiny", "ab12", source).read_bytes() == b"base" * 100
     assert [p.name for p in (tmp_path / ".images").iterdir() if p.suffix == ".tmp"] == []
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="uid ranges are recorded by root")
+def test_hosts_sharing_a_pool_must_not_share_vm_uids(tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    pool = tmp_path / "pool"
+    pool.mkdir(mode=0o755)
+    monkeypatch.setenv("VMKIT_UID_REGISTRY", str(tmp_path / "uids-a"))
+    monkeypatch.setenv("VMKIT_UID_RANGE", "3000000:1000")
+    shared.claim_uid_range(pool)
+    shared.claim_uid_range(pool)  # the same host again: its record is kept
+    monkeypatch.setenv("VMKIT_UID_REGISTRY", str(tmp_path / "uids-b"))
+    monkeypatch.setenv("VMKIT_UID_RANGE", "3000500:1000")
+    with pytest.raises(InvalidValue, match="overlap") as refused:
+        shared.claim_uid_range(pool)
+    assert "VMKIT_UID_RANGE" in (refused.value.hint or "")
+    monkeypatch.setenv("VMKIT_UID_RANGE", "3001000:1000")
+    shared.claim_uid_range(pool)
+    ranges = sorted(json.loads(p.read_text())["base"] for p in (pool / ".hosts").glob("*.json"))
+    assert ranges == [3000000, 3001000]
+
+
+def test_a_link_anywhere_on_the_path_is_refused(tmp_path: Path) -> None:
+    real = tmp_path / "real"
+    (real / "web").mkdir(parents=True)
+    (tmp_path / "via").symlink_to(real)
+    assert "link" in (shared.untrusted_part(tmp_path / "via" / "web") or "")
+    assert shared.untrusted_part(real / "web") is None
+    with pytest.raises(MoveRefused, match="link"):
+        shared.require_root_owned(str(tmp_path / "via" / "web"))
+
+
+def test_a_shared_vm_stands_only_on_its_pools_images() -> None:
+    shared.check_chain_bottom("/pool/web", None)
+    shared.check_chain_bottom("/pool/web", "/pool/.images/tiny-ab12.qcow2")
+    for bad in ("/var/lib/vmkit/vms/db/disks/root.qcow2", "/etc/shadow",
+                "/pool/.images/../db/disks/root.qcow2", "/pool/.images/x/y.qcow2",
+                "/other/.images/tiny.qcow2"):
+        with pytest.raises(MoveRefused, match="stands on"):
+            shared.check_chain_bottom("/pool/web", bad)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="ownership is root's to change")
+def test_disown_takes_back_only_what_the_freed_uid_owns(tmp_path: Path) -> None:
+    from vmkit.isolation import jail
+
+    folder = tmp_path / "web"
+    (folder / "disks").mkdir(parents=True)
+    mine, theirs = folder / "disks/root.qcow2", folder / "disks/snap.qcow2"
+    for path in (mine, theirs):
+        path.write_bytes(b"x")
+    os.chown(folder, 0, 3000001)
+    os.chown(mine, 3000001, 3000001)
+    os.chown(theirs, 3000777, 3000777)  # another host's VM runs it now
+    outside = tmp_path / "outside"
+    outside.write_bytes(b"y")
+    os.chown(outside, 3000001, 3000001)  # a link to it is not followed
+    (folder / "disks/link.qcow2").symlink_to(outside)
+    jail.disown(3000001, folder)
+    assert (mine.stat().st_uid, mine.stat().st_gid) == (0, 0)
+    assert folder.stat().st_gid == 0
+    assert theirs.stat().st_uid == 3000777
+    assert outside.stat().st_uid == 3000001

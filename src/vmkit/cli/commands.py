@@ -346,7 +346,7 @@ def create(
                          "VM's folder goes there, so a move between those hosts sends only "
                          "memory")] = None,
 ) -> None:
-    """Create a VM (a folder under VMKIT_HOME/vms).
+    """Create a VM (a folder under VMKIT_HOME/vms, or POOL/NAME with --shared POOL).
 
     Example: vmkit create db --image debian-12 --cpus 2 --memory 1G --disk 8G
     --ssh-key ~/.ssh/id_ed25519.pub --start --wait

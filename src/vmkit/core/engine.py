@@ -248,7 +248,7 @@ class Host:
     def _finish_interrupted(self, name: str) -> None:
         """Run an interrupted operation's recovery now when nobody holds the VM's lock (a
         holder is still working on it), so what `list`/`info` show is consistent."""
-        if (self.layout.vm(name).runtime_root / JOURNAL_FILE).exists():
+        if (self.layout.vms / name / JOURNAL_FILE).exists():
             with contextlib.suppress(LockTimeout, BrokenVm), \
                     self._vm_lock(name, timeout=0, not_held=True):
                 pass
@@ -279,9 +279,15 @@ class Host:
             local = self.layout.vms / f".creating-{name}-{tag}"
             work = VmFolder(local) if pool is None else \
                 VmFolder(pool / f".creating-{name}-{tag}", runtime=local)
-            if pool is not None and (pool / name).exists():
-                raise AlreadyExists(f"the shared storage {pool} already has a folder {name!r}",
-                                    hint="pick another name, or remove that folder")
+            reserved = None
+            if pool is not None:  # another host may create the same name: mkdir decides
+                try:
+                    os.mkdir(pool / name, 0o700)
+                except FileExistsError:
+                    raise AlreadyExists(f"the shared storage {pool} already has a folder "
+                                        f"{name!r}", hint="pick another name, or remove that "
+                                                          "folder") from None
+                reserved = pool / name
             try:
                 with os_errors(f"creating VM {name!r}"):
                     for root in {work.path, work.runtime_root}:
@@ -291,15 +297,15 @@ class Host:
                     write_json_atomic(work.config_file, config.model_dump(mode="json"))
                     write_json_atomic(work.state_file, RuntimeRecord().model_dump(mode="json"))
                     if pool is not None:  # the folder first: a registration names a folder
-                        os.rename(work.path, pool / name)
-                        write_registration(local, Registration(str(pool / name),
-                                                               config.generation))
+                        os.rename(work.path, pool / name)  # over its empty reservation
+                        write_registration(local, Registration(
+                            str(pool / name), config.generation, config.uuid))
                     os.rename(local, target.path)
             except BaseException:
                 for root in {work.path, work.runtime_root}:
                     shutil.rmtree(root, ignore_errors=True)
-                if pool is not None and not target.path.exists():
-                    shutil.rmtree(pool / name, ignore_errors=True)
+                if reserved is not None and not target.path.exists():
+                    shutil.rmtree(reserved, ignore_errors=True)  # ours: made above
                 raise
         return self._vm(name)
 
@@ -331,7 +337,8 @@ class Host:
             registration = read_registration(self.layout.vms / name)
             data = json.loads(folder.config_file.read_bytes()[:1 << 22])
             return registration is not None and isinstance(data, dict) and \
-                data.get("generation") == registration.generation
+                data.get("generation") == registration.generation and \
+                data.get("uuid") == registration.uuid
         return False
 
     # -- internals ------------------------------------------------------------------------
@@ -354,7 +361,7 @@ class Host:
         with file_lock(self._lock_path(name), timeout=wait, what=f"VM {name!r}"):
             held = Held(name)
             try:
-                if (self.layout.vm(name).runtime_root / JOURNAL_FILE).exists():
+                if (self.layout.vms / name / JOURNAL_FILE).exists():
                     self._vm(name).recover_locked(held)
                 if not not_held and (self.layout.vms / name / REGISTRATION_FILE).exists():
                     store.check_holds_shared(self._vm(name))
@@ -449,7 +456,7 @@ class VM:
 
     def owner(self) -> jail.RunAs | None:
         """The uid/gid this VM's QEMU runs under (its own; None when vmkit is not root)."""
-        return jail.vm_owner(self.config.uuid, self.folder.path)
+        return jail.vm_owner(self.config.uuid, self.folder.runtime_root)
 
     def disk_owner(self) -> jail.RunAs | None:
         """The VM's uid, with its folder in the jail's shape and the layers it leans on shared
@@ -898,6 +905,8 @@ class VM:
         uid = uids.lookup(vm_uuid) if os.geteuid() == 0 else None
         if uid is not None:
             jail.unshare_layers(uid, self.leaned_on_layers())
+        if self.folder.shared and uid is not None:  # the folder lives on: nothing stays ours
+            jail.disown(uid, self.folder.path)
         self.host._discard_vm_folder(self.name, leave_shared=leave_shared)
         jail.release_owner(vm_uuid)
         if self.host.cgroups is not None:  # a VM that crashed at start left its cgroup

@@ -120,6 +120,12 @@ def check_holds_shared(vm: VM) -> None:
     held = registration.generation if registration is not None else -1
     entry = Journal(vm.folder.runtime_root).read()
     arriving = entry is not None and entry.op == "migrate-in"
+    if registration is not None and registration.uuid != vm.config.uuid:
+        raise InvalidState(f"VM {vm.name!r} is not this host's to start: its folder on shared "
+                           f"storage ({vm.folder.path}) now holds another VM (uuid "
+                           f"{vm.config.uuid}, this host registered {registration.uuid})",
+                           hint=f"vmkit delete {vm.name} here removes only this host's "
+                                "registration")
     if held == vm.config.generation + (1 if arriving else 0):
         return
     raise InvalidState(f"VM {vm.name!r} is not this host's to start: its folder on shared "

@@ -125,11 +125,13 @@ class Arrivals:
             return "aborted"
         if data.get("state") == "finished":
             return "finished"
-        folder = self.host.layout.vm(str(data.get("vm", ""))).path
-        if not folder.exists():
+        name = str(data.get("vm", ""))
+        folder = self.host.layout.vms / name  # its runtime (a VM on shared storage too)
+        if not name or not folder.exists():
             return "aborted"
         if (folder / JOURNAL_FILE).exists():  # its recovery decides, now nothing holds it
-            with contextlib.suppress(Exception), self.host._vm_lock(folder.name, timeout=5):
+            with contextlib.suppress(Exception), \
+                    self.host._vm_lock(name, timeout=5, not_held=True):
                 pass
         if not folder.exists():
             return "aborted"

@@ -119,7 +119,7 @@ class Watcher:
         with contextlib.suppress(FileNotFoundError):
             names = {entry for entry in os.listdir(self.host.layout.vms)
                      if not entry.startswith(".")
-                     and os.path.exists(os.path.join(self.host.layout.vms, entry, "vm.json"))}
+                     and self.host._is_vm_folder(self.host.layout.vms / entry)}
         with self._lock:
             for name in sorted(set(self.seen) - names):
                 gone = self.seen.pop(name)

@@ -133,6 +133,47 @@ def _qcow2_files(folder_fd: int, name: str) -> list[str]:
         os.close(sub)
 
 
+def disown(uid: int, folder: Path) -> None:
+    """Take back from `uid` what it owns in a VM folder on shared storage (the folder's group,
+    its layers, volumes, variables and TPM state: root's again) before this host frees that
+    uid: another VM of this host may get it next, and the folder lives on elsewhere. What
+    another host's uid owns is left alone. Idempotent; never follows a link."""
+    if os.geteuid() != 0:
+        return
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return  # gone, or out of reach: nothing of this host's to take
+    try:
+        if os.fstat(fd).st_gid == uid:
+            os.fchown(fd, 0, 0)
+        for sub in ("disks", "volumes", "tpm"):
+            with contextlib.suppress(OSError):
+                sub_fd = os.open(sub, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+                try:
+                    _disown_in(sub_fd, uid)
+                finally:
+                    os.close(sub_fd)
+    finally:
+        os.close(fd)
+
+
+def _disown_in(folder_fd: int, uid: int) -> None:
+    info = os.fstat(folder_fd)
+    if info.st_uid == uid or info.st_gid == uid:
+        os.fchown(folder_fd, 0, 0)
+    for name in os.listdir(folder_fd):
+        with contextlib.suppress(OSError):
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                         dir_fd=folder_fd)
+            try:
+                info = os.fstat(fd)
+                if stat.S_ISREG(info.st_mode) and (info.st_uid == uid or info.st_gid == uid):
+                    os.fchown(fd, 0, 0)
+            finally:
+                os.close(fd)
+
+
 def prepare_tpm(owner: RunAs | None, folder: Path, runtime: Path | None = None) -> None:
     """tpm/ (swtpm's state, written by the VM's uid like its disks) and swtpm's log."""
     fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)

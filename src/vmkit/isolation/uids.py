@@ -74,12 +74,17 @@ def _read_claim(path: Path) -> Claim | None:
 
 
 def _claim_is_live(claim: Claim) -> bool:
-    """The claiming VM still exists: its folder's vm.json carries that uuid."""
-    try:
-        with open(Path(claim.folder) / "vm.json") as handle:
-            return bool(json.load(handle).get("uuid") == claim.vm_uuid)
-    except (OSError, ValueError, AttributeError):
-        return False
+    """The claiming VM still exists: its folder's vm.json carries that uuid, or (a VM on
+    shared storage, claimed by its folder in this host's home) its registration does: a
+    shared file system out of reach never frees the uid of a QEMU that runs."""
+    for name in ("vm.json", "shared.json"):
+        try:
+            with open(Path(claim.folder) / name) as handle:
+                if json.load(handle).get("uuid") == claim.vm_uuid:
+                    return True
+        except (OSError, ValueError, AttributeError):
+            continue
+    return False
 
 
 def _ensure_registry(registry: Path) -> None:

@@ -84,7 +84,7 @@ def preflight_disks(config: VmConfig) -> list[str]:
 def preflight(config: VmConfig, caps: HostCapabilities, *, name: str, disk_bytes: int,
               running: bool, shared: bool = False) -> list[str]:
     """Every reason the destination described by `caps` cannot take this VM under `name`
-    (`shared`: it runs the VM from the same folder on shared storage, extra disks too)."""
+    (`shared`: it would run the VM from the same folder on shared storage)."""
     reasons: list[str] = []
     hardware = config.hardware
     if name in caps.vms:
@@ -118,8 +118,11 @@ def preflight(config: VmConfig, caps: HostCapabilities, *, name: str, disk_bytes
     if disk_bytes > caps.disk_free:
         reasons.append(f"not enough disk on the destination: the VM's files take "
                        f"{format_size(disk_bytes)}, {format_size(caps.disk_free)} are free")
-    if running and not shared:
+    if running:
         reasons += preflight_disks(config)
+    if shared and hardware.tpm:
+        reasons.append("it has a TPM: its state cannot be handed between two hosts' swtpm on "
+                       "shared storage yet (use --storage copy)")
     if config.media is not None:
         reasons.append(f"installation media {config.media} is in the CD-ROM drive: a file of "
                        f"this host (eject it first: vmkit media eject {name})")

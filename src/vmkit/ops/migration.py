@@ -45,6 +45,7 @@ from vmkit.errors import (
     InvalidValue,
     LockTimeout,
     MoveRefused,
+    NotFound,
     OperationTimeout,
     VmkitError,
 )
@@ -321,6 +322,8 @@ def _shared_nonce(vm: VM, peer: Peer, options: MigrationOptions) -> str | None:
     nonce = shared_storage.write_nonce(vm.folder.path)
     try:
         why = peer.sees(str(vm.folder.path), nonce)
+    except NotFound:  # a daemon older than shared storage: it cannot take one
+        why = "the destination's vmkit does not know shared storage"
     except BaseException:
         shared_storage.remove_nonce(vm.folder.path, nonce)
         raise
@@ -517,6 +520,11 @@ def _roll_back(held: Held, vm: VM, peer: Peer, mid: str | None, point: str | Non
     failure = sys.exc_info()[1]
     if isinstance(failure, _Undecided):
         raise failure
+    if vm.folder.shared and _taken_over(vm):
+        raise _Undecided(f"the move of VM {vm.name!r} failed ({failure}) after the "
+                         "destination took the VM over (the shared folder holds its "
+                         "generation): the source stays paused and is never started",
+                         hint="vmkit recover lets go of it here")
     if mid is not None:
         sent_all = _source_sent_all(vm)
         verdict = _settle(peer, mid, OWNER_ASK_TIMEOUT if sent_all else 5.0)
@@ -567,6 +575,17 @@ def _source_back(held: Held, vm: VM, point: str | None) -> None:
         jail.prepare_folder(vm.owner(), vm.folder.path, vm.folder.runtime)
 
 
+def _taken_over(vm: VM) -> bool:
+    """The shared folder's vm.json holds a newer generation than this host's registration:
+    another host passed its point of no return with this VM."""
+    try:
+        folder_generation = read_metadata(vm.folder.config_file, VmConfig,
+                                          f"VM {vm.name!r}").generation
+    except (FileNotFoundError, VmkitError):
+        return False
+    return folder_generation > _registered_generation(vm)
+
+
 def _registered_generation(vm: VM) -> int:
     registration = read_registration(vm.folder.runtime_root)
     return registration.generation if registration is not None else vm.config.generation
@@ -596,7 +615,9 @@ def recover_out(held: Held, vm: VM, entry: JournalEntry) -> None:
     if phase is Phase.PERFORM and _source_sent_all(vm):
         phase = Phase.PERFORMED  # cut between QEMU's completion and the journal's step
     owns: bool | None = None
-    if phase is Phase.PERFORMED and peer is not None and isinstance(mid, str):
+    if intent.get("shared") and _taken_over(vm):
+        phase, owns = Phase.PERFORMED, True  # the folder itself says: no need to ask
+    elif phase is Phase.PERFORMED and peer is not None and isinstance(mid, str):
         owns = _settle(peer, mid, RECOVER_ASK_TIMEOUT)
     decision = recover(Side.SOURCE, phase, destination_owns=owns)
     point = intent.get("point") if isinstance(intent.get("point"), str) else None
@@ -605,9 +626,8 @@ def recover_out(held: Held, vm: VM, entry: JournalEntry) -> None:
         shutil.rmtree(staging, ignore_errors=True)
     if decision.action is Action.KILL_SOURCE:
         shared = bool(intent.get("shared"))
-        # shared: the destination wrote the next generation into the folder's vm.json
-        generation = vm.config.generation if shared and vm.config.generation > \
-            _registered_generation(vm) else vm.config.generation + 1
+        # shared: the destination writes the next generation into the folder's vm.json
+        generation = _registered_generation(vm) + 1 if shared else vm.config.generation + 1
         _confirm(held, vm, generation=generation, destination=str(intent.get("destination")),
                  shared=shared)
         return
@@ -677,6 +697,7 @@ def receive_shared(host: Host, *, folder: str, nonce: str, name: str, generation
     validate_name(name)
     shared_storage.require_sees(folder, nonce)
     shared_storage.require_root_owned(folder)
+    shared_storage.claim_uid_range(Path(folder).parent)
     path = Path(folder)
     try:
         config = read_metadata(path / "vm.json", VmConfig, f"the VM in {folder}")
@@ -685,6 +706,10 @@ def receive_shared(host: Host, *, folder: str, nonce: str, name: str, generation
     if config.generation + 1 != generation:
         raise MoveRefused(f"the VM in {folder} is at generation {config.generation}; a move "
                           f"at generation {generation} is stale")
+    shared_storage.check_chain_bottom(folder, config.backing_file)
+    if config.media is not None:  # a file of the source host: root would lend it the guest
+        raise MoveRefused(f"the VM in {folder} has installation media in its drive",
+                          hint="eject it on the source first (vmkit media eject NAME)")
     _check_arrival(host, config, generation)
     with host._vm_lock(name):
         if (host.layout.vms / name).exists():
@@ -695,7 +720,7 @@ def receive_shared(host: Host, *, folder: str, nonce: str, name: str, generation
             local.mkdir(mode=0o700)
             (local / "logs").mkdir()
             (local / "run").mkdir(mode=0o700)
-            write_registration(local, Registration(folder, generation))
+            write_registration(local, Registration(folder, generation, config.uuid))
             write_json_atomic(local / "state.json", RuntimeRecord().model_dump(mode="json"))
             with _ARRIVING_LOCK:
                 _ARRIVING.add(migration)
@@ -911,12 +936,14 @@ class Incoming:
                     self.state = "started" if live else "prepared"  # the source will settle
                     raise
                 # the point of no return, recorded first: a restart keeps a running guest
+                # (the daemon's record says "finishing" before it: a source that asks a
+                # restarted daemon is then told to wait for the recovery's verdict)
+                self._before_resume()
                 log = Journal(vm.folder.runtime_root)
                 log.entry = log.read()
                 log.step("finish", paused=self._paused)
                 if vm.folder.shared:
                     _take_shared(vm)
-                self._before_resume()
                 if qmp is not None:
                     if not self._paused:
                         qmp.execute("cont")
@@ -962,6 +989,28 @@ class Incoming:
             self._on_end(state)
 
 
+def _keep_shared_arrival(vm: VM, held: Held, *, paused: bool) -> None:
+    """Past its point of no return a shared arrival is this host's, whatever became of its
+    QEMU: the source's QEMU let go of the disk at completion and this guest may have written
+    it since, so the source must never resume its older memory on it. A QEMU cut between
+    the step and its `cont` is resumed; a dead one is recorded as an exit."""
+    _take_shared(vm)
+    record = vm._record()
+    if not vm._alive(record):
+        vm._observe(persist=True, held=held)
+        return
+    status = ""
+    with contextlib.suppress(VmkitError), \
+            QmpConnection(vm.folder.qmp_socket, timeout=QMP_TIMEOUT) as qmp:
+        status = str(qmp.execute("query-status")["status"])
+        if status == "paused" and not paused:
+            qmp.execute("cont")
+            qm.announce(qmp)
+            status = "running"
+    vm._write(record.model_copy(update={
+        "state": VmState.RUNNING if status == "running" else VmState.PAUSED}))
+
+
 def _take_shared(vm: VM) -> None:
     """The arrival's point of no return on shared storage: the folder's vm.json gets this
     host's generation (and name), so the source, registered at the one before, never starts
@@ -970,9 +1019,11 @@ def _take_shared(vm: VM) -> None:
     if registration is None:
         return
     config = read_metadata(vm.folder.config_file, VmConfig, f"VM {vm.name!r}")
-    if config.generation != registration.generation or config.spec.name != vm.name:
+    if config.generation != registration.generation or config.spec.name != vm.name or \
+            config.ssh_identity is not None:
+        # ssh_identity names a key file of the source host: never read here
         vm.save_config(config.model_copy(update={
-            "generation": registration.generation,
+            "generation": registration.generation, "ssh_identity": None,
             "spec": config.spec.model_copy(update={"name": vm.name})}))
 
 
@@ -1036,6 +1087,9 @@ def recover_in(held: Held, vm: VM, entry: JournalEntry) -> None:
                 and _process_start(entry.pid) == started):
         raise LockTimeout(f"VM {vm.name!r} is arriving from another host (process "
                           f"{entry.pid})", hint="wait until the move has finished")
+    if vm.folder.shared and entry.done("finish"):
+        _keep_shared_arrival(vm, held, paused=bool(intent.get("paused")))
+        return
     running, status = False, ""
     if entry.done("finish") and vm._alive(vm._record()):
         with contextlib.suppress(VmkitError):

@@ -95,6 +95,7 @@ class Registration:
 
     folder: str
     generation: int
+    uuid: str  # the VM's: a new VM that took the same folder name is not this one
 
 
 def check_shared_folder(path: str) -> str:
@@ -122,10 +123,11 @@ def read_registration(local: Path) -> Registration | None:
             regular = stat.S_ISREG(os.fstat(handle.fileno()).st_mode)
             raw = handle.read(_MAX_REGISTRATION + 1) if regular else b""
         data = json.loads(raw)
-        folder, generation = data["folder"], data["generation"]
-        if not isinstance(folder, str) or type(generation) is not int or generation < 0:
+        folder, generation, vm_uuid = data["folder"], data["generation"], data["uuid"]
+        if not isinstance(folder, str) or type(generation) is not int or generation < 0 \
+                or not isinstance(vm_uuid, str) or not 0 < len(vm_uuid) <= 64:
             raise ValueError("a field has the wrong type")
-        return Registration(check_shared_folder(folder), generation)
+        return Registration(check_shared_folder(folder), generation, vm_uuid)
     except (ValueError, KeyError, TypeError, VmkitError) as exc:
         raise BrokenVm(f"VM {local.name!r} is broken: {REGISTRATION_FILE} cannot be read "
                        f"({str(exc)[:200]})", hint=_BROKEN_HINT) from exc
@@ -134,7 +136,7 @@ def read_registration(local: Path) -> Registration | None:
 def write_registration(local: Path, registration: Registration) -> None:
     write_json_atomic(local / REGISTRATION_FILE,
                       {"folder": check_shared_folder(registration.folder),
-                       "generation": registration.generation})
+                       "generation": registration.generation, "uuid": registration.uuid})
 
 
 @dataclass(frozen=True)
@@ -358,7 +360,7 @@ def file_lock(path: Path, *, timeout: float, what: str,
     lock held for a moment (a monitor session handed from one thread to another) is taken
     within about the time it was held, a long one costs 20 tries a second."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
     try:
         deadline = time.monotonic() + timeout
         delay = 0.001

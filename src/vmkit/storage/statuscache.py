@@ -36,10 +36,26 @@ def file_key(path: Path | str) -> list[int]:
 
 
 def vm_key(home: Path | str, name: str) -> list[int]:
-    """The files a VM's status is read from (snapshots.json: a damaged tree makes it broken)."""
+    """The files a VM's status is read from (snapshots.json: a damaged tree makes it broken;
+    a VM on shared storage: its registration, and vm.json and snapshots.json where it
+    names)."""
     folder = f"{home}/vms/{name}/"  # strings: a listing of 100 VMs builds 500 paths
-    return [*file_key(folder + "vm.json"), *file_key(folder + "state.json"),
-            *file_key(folder + "snapshots.json")]
+    registration = file_key(folder + "shared.json")
+    metadata = folder
+    if registration != [0, 0, 0]:
+        metadata = _shared_folder(folder + "shared.json") or folder
+    return [*file_key(metadata + "vm.json"), *file_key(folder + "state.json"),
+            *file_key(metadata + "snapshots.json"),
+            *(registration if metadata is not folder else [])]
+
+
+def _shared_folder(registration: str) -> str | None:
+    try:
+        with open(registration) as handle:
+            folder = json.load(handle).get("folder")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return folder + "/" if isinstance(folder, str) and folder.startswith("/") else None
 
 
 def start_ticks(pid: int) -> int | None:
