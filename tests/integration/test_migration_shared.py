@@ -162,6 +162,45 @@ def test_a_shared_vm_moves_by_memory_only_there_and_back(hosts: tuple[Side, Side
         shutil.rmtree(folder, ignore_errors=True)
 
 
+DIRTY_LOOP = ("(i=0; while :; do dd if=/dev/urandom of=/mnt/ram/dirty bs=1M count=16 "
+              "2>/dev/null; i=$((i+1)); echo $i >> /root/disk-ticks; sync; done) "
+              ">/dev/null 2>&1 </dev/null & echo started")
+
+
+def test_memory_and_disk_stay_intact_over_6_shared_moves(hosts: tuple[Side, Side],
+                                                          pool: Path) -> None:
+    """Known data in guest RAM and on its disk, checksummed after every move, while a loop
+    keeps dirtying RAM and writing the disk the two hosts share, 6 moves: 0 mismatches, and the disk
+    file the guest kept appending to is whole (its counter's every value, in order)."""
+    a, b = hosts
+    a.ok("create", "churn", "--memory", "192M", "--shared", str(pool))
+    try:
+        a.ok("start", "churn", "--wait")
+        vm_uuid = vm_uuid_on(a, "churn")
+        known = a.exec("churn", "mkdir -p /mnt/ram && mount -t tmpfs -o size=96m tmpfs /mnt/ram"
+                                " && dd if=/dev/urandom of=/mnt/ram/known bs=1M count=32 "
+                                "2>/dev/null && cp /mnt/ram/known /root/known && sync && "
+                                "sha256sum /mnt/ram/known").split()[0]
+        a.exec("churn", DIRTY_LOOP)
+        sides, mismatches = [a, b], 0
+        for move in range(6):
+            here, there = sides[move % 2], sides[(move + 1) % 2]
+            here.ok("migrate", "churn", there.name, "--auto-converge")
+            got = there.exec("churn", "sha256sum /mnt/ram/known /root/known").split()
+            mismatches += (got[0], got[2]) != (known, known)
+            one_qemu_on(there, here, vm_uuid)
+        assert mismatches == 0
+        ticks = a.exec("churn", "sync; cat /root/disk-ticks").split()
+        assert len(ticks) > 6, ticks
+        assert ticks == [str(n) for n in range(1, len(ticks) + 1)], \
+            "every line the guest appended to its disk across the moves is there, in order"
+    finally:
+        for side in (a, b):
+            if side.has_vm("churn"):
+                side.cli("delete", "churn", "--force")
+        shutil.rmtree(pool / "churn", ignore_errors=True)
+
+
 def test_shared_storage_refusals_change_nothing(hosts: tuple[Side, Side], pool: Path) -> None:
     a, b = hosts
     a.ok("create", "local-one", "--memory", "128M")
@@ -273,6 +312,46 @@ def test_a_shared_source_cut_after_the_transfer_never_runs_the_vm_again(
         for side in (a, b):
             if side.has_vm("once"):
                 side.cli("delete", "once", "--force")
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def test_a_shared_destination_cut_at_its_point_of_no_return_keeps_the_guest(
+        hosts: tuple[Side, Side], pool: Path) -> None:
+    """B's daemon dies right after journalling `finish` (before the new generation is in the
+    folder and before `cont`): restarted, it keeps the arrival and resumes it; the source,
+    asking all along, confirms. Never handed back: the guest could have written the disk."""
+    a, b = hosts
+    a.ok("create", "keeper", "--memory", "192M", "--shared", str(pool))
+    folder = pool / "keeper"
+    try:
+        a.ok("start", "keeper", "--wait")
+        vm_uuid = vm_uuid_on(a, "keeper")
+        a.exec("keeper", "echo kept > /root/mark.txt; sync")
+        boot_id = a.exec("keeper", "cat /proc/sys/kernel/random/boot_id").strip()
+        b.daemon.stop()
+        b.daemon.start(env={**b.env, "VMKIT_FAULT": "migrate-in:finish"})
+        result: dict[str, subprocess.CompletedProcess[str]] = {}
+        mover = threading.Thread(target=lambda: result.setdefault("done", a.cli(
+            "migrate", "keeper", "b", "--format", "json")))
+        mover.start()
+        try:
+            assert b.daemon.process is not None
+            b.daemon.process.wait(timeout=120)  # killed at the step, like a power cut
+        finally:
+            b.daemon.start(env=b.env)
+            mover.join(timeout=300)
+        done = result["done"]
+        assert done.returncode == 0, done.stderr
+        wait_for(lambda: not a.has_vm("keeper"), 60, "the source to let go")
+        one_qemu_on(b, a, vm_uuid)
+        assert json.loads((folder / "vm.json").read_text())["generation"] == 1
+        assert json.loads(b.ok("info", "keeper", "--format", "json"))["state"] == "running"
+        assert b.exec("keeper", "cat /root/mark.txt").strip() == "kept"
+        assert b.exec("keeper", "cat /proc/sys/kernel/random/boot_id").strip() == boot_id
+    finally:
+        for side in (a, b):
+            if side.has_vm("keeper"):
+                side.cli("delete", "keeper", "--force")
         shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -35,6 +35,9 @@ class UidRange:
             raise InvalidValue(f"invalid VM uid range {self.base}+{self.count}",
                                hint="VMKIT_UID_RANGE=BASE:COUNT with BASE >= 1000")
 
+    def overlaps(self, base: int, count: int) -> bool:
+        return base < self.base + self.count and self.base < base + count
+
 
 def configured_range() -> UidRange:
     """The range from VMKIT_UID_RANGE (BASE:COUNT), else the default."""

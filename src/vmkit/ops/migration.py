@@ -149,7 +149,7 @@ def check(vm: VM, caps: HostCapabilities, *, name: str | None = None,
     if shared and os.geteuid() == 0 and caps.uid_range is not None:
         here = uids.configured_range()
         base, count = caps.uid_range
-        if base < here.base + here.count and here.base < base + count:
+        if here.overlaps(base, count):
             reasons.append(
                 f"the destination's VM uids ({base}+{count}) overlap this host's "
                 f"({here.base}+{here.count}): on shared storage one host's VM could open "

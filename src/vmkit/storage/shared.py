@@ -124,7 +124,7 @@ def claim_uid_range(pool: Path) -> None:
                 base, count = int(other["base"]), int(other["count"])
             except (OSError, ValueError, KeyError, TypeError):
                 continue
-            if base < here.base + here.count and here.base < base + count:
+            if here.overlaps(base, count):
                 raise InvalidValue(
                     f"this host's VM uids ({here.base}+{here.count}) overlap those of host "
                     f"{other.get('host', entry.stem)!s:.64} ({base}+{count}) on the shared "
