@@ -99,7 +99,6 @@ from vmkit.storage.layout import (
     lock_is_free,
     read_json,
     read_metadata,
-    read_registration,
     write_json_atomic,
     write_registration,
 )
@@ -321,7 +320,7 @@ class Host:
             folder = VmFolder(local)
         shared_trash = None
         if folder.shared and not leave_shared and folder.path.exists() and \
-                self._holds_shared(name, folder):
+                self._holds_shared(name):
             shared_trash = folder.path.parent / f".deleting-{name}-{uuidlib.uuid4().hex[:8]}"
             os.rename(folder.path, shared_trash)
         trash = self.layout.vms / f".deleting-{name}-{uuidlib.uuid4().hex[:8]}"
@@ -330,16 +329,14 @@ class Host:
         if shared_trash is not None:
             shutil.rmtree(shared_trash, ignore_errors=True)
 
-    def _holds_shared(self, name: str, folder: VmFolder) -> bool:
+    def _holds_shared(self, name: str) -> bool:
         """This host's registration of a VM on shared storage has the folder's generation: the
         VM is this host's to run or delete (a host it moved away from holds an older one)."""
-        with contextlib.suppress(BrokenVm, OSError, ValueError):
-            registration = read_registration(self.layout.vms / name)
-            data = json.loads(folder.config_file.read_bytes()[:1 << 22])
-            return registration is not None and isinstance(data, dict) and \
-                data.get("generation") == registration.generation and \
-                data.get("uuid") == registration.uuid
-        return False
+        try:
+            store.check_holds_shared(self._vm(name))
+        except (VmkitError, OSError):
+            return False
+        return True
 
     # -- internals ------------------------------------------------------------------------
     def _lock_path(self, name: str) -> Path:

@@ -364,7 +364,8 @@ def create(host: Host, name: str, *, image: str = "tiny", cpus: int | str = 1,
     """The create operation; the parameters are documented on the SDK's Host.create."""
     pool = shared_storage.check_pool(shared) if shared is not None else None
     if pool is not None:
-        shared_storage.claim_uid_range(pool)
+        with os_errors(f"using the shared storage {pool}"):
+            shared_storage.claim_uid_range(pool)
     if os_type not in OS_TYPES:
         raise InvalidValue(f"invalid os-type {os_type!r}",
                            hint="use " + ", ".join(OS_TYPES) + " (the devices the guest has "

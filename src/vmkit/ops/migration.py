@@ -108,8 +108,15 @@ def capabilities(host: Host) -> HostCapabilities:
         vcpu_room=max(0, vcpu_limit(capacity, policy) - allocated.cpus),
         disk_free=shutil.disk_usage(host.layout.root).free, postcopy=postcopy_possible(),
         firmwares=hostinfo.firmwares(),
-        uid_range=(lambda r: (r.base, r.count))(uids.configured_range())
-        if os.geteuid() == 0 else None)
+        uid_range=_uid_range())
+
+
+def _uid_range() -> tuple[int, int] | None:
+    """This host's VM uids (base, count), where vmkit runs them as their own (root)."""
+    if os.geteuid() != 0:
+        return None
+    here = uids.configured_range()
+    return here.base, here.count
 
 
 def postcopy_possible() -> bool:

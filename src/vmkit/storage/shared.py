@@ -60,17 +60,24 @@ def check_pool(path: str | Path) -> Path:
     return pool
 
 
-def pool_base(pool: Path, image: str, sha256: str, source: Path) -> Path:
-    """The image's root disk in the pool (copied there once, under the pool's lock), the base
-    a shared VM's first layer backs onto: the same path on every host."""
-    folder = pool / IMAGES
-    target = folder / f"{image}-{sha256}.qcow2"
+def _pool_folder(pool: Path, name: str) -> Path:
+    """POOL/NAME, one of vmkit's own folders there: made root's 0755, and refused when
+    anyone else could change it."""
+    folder = pool / name
     with contextlib.suppress(FileExistsError):
         folder.mkdir(mode=0o755)
     why = untrusted_part(folder)
     if why is not None:
         raise InvalidValue(f"invalid shared storage {pool}: {why}",
                            hint=f"make {folder} root's, mode 0755")
+    return folder
+
+
+def pool_base(pool: Path, image: str, sha256: str, source: Path) -> Path:
+    """The image's root disk in the pool (copied there once, under the pool's lock), the base
+    a shared VM's first layer backs onto: the same path on every host."""
+    folder = _pool_folder(pool, IMAGES)
+    target = folder / f"{image}-{sha256}.qcow2"
     with file_lock(folder / ".lock", timeout=600, what=f"the shared storage {pool}"):
         with contextlib.suppress(FileNotFoundError):
             info = os.lstat(target)
@@ -107,13 +114,7 @@ def claim_uid_range(pool: Path) -> None:
     if os.geteuid() != 0:
         return
     here = uids.configured_range()
-    folder = pool / HOSTS
-    with contextlib.suppress(FileExistsError):
-        folder.mkdir(mode=0o755)
-    why = untrusted_part(folder)
-    if why is not None:
-        raise InvalidValue(f"invalid shared storage {pool}: {why}",
-                           hint=f"make {folder} root's, mode 0755")
+    folder = _pool_folder(pool, HOSTS)
     me = _host_key()
     with file_lock(folder / ".lock", timeout=60, what=f"the shared storage {pool}"):
         for entry in sorted(folder.glob("*.json")):
